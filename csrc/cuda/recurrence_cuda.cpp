@@ -1,0 +1,194 @@
+// The CUDA time loop: picks the path, guards the device, runs on the current
+// stream and checks every launch. The GEMMs of the step path go through ATen,
+// so cuBLAS comes with torch.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <atomic>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cuda/recurrence_cuda_kernels.h"
+#include "recurrence.h"
+
+namespace fastrnn {
+namespace {
+
+enum class Path { automatic = 0, persistent = 1, step = 2 };
+
+std::atomic<int> forced_path{static_cast<int>(Path::automatic)};
+thread_local std::string last_path = "none";
+
+template <typename S>
+struct CudaType {
+  using type = S;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+struct DeviceLimits {
+  int64_t smem_optin;
+  int64_t sms;
+};
+
+const DeviceLimits& limits(int device) {
+  static std::mutex mu;
+  static std::vector<DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache.empty()) {
+    int count = 0;
+    C10_CUDA_CHECK(cudaGetDeviceCount(&count));
+    cache.assign(count, DeviceLimits{-1, 0});
+  }
+  DeviceLimits& l = cache.at(device);
+  if (l.smem_optin < 0) {
+    int smem = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    l = DeviceLimits{smem, sms};
+  }
+  return l;
+}
+
+// Batch rows per block of the persistent path, or 0 where W_hh does not fit
+// in one block's shared memory. Enough blocks to cover the multiprocessors,
+// as few rows each as that allows: a block's step costs about rows * H * H /
+// threads multiply-adds, and a block never waits for another.
+int64_t persistent_rows(const at::Tensor& t, int64_t D, int64_t N, int64_t H) {
+  const DeviceLimits& l = limits(t.get_device());
+  const bool is_double = t.scalar_type() == at::kDouble;
+  int64_t rows = std::max<int64_t>(1, (D * N + l.sms - 1) / std::max<int64_t>(1, l.sms));
+  rows = std::min(rows, std::max<int64_t>(1, 1024 / H));
+  rows = std::min(rows, N);
+  while (rows > 1 && cuda::persistent_smem_bytes(H, rows, is_double) > l.smem_optin) --rows;
+  return cuda::persistent_smem_bytes(H, rows, is_double) <= l.smem_optin ? rows : 0;
+}
+
+// The path for this call, honouring a forced one; a forced persistent path
+// that cannot fit is an error rather than a silent switch.
+Path choose(const at::Tensor& t, int64_t D, int64_t N, int64_t H, int64_t* rows) {
+  *rows = persistent_rows(t, D, N, H);
+  const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
+  if (forced == Path::step) return Path::step;
+  if (forced == Path::persistent) {
+    TORCH_CHECK(*rows > 0, "fastrnn: the persistent CUDA path was forced, but W_hh of hidden size ",
+                H, " does not fit in one block's shared memory");
+    return Path::persistent;
+  }
+  return *rows > 0 ? Path::persistent : Path::step;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+bool set_cuda_path(const std::string& name) {
+  Path p;
+  if (name == "auto") p = Path::automatic;
+  else if (name == "persistent") p = Path::persistent;
+  else if (name == "step") p = Path::step;
+  else TORCH_CHECK(false, "unknown CUDA path '", name, "': expected auto, persistent or step");
+  forced_path.store(static_cast<int>(p), std::memory_order_relaxed);
+  return true;
+}
+
+std::string last_cuda_path() { return last_path; }
+
+void forward_recurrence_cuda(const at::Tensor& u, const at::Tensor& w_hh_t, const at::Tensor& h0,
+                             const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                             const at::Tensor& hn, bool relu) {
+  const c10::cuda::CUDAGuard guard(u.device());
+  const int64_t D = u.size(0), T = u.size(1), N = u.size(2), H = u.size(3);
+  if (T == 0 || N == 0) {
+    hn.copy_(h0);
+    return;
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int64_t rows = 0;
+  const Path path = choose(u, D, N, H, &rows);
+  last_path = path == Path::persistent ? "persistent" : "step";
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "fastrnn_forward_cuda", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    ForwardParams<T_> p;
+    p.T = T; p.N = N; p.H = H; p.D = D;
+    p.u = reinterpret_cast<const T_*>(u.data_ptr<scalar_t>());
+    p.w_hh_t = reinterpret_cast<const T_*>(w_hh_t.data_ptr<scalar_t>());
+    p.h0 = reinterpret_cast<const T_*>(h0.data_ptr<scalar_t>());
+    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
+    p.y = reinterpret_cast<T_*>(y.data_ptr<scalar_t>());
+    p.hn = reinterpret_cast<T_*>(hn.data_ptr<scalar_t>());
+    p.relu = relu;
+    if (path == Path::persistent) {
+      C10_CUDA_CHECK(cuda::launch_forward_persistent(p, rows, stream));
+      return;
+    }
+    using A = typename cuda::AccOf<T_>::type;
+    const auto acc = u.options().dtype(acc_type(u.scalar_type()));
+    const at::Tensor w = w_hh_t.to(acc);              // (D, H, H) W_hh^T
+    at::Tensor state = h0.to(acc).contiguous().clone();  // (D, N, H)
+    at::Tensor hw = at::empty({D, N, H}, acc);         // (D, N, H)
+    for (int64_t s = 0; s < T; ++s) {
+      at::bmm_out(hw, state, w);
+      C10_CUDA_CHECK(cuda::launch_forward_step(p, s, hw.data_ptr<A>(), state.data_ptr<A>(), stream));
+    }
+    hn.copy_(state);
+  });
+}
+
+void backward_recurrence_cuda(const at::Tensor& dy, const std::optional<at::Tensor>& dhn,
+                              const at::Tensor& y, const at::Tensor& w_hh,
+                              const std::optional<at::Tensor>& lengths, const at::Tensor& dz,
+                              const at::Tensor& dh0, bool relu) {
+  const c10::cuda::CUDAGuard guard(dz.device());
+  const int64_t D = dz.size(0), T = dz.size(1), N = dz.size(2), H = dz.size(3);
+  if (T == 0 || N == 0) {
+    if (dhn) dh0.copy_(*dhn);
+    else dh0.zero_();
+    return;
+  }
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  int64_t rows = 0;
+  const Path path = choose(dz, D, N, H, &rows);
+  last_path = path == Path::persistent ? "persistent" : "step";
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dz.scalar_type(), "fastrnn_backward_cuda", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    BackwardParams<T_> p;
+    p.T = T; p.N = N; p.H = H; p.D = D;
+    p.dy = reinterpret_cast<const T_*>(dy.data_ptr<scalar_t>());
+    p.dhn = dhn ? reinterpret_cast<const T_*>(dhn->data_ptr<scalar_t>()) : nullptr;
+    p.y = reinterpret_cast<const T_*>(y.data_ptr<scalar_t>());
+    p.w_hh = reinterpret_cast<const T_*>(w_hh.data_ptr<scalar_t>());
+    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
+    p.dz = reinterpret_cast<T_*>(dz.data_ptr<scalar_t>());
+    p.dh0 = reinterpret_cast<T_*>(dh0.data_ptr<scalar_t>());
+    p.relu = relu;
+    if (path == Path::persistent) {
+      C10_CUDA_CHECK(cuda::launch_backward_persistent(p, rows, stream));
+      return;
+    }
+    using A = typename cuda::AccOf<T_>::type;
+    const auto acc = dz.options().dtype(acc_type(dz.scalar_type()));
+    const at::Tensor w = w_hh.to(acc);  // (D, H, H)
+    at::Tensor dh = dhn ? dhn->to(acc).contiguous().clone() : at::zeros({D, N, H}, acc);  // (D, N, H)
+    at::Tensor dz_acc = at::empty({D, N, H}, acc);  // (D, N, H)
+    at::Tensor dzw = at::empty({D, N, H}, acc);     // (D, N, H)
+    for (int64_t s = 0; s < T; ++s) {
+      C10_CUDA_CHECK(cuda::launch_backward_step(p, s, dh.data_ptr<A>(), dz_acc.data_ptr<A>(), stream));
+      at::bmm_out(dzw, dz_acc, w);
+      C10_CUDA_CHECK(cuda::launch_backward_step_carry(p, s, dzw.data_ptr<A>(), dh.data_ptr<A>(), stream));
+    }
+    dh0.copy_(dh);
+  });
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,64 @@
+// Launchers of the CUDA time loops (recurrence_cuda_kernels.cu). They know nothing of
+// torch: the torch side (recurrence_cuda.cpp) picks the path, guards the
+// device, passes the current stream and checks the error each returns, which
+// is cudaGetLastError() right after the launch.
+//
+// Two paths:
+//  - persistent: one kernel runs all T steps. A thread block owns a few batch
+//    rows of one direction and keeps W_hh and its rows' state in shared
+//    memory for the whole sequence; rows never interact, so blocks never wait
+//    for each other. Used when W_hh fits in one block's shared memory.
+//  - step: per step, the hidden-state GEMM through cuBLAS (on the torch side)
+//    and one fused elementwise kernel from here. Used for larger H.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "recurrence_params.h"
+
+namespace fastrnn {
+namespace cuda {
+
+// Shared memory the persistent kernels need for `rows` batch rows per block.
+int64_t persistent_smem_bytes(int64_t H, int64_t rows, bool is_double);
+
+#define FASTRNN_DECLARE_CUDA_LAUNCHERS(scalar_t)                                                \
+  cudaError_t launch_forward_persistent(const ForwardParams<scalar_t>& p, int64_t rows,        \
+                                        cudaStream_t stream);                                  \
+  cudaError_t launch_backward_persistent(const BackwardParams<scalar_t>& p, int64_t rows,      \
+                                         cudaStream_t stream);                                 \
+  /* Step s of the step path, forward: state (D, N, H) in the accumulation type holds h     */ \
+  /* before the step and after it; hw (D, N, H) = state W_hh^T from cuBLAS.                 */ \
+  cudaError_t launch_forward_step(const ForwardParams<scalar_t>& p, int64_t s,                 \
+                                  const AccOf<scalar_t>::type* hw,                             \
+                                  AccOf<scalar_t>::type* state, cudaStream_t stream);          \
+  /* Step s of the step path, backward, first half: dz of the step into p.dz and into      */  \
+  /* dz_acc (D, N, H), from dh (D, N, H), the gradient of the state after the step.        */  \
+  cudaError_t launch_backward_step(const BackwardParams<scalar_t>& p, int64_t s,               \
+                                   const AccOf<scalar_t>::type* dh,                            \
+                                   AccOf<scalar_t>::type* dz_acc, cudaStream_t stream);        \
+  /* Second half: dh = dz W_hh (dzw, from cuBLAS) for active rows; inactive rows keep dh. */  \
+  cudaError_t launch_backward_step_carry(const BackwardParams<scalar_t>& p, int64_t s,         \
+                                         const AccOf<scalar_t>::type* dzw,                     \
+                                         AccOf<scalar_t>::type* dh, cudaStream_t stream);
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+FASTRNN_DECLARE_CUDA_LAUNCHERS(float)
+FASTRNN_DECLARE_CUDA_LAUNCHERS(double)
+FASTRNN_DECLARE_CUDA_LAUNCHERS(__half)
+FASTRNN_DECLARE_CUDA_LAUNCHERS(__nv_bfloat16)
+
+}  // namespace cuda
+}  // namespace fastrnn
