@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+import fastrnn
+
+
+def pytest_report_header(config):
+    from fastrnn import _ops
+
+    if not _ops.available():
+        return f"fastrnn extension: NOT BUILT ({_ops.EXTENSION_ERROR})"
+    return (
+        f"fastrnn extension: cuda_built={_ops.cuda_built()}, cpu_isa={_ops._C.cpu_isa()}, "
+        f"torch {torch.__version__}, CUDA device: {torch.cuda.is_available()}"
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _extension_is_built():
+    # Every test of the fused path must run the fused kernel: a missing
+    # extension is a failure, not a skip.
+    from fastrnn import _ops
+
+    assert _ops.available(), f"fastrnn's extension failed to load: {_ops.EXTENSION_ERROR}"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
