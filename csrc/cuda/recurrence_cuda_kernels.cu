@@ -61,7 +61,7 @@ __device__ __forceinline__ bool active(const int64_t* lengths, int64_t n, int64_
 
 // grid (ceil(N / rows), D); shared memory: w_t (H, H) | state (2, rows, H).
 template <typename T>
-__global__ void forward_persistent_kernel(const ForwardParams<T> p, const int64_t rows) {
+__global__ void __launch_bounds__(1024) forward_persistent_kernel(const ForwardParams<T> p, const int64_t rows) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
@@ -103,7 +103,7 @@ __global__ void forward_persistent_kernel(const ForwardParams<T> p, const int64_
 
 // grid (ceil(N / rows), D); shared memory: w (H, H) | dh (2, rows, H) | dz (rows, H).
 template <typename T>
-__global__ void backward_persistent_kernel(const BackwardParams<T> p, const int64_t rows) {
+__global__ void __launch_bounds__(1024) backward_persistent_kernel(const BackwardParams<T> p, const int64_t rows) {
   using A = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;

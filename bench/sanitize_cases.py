@@ -1,0 +1,26 @@
+"""Small forward+backward calls of every CUDA path, for compute-sanitizer:
+
+    compute-sanitizer --tool memcheck python bench/sanitize_cases.py
+"""
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastrnn
+from fastrnn import _ops
+
+for path in ("persistent", "step"):
+    _ops._C.set_cuda_path(path)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for nonlinearity in ("tanh", "relu"):
+            m = fastrnn.RNN(5, 33, 2, bidirectional=True, nonlinearity=nonlinearity,
+                            backend="fused", device="cuda", dtype=dtype)
+            x = torch.randn(7, 3, 5, device="cuda", dtype=dtype, requires_grad=True)
+            y, h = m(x)
+            (y.float().sum() + h.float().sum()).backward()
+            packed = pack_padded_sequence(x, torch.tensor([7, 2, 5]), enforce_sorted=False)
+            y, h = m(packed)
+            (y.data.float().sum() + h.float().sum()).backward()
+    print(path, "ok:", _ops._C.last_cuda_path())
+torch.cuda.synchronize()
+print("sanitize cases done")
