@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1
 DEPS := ninja pybind11 setuptools wheel numpy pytest pytest-benchmark hypothesis tqdm matplotlib
 READY := $(VENV)/.fastrnn-ready
 
-.PHONY: venv build test bench bench-pytest clean
+.PHONY: venv build test bench bench-pytest sanitize clean
 
 venv: $(READY)
 
@@ -30,6 +30,19 @@ bench: build
 
 bench-pytest: build
 	$(PY) -m pytest bench
+
+# The CPU extension built with AddressSanitizer and UBSan into build/sanitize,
+# and the CPU tests run against it; any report fails the run.
+SAN_DIR := build/sanitize
+SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	PYTHONPATH=$(SAN_DIR)
+sanitize: $(READY)
+	FASTRNN_CUDA=0 FASTRNN_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp build/sanitize-tmp
+	cp fastrnn/*.py $(SAN_DIR)/fastrnn/
+	$(SAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(SAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
+	$(SAN_ENV) $(PY) -P -m pytest tests -q -p no:cacheprovider -o pythonpath=$(SAN_DIR) \
+		-k "not cuda and not compile and not ddp and not export and not trace"
 
 clean:
 	rm -rf build fastrnn/*.so *.egg-info

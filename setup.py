@@ -5,6 +5,7 @@ default CUDA is built when the installed torch has CUDA and an nvcc is found.
 Nothing here asks for a visible GPU: the toolkit is found from nvcc's real
 location and the architectures come from TORCH_CUDA_ARCH_LIST (default
 "8.0;9.0").
+FASTRNN_SANITIZE=1 builds with AddressSanitizer and UBSan (`make sanitize`).
 FASTRNN_NO_EXT=1 installs the Python package alone (used by the Makefile, which
 builds the extension in place with `setup.py build_ext --inplace`).
 """
@@ -93,6 +94,12 @@ def extensions():
     # runs on one thread. The runtime is the libgomp torch already loads.
     cxx = ["-O3", "-fno-math-errno", "-fopenmp"]
     link = ["-fopenmp"]
+    if os.environ.get("FASTRNN_SANITIZE"):
+        # make sanitize: AddressSanitizer and UndefinedBehaviorSanitizer, every
+        # report fatal.
+        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fopenmp"] + san
+        link = link + san
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not use_cuda:
         return [

@@ -4,6 +4,7 @@
 // every GEMM go through ATen, and only the time loop of a layer is handed to
 // the device's kernel (recurrence_cpu.cpp, cuda/recurrence_cuda.cpp).
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -295,6 +296,45 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   return {grad_x, grad_hx, grad_w};
 }
 
+// The stack's forward as plain differentiable ATen ops, one step at a time.
+// Only for double backward: when a graph of the backward is asked for, the
+// backward differentiates this instead of calling the fused backward op.
+std::tuple<Tensor, Tensor> forward_by_steps(const Tensor& x, const Tensor& hx,
+                                            at::TensorList weights,
+                                            const optional<Tensor>& lengths,
+                                            const optional<Tensor>& mask, const Stack& s,
+                                            bool relu) {
+  Tensor layer_in = x;  // (T, N, C_l)
+  std::vector<Tensor> h_n;
+  for (int64_t l = 0; l < s.L; ++l) {
+    if (l > 0 && mask) layer_in = layer_in * (*mask)[l - 1];
+    std::vector<Tensor> outs;
+    for (int64_t d = 0; d < s.D; ++d) {
+      Tensor u = at::matmul(layer_in, weight(weights, s, l, d, 0).t());  // (T, N, H)
+      if (s.biases) u = u + weight(weights, s, l, d, 2) + weight(weights, s, l, d, 3);
+      const Tensor w_hh_t = weight(weights, s, l, d, 1).t();
+      Tensor h = hx[l * s.D + d];  // (N, H)
+      std::vector<Tensor> ys(s.T);
+      for (int64_t step = 0; step < s.T; ++step) {
+        const int64_t t = d == 0 ? step : s.T - 1 - step;
+        const Tensor z = u[t] + at::matmul(h, w_hh_t);
+        const Tensor h_new = relu ? at::relu(z) : at::tanh(z);
+        if (lengths) {
+          const Tensor on = (*lengths > t).unsqueeze(1);  // (N, 1)
+          ys[t] = at::where(on, h_new, at::zeros_like(h_new));
+          h = at::where(on, h_new, h);
+        } else {
+          ys[t] = h = h_new;
+        }
+      }
+      outs.push_back(at::stack(ys));
+      h_n.push_back(h);
+    }
+    layer_in = at::cat(outs, 2);
+  }
+  return {layer_in, at::stack(h_n)};
+}
+
 // Autograd of rnn_forward, in C++ so that a call costs no Python: the
 // backward is the rnn_backward op. Both are called through the dispatcher, so
 // under torch.compile the fake kernels stand in for them.
@@ -324,6 +364,33 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     return {y, hn, hs};
   }
 
+  // create_graph=True: the gradients as differentiable functions of the
+  // inputs, through forward_by_steps, so that they can be differentiated again.
+  static torch::autograd::variable_list backward_with_graph(
+      const torch::autograd::variable_list& saved, const std::vector<Tensor>& weights,
+      const optional<Tensor>& lengths, const optional<Tensor>& mask,
+      const torch::autograd::variable_list& grads, int64_t num_layers, bool bidirectional,
+      bool has_biases, bool relu) {
+    const Stack s = check_args(saved[0], saved[1], weights, lengths, mask, num_layers,
+                               bidirectional, has_biases);
+    auto [y, hn] = forward_by_steps(saved[0], saved[1], weights, lengths, mask, s, relu);
+    std::vector<Tensor> inputs = {saved[0], saved[1]};
+    inputs.insert(inputs.end(), weights.begin(), weights.end());
+    std::vector<Tensor> wanted;
+    for (const Tensor& t : inputs)
+      if (t.requires_grad()) wanted.push_back(t);
+    std::vector<Tensor> outputs, grad_outputs;
+    if (grads[0].defined()) outputs.push_back(y), grad_outputs.push_back(grads[0]);
+    if (grads[1].defined()) outputs.push_back(hn), grad_outputs.push_back(grads[1]);
+    torch::autograd::variable_list out(inputs.size() + 6);
+    if (wanted.empty() || outputs.empty()) return out;
+    const auto g = torch::autograd::grad(outputs, wanted, grad_outputs, /*retain_graph=*/true,
+                                         /*create_graph=*/true, /*allow_unused=*/true);
+    for (size_t i = 0, k = 0; i < inputs.size(); ++i)
+      if (inputs[i].requires_grad()) out[i] = g[k++];
+    return out;
+  }
+
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     static auto op = c10::Dispatcher::singleton()
@@ -334,11 +401,18 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
     auto as_optional = [](const Tensor& t) {
       return t.defined() ? optional<Tensor>(t) : std::nullopt;
     };
+    const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
+    const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
+    const bool has_biases = ctx->saved_data["has_biases"].toBool();
+    const bool relu = ctx->saved_data["relu"].toBool();
+    if (torch::autograd::GradMode::is_enabled() && saved[0].size(0) > 0) {
+      return backward_with_graph(saved, weights, as_optional(saved[4]), as_optional(saved[5]),
+                                 grads, num_layers, bidirectional, has_biases, relu);
+    }
     auto [grad_input, grad_hx, grad_weights] =
         op.call(saved[0], saved[1], weights, as_optional(saved[4]), as_optional(saved[5]),
-                saved[2], saved[3], as_optional(grads[0]), as_optional(grads[1]),
-                ctx->saved_data["num_layers"].toInt(), ctx->saved_data["bidirectional"].toBool(),
-                ctx->saved_data["has_biases"].toBool(), ctx->saved_data["relu"].toBool());
+                saved[2], saved[3], as_optional(grads[0]), as_optional(grads[1]), num_layers,
+                bidirectional, has_biases, relu);
     // One gradient per forward argument, the weights one by one; none for
     // lengths, the mask and the flags.
     torch::autograd::variable_list out = {grad_input, grad_hx};
@@ -355,6 +429,26 @@ std::tuple<Tensor, Tensor, Tensor> rnn_forward_autograd(
   auto out = RnnFunction::apply(input, hx, weights, lengths, dropout_mask, num_layers,
                                 bidirectional, has_biases, relu);
   return {out[0], out[1], out[2]};
+}
+
+// Under torch.autocast on CUDA the layer runs in the autocast dtype, as
+// nn.RNN's cuDNN path does: floating arguments are cast, then the op runs.
+std::tuple<Tensor, Tensor, Tensor> rnn_forward_autocast_cuda(
+    const Tensor& input, const Tensor& hx, at::TensorList weights,
+    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, bool relu) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  const auto dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dtype, t, at::kCUDA); };
+  std::vector<Tensor> w;
+  for (const Tensor& t : weights) w.push_back(cast(t));
+  const optional<Tensor> mask =
+      dropout_mask ? optional<Tensor>(cast(*dropout_mask)) : std::nullopt;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastrnn::rnn_forward", "")
+                       .typed<decltype(rnn_forward)>();
+  return op.call(cast(input), cast(hx), w, lengths, mask, num_layers, bidirectional, has_biases,
+                 relu);
 }
 
 }  // namespace
@@ -377,6 +471,10 @@ TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) { m.impl("rnn_forward", &rnn_forward_autograd); }
+
+TORCH_LIBRARY_IMPL(fastrnn, AutocastCUDA, m) {
+  m.impl("rnn_forward", &rnn_forward_autocast_cuda);
+}
 
 #ifdef FASTRNN_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastrnn, CUDA, m) {

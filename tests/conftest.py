@@ -10,7 +10,8 @@ def pytest_report_header(config):
     if not _ops.available():
         return f"fastrnn extension: NOT BUILT ({_ops.EXTENSION_ERROR})"
     return (
-        f"fastrnn extension: cuda_built={_ops.cuda_built()}, cpu_isa={_ops._C.cpu_isa()}, "
+        f"fastrnn extension: {_ops._C.__file__}, cuda_built={_ops.cuda_built()}, "
+        f"cpu_isa={_ops._C.cpu_isa()}, "
         f"torch {torch.__version__}, CUDA device: {torch.cuda.is_available()}"
     )
 

@@ -95,3 +95,16 @@ def test_other_device_index_is_guarded():
         pytest.skip("needs two GPUs")
     ref, ours = pair(3, 8, device="cuda:1")
     compare(ref, ours, leaf(6, 2, 3, device="cuda:1"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_runs_in_half_like_nn_rnn(dtype):
+    ref, ours = pair(8, 32, device="cuda", num_layers=2)
+    x = torch.randn(20, 4, 8, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        y_ref, h_ref = ref(x)
+        y, h = ours(x)
+        (y.float().sum() + h.float().sum()).backward()
+    assert y.dtype == y_ref.dtype == dtype and h.dtype == h_ref.dtype
+    assert ours.weight_hh_l0.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.02)
