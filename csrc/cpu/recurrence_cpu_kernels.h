@@ -124,12 +124,23 @@ struct Kernels {
       for (int v = 0; v < JV; ++v) store(c + r * ldc + v * W, acc[r][v]);
   }
 
+  // Rows in blocks of RB, then halves of it: a block of one row has too few
+  // independent accumulators to hide the multiply-add latency, so the
+  // remainder of a few rows is worth keeping together.
   template <int JV>
   static inline void rows(int64_t R, int64_t K, const S* a, int64_t lda, const S* panel, S* c,
                           int64_t ldc) {
     int64_t r = 0;
     for (; r + RB <= R; r += RB) block<RB, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
-    for (; r < R; ++r) block<1, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
+    if (RB > 4 && r + 4 <= R) {
+      block<4, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
+      r += 4;
+    }
+    if (r + 2 <= R) {
+      block<2, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
+      r += 2;
+    }
+    if (r < R) block<1, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
   }
 
   // c (R x padded(J)) = a (R x K) b (K x J), b packed by pack(). The sum
