@@ -66,17 +66,22 @@ def test_matches_reference(device, case):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, i=i: f"grad {i}: {m}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_gradcheck(device, case):
-    x, hx, weights, lens, mask, L, bidir, bias, relu = make_args(T=4, N=3, C=3, H=3, device=device,
-                                                                 **CASES[case])
+def differentiable(args):
+    """(f, inputs): the op as a function of its differentiable arguments."""
+    x, hx, weights, lens, mask, L, bidir, bias, relu = args
 
     def f(x, hx, *weights):
         y, h_n, _ = fwd(x, hx, list(weights), lens, mask, L, bidir, bias, relu)
         return y, h_n
 
-    assert torch.autograd.gradcheck(f, (x, hx, *weights), eps=1e-6, atol=1e-6)
+    return f, (x, hx, *weights)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradcheck(device, case):
+    f, inputs = differentiable(make_args(T=4, N=3, C=3, H=3, device=device, **CASES[case]))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
 
 
 def test_reference_is_nn_rnn():
@@ -168,14 +173,8 @@ def test_out_of_range_lengths_are_safe(lengths):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["one_layer", "stack_bidir", "lengths", "dropout", "relu_no_bias"])
 def test_gradgradcheck(device, case):
-    x, hx, weights, lens, mask, L, bidir, bias, relu = make_args(T=3, N=3, C=2, H=3, device=device,
-                                                                 **CASES[case])
-
-    def f(x, hx, *weights):
-        y, h_n, _ = fwd(x, hx, list(weights), lens, mask, L, bidir, bias, relu)
-        return y, h_n
-
-    assert torch.autograd.gradgradcheck(f, (x, hx, *weights), eps=1e-6, atol=1e-5)
+    f, inputs = differentiable(make_args(T=3, N=3, C=2, H=3, device=device, **CASES[case]))
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-5)
 
 
 def test_first_backward_with_graph_equals_fused_backward():

@@ -212,27 +212,17 @@ int threads_for(int64_t work) {
   return static_cast<int>(warps >= 32 ? 1024 : (warps < 2 ? 64 : warps * 32));
 }
 
-template <typename T>
-cudaError_t forward_persistent(const ForwardParams<T>& p, int64_t rows, cudaStream_t stream) {
+// One launch of a persistent kernel: grid (ceil(N / rows), D), its shared
+// memory raised past the 48 KB default where needed.
+template <typename T, typename Params>
+cudaError_t launch_persistent(void (*kernel)(const Params, const int64_t), const Params& p,
+                              int64_t rows, cudaStream_t stream) {
   const size_t smem = persistent_smem_bytes(p.H, rows, sizeof(typename AccOf<T>::type) == 8);
-  cudaError_t err = cudaFuncSetAttribute(forward_persistent_kernel<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(p.D));
-  forward_persistent_kernel<T><<<grid, threads_for(rows * p.H), smem, stream>>>(p, rows);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t backward_persistent(const BackwardParams<T>& p, int64_t rows, cudaStream_t stream) {
-  const size_t smem = persistent_smem_bytes(p.H, rows, sizeof(typename AccOf<T>::type) == 8);
-  cudaError_t err = cudaFuncSetAttribute(backward_persistent_kernel<T>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.N + rows - 1) / rows), static_cast<unsigned>(p.D));
-  backward_persistent_kernel<T><<<grid, threads_for(rows * p.H), smem, stream>>>(p, rows);
+  kernel<<<grid, threads_for(rows * p.H), smem, stream>>>(p, rows);
   return cudaGetLastError();
 }
 
@@ -251,11 +241,11 @@ int64_t persistent_smem_bytes(int64_t H, int64_t rows, bool is_double) {
 #define FASTRNN_DEFINE_CUDA_LAUNCHERS(T)                                                        \
   cudaError_t launch_forward_persistent(const ForwardParams<T>& p, int64_t rows,               \
                                         cudaStream_t stream) {                                 \
-    return forward_persistent(p, rows, stream);                                                \
+    return launch_persistent<T>(forward_persistent_kernel<T>, p, rows, stream);                                                \
   }                                                                                            \
   cudaError_t launch_backward_persistent(const BackwardParams<T>& p, int64_t rows,             \
                                          cudaStream_t stream) {                                \
-    return backward_persistent(p, rows, stream);                                               \
+    return launch_persistent<T>(backward_persistent_kernel<T>, p, rows, stream);                                               \
   }                                                                                            \
   cudaError_t launch_forward_step(const ForwardParams<T>& p, int64_t s,                        \
                                   const AccOf<T>::type* hw, AccOf<T>::type* state,             \
