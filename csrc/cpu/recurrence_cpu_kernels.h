@@ -98,10 +98,31 @@ struct Kernels {
     }
   }
 
-  // c (R x JV*W) = a (R x K) panel (K x JV*W); the accumulators stay in registers.
-  template <int R, int JV>
+  // What a GEMM does with its result besides storing it in c: nothing
+  // (u == nullptr), or the forward step's epilogue, c = act(c + u), also
+  // written to out. Pointers at the block's first row and column.
+  struct Epilogue {
+    const S* u = nullptr;
+    int64_t ldu = 0;
+    S* out = nullptr;
+    int64_t ldo = 0;
+    bool relu = false;
+    Epilogue shifted(int64_t r, int64_t j) const {
+      return u ? Epilogue{u + r * ldu + j, ldu, out + r * ldo + j, ldo, relu} : *this;
+    }
+  };
+
+  static inline V act(V x, bool relu) {
+    if (relu) return x < S(0) ? V{} : x;  // keeps NaN, as torch.relu does
+    return tanh_rational(x);
+  }
+
+  // c (R x JV*W) = a (R x K) panel (K x JV*W); the accumulators stay in
+  // registers. FUSED (float only) applies the epilogue to them before the
+  // store; the caller guarantees its JV*W columns all lie inside u and out.
+  template <int R, int JV, bool FUSED>
   static inline void block(int64_t K, const S* a, int64_t lda, const S* panel, S* c,
-                           int64_t ldc) {
+                           int64_t ldc, const Epilogue& e) {
     V acc[R][JV];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
@@ -119,40 +140,71 @@ struct Kernels {
       }
     }
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-      for (int v = 0; v < JV; ++v) store(c + r * ldc + v * W, acc[r][v]);
+      for (int v = 0; v < JV; ++v) {
+        V x = acc[r][v];
+        if constexpr (FUSED) {
+          x = act(x + load(e.u + r * e.ldu + v * W), e.relu);
+          store(e.out + r * e.ldo + v * W, x);
+        }
+        store(c + r * ldc + v * W, x);
+      }
+    }
   }
 
   // Rows in blocks of RB, then halves of it: a block of one row has too few
   // independent accumulators to hide the multiply-add latency, so the
   // remainder of a few rows is worth keeping together.
-  template <int JV>
+  template <int JV, bool FUSED>
   static inline void rows(int64_t R, int64_t K, const S* a, int64_t lda, const S* panel, S* c,
-                          int64_t ldc) {
+                          int64_t ldc, const Epilogue& e) {
     int64_t r = 0;
-    for (; r + RB <= R; r += RB) block<RB, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
+    for (; r + RB <= R; r += RB)
+      block<RB, JV, FUSED>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
     if (RB > 4 && r + 4 <= R) {
-      block<4, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
+      block<4, JV, FUSED>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
       r += 4;
     }
     if (r + 2 <= R) {
-      block<2, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
+      block<2, JV, FUSED>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
       r += 2;
     }
-    if (r < R) block<1, JV>(K, a + r * lda, lda, panel, c + r * ldc, ldc);
+    if (r < R) block<1, JV, FUSED>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
   }
 
-  // c (R x padded(J)) = a (R x K) b (K x J), b packed by pack(). The sum
-  // over k runs in the same order for every element.
+  // The epilogue element by element, on columns [0, n) of R rows of c.
+  static void epilogue_columns(int64_t R, int64_t n, S* c, int64_t ldc, const Epilogue& e) {
+    for (int64_t r = 0; r < R; ++r) {
+      S* h = c + r * ldc;
+      const S* u = e.u + r * e.ldu;
+      for (int64_t j = 0; j < n; ++j) h[j] += u[j];
+      activate(h, n, e.relu);
+      std::memcpy(e.out + r * e.ldo, h, sizeof(S) * n);
+    }
+  }
+
+  // c (R x padded(J)) = a (R x K) b (K x J), b packed by pack(), then the
+  // epilogue on the J real columns. The sum over k runs in the same order for
+  // every element, and the epilogue is the same arithmetic in registers or
+  // element by element, so no result depends on where its row or column falls.
   static void gemm(int64_t R, int64_t J, int64_t K, const S* a, int64_t lda, const S* packed,
-                   S* c, int64_t ldc) {
+                   S* c, int64_t ldc, const Epilogue& e = Epilogue{}) {
     const int64_t Jp = padded(J);
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
-      if (panel_width(j0, Jp) == 2 * W)
-        rows<2>(R, K, a, lda, packed + j0 * K, c + j0, ldc);
-      else
-        rows<1>(R, K, a, lda, packed + j0 * K, c + j0, ldc);
+      const int64_t w = panel_width(j0, Jp);
+      const bool fused = e.u != nullptr && sizeof(S) == 4 && j0 + w <= J;
+      const S* panel = packed + j0 * K;
+      const Epilogue ej = e.shifted(0, j0);
+      if (w == 2 * W) {
+        if (fused) rows<2, true>(R, K, a, lda, panel, c + j0, ldc, ej);
+        else rows<2, false>(R, K, a, lda, panel, c + j0, ldc, ej);
+      } else {
+        if (fused) rows<1, true>(R, K, a, lda, panel, c + j0, ldc, ej);
+        else rows<1, false>(R, K, a, lda, panel, c + j0, ldc, ej);
+      }
+      if (e.u != nullptr && !fused && j0 < J)
+        epilogue_columns(R, (j0 + w <= J ? j0 + w : J) - j0, c + j0, ldc, ej);
     }
   }
 
@@ -180,19 +232,21 @@ struct Kernels {
       std::memcpy(prev + r * Hp, p.h0 + (d * N + n0 + r) * H, sizeof(S) * H);
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? s : T - 1 - s;
-      gemm(R, H, H, prev, Hp, w_packed, next, Hp);
-      for (int64_t r = 0; r < R; ++r) {
-        S* h = next + r * Hp;
-        S* out = p.y + (t * N + n0 + r) * DH + d * H;
-        if (!active(p.lengths, n0 + r, t)) {
-          std::memcpy(h, prev + r * Hp, sizeof(S) * H);
-          std::memset(out, 0, sizeof(S) * H);
-          continue;
+      const S* u = p.u + ((d * T + t) * N + n0) * H;  // (R, H)
+      S* out = p.y + (t * N + n0) * DH + d * H;       // (R, H), row stride D*H
+      if (p.lengths == nullptr) {
+        gemm(R, H, H, prev, Hp, w_packed, next, Hp, Epilogue{u, H, out, DH, p.relu});
+      } else {
+        gemm(R, H, H, prev, Hp, w_packed, next, Hp);
+        for (int64_t r = 0; r < R; ++r) {
+          S* h = next + r * Hp;
+          if (active(p.lengths, n0 + r, t)) {
+            epilogue_columns(1, H, h, Hp, Epilogue{u + r * H, H, out + r * DH, DH, p.relu});
+          } else {
+            std::memcpy(h, prev + r * Hp, sizeof(S) * H);
+            std::memset(out + r * DH, 0, sizeof(S) * H);
+          }
         }
-        const S* u = p.u + ((d * T + t) * N + n0 + r) * H;
-        for (int64_t j = 0; j < H; ++j) h[j] += u[j];
-        activate(h, H, p.relu);
-        std::memcpy(out, h, sizeof(S) * H);
       }
       S* tmp = prev;
       prev = next;
