@@ -227,13 +227,14 @@ class Model(nn.Module):
         return self.head(y).sum() + h.sum()
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     model = Model()
     x = torch.randn(4, 6, 3)
     eager_loss = model(x)
     eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     loss = compiled(x)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     torch.testing.assert_close(loss, eager_loss)
