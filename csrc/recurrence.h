@@ -38,6 +38,11 @@ void backward_recurrence_cuda(const at::Tensor& dy, const std::optional<at::Tens
                               const at::Tensor& y, const at::Tensor& w_hh,
                               const std::optional<at::Tensor>& lengths, const at::Tensor& dz,
                               const at::Tensor& dh0, bool relu);
+// CPU tensors given to the two functions above run the CUDA kernels'
+// emulator (cuda/recurrence_cuda_emulate.h); the orchestration sends them
+// there while set_cuda_emulation(true) is in force (tests only).
+void set_cuda_emulation(bool on);
+bool cuda_emulation();
 // Forces the CUDA path ("auto", "persistent" or "step"; see cuda/recurrence_cuda_kernels.h).
 bool set_cuda_path(const std::string& name);
 // The path the last CUDA time loop on this thread took: "persistent", "step" or "none".

@@ -126,26 +126,24 @@ Stack check_args(const Tensor& input, const Tensor& hx, at::TensorList weights,
 void forward_recurrence(const Tensor& u, const Tensor& w_hh_t, const Tensor& h0,
                         const optional<Tensor>& lengths, const Tensor& y, const Tensor& hn,
                         bool relu) {
-  if (u.is_cuda()) {
 #ifdef FASTRNN_WITH_CUDA
+  if (u.is_cuda() || cuda_emulation())
     return forward_recurrence_cuda(u, w_hh_t, h0, lengths, y, hn, relu);
 #else
-    TORCH_CHECK(false, "fastrnn was built without CUDA: rebuild with FASTRNN_CUDA=1");
+  TORCH_CHECK(!u.is_cuda(), "fastrnn was built without CUDA: rebuild with FASTRNN_CUDA=1");
 #endif
-  }
   forward_recurrence_cpu(u, w_hh_t, h0, lengths, y, hn, relu);
 }
 
 void backward_recurrence(const Tensor& dy, const optional<Tensor>& dhn, const Tensor& y,
                          const Tensor& w_hh, const optional<Tensor>& lengths, const Tensor& dz,
                          const Tensor& dh0, bool relu) {
-  if (dz.is_cuda()) {
 #ifdef FASTRNN_WITH_CUDA
+  if (dz.is_cuda() || cuda_emulation())
     return backward_recurrence_cuda(dy, dhn, y, w_hh, lengths, dz, dh0, relu);
 #else
-    TORCH_CHECK(false, "fastrnn was built without CUDA: rebuild with FASTRNN_CUDA=1");
+  TORCH_CHECK(!dz.is_cuda(), "fastrnn was built without CUDA: rebuild with FASTRNN_CUDA=1");
 #endif
-  }
   backward_recurrence_cpu(dy, dhn, y, w_hh, lengths, dz, dh0, relu);
 }
 
@@ -493,6 +491,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Force the CUDA time loop's path: 'auto', 'persistent' or 'step'");
   m.def("last_cuda_path", &fastrnn::last_cuda_path,
         "The path the last CUDA time loop on this thread took");
+  m.def("set_cuda_emulation", &fastrnn::set_cuda_emulation,
+        "Run the CUDA kernels on CPU threads for CPU tensors (tests only)");
 #else
   m.attr("cuda_built") = false;
 #endif

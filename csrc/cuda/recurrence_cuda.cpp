@@ -1,6 +1,7 @@
 // The CUDA time loop: picks the path, guards the device, runs on the current
 // stream and checks every launch. The GEMMs of the step path go through ATen,
-// so cuBLAS comes with torch.
+// so cuBLAS comes with torch. The same loop drives the kernels' CPU emulator
+// (recurrence_cuda_emulate.h) for the tests, on CPU tensors.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/recurrence_cuda_emulate.h"
 #include "cuda/recurrence_cuda_kernels.h"
 #include "recurrence.h"
 
@@ -21,6 +23,7 @@ namespace {
 enum class Path { automatic = 0, persistent = 1, step = 2 };
 
 std::atomic<int> forced_path{static_cast<int>(Path::automatic)};
+std::atomic<bool> emulation{false};
 thread_local std::string last_path = "none";
 
 template <typename S>
@@ -60,13 +63,15 @@ const DeviceLimits& limits(int device) {
   return l;
 }
 
+// The emulator plays an H100/H200: 132 multiprocessors, 227 KB of shared
+// memory per block.
+constexpr DeviceLimits kEmulatedLimits{227 * 1024, 132};
+
 // Batch rows per block of the persistent path, or 0 where W_hh does not fit
 // in one block's shared memory. Enough blocks to cover the multiprocessors,
 // as few rows each as that allows: a block's step costs about rows * H * H /
 // threads multiply-adds, and a block never waits for another.
-int64_t persistent_rows(const at::Tensor& t, int64_t D, int64_t N, int64_t H) {
-  const DeviceLimits& l = limits(t.get_device());
-  const bool is_double = t.scalar_type() == at::kDouble;
+int64_t persistent_rows(const DeviceLimits& l, bool is_double, int64_t D, int64_t N, int64_t H) {
   int64_t rows = std::max<int64_t>(1, (D * N + l.sms - 1) / std::max<int64_t>(1, l.sms));
   rows = std::min(rows, std::max<int64_t>(1, 1024 / H));
   rows = std::min(rows, N);
@@ -76,19 +81,156 @@ int64_t persistent_rows(const at::Tensor& t, int64_t D, int64_t N, int64_t H) {
 
 // The path for this call, honouring a forced one; a forced persistent path
 // that cannot fit is an error rather than a silent switch.
-Path choose(const at::Tensor& t, int64_t D, int64_t N, int64_t H, int64_t* rows) {
-  *rows = persistent_rows(t, D, N, H);
+Path choose(const DeviceLimits& l, bool is_double, int64_t D, int64_t N, int64_t H,
+            int64_t* rows) {
+  *rows = persistent_rows(l, is_double, D, N, H);
   const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
-  if (forced == Path::step) return Path::step;
+  Path path = *rows > 0 ? Path::persistent : Path::step;
+  if (forced == Path::step) path = Path::step;
   if (forced == Path::persistent) {
     TORCH_CHECK(*rows > 0, "fastrnn: the persistent CUDA path was forced, but W_hh of hidden size ",
                 H, " does not fit in one block's shared memory");
-    return Path::persistent;
+    path = Path::persistent;
   }
-  return *rows > 0 ? Path::persistent : Path::step;
+  last_path = path == Path::persistent ? "persistent" : "step";
+  return path;
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// How the time loop reaches its kernels: launched on the GPU, on the current
+// stream, each launch checked...
+struct DeviceLaunch {
+  cudaStream_t stream;
+  template <typename P>
+  void forward_persistent(const P& p, int64_t rows) const {
+    C10_CUDA_CHECK(cuda::launch_forward_persistent(p, rows, stream));
+  }
+  template <typename P>
+  void backward_persistent(const P& p, int64_t rows) const {
+    C10_CUDA_CHECK(cuda::launch_backward_persistent(p, rows, stream));
+  }
+  template <typename P, typename A>
+  void forward_step(const P& p, int64_t s, const A* hw, A* state) const {
+    C10_CUDA_CHECK(cuda::launch_forward_step(p, s, hw, state, stream));
+  }
+  template <typename P, typename A>
+  void backward_step(const P& p, int64_t s, const A* dh, A* dz) const {
+    C10_CUDA_CHECK(cuda::launch_backward_step(p, s, dh, dz, stream));
+  }
+  template <typename P, typename A>
+  void backward_step_carry(const P& p, int64_t s, const A* dzw, A* dh) const {
+    C10_CUDA_CHECK(cuda::launch_backward_step_carry(p, s, dzw, dh, stream));
+  }
+};
+
+// ...or run by the emulator on CPU threads.
+struct EmulatedLaunch {
+  template <typename P>
+  void forward_persistent(const P& p, int64_t rows) const {
+    cuda::emulate_forward_persistent(p, rows);
+  }
+  template <typename P>
+  void backward_persistent(const P& p, int64_t rows) const {
+    cuda::emulate_backward_persistent(p, rows);
+  }
+  template <typename P, typename A>
+  void forward_step(const P& p, int64_t s, const A* hw, A* state) const {
+    cuda::emulate_forward_step(p, s, hw, state);
+  }
+  template <typename P, typename A>
+  void backward_step(const P& p, int64_t s, const A* dh, A* dz) const {
+    cuda::emulate_backward_step(p, s, dh, dz);
+  }
+  template <typename P, typename A>
+  void backward_step_carry(const P& p, int64_t s, const A* dzw, A* dh) const {
+    cuda::emulate_backward_step_carry(p, s, dzw, dh);
+  }
+};
+
+template <typename Launch>
+void forward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor& u,
+                  const at::Tensor& w_hh_t, const at::Tensor& h0,
+                  const std::optional<at::Tensor>& lengths, const at::Tensor& y,
+                  const at::Tensor& hn, bool relu) {
+  const int64_t D = u.size(0), T = u.size(1), N = u.size(2), H = u.size(3);
+  if (T == 0 || N == 0) {
+    hn.copy_(h0);
+    return;
+  }
+  int64_t rows = 0;
+  const Path path = choose(l, u.scalar_type() == at::kDouble, D, N, H, &rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "fastrnn_forward_cuda", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    ForwardParams<T_> p;
+    p.T = T; p.N = N; p.H = H; p.D = D;
+    p.u = reinterpret_cast<const T_*>(u.data_ptr<scalar_t>());
+    p.w_hh_t = reinterpret_cast<const T_*>(w_hh_t.data_ptr<scalar_t>());
+    p.h0 = reinterpret_cast<const T_*>(h0.data_ptr<scalar_t>());
+    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
+    p.y = reinterpret_cast<T_*>(y.data_ptr<scalar_t>());
+    p.hn = reinterpret_cast<T_*>(hn.data_ptr<scalar_t>());
+    p.relu = relu;
+    if (path == Path::persistent) {
+      launch.forward_persistent(p, rows);
+      return;
+    }
+    using A = typename cuda::AccOf<T_>::type;
+    const auto acc = u.options().dtype(acc_type(u.scalar_type()));
+    const at::Tensor w = w_hh_t.to(acc);                 // (D, H, H) W_hh^T
+    at::Tensor state = h0.to(acc).contiguous().clone();  // (D, N, H)
+    at::Tensor hw = at::empty({D, N, H}, acc);           // (D, N, H)
+    for (int64_t s = 0; s < T; ++s) {
+      at::bmm_out(hw, state, w);
+      launch.forward_step(p, s, hw.data_ptr<A>(), state.data_ptr<A>());
+    }
+    hn.copy_(state);
+  });
+}
+
+template <typename Launch>
+void backward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor& dy,
+                   const std::optional<at::Tensor>& dhn, const at::Tensor& y,
+                   const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
+                   const at::Tensor& dz, const at::Tensor& dh0, bool relu) {
+  const int64_t D = dz.size(0), T = dz.size(1), N = dz.size(2), H = dz.size(3);
+  if (T == 0 || N == 0) {
+    if (dhn) dh0.copy_(*dhn);
+    else dh0.zero_();
+    return;
+  }
+  int64_t rows = 0;
+  const Path path = choose(l, dz.scalar_type() == at::kDouble, D, N, H, &rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dz.scalar_type(), "fastrnn_backward_cuda", [&] {
+    using T_ = typename CudaType<scalar_t>::type;
+    BackwardParams<T_> p;
+    p.T = T; p.N = N; p.H = H; p.D = D;
+    p.dy = reinterpret_cast<const T_*>(dy.data_ptr<scalar_t>());
+    p.dhn = dhn ? reinterpret_cast<const T_*>(dhn->data_ptr<scalar_t>()) : nullptr;
+    p.y = reinterpret_cast<const T_*>(y.data_ptr<scalar_t>());
+    p.w_hh = reinterpret_cast<const T_*>(w_hh.data_ptr<scalar_t>());
+    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
+    p.dz = reinterpret_cast<T_*>(dz.data_ptr<scalar_t>());
+    p.dh0 = reinterpret_cast<T_*>(dh0.data_ptr<scalar_t>());
+    p.relu = relu;
+    if (path == Path::persistent) {
+      launch.backward_persistent(p, rows);
+      return;
+    }
+    using A = typename cuda::AccOf<T_>::type;
+    const auto acc = dz.options().dtype(acc_type(dz.scalar_type()));
+    const at::Tensor w = w_hh.to(acc);  // (D, H, H)
+    at::Tensor dh = dhn ? dhn->to(acc).contiguous().clone() : at::zeros({D, N, H}, acc);  // (D, N, H)
+    at::Tensor dz_acc = at::empty({D, N, H}, acc);  // (D, N, H)
+    at::Tensor dzw = at::empty({D, N, H}, acc);     // (D, N, H)
+    for (int64_t s = 0; s < T; ++s) {
+      launch.backward_step(p, s, dh.data_ptr<A>(), dz_acc.data_ptr<A>());
+      at::bmm_out(dzw, dz_acc, w);
+      launch.backward_step_carry(p, s, dzw.data_ptr<A>(), dh.data_ptr<A>());
+    }
+    dh0.copy_(dh);
+  });
+}
 
 }  // namespace
 
@@ -104,91 +246,33 @@ bool set_cuda_path(const std::string& name) {
 
 std::string last_cuda_path() { return last_path; }
 
+void set_cuda_emulation(bool on) { emulation.store(on, std::memory_order_relaxed); }
+
+bool cuda_emulation() { return emulation.load(std::memory_order_relaxed); }
+
 void forward_recurrence_cuda(const at::Tensor& u, const at::Tensor& w_hh_t, const at::Tensor& h0,
                              const std::optional<at::Tensor>& lengths, const at::Tensor& y,
                              const at::Tensor& hn, bool relu) {
-  const c10::cuda::CUDAGuard guard(u.device());
-  const int64_t D = u.size(0), T = u.size(1), N = u.size(2), H = u.size(3);
-  if (T == 0 || N == 0) {
-    hn.copy_(h0);
+  if (!u.is_cuda()) {
+    forward_loop(EmulatedLaunch{}, kEmulatedLimits, u, w_hh_t, h0, lengths, y, hn, relu);
     return;
   }
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int64_t rows = 0;
-  const Path path = choose(u, D, N, H, &rows);
-  last_path = path == Path::persistent ? "persistent" : "step";
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "fastrnn_forward_cuda", [&] {
-    using T_ = typename CudaType<scalar_t>::type;
-    ForwardParams<T_> p;
-    p.T = T; p.N = N; p.H = H; p.D = D;
-    p.u = reinterpret_cast<const T_*>(u.data_ptr<scalar_t>());
-    p.w_hh_t = reinterpret_cast<const T_*>(w_hh_t.data_ptr<scalar_t>());
-    p.h0 = reinterpret_cast<const T_*>(h0.data_ptr<scalar_t>());
-    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
-    p.y = reinterpret_cast<T_*>(y.data_ptr<scalar_t>());
-    p.hn = reinterpret_cast<T_*>(hn.data_ptr<scalar_t>());
-    p.relu = relu;
-    if (path == Path::persistent) {
-      C10_CUDA_CHECK(cuda::launch_forward_persistent(p, rows, stream));
-      return;
-    }
-    using A = typename cuda::AccOf<T_>::type;
-    const auto acc = u.options().dtype(acc_type(u.scalar_type()));
-    const at::Tensor w = w_hh_t.to(acc);              // (D, H, H) W_hh^T
-    at::Tensor state = h0.to(acc).contiguous().clone();  // (D, N, H)
-    at::Tensor hw = at::empty({D, N, H}, acc);         // (D, N, H)
-    for (int64_t s = 0; s < T; ++s) {
-      at::bmm_out(hw, state, w);
-      C10_CUDA_CHECK(cuda::launch_forward_step(p, s, hw.data_ptr<A>(), state.data_ptr<A>(), stream));
-    }
-    hn.copy_(state);
-  });
+  const c10::cuda::CUDAGuard guard(u.device());
+  forward_loop(DeviceLaunch{c10::cuda::getCurrentCUDAStream()}, limits(u.get_device()), u, w_hh_t,
+               h0, lengths, y, hn, relu);
 }
 
 void backward_recurrence_cuda(const at::Tensor& dy, const std::optional<at::Tensor>& dhn,
                               const at::Tensor& y, const at::Tensor& w_hh,
                               const std::optional<at::Tensor>& lengths, const at::Tensor& dz,
                               const at::Tensor& dh0, bool relu) {
-  const c10::cuda::CUDAGuard guard(dz.device());
-  const int64_t D = dz.size(0), T = dz.size(1), N = dz.size(2), H = dz.size(3);
-  if (T == 0 || N == 0) {
-    if (dhn) dh0.copy_(*dhn);
-    else dh0.zero_();
+  if (!dz.is_cuda()) {
+    backward_loop(EmulatedLaunch{}, kEmulatedLimits, dy, dhn, y, w_hh, lengths, dz, dh0, relu);
     return;
   }
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int64_t rows = 0;
-  const Path path = choose(dz, D, N, H, &rows);
-  last_path = path == Path::persistent ? "persistent" : "step";
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dz.scalar_type(), "fastrnn_backward_cuda", [&] {
-    using T_ = typename CudaType<scalar_t>::type;
-    BackwardParams<T_> p;
-    p.T = T; p.N = N; p.H = H; p.D = D;
-    p.dy = reinterpret_cast<const T_*>(dy.data_ptr<scalar_t>());
-    p.dhn = dhn ? reinterpret_cast<const T_*>(dhn->data_ptr<scalar_t>()) : nullptr;
-    p.y = reinterpret_cast<const T_*>(y.data_ptr<scalar_t>());
-    p.w_hh = reinterpret_cast<const T_*>(w_hh.data_ptr<scalar_t>());
-    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
-    p.dz = reinterpret_cast<T_*>(dz.data_ptr<scalar_t>());
-    p.dh0 = reinterpret_cast<T_*>(dh0.data_ptr<scalar_t>());
-    p.relu = relu;
-    if (path == Path::persistent) {
-      C10_CUDA_CHECK(cuda::launch_backward_persistent(p, rows, stream));
-      return;
-    }
-    using A = typename cuda::AccOf<T_>::type;
-    const auto acc = dz.options().dtype(acc_type(dz.scalar_type()));
-    const at::Tensor w = w_hh.to(acc);  // (D, H, H)
-    at::Tensor dh = dhn ? dhn->to(acc).contiguous().clone() : at::zeros({D, N, H}, acc);  // (D, N, H)
-    at::Tensor dz_acc = at::empty({D, N, H}, acc);  // (D, N, H)
-    at::Tensor dzw = at::empty({D, N, H}, acc);     // (D, N, H)
-    for (int64_t s = 0; s < T; ++s) {
-      C10_CUDA_CHECK(cuda::launch_backward_step(p, s, dh.data_ptr<A>(), dz_acc.data_ptr<A>(), stream));
-      at::bmm_out(dzw, dz_acc, w);
-      C10_CUDA_CHECK(cuda::launch_backward_step_carry(p, s, dzw.data_ptr<A>(), dh.data_ptr<A>(), stream));
-    }
-    dh0.copy_(dh);
-  });
+  const c10::cuda::CUDAGuard guard(dz.device());
+  backward_loop(DeviceLaunch{c10::cuda::getCurrentCUDAStream()}, limits(dz.get_device()), dy, dhn,
+                y, w_hh, lengths, dz, dh0, relu);
 }
 
 }  // namespace fastrnn

@@ -12,19 +12,14 @@
 //    and one fused elementwise kernel from here. Used for larger H.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "recurrence_params.h"
+#include "cuda/recurrence_cuda_body.h"
 
 namespace fastrnn {
 namespace cuda {
-
-// Shared memory the persistent kernels need for `rows` batch rows per block.
-int64_t persistent_smem_bytes(int64_t H, int64_t rows, bool is_double);
 
 #define FASTRNN_DECLARE_CUDA_LAUNCHERS(scalar_t)                                                \
   cudaError_t launch_forward_persistent(const ForwardParams<scalar_t>& p, int64_t rows,        \
@@ -45,15 +40,6 @@ int64_t persistent_smem_bytes(int64_t H, int64_t rows, bool is_double);
   cudaError_t launch_backward_step_carry(const BackwardParams<scalar_t>& p, int64_t s,         \
                                          const AccOf<scalar_t>::type* dzw,                     \
                                          AccOf<scalar_t>::type* dh, cudaStream_t stream);
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 FASTRNN_DECLARE_CUDA_LAUNCHERS(float)
 FASTRNN_DECLARE_CUDA_LAUNCHERS(double)
