@@ -10,10 +10,12 @@ from helpers import CUDA, compare, leaf, pair, run
 pytestmark = CUDA
 
 
-@pytest.fixture(params=["persistent", "step"])
+@pytest.fixture(params=["persistent", "cluster", "step"])
 def cuda_path(request):
     from fastrnn import _ops
 
+    if request.param == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need sm_90")
     _ops._C.set_cuda_path(request.param)
     yield request.param
     _ops._C.set_cuda_path("auto")
@@ -35,13 +37,16 @@ def test_both_paths_match_nn_rnn(cuda_path, hidden, nonlinearity, lengths):
     assert _ops._C.last_cuda_path() == cuda_path
 
 
-def test_large_hidden_takes_step_path_automatically():
+@pytest.mark.parametrize("hidden,path", [(64, "persistent"), (512, "cluster"), (1024, "step")])
+def test_automatic_path_by_size(hidden, path):
     from fastrnn import _ops
 
-    ref, ours = pair(16, 1024, device="cuda")
+    if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        path = "step"
+    ref, ours = pair(16, hidden, device="cuda")
     x = leaf(20, 3, 16, device="cuda")
     compare(ref, ours, x)
-    assert _ops._C.last_cuda_path() == "step"
+    assert _ops._C.last_cuda_path() == path
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

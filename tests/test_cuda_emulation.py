@@ -1,7 +1,8 @@
 """The CUDA kernels' own code, run on CPU threads by the emulator (one thread
 per CUDA thread, a barrier for __syncthreads, shared memory poisoned with
 NaN), against nn.RNN: the indexing, shared-memory layout, synchronisation and
-both paths of the GPU time loop are checked where no GPU is present. What it
+every path of the GPU time loop (distributed shared memory of clusters
+included) are checked where no GPU is present. What it
 cannot check (launch limits, the hardware itself) the CUDA tests do."""
 
 import pytest
@@ -14,7 +15,7 @@ from helpers import compare, leaf, pair
 pytestmark = pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
 
 
-@pytest.fixture(params=["persistent", "step"])
+@pytest.fixture(params=["persistent", "cluster", "step"])
 def emulated_path(request):
     from fastrnn import _ops
 
@@ -62,3 +63,36 @@ def test_emulated_persistent_blocks_of_several_rows():
     finally:
         _ops._C.set_cuda_emulation(False)
         _ops._C.set_cuda_path("auto")
+
+
+@pytest.fixture
+def emulation():
+    from fastrnn import _ops
+
+    _ops._C.set_cuda_emulation(True)
+    yield _ops._C
+    _ops._C.set_cuda_emulation(False)
+    _ops._C.set_cuda_path("auto")
+
+
+def test_emulated_cluster_of_eight(emulation):
+    """Hidden 480 in float32: W_hh fits neither one block (227 KB) nor a
+    cluster of four, so each of eight members holds 60 columns."""
+    emulation.set_cuda_path("cluster")
+    ref, ours = pair(3, 480)
+    compare(ref, ours, leaf(3, 2, 3))
+    assert emulation.last_cuda_path() == "cluster"
+
+
+@pytest.mark.parametrize("hidden,dtype,path", [
+    (64, torch.float32, "persistent"),
+    (240, torch.float32, "cluster"),
+    (170, torch.float64, "cluster"),
+    (700, torch.float32, "step"),
+])
+def test_automatic_path_choice(emulation, hidden, dtype, path):
+    """As on an H100/H200: one block where W_hh fits its shared memory, a
+    cluster where it fits eight blocks', else the step path."""
+    ref, ours = pair(2, hidden, dtype=dtype)
+    compare(ref, ours, leaf(2, 2, 2, dtype=dtype))
+    assert emulation.last_cuda_path() == path

@@ -8,9 +8,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/recurrence_cuda_emulate.h"
@@ -20,7 +22,7 @@
 namespace fastrnn {
 namespace {
 
-enum class Path { automatic = 0, persistent = 1, step = 2 };
+enum class Path { automatic = 0, persistent = 1, cluster = 2, step = 3 };
 
 std::atomic<int> forced_path{static_cast<int>(Path::automatic)};
 std::atomic<bool> emulation{false};
@@ -42,6 +44,7 @@ struct CudaType<at::BFloat16> {
 struct DeviceLimits {
   int64_t smem_optin;
   int64_t sms;
+  bool clusters;  // sm_90 and newer: thread-block clusters with distributed shared memory
 };
 
 const DeviceLimits& limits(int device) {
@@ -51,21 +54,22 @@ const DeviceLimits& limits(int device) {
   if (cache.empty()) {
     int count = 0;
     C10_CUDA_CHECK(cudaGetDeviceCount(&count));
-    cache.assign(count, DeviceLimits{-1, 0});
+    cache.assign(count, DeviceLimits{-1, 0, false});
   }
   DeviceLimits& l = cache.at(device);
   if (l.smem_optin < 0) {
-    int smem = 0, sms = 0;
+    int smem = 0, sms = 0, major = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    l = DeviceLimits{smem, sms};
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    l = DeviceLimits{smem, sms, major >= 9};
   }
   return l;
 }
 
 // The emulator plays an H100/H200: 132 multiprocessors, 227 KB of shared
 // memory per block.
-constexpr DeviceLimits kEmulatedLimits{227 * 1024, 132};
+constexpr DeviceLimits kEmulatedLimits{227 * 1024, 132, true};
 
 // Batch rows per block of the persistent path, or 0 where W_hh does not fit
 // in one block's shared memory. Enough blocks to cover the multiprocessors,
@@ -79,21 +83,47 @@ int64_t persistent_rows(const DeviceLimits& l, bool is_double, int64_t D, int64_
   return cuda::persistent_smem_bytes(H, rows, is_double) <= l.smem_optin ? rows : 0;
 }
 
-// The path for this call, honouring a forced one; a forced persistent path
-// that cannot fit is an error rather than a silent switch.
-Path choose(const DeviceLimits& l, bool is_double, int64_t D, int64_t N, int64_t H,
-            int64_t* rows) {
-  *rows = persistent_rows(l, is_double, D, N, H);
-  const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
-  Path path = *rows > 0 ? Path::persistent : Path::step;
-  if (forced == Path::step) path = Path::step;
-  if (forced == Path::persistent) {
-    TORCH_CHECK(*rows > 0, "fastrnn: the persistent CUDA path was forced, but W_hh of hidden size ",
-                H, " does not fit in one block's shared memory");
-    path = Path::persistent;
+// Cluster size and rows per block of the cluster path, or {0, 0} where W_hh
+// fits no cluster of up to 8 blocks (the portable limit): the smallest
+// cluster that fits, with enough blocks to cover the multiprocessors.
+std::pair<int64_t, int64_t> cluster_shape(const DeviceLimits& l, bool is_double, int64_t D,
+                                          int64_t N, int64_t H) {
+  if (!l.clusters) return {0, 0};
+  for (int64_t C = 2; C <= 8; C *= 2) {
+    const int64_t Hc = cuda::cluster_columns(H, C);
+    int64_t rows = std::max<int64_t>(1, (C * D * N + l.sms - 1) / std::max<int64_t>(1, l.sms));
+    rows = std::min({rows, std::max<int64_t>(1, 1024 / Hc), N});
+    while (rows > 1 && cuda::cluster_smem_bytes(H, C, rows, is_double) > l.smem_optin) --rows;
+    if (cuda::cluster_smem_bytes(H, C, rows, is_double) <= l.smem_optin) return {C, rows};
   }
-  last_path = path == Path::persistent ? "persistent" : "step";
-  return path;
+  return {0, 0};
+}
+
+struct Choice {
+  Path path;
+  int64_t rows;     // batch rows per block (persistent, cluster)
+  int64_t cluster;  // blocks per cluster (cluster)
+};
+
+// The path for this call: persistent where W_hh fits one block, else a
+// cluster where it fits one, else the step path; a forced path that cannot
+// run is an error rather than a silent switch.
+Choice choose(const DeviceLimits& l, bool is_double, int64_t D, int64_t N, int64_t H) {
+  const int64_t rows = persistent_rows(l, is_double, D, N, H);
+  const auto [C, cluster_rows] = cluster_shape(l, is_double, D, N, H);
+  const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
+  Choice c{Path::step, 0, 0};
+  if (forced == Path::persistent || (forced == Path::automatic && rows > 0)) {
+    TORCH_CHECK(rows > 0, "fastrnn: the persistent CUDA path was forced, but W_hh of hidden size ",
+                H, " does not fit in one block's shared memory");
+    c = Choice{Path::persistent, rows, 0};
+  } else if (forced == Path::cluster || (forced == Path::automatic && C > 0)) {
+    TORCH_CHECK(C > 0, "fastrnn: the cluster CUDA path was forced, but it needs sm_90 or newer "
+                "and W_hh of hidden size ", H, " to fit in a cluster of 8 blocks");
+    c = Choice{Path::cluster, cluster_rows, C};
+  }
+  last_path = c.path == Path::persistent ? "persistent" : c.path == Path::cluster ? "cluster" : "step";
+  return c;
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -109,6 +139,14 @@ struct DeviceLaunch {
   template <typename P>
   void backward_persistent(const P& p, int64_t rows) const {
     C10_CUDA_CHECK(cuda::launch_backward_persistent(p, rows, stream));
+  }
+  template <typename P>
+  void forward_cluster(const P& p, int64_t rows, int64_t cluster) const {
+    C10_CUDA_CHECK(cuda::launch_forward_cluster(p, rows, cluster, stream));
+  }
+  template <typename P>
+  void backward_cluster(const P& p, int64_t rows, int64_t cluster) const {
+    C10_CUDA_CHECK(cuda::launch_backward_cluster(p, rows, cluster, stream));
   }
   template <typename P, typename A>
   void forward_step(const P& p, int64_t s, const A* hw, A* state) const {
@@ -134,6 +172,14 @@ struct EmulatedLaunch {
   void backward_persistent(const P& p, int64_t rows) const {
     cuda::emulate_backward_persistent(p, rows);
   }
+  template <typename P>
+  void forward_cluster(const P& p, int64_t rows, int64_t cluster) const {
+    cuda::emulate_forward_cluster(p, rows, cluster);
+  }
+  template <typename P>
+  void backward_cluster(const P& p, int64_t rows, int64_t cluster) const {
+    cuda::emulate_backward_cluster(p, rows, cluster);
+  }
   template <typename P, typename A>
   void forward_step(const P& p, int64_t s, const A* hw, A* state) const {
     cuda::emulate_forward_step(p, s, hw, state);
@@ -158,8 +204,7 @@ void forward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor&
     hn.copy_(h0);
     return;
   }
-  int64_t rows = 0;
-  const Path path = choose(l, u.scalar_type() == at::kDouble, D, N, H, &rows);
+  const Choice c = choose(l, u.scalar_type() == at::kDouble, D, N, H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "fastrnn_forward_cuda", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     ForwardParams<T_> p;
@@ -171,8 +216,12 @@ void forward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor&
     p.y = reinterpret_cast<T_*>(y.data_ptr<scalar_t>());
     p.hn = reinterpret_cast<T_*>(hn.data_ptr<scalar_t>());
     p.relu = relu;
-    if (path == Path::persistent) {
-      launch.forward_persistent(p, rows);
+    if (c.path == Path::persistent) {
+      launch.forward_persistent(p, c.rows);
+      return;
+    }
+    if (c.path == Path::cluster) {
+      launch.forward_cluster(p, c.rows, c.cluster);
       return;
     }
     using A = typename cuda::AccOf<T_>::type;
@@ -199,8 +248,7 @@ void backward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor
     else dh0.zero_();
     return;
   }
-  int64_t rows = 0;
-  const Path path = choose(l, dz.scalar_type() == at::kDouble, D, N, H, &rows);
+  const Choice c = choose(l, dz.scalar_type() == at::kDouble, D, N, H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dz.scalar_type(), "fastrnn_backward_cuda", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     BackwardParams<T_> p;
@@ -213,8 +261,12 @@ void backward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor
     p.dz = reinterpret_cast<T_*>(dz.data_ptr<scalar_t>());
     p.dh0 = reinterpret_cast<T_*>(dh0.data_ptr<scalar_t>());
     p.relu = relu;
-    if (path == Path::persistent) {
-      launch.backward_persistent(p, rows);
+    if (c.path == Path::persistent) {
+      launch.backward_persistent(p, c.rows);
+      return;
+    }
+    if (c.path == Path::cluster) {
+      launch.backward_cluster(p, c.rows, c.cluster);
       return;
     }
     using A = typename cuda::AccOf<T_>::type;
@@ -238,8 +290,9 @@ bool set_cuda_path(const std::string& name) {
   Path p;
   if (name == "auto") p = Path::automatic;
   else if (name == "persistent") p = Path::persistent;
+  else if (name == "cluster") p = Path::cluster;
   else if (name == "step") p = Path::step;
-  else TORCH_CHECK(false, "unknown CUDA path '", name, "': expected auto, persistent or step");
+  else TORCH_CHECK(false, "unknown CUDA path '", name, "': expected auto, persistent, cluster or step");
   forced_path.store(static_cast<int>(p), std::memory_order_relaxed);
   return true;
 }

@@ -1,6 +1,8 @@
 // The CUDA time-loop kernels run on CPU threads: the same bodies
 // (recurrence_cuda_body.h), one std::thread per CUDA thread and a barrier for
-// __syncthreads, shared memory poisoned with NaN before each block. For the
+// __syncthreads, shared memory poisoned with NaN before each block; the blocks
+// of a cluster run together, with a barrier for the cluster's and each
+// other's shared memory for distributed shared memory. For the
 // tests only: it checks the kernels' logic where no GPU is present, not their
 // speed nor anything the hardware adds.
 #pragma once
@@ -18,6 +20,8 @@ namespace cuda {
 #define FASTRNN_DECLARE_CUDA_EMULATORS(T)                                                        \
   void emulate_forward_persistent(const ForwardParams<T>& p, int64_t rows);                     \
   void emulate_backward_persistent(const BackwardParams<T>& p, int64_t rows);                   \
+  void emulate_forward_cluster(const ForwardParams<T>& p, int64_t rows, int64_t cluster);       \
+  void emulate_backward_cluster(const BackwardParams<T>& p, int64_t rows, int64_t cluster);     \
   void emulate_forward_step(const ForwardParams<T>& p, int64_t s, const AccOf<T>::type* hw,     \
                             AccOf<T>::type* state);                                             \
   void emulate_backward_step(const BackwardParams<T>& p, int64_t s, const AccOf<T>::type* dh,   \

@@ -1,6 +1,7 @@
 // The CUDA time-loop kernels: thin __global__ wrappers around the bodies in
 // recurrence_cuda_body.h, and their launchers (see recurrence_cuda_kernels.h
 // for the two paths).
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,6 +32,44 @@ __global__ void __launch_bounds__(1024)
   extern __shared__ __align__(16) unsigned char smem[];
   backward_persistent_body(p, rows, blockIdx.x, blockIdx.y, smem,
                            DeviceBlock{threadIdx.x, blockDim.x});
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// A member of a 1-D thread-block cluster, as the cluster bodies see it.
+struct ClusterBlock {
+  int64_t tid, threads, rank, size;
+  unsigned char* smem;
+  __device__ __forceinline__ unsigned char* peer(int64_t q) const {
+    return cooperative_groups::this_cluster().map_shared_rank(smem, static_cast<unsigned>(q));
+  }
+  __device__ __forceinline__ void cluster_sync() const { cooperative_groups::this_cluster().sync(); }
+};
+#endif
+
+// grid (cluster * ceil(N / rows), D), clusters of `cluster` blocks along x.
+// Compiled to nothing below sm_90, where the cluster path is never chosen.
+template <typename T>
+__global__ void __launch_bounds__(1024)
+    forward_cluster_kernel(const ForwardParams<T> p, const int64_t rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem[];
+  const auto cluster = cooperative_groups::this_cluster();
+  const int64_t size = cluster.num_blocks();
+  forward_cluster_body(p, rows, blockIdx.x / size, blockIdx.y, smem,
+                       ClusterBlock{threadIdx.x, blockDim.x, cluster.block_rank(), size, smem});
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(1024)
+    backward_cluster_kernel(const BackwardParams<T> p, const int64_t rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char smem[];
+  const auto cluster = cooperative_groups::this_cluster();
+  const int64_t size = cluster.num_blocks();
+  backward_cluster_body(p, rows, blockIdx.x / size, blockIdx.y, smem,
+                        ClusterBlock{threadIdx.x, blockDim.x, cluster.block_rank(), size, smem});
+#endif
 }
 
 // grid (ceil(N * H / kStepThreads), D).
@@ -72,6 +111,32 @@ cudaError_t launch_persistent(void (*kernel)(const Params, const int64_t), const
   return cudaGetLastError();
 }
 
+template <typename T, typename Params>
+cudaError_t launch_cluster(void (*kernel)(const Params, const int64_t), const Params& p,
+                           int64_t rows, int64_t cluster, cudaStream_t stream) {
+  const bool is_double = sizeof(typename AccOf<T>::type) == 8;
+  const size_t smem = cluster_smem_bytes(p.H, cluster, rows, is_double);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(cluster * ((p.N + rows - 1) / rows)),
+                        static_cast<unsigned>(p.D));
+  config.blockDim = dim3(persistent_threads(rows, cluster_columns(p.H, cluster)));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, kernel, p, rows);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
 dim3 step_grid(int64_t N, int64_t H, int64_t D) {
   return dim3(static_cast<unsigned>((N * H + kStepThreads - 1) / kStepThreads),
               static_cast<unsigned>(D));
@@ -87,6 +152,14 @@ dim3 step_grid(int64_t N, int64_t H, int64_t D) {
   cudaError_t launch_backward_persistent(const BackwardParams<T>& p, int64_t rows,           \
                                          cudaStream_t stream) {                              \
     return launch_persistent<T>(backward_persistent_kernel<T>, p, rows, stream);             \
+  }                                                                                          \
+  cudaError_t launch_forward_cluster(const ForwardParams<T>& p, int64_t rows, int64_t cluster, \
+                                     cudaStream_t stream) {                                  \
+    return launch_cluster<T>(forward_cluster_kernel<T>, p, rows, cluster, stream);           \
+  }                                                                                          \
+  cudaError_t launch_backward_cluster(const BackwardParams<T>& p, int64_t rows,              \
+                                      int64_t cluster, cudaStream_t stream) {                \
+    return launch_cluster<T>(backward_cluster_kernel<T>, p, rows, cluster, stream);          \
   }                                                                                          \
   cudaError_t launch_forward_step(const ForwardParams<T>& p, int64_t s,                      \
                                   const AccOf<T>::type* hw, AccOf<T>::type* state,           \

@@ -3,11 +3,15 @@
 // device, passes the current stream and checks the error each returns, which
 // is cudaGetLastError() right after the launch.
 //
-// Two paths:
+// Three paths:
 //  - persistent: one kernel runs all T steps. A thread block owns a few batch
 //    rows of one direction and keeps W_hh and its rows' state in shared
 //    memory for the whole sequence; rows never interact, so blocks never wait
 //    for each other. Used when W_hh fits in one block's shared memory.
+//  - cluster (sm_90): one kernel runs all T steps; W_hh is split by columns
+//    between the blocks of a thread-block cluster (2, 4 or 8), which exchange
+//    each step's state through distributed shared memory. Used when W_hh
+//    fits in a cluster's shared memory but not in one block's.
 //  - step: per step, the hidden-state GEMM through cuBLAS (on the torch side)
 //    and one fused elementwise kernel from here. Used for larger H.
 #pragma once
@@ -26,6 +30,11 @@ namespace cuda {
                                         cudaStream_t stream);                                  \
   cudaError_t launch_backward_persistent(const BackwardParams<scalar_t>& p, int64_t rows,      \
                                          cudaStream_t stream);                                 \
+  /* The cluster path (sm_90 only): clusters of `cluster` blocks, `rows` rows each. */        \
+  cudaError_t launch_forward_cluster(const ForwardParams<scalar_t>& p, int64_t rows,           \
+                                     int64_t cluster, cudaStream_t stream);                    \
+  cudaError_t launch_backward_cluster(const BackwardParams<scalar_t>& p, int64_t rows,         \
+                                      int64_t cluster, cudaStream_t stream);                   \
   /* Step s of the step path, forward: state (D, N, H) in the accumulation type holds h     */ \
   /* before the step and after it; hw (D, N, H) = state W_hh^T from cuBLAS.                 */ \
   cudaError_t launch_forward_step(const ForwardParams<scalar_t>& p, int64_t s,                 \
