@@ -64,13 +64,19 @@ Stack check_args(const Tensor& input, const Tensor& hx, at::TensorList weights,
                  const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask,
                  int64_t num_layers, bool bidirectional, bool has_biases) {
   TORCH_CHECK(input.dim() == 3, "input must have shape (T, N, C), got ", shape_str(input.sizes()));
+  TORCH_CHECK(input.is_cpu() || input.is_cuda(),
+              "fastrnn supports CPU and CUDA tensors, got input on ", input.device());
+  // The CUDA kernels (or their CPU emulator) take half types too.
+#ifdef FASTRNN_WITH_CUDA
+  const bool cuda_kernels = input.is_cuda() || cuda_emulation();
+#else
+  const bool cuda_kernels = input.is_cuda();
+#endif
   const auto dt = input.scalar_type();
-  if (input.is_cuda()) {
+  if (cuda_kernels) {
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                 "fastrnn on CUDA supports float32, float64, float16 and bfloat16 input, got ", dt);
   } else {
-    TORCH_CHECK(input.is_cpu(), "fastrnn supports CPU and CUDA tensors, got input on ",
-                input.device());
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble,
                 "fastrnn on CPU supports float32 and float64 input, got ", dt);
   }

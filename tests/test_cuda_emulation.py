@@ -96,3 +96,11 @@ def test_automatic_path_choice(emulation, hidden, dtype, path):
     ref, ours = pair(2, hidden, dtype=dtype)
     compare(ref, ours, leaf(2, 2, 2, dtype=dtype))
     assert emulation.last_cuda_path() == path
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_half_precision(emulated_path, dtype):
+    """float32 accumulation and state carry, rounding only what is stored:
+    within twice nn.RNN's own error against float64."""
+    ref, ours = pair(4, 24, dtype=dtype, num_layers=2, bidirectional=True)
+    compare(ref, ours, leaf(12, 3, 4, dtype=dtype))
