@@ -9,7 +9,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 from fastrnn import _ops
 
-for path in ("persistent", "step"):
+paths = ["persistent", "step"] + (["cluster"] if torch.cuda.get_device_capability()[0] >= 9 else [])
+for path in paths:
     _ops._C.set_cuda_path(path)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for nonlinearity in ("tanh", "relu"):
