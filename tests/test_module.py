@@ -253,3 +253,22 @@ def test_fused_module_call_runs_the_kernel_not_nn_rnn(monkeypatch):
     monkeypatch.setattr(nn.RNN, "forward", broken)
     y, h = ours(torch.randn(5, 2, 3))
     assert y.shape == (5, 2, 4)
+
+
+def test_meta_device_gives_shapes_like_nn_rnn():
+    ours = fastrnn.RNN(3, 4, 2, bidirectional=True, backend="fused", device="meta")
+    ref = nn.RNN(3, 4, 2, bidirectional=True, device="meta")
+    x = torch.randn(5, 2, 3, device="meta")
+    for a, b in zip(ours(x), ref(x)):
+        assert a.device.type == "meta" and a.shape == b.shape
+
+
+def test_functional_call_uses_the_given_parameters():
+    ours = fastrnn.RNN(3, 4, 2, backend="fused")
+    params = {k: torch.randn_like(v) for k, v in ours.named_parameters()}
+    x = torch.randn(5, 2, 3)
+    y, h = torch.func.functional_call(ours, params, (x,))
+    loaded = fastrnn.RNN(3, 4, 2, backend="fused")
+    loaded.load_state_dict(params)
+    y_ref, h_ref = loaded(x)
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
