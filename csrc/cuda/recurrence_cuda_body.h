@@ -16,6 +16,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 #include "recurrence_params.h"
 
@@ -80,11 +82,82 @@ FASTRNN_HD bool active(const int64_t* lengths, int64_t n, int64_t t) {
   return lengths == nullptr || t < lengths[n];
 }
 
+// Shared-memory layout. A thread computes one output as the dot product of a
+// state row with one column of W_hh, both read 16 bytes at a time: state
+// rows are padded to whole 16-byte units (row_stride), and the weight
+// columns to an odd number of them (column_stride), so that the eight
+// threads of a warp that share a 128-byte access phase land on distinct
+// banks.
+template <typename A>
+FASTRNN_HD constexpr int64_t lanes() {
+  return 16 / static_cast<int64_t>(sizeof(A));
+}
+FASTRNN_HD int64_t row_stride(int64_t H, int64_t L) { return (H + L - 1) / L * L; }
+FASTRNN_HD int64_t column_stride(int64_t H, int64_t L) {
+  const int64_t s = row_stride(H, L);
+  return (s / L) % 2 == 1 ? s : s + L;
+}
+
 // Shared memory of the persistent kernels for `rows` batch rows per block.
-// Forward: w_t (H, H) + state (2, rows, H); backward: w (H, H) + dh (2, rows,
-// H) + dz (rows, H). The larger of the two.
+// Forward: w (H, Hw) + state (2, rows, Hs); backward: w (H, Hw) + dh (2,
+// rows, Hs) + dz (rows, Hs). The larger of the two.
 inline int64_t persistent_smem_bytes(int64_t H, int64_t rows, bool is_double) {
-  return (H * H + 3 * rows * H) * (is_double ? 8 : 4);
+  const int64_t L = is_double ? 2 : 4;
+  return (H * column_stride(H, L) + 3 * rows * row_stride(H, L)) * (is_double ? 8 : 4);
+}
+
+// x[0, n) . y[0, n), both 16-byte aligned: one partial sum per lane of a
+// 16-byte access, added up at the end, then the elements past the last
+// whole access. Vector loads on the device; on the host (the emulator) the
+// same sums in the same order, after checking the alignment the device
+// would need.
+template <typename A>
+FASTRNN_HD void load16(const A* p, A (&out)[lanes<A>()]);
+
+template <>
+FASTRNN_HD void load16<float>(const float* p, float (&out)[4]) {
+#if defined(__CUDA_ARCH__)
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+#else
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    fprintf(stderr, "fastrnn: misaligned 16-byte shared-memory load at %p\n", (const void*)p);
+    abort();
+  }
+  for (int l = 0; l < 4; ++l) out[l] = p[l];
+#endif
+}
+
+template <>
+FASTRNN_HD void load16<double>(const double* p, double (&out)[2]) {
+#if defined(__CUDA_ARCH__)
+  const double2 v = *reinterpret_cast<const double2*>(p);
+  out[0] = v.x, out[1] = v.y;
+#else
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    fprintf(stderr, "fastrnn: misaligned 16-byte shared-memory load at %p\n", (const void*)p);
+    abort();
+  }
+  out[0] = p[0], out[1] = p[1];
+#endif
+}
+
+template <typename A>
+FASTRNN_HD A dot(const A* x, const A* y, int64_t n) {
+  constexpr int64_t L = lanes<A>();
+  A acc[L];
+  for (int64_t l = 0; l < L; ++l) acc[l] = A(0);
+  int64_t k = 0;
+  for (; k + L <= n; k += L) {
+    A a[L], b[L];
+    load16(x + k, a);
+    load16(y + k, b);
+    for (int64_t l = 0; l < L; ++l) acc[l] += a[l] * b[l];
+  }
+  A sum = acc[0];
+  for (int64_t l = 1; l < L; ++l) sum += acc[l];
+  for (; k < n; ++k) sum += x[k] * y[k];
+  return sum;
 }
 
 // Threads of a persistent block: one per output where that fits, whole warps,
@@ -97,46 +170,50 @@ inline int persistent_threads(int64_t rows, int64_t H) {
 constexpr int kStepThreads = 256;
 
 // Block (bx, d) of the persistent forward: batch rows [bx * rows, ...) of
-// direction d, all T steps, W_hh^T and the rows' state in shared memory.
+// direction d, all T steps, W_hh and the rows' state in shared memory.
 template <typename T, typename Block>
 FASTRNN_HD void forward_persistent_body(const ForwardParams<T>& p, int64_t rows, int64_t bx,
                                         int64_t d, unsigned char* smem, const Block& b) {
   using A = typename AccOf<T>::type;
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t n0 = bx * rows;
   const int64_t R = rows < N - n0 ? rows : N - n0;
-  A* w = reinterpret_cast<A*>(smem);  // (H, H): w[k * H + j] = W_hh[j][k]
-  A* state = w + H * H;               // (2, rows, H)
-  for (int64_t i = b.tid; i < H * H; i += b.threads) w[i] = to_acc(p.w_hh_t[d * H * H + i]);
-  for (int64_t i = b.tid; i < R * H; i += b.threads) state[i] = to_acc(p.h0[(d * N + n0) * H + i]);
+  A* w = reinterpret_cast<A*>(smem);  // (H, Hw): w[j * Hw + k] = W_hh[j][k]
+  A* state = w + H * Hw;              // (2, rows, Hs)
+  for (int64_t i = b.tid; i < H * H; i += b.threads) {
+    const int64_t k = i / H, j = i - k * H;  // w_hh_t[k][j] = W_hh[j][k], read in order
+    w[j * Hw + k] = to_acc(p.w_hh_t[d * H * H + i]);
+  }
+  for (int64_t i = b.tid; i < R * H; i += b.threads) {
+    const int64_t r = i / H, j = i - r * H;
+    state[r * Hs + j] = to_acc(p.h0[(d * N + n0) * H + i]);
+  }
   b.sync();
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = d == 0 ? s : T_ - 1 - s;
-    const A* prev = state + (s & 1) * rows * H;
-    A* next = state + ((s + 1) & 1) * rows * H;
+    const A* prev = state + (s & 1) * rows * Hs;
+    A* next = state + ((s + 1) & 1) * rows * Hs;
     for (int64_t i = b.tid; i < R * H; i += b.threads) {
       const int64_t r = i / H, j = i - r * H, n = n0 + r;
       T* out = p.y + (t * N + n) * DH + d * H + j;
       if (!active(p.lengths, n, t)) {
-        next[i] = prev[i];
+        next[r * Hs + j] = prev[r * Hs + j];
         *out = from_acc<T>(A(0));
         continue;
       }
-      A z = to_acc(p.u[((d * T_ + t) * N + n) * H + j]);
-      const A* h = prev + r * H;
-#if defined(__CUDA_ARCH__)
-#pragma unroll 4
-#endif
-      for (int64_t k = 0; k < H; ++k) z += h[k] * w[k * H + j];
-      z = act(z, p.relu);
-      next[i] = z;
+      const A z = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + dot(prev + r * Hs, w + j * Hw, H),
+                      p.relu);
+      next[r * Hs + j] = z;
       *out = from_acc<T>(z);
     }
     b.sync();
   }
-  const A* last = state + (T_ & 1) * rows * H;
-  for (int64_t i = b.tid; i < R * H; i += b.threads)
-    p.hn[(d * N + n0) * H + i] = from_acc<T>(last[i]);
+  const A* last = state + (T_ & 1) * rows * Hs;
+  for (int64_t i = b.tid; i < R * H; i += b.threads) {
+    const int64_t r = i / H, j = i - r * H;
+    p.hn[(d * N + n0) * H + i] = from_acc<T>(last[r * Hs + j]);
+  }
 }
 
 // Block (bx, d) of the persistent backward, all T steps in reverse order.
@@ -145,49 +222,48 @@ FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t row
                                          int64_t d, unsigned char* smem, const Block& b) {
   using A = typename AccOf<T>::type;
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t n0 = bx * rows;
   const int64_t R = rows < N - n0 ? rows : N - n0;
-  A* w = reinterpret_cast<A*>(smem);  // (H, H): w[j * H + k] = W_hh[j][k]
-  A* dh = w + H * H;                  // (2, rows, H)
-  A* dz = dh + 2 * rows * H;          // (rows, H)
-  for (int64_t i = b.tid; i < H * H; i += b.threads) w[i] = to_acc(p.w_hh[d * H * H + i]);
-  for (int64_t i = b.tid; i < R * H; i += b.threads)
-    dh[i] = p.dhn != nullptr ? to_acc(p.dhn[(d * N + n0) * H + i]) : A(0);
+  A* w = reinterpret_cast<A*>(smem);  // (H, Hw): w[k * Hw + j] = W_hh[j][k]
+  A* dh = w + H * Hw;                 // (2, rows, Hs)
+  A* dz = dh + 2 * rows * Hs;         // (rows, Hs)
+  for (int64_t i = b.tid; i < H * H; i += b.threads) {
+    const int64_t j = i / H, k = i - j * H;
+    w[k * Hw + j] = to_acc(p.w_hh[d * H * H + i]);
+  }
+  for (int64_t i = b.tid; i < R * H; i += b.threads) {
+    const int64_t r = i / H, k = i - r * H;
+    dh[r * Hs + k] = p.dhn != nullptr ? to_acc(p.dhn[(d * N + n0) * H + i]) : A(0);
+  }
   b.sync();
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = d == 0 ? T_ - 1 - s : s;
-    const A* cur = dh + (s & 1) * rows * H;
-    A* next = dh + ((s + 1) & 1) * rows * H;
+    const A* cur = dh + (s & 1) * rows * Hs;
+    A* next = dh + ((s + 1) & 1) * rows * Hs;
     for (int64_t i = b.tid; i < R * H; i += b.threads) {
       const int64_t r = i / H, j = i - r * H, n = n0 + r;
       A g = A(0);
       if (active(p.lengths, n, t)) {
         const int64_t o = (t * N + n) * DH + d * H + j;
-        g = act_backward(to_acc(p.dy[o]) + cur[i], to_acc(p.y[o]), p.relu);
+        g = act_backward(to_acc(p.dy[o]) + cur[r * Hs + j], to_acc(p.y[o]), p.relu);
       }
-      dz[i] = g;
+      dz[r * Hs + j] = g;
       p.dz[((d * T_ + t) * N + n) * H + j] = from_acc<T>(g);
     }
     b.sync();
     for (int64_t i = b.tid; i < R * H; i += b.threads) {
       const int64_t r = i / H, k = i - r * H;
-      if (!active(p.lengths, n0 + r, t)) {
-        next[i] = cur[i];
-        continue;
-      }
-      const A* z = dz + r * H;
-      A acc = A(0);
-#if defined(__CUDA_ARCH__)
-#pragma unroll 4
-#endif
-      for (int64_t j = 0; j < H; ++j) acc += z[j] * w[j * H + k];
-      next[i] = acc;
+      next[r * Hs + k] =
+          active(p.lengths, n0 + r, t) ? dot(dz + r * Hs, w + k * Hw, H) : cur[r * Hs + k];
     }
     b.sync();
   }
-  const A* last = dh + (T_ & 1) * rows * H;
-  for (int64_t i = b.tid; i < R * H; i += b.threads)
-    p.dh0[(d * N + n0) * H + i] = from_acc<T>(last[i]);
+  const A* last = dh + (T_ & 1) * rows * Hs;
+  for (int64_t i = b.tid; i < R * H; i += b.threads) {
+    const int64_t r = i / H, k = i - r * H;
+    p.dh0[(d * N + n0) * H + i] = from_acc<T>(last[r * Hs + k]);
+  }
 }
 
 // The cluster path (sm_90): W_hh too large for one block's shared memory is
@@ -201,11 +277,11 @@ FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t row
 
 FASTRNN_HD int64_t cluster_columns(int64_t H, int64_t C) { return (H + C - 1) / C; }
 
-// Shared memory of one cluster member: forward w (H, Hc) + state (2, rows, H);
-// backward w (H, Hc) + dh (rows, Hc) + dz (2, rows, H). The larger.
+// Shared memory of one cluster member: forward w (Hc, Hw) + state (2, rows,
+// Hs); backward w (Hc, Hw) + dz (2, rows, Hs) + dh (rows, Hc). The larger.
 inline int64_t cluster_smem_bytes(int64_t H, int64_t C, int64_t rows, bool is_double) {
-  const int64_t Hc = cluster_columns(H, C);
-  return (H * Hc + rows * Hc + 2 * rows * H) * (is_double ? 8 : 4);
+  const int64_t L = is_double ? 2 : 4, Hc = cluster_columns(H, C);
+  return (Hc * column_stride(H, L) + rows * Hc + 2 * rows * row_stride(H, L)) * (is_double ? 8 : 4);
 }
 
 // Cluster member b.rank of row group g, direction d: the forward.
@@ -214,45 +290,46 @@ FASTRNN_HD void forward_cluster_body(const ForwardParams<T>& p, int64_t rows, in
                                      int64_t d, unsigned char* smem, const Block& b) {
   using A = typename AccOf<T>::type;
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t Hc = cluster_columns(H, b.size), j0 = b.rank * Hc;
   const int64_t nj = j0 >= H ? 0 : (j0 + Hc <= H ? Hc : H - j0);  // columns this member owns
   const int64_t n0 = g * rows;
   const int64_t R = rows < N - n0 ? rows : N - n0;
-  A* w = reinterpret_cast<A*>(smem);  // (H, Hc): w[k * Hc + c] = W_hh[j0 + c][k]
-  A* state = w + H * Hc;              // (2, rows, H), the same offset in every member
-  for (int64_t i = b.tid; i < H * Hc; i += b.threads) {
-    const int64_t k = i / Hc, c = i - k * Hc;
-    w[i] = c < nj ? to_acc(p.w_hh_t[(d * H + k) * H + j0 + c]) : A(0);
+  A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + k] = W_hh[j0 + c][k]
+  A* state = w + Hc * Hw;             // (2, rows, Hs), the same offset in every member
+  for (int64_t i = b.tid; i < H * nj; i += b.threads) {
+    const int64_t k = i / nj, c = i - k * nj;
+    w[c * Hw + k] = to_acc(p.w_hh_t[(d * H + k) * H + j0 + c]);
   }
-  for (int64_t i = b.tid; i < R * H; i += b.threads) state[i] = to_acc(p.h0[(d * N + n0) * H + i]);
+  for (int64_t i = b.tid; i < R * H; i += b.threads) {
+    const int64_t r = i / H, j = i - r * H;
+    state[r * Hs + j] = to_acc(p.h0[(d * N + n0) * H + i]);
+  }
   b.cluster_sync();  // every member started and initialised before any peer writes
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = d == 0 ? s : T_ - 1 - s;
-    const A* prev = state + (s & 1) * rows * H;
-    const int64_t next = H * Hc + ((s + 1) & 1) * rows * H;  // element offset in every member
+    const A* prev = state + (s & 1) * rows * Hs;
+    const int64_t next = Hc * Hw + ((s + 1) & 1) * rows * Hs;  // element offset in every member
     for (int64_t i = b.tid; i < R * nj; i += b.threads) {
-      const int64_t r = i / nj, j = j0 + (i - r * nj), n = n0 + r;
+      const int64_t r = i / nj, c = i - r * nj, j = j0 + c, n = n0 + r;
       T* out = p.y + (t * N + n) * DH + d * H + j;
       A v;
       if (active(p.lengths, n, t)) {
-        A z = to_acc(p.u[((d * T_ + t) * N + n) * H + j]);
-        const A* h = prev + r * H;
-        const A* wc = w + (j - j0);
-        for (int64_t k = 0; k < H; ++k) z += h[k] * wc[k * Hc];
-        v = act(z, p.relu);
+        v = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + dot(prev + r * Hs, w + c * Hw, H),
+                p.relu);
         *out = from_acc<T>(v);
       } else {
-        v = prev[r * H + j];
+        v = prev[r * Hs + j];
         *out = from_acc<T>(A(0));
       }
-      for (int64_t q = 0; q < b.size; ++q) reinterpret_cast<A*>(b.peer(q))[next + r * H + j] = v;
+      for (int64_t q = 0; q < b.size; ++q) reinterpret_cast<A*>(b.peer(q))[next + r * Hs + j] = v;
     }
     b.cluster_sync();
   }
-  const A* last = state + (T_ & 1) * rows * H;
+  const A* last = state + (T_ & 1) * rows * Hs;
   for (int64_t i = b.tid; i < R * nj; i += b.threads) {
     const int64_t r = i / nj, j = j0 + (i - r * nj);
-    p.hn[(d * N + n0 + r) * H + j] = from_acc<T>(last[r * H + j]);
+    p.hn[(d * N + n0 + r) * H + j] = from_acc<T>(last[r * Hs + j]);
   }
 }
 
@@ -264,17 +341,17 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, 
                                       int64_t d, unsigned char* smem, const Block& b) {
   using A = typename AccOf<T>::type;
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t Hc = cluster_columns(H, b.size), k0 = b.rank * Hc;
   const int64_t nk = k0 >= H ? 0 : (k0 + Hc <= H ? Hc : H - k0);
   const int64_t n0 = g * rows;
   const int64_t R = rows < N - n0 ? rows : N - n0;
-  A* w = reinterpret_cast<A*>(smem);  // (H, Hc): w[j * Hc + c] = W_hh[j][k0 + c]
-  A* dh = w + H * Hc;                 // (rows, Hc), this member's columns only
-  A* dz = dh + rows * Hc;             // (2, rows, H), the same offset in every member
-  const int64_t dz_offset = H * Hc + rows * Hc;
-  for (int64_t i = b.tid; i < H * Hc; i += b.threads) {
-    const int64_t j = i / Hc, c = i - j * Hc;
-    w[i] = c < nk ? to_acc(p.w_hh[(d * H + j) * H + k0 + c]) : A(0);
+  A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + j] = W_hh[j][k0 + c]
+  const int64_t dz_offset = Hc * Hw;  // dz (2, rows, Hs), the same offset in every member
+  A* dh = w + dz_offset + 2 * rows * Hs;  // (rows, Hc), this member's columns only
+  for (int64_t i = b.tid; i < H * nk; i += b.threads) {
+    const int64_t j = i / nk, c = i - j * nk;
+    w[c * Hw + j] = to_acc(p.w_hh[(d * H + j) * H + k0 + c]);
   }
   for (int64_t i = b.tid; i < R * nk; i += b.threads) {
     const int64_t r = i / nk, c = i - r * nk;
@@ -283,7 +360,7 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, 
   b.cluster_sync();
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = d == 0 ? T_ - 1 - s : s;
-    const int64_t buf = dz_offset + (s & 1) * rows * H;
+    const int64_t buf = dz_offset + (s & 1) * rows * Hs;
     // Each thread keeps the same (r, c) in both loops, so its dh element
     // needs no barrier between them.
     for (int64_t i = b.tid; i < R * nk; i += b.threads) {
@@ -294,18 +371,13 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, 
         g_ = act_backward(to_acc(p.dy[o]) + dh[r * Hc + c], to_acc(p.y[o]), p.relu);
       }
       p.dz[((d * T_ + t) * N + n) * H + k] = from_acc<T>(g_);
-      for (int64_t q = 0; q < b.size; ++q) reinterpret_cast<A*>(b.peer(q))[buf + r * H + k] = g_;
+      for (int64_t q = 0; q < b.size; ++q) reinterpret_cast<A*>(b.peer(q))[buf + r * Hs + k] = g_;
     }
     b.cluster_sync();
-    const A* z_all = reinterpret_cast<const A*>(smem) + buf;
+    const A* z = reinterpret_cast<const A*>(smem) + buf;  // (rows, Hs), complete
     for (int64_t i = b.tid; i < R * nk; i += b.threads) {
       const int64_t r = i / nk, c = i - r * nk;
-      if (!active(p.lengths, n0 + r, t)) continue;
-      const A* z = z_all + r * H;
-      const A* wc = w + c;
-      A acc = A(0);
-      for (int64_t j = 0; j < H; ++j) acc += z[j] * wc[j * Hc];
-      dh[r * Hc + c] = acc;
+      if (active(p.lengths, n0 + r, t)) dh[r * Hc + c] = dot(z + r * Hs, w + c * Hw, H);
     }
   }
   for (int64_t i = b.tid; i < R * nk; i += b.threads) {
