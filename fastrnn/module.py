@@ -151,8 +151,9 @@ class RNN(nn.RNNBase):
         if x.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         weights = [getattr(self, name) for name in self._flat_weights_names]
-        if hx.dtype != weights[0].dtype:
-            # What nn.RNN's first matrix product of hx with weight_hh raises.
+        if hx.dtype != weights[0].dtype and not torch._C._is_any_autocast_enabled():
+            # What nn.RNN's first matrix product of hx with weight_hh raises
+            # (under autocast the op casts them, as nn.RNN's cuDNN path does).
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "
                 f"{_DTYPE_NAMES.get(hx.dtype, hx.dtype)} and "
