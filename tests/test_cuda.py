@@ -113,3 +113,13 @@ def test_autocast_runs_in_half_like_nn_rnn(dtype):
     assert y.dtype == y_ref.dtype == dtype and h.dtype == h_ref.dtype
     assert ours.weight_hh_l0.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.02)
+
+
+def test_autocast_with_half_input_and_float_weights():
+    ref, ours = pair(8, 32, device="cuda")
+    x = torch.randn(20, 4, 8, device="cuda", dtype=torch.float16)
+    with torch.autocast("cuda", dtype=torch.float16):
+        y_ref, _ = ref(x)
+        y, _ = ours(x)
+    assert y.dtype == y_ref.dtype == torch.float16
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.02)
