@@ -241,6 +241,11 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   Tensor grad_x = at::empty({s.T, s.N, s.C}, x.options());
   Tensor grad_hx = at::empty({s.L * s.D, s.N, s.H}, x.options());
   std::vector<Tensor> grad_w(weights.size());
+  if (s.T == 0) {
+    // No step ran: h_n was h0, and nothing else saw the weights.
+    for (size_t i = 0; i < weights.size(); ++i) grad_w[i] = at::zeros_like(weights[i]);
+    return {grad_x, dhn ? dhn->clone() : at::zeros_like(grad_hx), grad_w};
+  }
   // dy: gradient of the current layer's output, (T, N, D*H).
   Tensor dy = grad_output ? grad_output->contiguous() : at::zeros({s.T, s.N, s.DH()}, x.options());
   const int64_t TN = s.T * s.N;

@@ -190,3 +190,15 @@ def test_first_backward_with_graph_equals_fused_backward():
     assert all(g.grad_fn is not None for g in graphed[:2])
     for a, b in zip(plain, graphed):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_steps_through_the_op():
+    """T = 0 (which the module rejects as nn.RNN does) is still well defined
+    for the op: h_n is h0, and the gradients follow."""
+    x, hx, weights, _, _, L, bidir, bias, relu = make_args(T=0, L=2, bidirectional=True)
+    y, h_n, _ = fwd(x, hx, weights, None, None, L, bidir, bias, relu)
+    assert y.shape == (0, 3, 10)
+    torch.testing.assert_close(h_n, hx)
+    g = torch.autograd.grad(h_n.sum(), [hx, *weights])
+    torch.testing.assert_close(g[0], torch.ones_like(hx))
+    assert all(torch.count_nonzero(t) == 0 for t in g[1:])
