@@ -128,10 +128,15 @@ Stack check_args(const Tensor& input, const Tensor& hx, at::TensorList weights,
   return s;
 }
 
-// The device's time loop.
+// The device's time loop. Without a step or a row there is nothing for a
+// kernel to do: h_n is h0 and dh0 is dh_n.
 void forward_recurrence(const Tensor& u, const Tensor& w_hh_t, const Tensor& h0,
                         const optional<Tensor>& lengths, const Tensor& y, const Tensor& hn,
                         bool relu) {
+  if (u.size(1) == 0 || u.size(2) == 0) {
+    hn.copy_(h0);
+    return;
+  }
 #ifdef FASTRNN_WITH_CUDA
   if (u.is_cuda() || cuda_emulation())
     return forward_recurrence_cuda(u, w_hh_t, h0, lengths, y, hn, relu);
@@ -144,6 +149,11 @@ void forward_recurrence(const Tensor& u, const Tensor& w_hh_t, const Tensor& h0,
 void backward_recurrence(const Tensor& dy, const optional<Tensor>& dhn, const Tensor& y,
                          const Tensor& w_hh, const optional<Tensor>& lengths, const Tensor& dz,
                          const Tensor& dh0, bool relu) {
+  if (dz.size(1) == 0 || dz.size(2) == 0) {
+    if (dhn) dh0.copy_(*dhn);
+    else dh0.zero_();
+    return;
+  }
 #ifdef FASTRNN_WITH_CUDA
   if (dz.is_cuda() || cuda_emulation())
     return backward_recurrence_cuda(dy, dhn, y, w_hh, lengths, dz, dh0, relu);

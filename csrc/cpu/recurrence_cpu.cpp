@@ -118,10 +118,6 @@ void forward_recurrence_cpu(const at::Tensor& u, const at::Tensor& w_hh_t, const
                             const std::optional<at::Tensor>& lengths, const at::Tensor& y,
                             const at::Tensor& hn, bool relu) {
   const int64_t D = u.size(0), T = u.size(1), N = u.size(2), H = u.size(3);
-  if (T == 0 || N == 0) {
-    hn.copy_(h0);
-    return;
-  }
   const Isa isa = current_isa();
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "fastrnn_forward_cpu", [&] {
     const Table<scalar_t> k = kernels<scalar_t>(isa);
@@ -150,11 +146,6 @@ void backward_recurrence_cpu(const at::Tensor& dy, const std::optional<at::Tenso
                              const std::optional<at::Tensor>& lengths, const at::Tensor& dz,
                              const at::Tensor& dh0, bool relu) {
   const int64_t D = dz.size(0), T = dz.size(1), N = dz.size(2), H = dz.size(3);
-  if (T == 0 || N == 0) {
-    if (dhn) dh0.copy_(*dhn);
-    else dh0.zero_();
-    return;
-  }
   const Isa isa = current_isa();
   AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "fastrnn_backward_cpu", [&] {
     const Table<scalar_t> k = kernels<scalar_t>(isa);

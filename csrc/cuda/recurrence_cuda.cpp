@@ -200,10 +200,6 @@ void forward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor&
                   const std::optional<at::Tensor>& lengths, const at::Tensor& y,
                   const at::Tensor& hn, bool relu) {
   const int64_t D = u.size(0), T = u.size(1), N = u.size(2), H = u.size(3);
-  if (T == 0 || N == 0) {
-    hn.copy_(h0);
-    return;
-  }
   const Choice c = choose(l, u.scalar_type() == at::kDouble, D, N, H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "fastrnn_forward_cuda", [&] {
     using T_ = typename CudaType<scalar_t>::type;
@@ -243,11 +239,6 @@ void backward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor
                    const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
                    const at::Tensor& dz, const at::Tensor& dh0, bool relu) {
   const int64_t D = dz.size(0), T = dz.size(1), N = dz.size(2), H = dz.size(3);
-  if (T == 0 || N == 0) {
-    if (dhn) dh0.copy_(*dhn);
-    else dh0.zero_();
-    return;
-  }
   const Choice c = choose(l, dz.scalar_type() == at::kDouble, D, N, H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dz.scalar_type(), "fastrnn_backward_cuda", [&] {
     using T_ = typename CudaType<scalar_t>::type;
