@@ -169,6 +169,11 @@ inline int persistent_threads(int64_t rows, int64_t H) {
 
 constexpr int kStepThreads = 256;
 
+// Rows of the block that starts at batch row n0: `rows`, fewer in the last.
+FASTRNN_HD int64_t rows_in_block(int64_t n0, int64_t rows, int64_t N) {
+  return rows < N - n0 ? rows : N - n0;
+}
+
 // Block (bx, d) of the persistent forward: batch rows [bx * rows, ...) of
 // direction d, all T steps, W_hh and the rows' state in shared memory.
 template <typename T, typename Block>
@@ -177,8 +182,7 @@ FASTRNN_HD void forward_persistent_body(const ForwardParams<T>& p, int64_t rows,
   using A = typename AccOf<T>::type;
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
-  const int64_t n0 = bx * rows;
-  const int64_t R = rows < N - n0 ? rows : N - n0;
+  const int64_t n0 = bx * rows, R = rows_in_block(n0, rows, N);
   A* w = reinterpret_cast<A*>(smem);  // (H, Hw): w[j * Hw + k] = W_hh[j][k]
   A* state = w + H * Hw;              // (2, rows, Hs)
   for (int64_t i = b.tid; i < H * H; i += b.threads) {
@@ -223,8 +227,7 @@ FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t row
   using A = typename AccOf<T>::type;
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
-  const int64_t n0 = bx * rows;
-  const int64_t R = rows < N - n0 ? rows : N - n0;
+  const int64_t n0 = bx * rows, R = rows_in_block(n0, rows, N);
   A* w = reinterpret_cast<A*>(smem);  // (H, Hw): w[k * Hw + j] = W_hh[j][k]
   A* dh = w + H * Hw;                 // (2, rows, Hs)
   A* dz = dh + 2 * rows * Hs;         // (rows, Hs)
@@ -293,8 +296,7 @@ FASTRNN_HD void forward_cluster_body(const ForwardParams<T>& p, int64_t rows, in
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t Hc = cluster_columns(H, b.size), j0 = b.rank * Hc;
   const int64_t nj = j0 >= H ? 0 : (j0 + Hc <= H ? Hc : H - j0);  // columns this member owns
-  const int64_t n0 = g * rows;
-  const int64_t R = rows < N - n0 ? rows : N - n0;
+  const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
   A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + k] = W_hh[j0 + c][k]
   A* state = w + Hc * Hw;             // (2, rows, Hs), the same offset in every member
   for (int64_t i = b.tid; i < H * nj; i += b.threads) {
@@ -344,8 +346,7 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, 
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t Hc = cluster_columns(H, b.size), k0 = b.rank * Hc;
   const int64_t nk = k0 >= H ? 0 : (k0 + Hc <= H ? Hc : H - k0);
-  const int64_t n0 = g * rows;
-  const int64_t R = rows < N - n0 ? rows : N - n0;
+  const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
   A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + j] = W_hh[j][k0 + c]
   const int64_t dz_offset = Hc * Hw;  // dz (2, rows, Hs), the same offset in every member
   A* dh = w + dz_offset + 2 * rows * Hs;  // (rows, Hc), this member's columns only
