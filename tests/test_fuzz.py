@@ -4,6 +4,7 @@
 FASTRNN_FUZZ_EXAMPLES (e.g. 2000) to search deeper.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+import fastrnn
 from helpers import DEVICES, compare, pair
 
 EXAMPLES = int(os.environ.get("FASTRNN_FUZZ_EXAMPLES", "60"))
@@ -66,6 +68,33 @@ def build_input(c, device):
 @FUZZ
 @given(c=configs())
 def test_random_configurations_match_nn_rnn(device, c):
+    check_configuration(device, c)
+
+
+@contextlib.contextmanager
+def emulated_cuda(path):
+    from fastrnn import _ops
+
+    _ops._C.set_cuda_path(path)
+    _ops._C.set_cuda_emulation(True)
+    try:
+        yield
+    finally:
+        _ops._C.set_cuda_emulation(False)
+        _ops._C.set_cuda_path("auto")
+
+
+@pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
+@pytest.mark.parametrize("path", ["persistent", "cluster", "step"])
+@settings(max_examples=max(10, EXAMPLES // 4), derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(c=configs())
+def test_random_configurations_through_the_emulated_cuda_kernels(path, c):
+    with emulated_cuda(path):
+        check_configuration("cpu", c)
+
+
+def check_configuration(device, c):
     kw = {k: c[k] for k in ("num_layers", "nonlinearity", "bias", "batch_first", "bidirectional")}
     ref, ours = pair(c["input_size"], c["hidden_size"], device=device, dtype=c["dtype"], **kw)
     x, _ = build_input(c, device)
