@@ -1,4 +1,4 @@
-"""CUDA-only checks: both time-loop paths, half precision, agreement with the
+"""CUDA-only checks: every time-loop path, half precision, autocast, agreement with the
 CPU kernel, determinism. Each skips where there is no GPU."""
 
 import pytest
@@ -24,7 +24,7 @@ def cuda_path(request):
 @pytest.mark.parametrize("hidden", [5, 64])
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("lengths", [None, [9, 4, 9, 1]])
-def test_both_paths_match_nn_rnn(cuda_path, hidden, nonlinearity, lengths):
+def test_every_path_matches_nn_rnn(cuda_path, hidden, nonlinearity, lengths):
     from fastrnn import _ops
     from torch.nn.utils.rnn import pack_padded_sequence
 

@@ -1,6 +1,6 @@
 // The CUDA time-loop kernels: thin __global__ wrappers around the bodies in
 // recurrence_cuda_body.h, and their launchers (see recurrence_cuda_kernels.h
-// for the two paths).
+// for the three paths).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
