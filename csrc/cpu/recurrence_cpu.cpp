@@ -91,6 +91,21 @@ void for_each_row_range(int64_t D, int64_t N, int64_t T, int64_t H, const Fn& fn
   });
 }
 
+// Packs w (D, H, H) for the kernels of k, gives every row range its scratch,
+// and calls run(d, n0, n1, packed weights of direction d, scratch) over the
+// D*N rows in parallel.
+template <typename S, typename Run>
+void run_rows(const Table<S>& k, const at::Tensor& w, int64_t T, int64_t N, const Run& run) {
+  const at::Tensor wp = packed(k, w);  // (D, H, Hp)
+  const int64_t D = wp.size(0), H = wp.size(1), Hp = wp.size(2);
+  at::Tensor scratch = at::empty({D, N, 2 * Hp}, w.options());
+  const S* weights = wp.data_ptr<S>();
+  S* s = scratch.data_ptr<S>();
+  for_each_row_range(D, N, T, H, [&](int64_t d, int64_t n0, int64_t n1) {
+    run(d, n0, n1, weights + d * H * Hp, s + (d * N + n0) * 2 * Hp);
+  });
+}
+
 }  // namespace
 
 const char* cpu_isa() {
@@ -121,9 +136,6 @@ void forward_recurrence_cpu(const at::Tensor& u, const at::Tensor& w_hh_t, const
   const Isa isa = current_isa();
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "fastrnn_forward_cpu", [&] {
     const Table<scalar_t> k = kernels<scalar_t>(isa);
-    const at::Tensor w = packed(k, w_hh_t);  // (D, H, Hp)
-    const int64_t Hp = w.size(2);
-    at::Tensor scratch = at::empty({D, N, 2 * Hp}, u.options());
     ForwardParams<scalar_t> p;
     p.T = T; p.N = N; p.H = H; p.D = D;
     p.u = u.data_ptr<scalar_t>();
@@ -133,10 +145,9 @@ void forward_recurrence_cpu(const at::Tensor& u, const at::Tensor& w_hh_t, const
     p.y = y.data_ptr<scalar_t>();
     p.hn = hn.data_ptr<scalar_t>();
     p.relu = relu;
-    scalar_t* s = scratch.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    for_each_row_range(D, N, T, H, [&](int64_t d, int64_t n0, int64_t n1) {
-      k.forward_rows(p, d, n0, n1, wp + d * H * Hp, s + (d * N + n0) * 2 * Hp);
+    run_rows(k, w_hh_t, T, N, [&](int64_t d, int64_t n0, int64_t n1, const scalar_t* w,
+                                 scalar_t* scratch) {
+      k.forward_rows(p, d, n0, n1, w, scratch);
     });
   });
 }
@@ -149,9 +160,6 @@ void backward_recurrence_cpu(const at::Tensor& dy, const std::optional<at::Tenso
   const Isa isa = current_isa();
   AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "fastrnn_backward_cpu", [&] {
     const Table<scalar_t> k = kernels<scalar_t>(isa);
-    const at::Tensor w = packed(k, w_hh);  // (D, H, Hp)
-    const int64_t Hp = w.size(2);
-    at::Tensor scratch = at::empty({D, N, 2 * Hp}, dz.options());
     BackwardParams<scalar_t> p;
     p.T = T; p.N = N; p.H = H; p.D = D;
     p.dy = dy.data_ptr<scalar_t>();
@@ -162,10 +170,9 @@ void backward_recurrence_cpu(const at::Tensor& dy, const std::optional<at::Tenso
     p.dz = dz.data_ptr<scalar_t>();
     p.dh0 = dh0.data_ptr<scalar_t>();
     p.relu = relu;
-    scalar_t* s = scratch.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    for_each_row_range(D, N, T, H, [&](int64_t d, int64_t n0, int64_t n1) {
-      k.backward_rows(p, d, n0, n1, wp + d * H * Hp, s + (d * N + n0) * 2 * Hp);
+    run_rows(k, w_hh, T, N, [&](int64_t d, int64_t n0, int64_t n1, const scalar_t* w,
+                               scalar_t* scratch) {
+      k.backward_rows(p, d, n0, n1, w, scratch);
     });
   });
 }
