@@ -9,9 +9,13 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 from fastrnn import _ops
 
-paths = ["persistent", "step"] + (["cluster"] if torch.cuda.get_device_capability()[0] >= 9 else [])
-for path in paths:
-    _ops._C.set_cuda_path(path)
+# (path, blocks per cluster or grid group); the grid in groups of three, so
+# that its members exchange state through global memory.
+paths = [("persistent", 0), ("grid", 3), ("step", 0)]
+if torch.cuda.get_device_capability()[0] >= 9:
+    paths.append(("cluster", 2))
+for path, blocks in paths:
+    _ops._C.set_cuda_path(path, blocks)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for nonlinearity in ("tanh", "relu"):
             m = fastrnn.RNN(5, 33, 2, bidirectional=True, nonlinearity=nonlinearity,

@@ -43,9 +43,12 @@ void backward_recurrence_cuda(const at::Tensor& dy, const std::optional<at::Tens
 // there while set_cuda_emulation(true) is in force (tests only).
 void set_cuda_emulation(bool on);
 bool cuda_emulation();
-// Forces the CUDA path ("auto", "persistent" or "step"; see cuda/recurrence_cuda_kernels.h).
-bool set_cuda_path(const std::string& name);
-// The path the last CUDA time loop on this thread took: "persistent", "step" or "none".
+// Forces the CUDA path ("auto", "persistent", "cluster", "grid" or "step"; see
+// cuda/recurrence_cuda_kernels.h) and, for the cluster and grid paths, the
+// blocks per cluster or group (0: chosen per call).
+bool set_cuda_path(const std::string& name, int64_t blocks = 0);
+// The path the last CUDA time loop on this thread took: "persistent",
+// "cluster", "grid", "step", or "none" before the first.
 std::string last_cuda_path();
 #endif
 

@@ -508,8 +508,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastrnn's fused Elman RNN recurrence; the ops are torch.ops.fastrnn.*";
 #ifdef FASTRNN_WITH_CUDA
   m.attr("cuda_built") = true;
-  m.def("set_cuda_path", &fastrnn::set_cuda_path,
-        "Force the CUDA time loop's path: 'auto', 'persistent' or 'step'");
+  m.def("set_cuda_path", &fastrnn::set_cuda_path, pybind11::arg("name"), pybind11::arg("blocks") = 0,
+        "Force the CUDA time loop's path: 'auto', 'persistent', 'cluster', 'grid' or 'step', "
+        "and for 'cluster' and 'grid' the blocks per cluster or group (0: chosen per call)");
   m.def("last_cuda_path", &fastrnn::last_cuda_path,
         "The path the last CUDA time loop on this thread took");
   m.def("set_cuda_emulation", &fastrnn::set_cuda_emulation,

@@ -10,13 +10,15 @@ from helpers import CUDA, compare, leaf, pair, run
 pytestmark = CUDA
 
 
-@pytest.fixture(params=["persistent", "cluster", "step"])
+@pytest.fixture(params=["persistent", "cluster", "grid", "step"])
 def cuda_path(request):
+    """Every path; the grid path in groups of three blocks, so that the
+    exchange between members runs even where one block would hold W_hh."""
     from fastrnn import _ops
 
     if request.param == "cluster" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("thread-block clusters need sm_90")
-    _ops._C.set_cuda_path(request.param)
+    _ops._C.set_cuda_path(request.param, 3 if request.param == "grid" else 0)
     yield request.param
     _ops._C.set_cuda_path("auto")
 
@@ -37,14 +39,16 @@ def test_every_path_matches_nn_rnn(cuda_path, hidden, nonlinearity, lengths):
     assert _ops._C.last_cuda_path() == cuda_path
 
 
-@pytest.mark.parametrize("hidden,path", [(64, "persistent"), (512, "cluster"), (1024, "step")])
-def test_automatic_path_by_size(hidden, path):
+@pytest.mark.parametrize("hidden,batch,path", [
+    (64, 3, "persistent"), (512, 3, "cluster"), (1024, 3, "grid"), (1024, 64, "step"),
+])
+def test_automatic_path_by_size(hidden, batch, path):
     from fastrnn import _ops
 
     if path == "cluster" and torch.cuda.get_device_capability()[0] < 9:
-        path = "step"
+        path = "grid"
     ref, ours = pair(16, hidden, device="cuda")
-    x = leaf(20, 3, 16, device="cuda")
+    x = leaf(20, batch, 16, device="cuda")
     compare(ref, ours, x)
     assert _ops._C.last_cuda_path() == path
 

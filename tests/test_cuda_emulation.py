@@ -1,8 +1,9 @@
 """The CUDA kernels' own code, run on CPU threads by the emulator (one thread
 per CUDA thread, a barrier for __syncthreads, shared memory poisoned with
 NaN), against nn.RNN: the indexing, shared-memory layout, synchronisation and
-every path of the GPU time loop (distributed shared memory of clusters
-included) are checked where no GPU is present. What it
+every path of the GPU time loop (distributed shared memory of clusters and
+the global exchange of grid groups included) are checked where no GPU is
+present. What it
 cannot check (launch limits, the hardware itself) the CUDA tests do."""
 
 import pytest
@@ -15,7 +16,7 @@ from helpers import compare, leaf, pair
 pytestmark = pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
 
 
-@pytest.fixture(params=["persistent", "cluster", "step"])
+@pytest.fixture(params=["persistent", "cluster", "grid", "step"])
 def emulated_path(request):
     from fastrnn import _ops
 
@@ -84,17 +85,65 @@ def test_emulated_cluster_of_eight(emulation):
     assert emulation.last_cuda_path() == "cluster"
 
 
-@pytest.mark.parametrize("hidden,dtype,path", [
-    (64, torch.float32, "persistent"),
-    (240, torch.float32, "cluster"),
-    (170, torch.float64, "cluster"),
-    (700, torch.float32, "step"),
+@pytest.mark.parametrize("blocks,hidden,batch,bidirectional", [
+    (3, 7, 5, False),   # members own 3, 3 and 1 columns
+    (4, 7, 21, True),   # 2, 2, 2, 1 columns; 11 groups of 2 rows, the last of 1
+    (1, 1, 3, True),    # a group of one block, hidden 1
 ])
-def test_automatic_path_choice(emulation, hidden, dtype, path):
+def test_emulated_grid_groups(emulation, blocks, hidden, batch, bidirectional):
+    """Groups of several blocks exchanging the state through the global
+    buffer, uneven column splits, several row groups, lengths."""
+    emulation.set_cuda_path("grid", blocks)
+    ref, ours = pair(3, hidden, dtype=torch.float64, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(6, batch, 3, dtype=torch.float64)
+    lengths = torch.randint(1, 7, (batch,), generator=torch.Generator().manual_seed(batch))
+    p = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                            p.unsorted_indices)
+    compare(ref, ours, packed)
+    assert emulation.last_cuda_path() == "grid"
+
+
+def test_emulated_grid_at_a_size_no_cluster_holds(emulation):
+    """Hidden 700 in float32: W_hh fits no block and no cluster of eight, so
+    the grid path splits it between nine members of 78 columns."""
+    emulation.set_cuda_path("grid")
+    ref, ours = pair(3, 700)
+    compare(ref, ours, leaf(2, 2, 3))
+    assert emulation.last_cuda_path() == "grid"
+
+
+@pytest.mark.parametrize("path,blocks,message", [
+    ("grid", 1, "grid CUDA path was forced, but W_hh of hidden size 300 does not fit in the shared memory of 1 blocks"),
+    ("cluster", 3, "to fit in a cluster of 3 blocks"),
+])
+def test_forced_shape_that_cannot_run(emulation, path, blocks, message):
+    emulation.set_cuda_path(path, blocks)
+    ref, ours = pair(3, 300)
+    with pytest.raises(RuntimeError, match=message):
+        ours(leaf(2, 2, 3))
+
+
+def test_blocks_only_for_cluster_and_grid(emulation):
+    with pytest.raises(RuntimeError, match="blocks applies to the cluster and grid paths only"):
+        emulation.set_cuda_path("step", 2)
+    with pytest.raises(RuntimeError, match="blocks must be 0"):
+        emulation.set_cuda_path("grid", -1)
+
+
+@pytest.mark.parametrize("hidden,batch,dtype,path", [
+    (64, 2, torch.float32, "persistent"),
+    (240, 2, torch.float32, "cluster"),
+    (170, 2, torch.float64, "cluster"),
+    (700, 2, torch.float32, "grid"),
+    (700, 80, torch.float32, "step"),
+])
+def test_automatic_path_choice(emulation, hidden, batch, dtype, path):
     """As on an H100/H200: one block where W_hh fits its shared memory, a
-    cluster where it fits eight blocks', else the step path."""
+    cluster where it fits eight blocks', a grid group where it fits the
+    device and the step is small, else the step path."""
     ref, ours = pair(2, hidden, dtype=dtype)
-    compare(ref, ours, leaf(2, 2, 2, dtype=dtype))
+    compare(ref, ours, leaf(2, batch, 2, dtype=dtype))
     assert emulation.last_cuda_path() == path
 
 

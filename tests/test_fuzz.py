@@ -85,7 +85,7 @@ def emulated_cuda(path):
 
 
 @pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
-@pytest.mark.parametrize("path", ["persistent", "cluster", "step"])
+@pytest.mark.parametrize("path", ["persistent", "cluster", "grid", "step"])
 @settings(max_examples=max(10, EXAMPLES // 4), derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(c=configs())

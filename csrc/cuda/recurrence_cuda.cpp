@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -22,9 +23,10 @@
 namespace fastrnn {
 namespace {
 
-enum class Path { automatic = 0, persistent = 1, cluster = 2, step = 3 };
+enum class Path { automatic = 0, persistent = 1, cluster = 2, grid = 3, step = 4 };
 
 std::atomic<int> forced_path{static_cast<int>(Path::automatic)};
+std::atomic<int64_t> forced_blocks{0};  // blocks per cluster or grid group; 0: chosen per call
 std::atomic<bool> emulation{false};
 thread_local std::string last_path = "none";
 
@@ -44,7 +46,8 @@ struct CudaType<at::BFloat16> {
 struct DeviceLimits {
   int64_t smem_optin;
   int64_t sms;
-  bool clusters;  // sm_90 and newer: thread-block clusters with distributed shared memory
+  bool clusters;     // sm_90 and newer: thread-block clusters with distributed shared memory
+  bool cooperative;  // cooperative launches: every block of a grid resident at once
 };
 
 const DeviceLimits& limits(int device) {
@@ -54,22 +57,23 @@ const DeviceLimits& limits(int device) {
   if (cache.empty()) {
     int count = 0;
     C10_CUDA_CHECK(cudaGetDeviceCount(&count));
-    cache.assign(count, DeviceLimits{-1, 0, false});
+    cache.assign(count, DeviceLimits{-1, 0, false, false});
   }
   DeviceLimits& l = cache.at(device);
   if (l.smem_optin < 0) {
-    int smem = 0, sms = 0, major = 0;
+    int smem = 0, sms = 0, major = 0, cooperative = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    l = DeviceLimits{smem, sms, major >= 9};
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+    l = DeviceLimits{smem, sms, major >= 9, cooperative != 0};
   }
   return l;
 }
 
 // The emulator plays an H100/H200: 132 multiprocessors, 227 KB of shared
 // memory per block.
-constexpr DeviceLimits kEmulatedLimits{227 * 1024, 132, true};
+constexpr DeviceLimits kEmulatedLimits{227 * 1024, 132, true, true};
 
 // Batch rows per block of the persistent path, or 0 where W_hh does not fit
 // in one block's shared memory. Enough blocks to cover the multiprocessors,
@@ -89,7 +93,9 @@ int64_t persistent_rows(const DeviceLimits& l, bool is_double, int64_t D, int64_
 std::pair<int64_t, int64_t> cluster_shape(const DeviceLimits& l, bool is_double, int64_t D,
                                           int64_t N, int64_t H) {
   if (!l.clusters) return {0, 0};
+  const int64_t forced = forced_blocks.load(std::memory_order_relaxed);
   for (int64_t C = 2; C <= 8; C *= 2) {
+    if (forced > 0 && C != forced) continue;
     const int64_t Hc = cuda::cluster_columns(H, C);
     int64_t rows = std::max<int64_t>(1, (C * D * N + l.sms - 1) / std::max<int64_t>(1, l.sms));
     rows = std::min({rows, std::max<int64_t>(1, 1024 / Hc), N});
@@ -99,18 +105,61 @@ std::pair<int64_t, int64_t> cluster_shape(const DeviceLimits& l, bool is_double,
   return {0, 0};
 }
 
+// Blocks per group and rows per block of the grid path, or {0, 0} where
+// W_hh fits in no group the device can hold at once. Every block of every
+// group and direction gets a multiprocessor of its own (one block of up to
+// 1024 threads and the shared memory below always fits one), so the
+// cooperative launch cannot be refused for size. Among the group sizes that
+// fit, the one whose blocks each compute the fewest outputs a step, rounded
+// up to whole passes of 1024 threads (each output is a dot product of length
+// H, so a second pass doubles the step); the smallest such group, since
+// every member adds to the barrier.
+std::pair<int64_t, int64_t> grid_shape(const DeviceLimits& l, bool is_double, int64_t D,
+                                       int64_t N, int64_t H, int64_t T) {
+  if (!l.cooperative) return {0, 0};
+  std::pair<int64_t, int64_t> best{0, 0};
+  int64_t best_passes = 0;
+  const int64_t forced = forced_blocks.load(std::memory_order_relaxed);
+  for (int64_t G = 1; G * D <= l.sms && G <= H; ++G) {
+    if (forced > 0 && G != forced) continue;
+    const int64_t Hc = cuda::cluster_columns(H, G);
+    if ((G - 1) * Hc >= H) continue;  // a member without columns
+    // The barrier's counter reaches T * G, in 32 bits.
+    if (T * G >= (int64_t(1) << 31)) break;
+    const int64_t groups = std::min(N, l.sms / (G * D));
+    const int64_t rows = (N + groups - 1) / groups;
+    if (cuda::grid_smem_bytes(H, G, rows, is_double) > l.smem_optin) continue;
+    const int64_t passes = (rows * Hc + 1023) / 1024;
+    if (best.first == 0 || passes < best_passes) {
+      best = {G, rows};
+      best_passes = passes;
+    }
+  }
+  return best;
+}
+
+// Whether the grid path should take a call in automatic mode. Its blocks
+// read W_hh from shared memory at about a quarter of the multiprocessors'
+// multiply-add rate, where cuBLAS runs near that rate but pays two launches
+// a step (a few microseconds): past about 2^25 multiply-adds a step (hidden
+// 1024 at batch 32) the per-step GEMM is expected to win. A model, to be
+// checked against bench/gpu_check.sh's forced-path timings.
+bool grid_pays(int64_t D, int64_t N, int64_t H) { return D * N * H * H <= (int64_t(1) << 25); }
+
 struct Choice {
   Path path;
-  int64_t rows;     // batch rows per block (persistent, cluster)
-  int64_t cluster;  // blocks per cluster (cluster)
+  int64_t rows;     // batch rows per block (persistent, cluster, grid)
+  int64_t cluster;  // blocks per cluster (cluster) or per group (grid)
 };
 
 // The path for this call: persistent where W_hh fits one block, else a
-// cluster where it fits one, else the step path; a forced path that cannot
-// run is an error rather than a silent switch.
-Choice choose(const DeviceLimits& l, bool is_double, int64_t D, int64_t N, int64_t H) {
+// cluster where it fits one, else the grid where it fits the device and
+// pays, else the step path; a forced path that cannot run is an error rather
+// than a silent switch.
+Choice choose(const DeviceLimits& l, bool is_double, int64_t D, int64_t T, int64_t N, int64_t H) {
   const int64_t rows = persistent_rows(l, is_double, D, N, H);
   const auto [C, cluster_rows] = cluster_shape(l, is_double, D, N, H);
+  const auto [G, grid_rows] = grid_shape(l, is_double, D, N, H, T);
   const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
   Choice c{Path::step, 0, 0};
   if (forced == Path::persistent || (forced == Path::automatic && rows > 0)) {
@@ -119,14 +168,34 @@ Choice choose(const DeviceLimits& l, bool is_double, int64_t D, int64_t N, int64
     c = Choice{Path::persistent, rows, 0};
   } else if (forced == Path::cluster || (forced == Path::automatic && C > 0)) {
     TORCH_CHECK(C > 0, "fastrnn: the cluster CUDA path was forced, but it needs sm_90 or newer "
-                "and W_hh of hidden size ", H, " to fit in a cluster of 8 blocks");
+                "and W_hh of hidden size ", H, " to fit in a cluster of ",
+                forced_blocks > 0 ? forced_blocks.load() : 8, " blocks");
     c = Choice{Path::cluster, cluster_rows, C};
+  } else if (forced == Path::grid || (forced == Path::automatic && G > 0 && grid_pays(D, N, H))) {
+    TORCH_CHECK(G > 0, "fastrnn: the grid CUDA path was forced, but W_hh of hidden size ", H,
+                " does not fit in the shared memory of ",
+                forced_blocks > 0 ? std::to_string(forced_blocks.load()) + " blocks"
+                                  : std::string("the blocks this device can hold at once"),
+                " in ", D, " direction(s)");
+    c = Choice{Path::grid, grid_rows, G};
   }
-  last_path = c.path == Path::persistent ? "persistent" : c.path == Path::cluster ? "cluster" : "step";
+  static const char* const names[] = {"auto", "persistent", "cluster", "grid", "step"};
+  last_path = names[static_cast<int>(c.path)];
   return c;
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The grid path's scratch: the exchange buffer (2, D, N, H) in the
+// accumulation type, NaN so that a read of a value never written shows, and
+// the barrier counters (D, groups), zero. Both on the current stream, so
+// nothing waits for the device.
+std::pair<at::Tensor, at::Tensor> grid_scratch(const at::TensorOptions& acc, int64_t D, int64_t N,
+                                               int64_t H, const Choice& c) {
+  const int64_t groups = (N + c.rows - 1) / c.rows;
+  return {at::full({2, D, N, H}, std::numeric_limits<double>::quiet_NaN(), acc),
+          at::zeros({D, groups}, acc.dtype(at::kInt))};
+}
 
 // How the time loop reaches its kernels: launched on the GPU, on the current
 // stream, each launch checked...
@@ -147,6 +216,14 @@ struct DeviceLaunch {
   template <typename P>
   void backward_cluster(const P& p, int64_t rows, int64_t cluster) const {
     C10_CUDA_CHECK(cuda::launch_backward_cluster(p, rows, cluster, stream));
+  }
+  template <typename P, typename A>
+  void forward_grid(const P& p, int64_t rows, int64_t size, A* exchange, unsigned int* counters) const {
+    C10_CUDA_CHECK(cuda::launch_forward_grid(p, rows, size, exchange, counters, stream));
+  }
+  template <typename P, typename A>
+  void backward_grid(const P& p, int64_t rows, int64_t size, A* exchange, unsigned int* counters) const {
+    C10_CUDA_CHECK(cuda::launch_backward_grid(p, rows, size, exchange, counters, stream));
   }
   template <typename P, typename A>
   void forward_step(const P& p, int64_t s, const A* hw, A* state) const {
@@ -181,6 +258,14 @@ struct EmulatedLaunch {
     cuda::emulate_backward_cluster(p, rows, cluster);
   }
   template <typename P, typename A>
+  void forward_grid(const P& p, int64_t rows, int64_t size, A* exchange, unsigned int*) const {
+    cuda::emulate_forward_grid(p, rows, size, exchange);
+  }
+  template <typename P, typename A>
+  void backward_grid(const P& p, int64_t rows, int64_t size, A* exchange, unsigned int*) const {
+    cuda::emulate_backward_grid(p, rows, size, exchange);
+  }
+  template <typename P, typename A>
   void forward_step(const P& p, int64_t s, const A* hw, A* state) const {
     cuda::emulate_forward_step(p, s, hw, state);
   }
@@ -200,7 +285,7 @@ void forward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor&
                   const std::optional<at::Tensor>& lengths, const at::Tensor& y,
                   const at::Tensor& hn, bool relu) {
   const int64_t D = u.size(0), T = u.size(1), N = u.size(2), H = u.size(3);
-  const Choice c = choose(l, u.scalar_type() == at::kDouble, D, N, H);
+  const Choice c = choose(l, u.scalar_type() == at::kDouble, D, T, N, H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "fastrnn_forward_cuda", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     ForwardParams<T_> p;
@@ -222,6 +307,12 @@ void forward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor&
     }
     using A = typename cuda::AccOf<T_>::type;
     const auto acc = u.options().dtype(acc_type(u.scalar_type()));
+    if (c.path == Path::grid) {
+      auto [exchange, counters] = grid_scratch(acc, D, N, H, c);
+      launch.forward_grid(p, c.rows, c.cluster, exchange.template data_ptr<A>(),
+                          reinterpret_cast<unsigned int*>(counters.template data_ptr<int32_t>()));
+      return;
+    }
     const at::Tensor w = w_hh_t.to(acc);                 // (D, H, H) W_hh^T
     at::Tensor state = h0.to(acc).contiguous().clone();  // (D, N, H)
     at::Tensor hw = at::empty({D, N, H}, acc);           // (D, N, H)
@@ -239,7 +330,7 @@ void backward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor
                    const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
                    const at::Tensor& dz, const at::Tensor& dh0, bool relu) {
   const int64_t D = dz.size(0), T = dz.size(1), N = dz.size(2), H = dz.size(3);
-  const Choice c = choose(l, dz.scalar_type() == at::kDouble, D, N, H);
+  const Choice c = choose(l, dz.scalar_type() == at::kDouble, D, T, N, H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dz.scalar_type(), "fastrnn_backward_cuda", [&] {
     using T_ = typename CudaType<scalar_t>::type;
     BackwardParams<T_> p;
@@ -262,6 +353,12 @@ void backward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor
     }
     using A = typename cuda::AccOf<T_>::type;
     const auto acc = dz.options().dtype(acc_type(dz.scalar_type()));
+    if (c.path == Path::grid) {
+      auto [exchange, counters] = grid_scratch(acc, D, N, H, c);
+      launch.backward_grid(p, c.rows, c.cluster, exchange.template data_ptr<A>(),
+                           reinterpret_cast<unsigned int*>(counters.template data_ptr<int32_t>()));
+      return;
+    }
     const at::Tensor w = w_hh.to(acc);  // (D, H, H)
     at::Tensor dh = dhn ? dhn->to(acc).contiguous().clone() : at::zeros({D, N, H}, acc);  // (D, N, H)
     at::Tensor dz_acc = at::empty({D, N, H}, acc);  // (D, N, H)
@@ -277,14 +374,19 @@ void backward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor
 
 }  // namespace
 
-bool set_cuda_path(const std::string& name) {
+bool set_cuda_path(const std::string& name, int64_t blocks) {
   Path p;
   if (name == "auto") p = Path::automatic;
   else if (name == "persistent") p = Path::persistent;
   else if (name == "cluster") p = Path::cluster;
+  else if (name == "grid") p = Path::grid;
   else if (name == "step") p = Path::step;
-  else TORCH_CHECK(false, "unknown CUDA path '", name, "': expected auto, persistent, cluster or step");
+  else TORCH_CHECK(false, "unknown CUDA path '", name, "': expected auto, persistent, cluster, grid or step");
+  TORCH_CHECK(blocks >= 0, "blocks must be 0 (chosen per call) or positive, got ", blocks);
+  TORCH_CHECK(blocks == 0 || p == Path::cluster || p == Path::grid,
+              "blocks applies to the cluster and grid paths only, got path '", name, "'");
   forced_path.store(static_cast<int>(p), std::memory_order_relaxed);
+  forced_blocks.store(blocks, std::memory_order_relaxed);
   return true;
 }
 

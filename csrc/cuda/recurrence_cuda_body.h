@@ -280,6 +280,13 @@ FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t row
 
 FASTRNN_HD int64_t cluster_columns(int64_t H, int64_t C) { return (H + C - 1) / C; }
 
+// Member q of C owns columns [q * Hc, q * Hc + owned_columns(H, C, q)): Hc of
+// them, fewer or none at the end.
+FASTRNN_HD int64_t owned_columns(int64_t H, int64_t C, int64_t q) {
+  const int64_t Hc = cluster_columns(H, C), c0 = q * Hc;
+  return c0 >= H ? 0 : (c0 + Hc <= H ? Hc : H - c0);
+}
+
 // Shared memory of one cluster member: forward w (Hc, Hw) + state (2, rows,
 // Hs); backward w (Hc, Hw) + dz (2, rows, Hs) + dh (rows, Hc). The larger.
 inline int64_t cluster_smem_bytes(int64_t H, int64_t C, int64_t rows, bool is_double) {
@@ -294,8 +301,7 @@ FASTRNN_HD void forward_cluster_body(const ForwardParams<T>& p, int64_t rows, in
   using A = typename AccOf<T>::type;
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
-  const int64_t Hc = cluster_columns(H, b.size), j0 = b.rank * Hc;
-  const int64_t nj = j0 >= H ? 0 : (j0 + Hc <= H ? Hc : H - j0);  // columns this member owns
+  const int64_t Hc = cluster_columns(H, b.size), j0 = b.rank * Hc, nj = owned_columns(H, b.size, b.rank);
   const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
   A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + k] = W_hh[j0 + c][k]
   A* state = w + Hc * Hw;             // (2, rows, Hs), the same offset in every member
@@ -344,8 +350,7 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, 
   using A = typename AccOf<T>::type;
   const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
-  const int64_t Hc = cluster_columns(H, b.size), k0 = b.rank * Hc;
-  const int64_t nk = k0 >= H ? 0 : (k0 + Hc <= H ? Hc : H - k0);
+  const int64_t Hc = cluster_columns(H, b.size), k0 = b.rank * Hc, nk = owned_columns(H, b.size, b.rank);
   const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
   A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + j] = W_hh[j][k0 + c]
   const int64_t dz_offset = Hc * Hw;  // dz (2, rows, Hs), the same offset in every member
@@ -384,6 +389,147 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, 
   for (int64_t i = b.tid; i < R * nk; i += b.threads) {
     const int64_t r = i / nk, c = i - r * nk;
     p.dh0[(d * N + n0 + r) * H + k0 + c] = from_acc<T>(dh[r * Hc + c]);
+  }
+}
+
+// The grid path: W_hh too large for one cluster's shared memory, or a device
+// without clusters. W_hh is split by output columns between the G blocks of
+// a group, placed anywhere on the device and all resident at once (a
+// cooperative launch guarantees it; a block that waited for a multiprocessor
+// held by its own group would never start). Member q owns columns [q * Hc,
+// (q + 1) * Hc) as in a cluster. Each step the members publish their columns
+// of the new state (forward) or of dz (backward) in an exchange buffer in
+// global memory, (2, D, N, H) in the accumulation type and double-buffered by
+// the parity of the step, then meet at the group's flag barrier,
+// b.group_sync(s): every member adds one to the group's counter in global
+// memory and waits until all G have, which also orders the writes before it
+// against the reads after it. Reads of the buffer go through
+// load_exchange, which bypasses the multiprocessor's L1 cache (not coherent
+// between multiprocessors). Besides tid, threads and sync(), the body uses
+// b.rank and b.size.
+//
+// Why one barrier a step is enough: a member rewrites a buffer two steps
+// after it was filled, past a barrier that every member reaches only once it
+// has copied that buffer into its shared memory.
+
+template <typename A>
+FASTRNN_HD A load_exchange(const A* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
+// Shared memory of one member of a grid group: forward w (Hc, Hw) + state
+// (rows, Hs); backward w (Hc, Hw) + dz (rows, Hs) + dh (rows, Hc). The larger.
+inline int64_t grid_smem_bytes(int64_t H, int64_t G, int64_t rows, bool is_double) {
+  const int64_t L = is_double ? 2 : 4, Hc = cluster_columns(H, G);
+  return (Hc * column_stride(H, L) + rows * (row_stride(H, L) + Hc)) * (is_double ? 8 : 4);
+}
+
+// Member b.rank of row group g, direction d: the forward. exchange is (2, D,
+// N, H); step s writes buffer s & 1.
+template <typename T, typename Block>
+FASTRNN_HD void forward_grid_body(const ForwardParams<T>& p, int64_t rows, int64_t g, int64_t d,
+                                  typename AccOf<T>::type* exchange, unsigned char* smem,
+                                  const Block& b) {
+  using A = typename AccOf<T>::type;
+  const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
+  const int64_t Hc = cluster_columns(H, b.size), j0 = b.rank * Hc, nj = owned_columns(H, b.size, b.rank);
+  const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
+  const int64_t buffer = p.D * N * H, rows0 = (d * N + n0) * H;  // a buffer's size; our rows in one
+  A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + k] = W_hh[j0 + c][k]
+  A* state = w + Hc * Hw;             // (rows, Hs): h of the previous step, every column
+  for (int64_t i = b.tid; i < H * nj; i += b.threads) {
+    const int64_t k = i / nj, c = i - k * nj;
+    w[c * Hw + k] = to_acc(p.w_hh_t[(d * H + k) * H + j0 + c]);
+  }
+  for (int64_t s = 0; s < T_; ++s) {
+    const int64_t t = d == 0 ? s : T_ - 1 - s;
+    const A* prev = exchange + ((s + 1) & 1) * buffer + rows0;  // written by step s - 1
+    for (int64_t i = b.tid; i < R * H; i += b.threads) {
+      const int64_t r = i / H, k = i - r * H;
+      state[r * Hs + k] = s == 0 ? to_acc(p.h0[rows0 + i]) : load_exchange(prev + i);
+    }
+    b.sync();
+    A* next = exchange + (s & 1) * buffer + rows0;
+    for (int64_t i = b.tid; i < R * nj; i += b.threads) {
+      const int64_t r = i / nj, j = j0 + (i - r * nj), n = n0 + r;
+      T* out = p.y + (t * N + n) * DH + d * H + j;
+      A v;
+      if (active(p.lengths, n, t)) {
+        v = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + dot(state + r * Hs, w + (j - j0) * Hw, H),
+                p.relu);
+        *out = from_acc<T>(v);
+      } else {
+        v = state[r * Hs + j];
+        *out = from_acc<T>(A(0));
+      }
+      next[r * H + j] = v;
+    }
+    b.group_sync(s);
+  }
+  const A* last = exchange + ((T_ - 1) & 1) * buffer + rows0;
+  for (int64_t i = b.tid; i < R * nj; i += b.threads) {
+    const int64_t r = i / nj, j = j0 + (i - r * nj);
+    p.hn[rows0 + r * H + j] = from_acc<T>(load_exchange(last + r * H + j));
+  }
+}
+
+// Member b.rank of row group g, direction d: the backward. The member owns
+// columns [k0, k0 + nk) of dh and of dz; dz goes through the exchange
+// buffer as the forward's state does.
+template <typename T, typename Block>
+FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, int64_t rows, int64_t g, int64_t d,
+                                   typename AccOf<T>::type* exchange, unsigned char* smem,
+                                   const Block& b) {
+  using A = typename AccOf<T>::type;
+  const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
+  const int64_t Hc = cluster_columns(H, b.size), k0 = b.rank * Hc, nk = owned_columns(H, b.size, b.rank);
+  const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
+  const int64_t buffer = p.D * N * H, rows0 = (d * N + n0) * H;
+  A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + j] = W_hh[j][k0 + c]
+  A* z = w + Hc * Hw;                 // (rows, Hs): dz of the step, every column
+  A* dh = z + rows * Hs;              // (rows, Hc): this member's columns only
+  for (int64_t i = b.tid; i < H * nk; i += b.threads) {
+    const int64_t j = i / nk, c = i - j * nk;
+    w[c * Hw + j] = to_acc(p.w_hh[(d * H + j) * H + k0 + c]);
+  }
+  for (int64_t i = b.tid; i < R * nk; i += b.threads) {
+    const int64_t r = i / nk, c = i - r * nk;
+    dh[r * Hc + c] = p.dhn != nullptr ? to_acc(p.dhn[rows0 + r * H + k0 + c]) : A(0);
+  }
+  b.sync();
+  for (int64_t s = 0; s < T_; ++s) {
+    const int64_t t = d == 0 ? T_ - 1 - s : s;
+    A* mine = exchange + (s & 1) * buffer + rows0;
+    for (int64_t i = b.tid; i < R * nk; i += b.threads) {
+      const int64_t r = i / nk, c = i - r * nk, k = k0 + c, n = n0 + r;
+      A g_ = A(0);
+      if (active(p.lengths, n, t)) {
+        const int64_t o = (t * N + n) * DH + d * H + k;
+        g_ = act_backward(to_acc(p.dy[o]) + dh[r * Hc + c], to_acc(p.y[o]), p.relu);
+      }
+      p.dz[((d * T_ + t) * N + n) * H + k] = from_acc<T>(g_);
+      mine[r * H + k] = g_;
+    }
+    b.group_sync(s);
+    for (int64_t i = b.tid; i < R * H; i += b.threads) {
+      const int64_t r = i / H, j = i - r * H;
+      z[r * Hs + j] = load_exchange(mine + i);
+    }
+    b.sync();
+    for (int64_t i = b.tid; i < R * nk; i += b.threads) {
+      const int64_t r = i / nk, c = i - r * nk;
+      if (active(p.lengths, n0 + r, t)) dh[r * Hc + c] = dot(z + r * Hs, w + c * Hw, H);
+    }
+  }
+  for (int64_t i = b.tid; i < R * nk; i += b.threads) {
+    const int64_t r = i / nk, c = i - r * nk;
+    p.dh0[rows0 + r * H + k0 + c] = from_acc<T>(dh[r * Hc + c]);
   }
 }
 

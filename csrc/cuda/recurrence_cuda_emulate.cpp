@@ -3,6 +3,7 @@
 
 #include <condition_variable>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -61,32 +62,40 @@ void run_grid(int64_t gx, int64_t gy, int threads, int64_t smem_bytes, const Bod
   }
 }
 
-struct HostClusterBlock {
+// A block of a cluster or of a grid group: sync() waits for the block's own
+// threads, cluster_sync() and group_sync() for every thread of the group.
+struct HostGroupBlock {
   int64_t tid, threads, rank, size;
   const std::vector<unsigned char*>* members;
-  Barrier* barrier;
+  Barrier* block;
+  Barrier* group;
   unsigned char* peer(int64_t q) const { return (*members)[q]; }
-  void cluster_sync() const { barrier->wait(); }
+  void sync() const { block->wait(); }
+  void cluster_sync() const { group->wait(); }
+  void group_sync(int64_t) const { group->wait(); }
 };
 
-// Runs body(g, d, smem, block) for every cluster (g, d) of `size` blocks, all
-// blocks of a cluster at once, each with its own NaN-poisoned shared memory.
+// Runs body(g, d, smem, block) for every group (g, d) of `size` blocks, all
+// blocks of a group at once, each with its own NaN-poisoned shared memory.
 template <typename Body>
-void run_clusters(int64_t groups, int64_t D, int64_t size, int threads, int64_t smem_bytes,
-                  const Body& body) {
+void run_groups(int64_t groups, int64_t D, int64_t size, int threads, int64_t smem_bytes,
+                const Body& body) {
   std::vector<std::vector<double>> smem(size, std::vector<double>((smem_bytes + 7) / 8));
   std::vector<unsigned char*> members(size);
   for (int64_t q = 0; q < size; ++q) members[q] = reinterpret_cast<unsigned char*>(smem[q].data());
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t g = 0; g < groups; ++g) {
       for (auto& m : smem) std::memset(m.data(), 0xff, m.size() * sizeof(double));
-      Barrier barrier(size * threads);
+      Barrier group(size * threads);
+      std::vector<std::unique_ptr<Barrier>> blocks;
+      for (int64_t q = 0; q < size; ++q) blocks.push_back(std::make_unique<Barrier>(threads));
       std::vector<std::thread> pool;
       pool.reserve(size * threads);
       for (int64_t q = 0; q < size; ++q)
         for (int64_t tid = 0; tid < threads; ++tid)
           pool.emplace_back([&, q, tid] {
-            body(g, d, members[q], HostClusterBlock{tid, threads, q, size, &members, &barrier});
+            body(g, d, members[q],
+                 HostGroupBlock{tid, threads, q, size, &members, blocks[q].get(), &group});
           });
       for (auto& t : pool) t.join();
     }
@@ -117,20 +126,38 @@ void for_each_element(int64_t D, int64_t NH, const Fn& fn) {
              });                                                                             \
   }                                                                                          \
   void emulate_forward_cluster(const ForwardParams<T>& p, int64_t rows, int64_t cluster) {   \
-    run_clusters((p.N + rows - 1) / rows, p.D, cluster,                                      \
+    run_groups((p.N + rows - 1) / rows, p.D, cluster,                                      \
                  persistent_threads(rows, cluster_columns(p.H, cluster)),                    \
                  cluster_smem_bytes(p.H, cluster, rows, sizeof(AccOf<T>::type) == 8),        \
-                 [&](int64_t g, int64_t d, unsigned char* smem, const HostClusterBlock& b) { \
+                 [&](int64_t g, int64_t d, unsigned char* smem, const HostGroupBlock& b) { \
                    forward_cluster_body(p, rows, g, d, smem, b);                             \
                  });                                                                         \
   }                                                                                          \
   void emulate_backward_cluster(const BackwardParams<T>& p, int64_t rows, int64_t cluster) { \
-    run_clusters((p.N + rows - 1) / rows, p.D, cluster,                                      \
+    run_groups((p.N + rows - 1) / rows, p.D, cluster,                                      \
                  persistent_threads(rows, cluster_columns(p.H, cluster)),                    \
                  cluster_smem_bytes(p.H, cluster, rows, sizeof(AccOf<T>::type) == 8),        \
-                 [&](int64_t g, int64_t d, unsigned char* smem, const HostClusterBlock& b) { \
+                 [&](int64_t g, int64_t d, unsigned char* smem, const HostGroupBlock& b) { \
                    backward_cluster_body(p, rows, g, d, smem, b);                            \
                  });                                                                         \
+  }                                                                                          \
+  void emulate_forward_grid(const ForwardParams<T>& p, int64_t rows, int64_t size,         \
+                            AccOf<T>::type* exchange) {                                      \
+    run_groups((p.N + rows - 1) / rows, p.D, size,                                           \
+               persistent_threads(rows, cluster_columns(p.H, size)),                         \
+               grid_smem_bytes(p.H, size, rows, sizeof(AccOf<T>::type) == 8),                \
+               [&](int64_t g, int64_t d, unsigned char* smem, const HostGroupBlock& b) {     \
+                 forward_grid_body(p, rows, g, d, exchange, smem, b);                        \
+               });                                                                           \
+  }                                                                                          \
+  void emulate_backward_grid(const BackwardParams<T>& p, int64_t rows, int64_t size,       \
+                             AccOf<T>::type* exchange) {                                     \
+    run_groups((p.N + rows - 1) / rows, p.D, size,                                           \
+               persistent_threads(rows, cluster_columns(p.H, size)),                         \
+               grid_smem_bytes(p.H, size, rows, sizeof(AccOf<T>::type) == 8),                \
+               [&](int64_t g, int64_t d, unsigned char* smem, const HostGroupBlock& b) {     \
+                 backward_grid_body(p, rows, g, d, exchange, smem, b);                       \
+               });                                                                           \
   }                                                                                          \
   void emulate_forward_step(const ForwardParams<T>& p, int64_t s, const AccOf<T>::type* hw,  \
                             AccOf<T>::type* state) {                                         \

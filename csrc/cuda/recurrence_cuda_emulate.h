@@ -1,8 +1,9 @@
 // The CUDA time-loop kernels run on CPU threads: the same bodies
 // (recurrence_cuda_body.h), one std::thread per CUDA thread and a barrier for
 // __syncthreads, shared memory poisoned with NaN before each block; the blocks
-// of a cluster run together, with a barrier for the cluster's and each
-// other's shared memory for distributed shared memory. For the
+// of a cluster or of a grid group run together, with a barrier for the
+// group's (cluster_sync, group_sync) and each other's shared memory for
+// distributed shared memory. For the
 // tests only: it checks the kernels' logic where no GPU is present, not their
 // speed nor anything the hardware adds.
 #pragma once
@@ -22,6 +23,10 @@ namespace cuda {
   void emulate_backward_persistent(const BackwardParams<T>& p, int64_t rows);                   \
   void emulate_forward_cluster(const ForwardParams<T>& p, int64_t rows, int64_t cluster);       \
   void emulate_backward_cluster(const BackwardParams<T>& p, int64_t rows, int64_t cluster);     \
+  void emulate_forward_grid(const ForwardParams<T>& p, int64_t rows, int64_t size,            \
+                            AccOf<T>::type* exchange);                                          \
+  void emulate_backward_grid(const BackwardParams<T>& p, int64_t rows, int64_t size,          \
+                             AccOf<T>::type* exchange);                                         \
   void emulate_forward_step(const ForwardParams<T>& p, int64_t s, const AccOf<T>::type* hw,     \
                             AccOf<T>::type* state);                                             \
   void emulate_backward_step(const BackwardParams<T>& p, int64_t s, const AccOf<T>::type* dh,   \

@@ -1,6 +1,6 @@
 // The CUDA time-loop kernels: thin __global__ wrappers around the bodies in
 // recurrence_cuda_body.h, and their launchers (see recurrence_cuda_kernels.h
-// for the three paths).
+// for the four paths).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -72,6 +72,54 @@ __global__ void __launch_bounds__(1024)
 #endif
 }
 
+// A member of a grid group, as the grid bodies see it. group_sync(s) is the
+// flag barrier of step s: the counter of the group reaches (s + 1) * size
+// when every member has arrived. The fences before the increment and after
+// the wait order each member's exchange writes before its arrival and the
+// other members' reads after theirs; the block barriers around it hold the
+// block's other threads on either side.
+struct GridBlock {
+  int64_t tid, threads, rank, size;
+  unsigned int* counter;
+  __device__ __forceinline__ void sync() const { __syncthreads(); }
+  __device__ __forceinline__ void group_sync(int64_t s) const {
+    __syncthreads();
+    if (tid == 0) {
+      const unsigned int target = static_cast<unsigned int>((s + 1) * size);
+      __threadfence();
+      atomicAdd(counter, 1u);
+      while (*static_cast<volatile unsigned int*>(counter) < target) {
+      }
+      __threadfence();
+    }
+    __syncthreads();
+  }
+};
+
+// grid (size * groups, D); counters (D, groups), zero at launch; exchange
+// (2, D, N, H) in the accumulation type.
+template <typename T>
+__global__ void __launch_bounds__(1024)
+    forward_grid_kernel(const ForwardParams<T> p, const int64_t rows, const int64_t size,
+                        typename AccOf<T>::type* exchange, unsigned int* counters) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t g = blockIdx.x / size, groups = gridDim.x / size;
+  forward_grid_body(p, rows, g, blockIdx.y, exchange, smem,
+                    GridBlock{threadIdx.x, blockDim.x, blockIdx.x % size, size,
+                              counters + blockIdx.y * groups + g});
+}
+
+template <typename T>
+__global__ void __launch_bounds__(1024)
+    backward_grid_kernel(const BackwardParams<T> p, const int64_t rows, const int64_t size,
+                         typename AccOf<T>::type* exchange, unsigned int* counters) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t g = blockIdx.x / size, groups = gridDim.x / size;
+  backward_grid_body(p, rows, g, blockIdx.y, exchange, smem,
+                     GridBlock{threadIdx.x, blockDim.x, blockIdx.x % size, size,
+                               counters + blockIdx.y * groups + g});
+}
+
 // grid (ceil(N * H / kStepThreads), D).
 template <typename T>
 __global__ void forward_step_kernel(const ForwardParams<T> p, const int64_t s,
@@ -137,6 +185,30 @@ cudaError_t launch_cluster(void (*kernel)(const Params, const int64_t), const Pa
   return cudaGetLastError();
 }
 
+// One cooperative launch of a grid kernel: every block resident at once, or
+// cudaErrorCooperativeLaunchTooLarge and nothing runs.
+template <typename T, typename Params>
+cudaError_t launch_grid(void (*kernel)(const Params, const int64_t, const int64_t,
+                                       typename AccOf<T>::type*, unsigned int*),
+                        const Params& p, int64_t rows, int64_t size,
+                        typename AccOf<T>::type* exchange, unsigned int* counters,
+                        cudaStream_t stream) {
+  const size_t smem = grid_smem_bytes(p.H, size, rows, sizeof(typename AccOf<T>::type) == 8);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(size * ((p.N + rows - 1) / rows)),
+                  static_cast<unsigned>(p.D));
+  const dim3 block(persistent_threads(rows, cluster_columns(p.H, size)));
+  Params params = p;
+  int64_t rows_ = rows, size_ = size;
+  void* args[] = {&params, &rows_, &size_, &exchange, &counters};
+  err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, args, smem,
+                                    stream);
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
 dim3 step_grid(int64_t N, int64_t H, int64_t D) {
   return dim3(static_cast<unsigned>((N * H + kStepThreads - 1) / kStepThreads),
               static_cast<unsigned>(D));
@@ -160,6 +232,16 @@ dim3 step_grid(int64_t N, int64_t H, int64_t D) {
   cudaError_t launch_backward_cluster(const BackwardParams<T>& p, int64_t rows,              \
                                       int64_t cluster, cudaStream_t stream) {                \
     return launch_cluster<T>(backward_cluster_kernel<T>, p, rows, cluster, stream);          \
+  }                                                                                          \
+  cudaError_t launch_forward_grid(const ForwardParams<T>& p, int64_t rows, int64_t size,      \
+                                  AccOf<T>::type* exchange, unsigned int* counters,          \
+                                  cudaStream_t stream) {                                     \
+    return launch_grid<T>(forward_grid_kernel<T>, p, rows, size, exchange, counters, stream); \
+  }                                                                                          \
+  cudaError_t launch_backward_grid(const BackwardParams<T>& p, int64_t rows, int64_t size,    \
+                                   AccOf<T>::type* exchange, unsigned int* counters,         \
+                                   cudaStream_t stream) {                                    \
+    return launch_grid<T>(backward_grid_kernel<T>, p, rows, size, exchange, counters, stream); \
   }                                                                                          \
   cudaError_t launch_forward_step(const ForwardParams<T>& p, int64_t s,                      \
                                   const AccOf<T>::type* hw, AccOf<T>::type* state,           \
