@@ -55,6 +55,9 @@ def parse_args(argv):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--cuda-path", choices=["auto", "persistent", "cluster", "grid", "step"],
+                   default="auto", help="force the CUDA time loop's path (default: chosen per call); "
+                   "shapes the forced path cannot run are skipped")
     p.add_argument("--hidden", type=positive_ints, help="hidden sizes, e.g. 16,64,256")
     p.add_argument("--batch", type=positive_ints, help="batch sizes")
     p.add_argument("--steps", type=positive_ints, help="sequence lengths")
@@ -74,6 +77,8 @@ def parse_args(argv):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here")
+    if args.device == "cpu" and args.cuda_path != "auto":
+        p.error("--cuda-path: applies to --device cuda only")
     if args.device == "cpu" and args.dtype in ("float16", "bfloat16"):
         p.error(f"--dtype {args.dtype}: the fused CPU kernel takes float32 and float64")
     if len(args.input_size) != 1:
@@ -184,11 +189,15 @@ def measure(args, shape):
         results[name] = [("output", y.detach()), ("h_n", h.detach()), ("grad_input", x.grad.clone())]
         results[name] += [(f"grad_{n}", p.grad.clone()) for n, p in m.named_parameters()]
     assert ours.last_path == "fused"
+    from . import _ops
+
+    cuda_path = _ops._C.last_cuda_path() if device == "cuda" else None
     errors = {k: (a - b).abs().max().item() for (k, a), (_, b) in zip(results["torch"], results["fastrnn"])}
 
     timer = Timer(device)
     row = {"input": C, "hidden": H, "layers": L, "batch": N, "steps": T, "grid": shape[5],
-           "bidirectional": args.bidirectional, "dtype": args.dtype, "max_abs_error": errors}
+           "bidirectional": args.bidirectional, "dtype": args.dtype, "max_abs_error": errors,
+           "cuda_path": cuda_path}
     for mode, make in (("forward", fwd), ("forward_backward", fwd_bwd)):
         sides = {"torch": make(ref), "fastrnn": make(ours)}
         for fn in sides.values():  # warm-up
@@ -246,8 +255,10 @@ def _cpu_name():
 
 
 def table(rows):
+    paths = any(r.get("cuda_path") for r in rows)
     head = (f"{'shape (C,H,L,N,T)':<24}{'max err':>9}  {'fwd torch ms':>13}{'fwd fused ms':>13}{'x':>7}"
-            f"  {'f+b torch ms':>13}{'f+b fused ms':>13}{'x':>7}  {'saved MB t/f':>14}")
+            f"  {'f+b torch ms':>13}{'f+b fused ms':>13}{'x':>7}  {'saved MB t/f':>14}"
+            + (f"  {'path':<10}" if paths else ""))
     lines = [head, "-" * len(head)]
 
     def cell(s):
@@ -260,7 +271,8 @@ def table(rows):
         mem = f"{r['saved_bytes']['torch'] / 2**20:.1f}/{r['saved_bytes']['fastrnn'] / 2**20:.1f}"
         lines.append(f"{shape:<24}{err:>9.1e}  {cell(f['torch']):>13}{cell(f['fastrnn']):>13}"
                      f"{f['speedup']:>6.1f}x  {cell(fb['torch']):>13}{cell(fb['fastrnn']):>13}"
-                     f"{fb['speedup']:>6.1f}x  {mem:>14}")
+                     f"{fb['speedup']:>6.1f}x  {mem:>14}"
+                     + (f"  {r['cuda_path']:<10}" if paths else ""))
     return "\n".join(lines)
 
 
@@ -307,9 +319,18 @@ def main(argv=None):
           flush=True)
     from tqdm import tqdm
 
+    if args.device == "cuda":
+        from . import _ops
+
+        _ops._C.set_cuda_path(args.cuda_path)
     rows = []
     for shape in tqdm(cases, disable=args.no_progress, unit="shape", file=sys.stderr):
-        rows.append(measure(args, shape))
+        try:
+            rows.append(measure(args, shape))
+        except RuntimeError as e:
+            if "path was forced" not in str(e):
+                raise
+            print(f"skipped {shape[:5]}: {e}".splitlines()[0], flush=True)
     print(table(rows))
     print("max err: largest |difference| from nn.RNN over output, h_n and every gradient; "
           "times: medians; x: nn.RNN's median over fastrnn's")
