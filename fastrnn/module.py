@@ -119,11 +119,16 @@ class RNN(nn.RNNBase):
                 hx = self.permute_hidden(hx, sorted_indices)
             self.check_forward_args(data, hx, batch_sizes)
             # Packed (sum of lengths, C) -> padded (T, N, C) in sorted order.
-            batch = torch.arange(max_batch_size, device=batch_sizes.device)
-            valid = (batch.unsqueeze(0) < batch_sizes.unsqueeze(1)).to(data.device)  # (T, N)
-            lengths = valid.sum(0)
-            x = data.new_zeros(batch_sizes.numel(), max_batch_size, data.shape[-1])
-            x = x.index_put((valid,), data)
+            # batch_sizes lives on the CPU, so the positions t * N + n of the
+            # packed rows are found there and copied over as integers, without
+            # waiting (pageable memory is staged before the copy returns): a
+            # boolean mask on the GPU would wait for the device to count it.
+            T = batch_sizes.numel()
+            valid = torch.arange(max_batch_size).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, N)
+            lengths = valid.sum(0).to(data.device, non_blocking=True)
+            rows = valid.flatten().nonzero().squeeze(1).to(data.device, non_blocking=True)
+            x = data.new_zeros(T * max_batch_size, data.shape[-1]).index_put((rows,), data)
+            x = x.view(T, max_batch_size, data.shape[-1])
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
@@ -172,7 +177,8 @@ class RNN(nn.RNNBase):
             self.bias, self.mode == "RNN_RELU",
         )
         if is_packed:
-            output = PackedSequence(output[valid], batch_sizes, sorted_indices, unsorted_indices)
+            output = PackedSequence(output.reshape(-1, output.shape[-1])[rows], batch_sizes,
+                                    sorted_indices, unsorted_indices)
             return output, self.permute_hidden(h_n, unsorted_indices)
         if self.batch_first:
             output = output.transpose(0, 1)

@@ -127,3 +127,24 @@ def test_autocast_with_half_input_and_float_weights():
         y, _ = ours(x)
     assert y.dtype == y_ref.dtype == torch.float16
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.02)
+
+
+def test_no_device_synchronisation(cuda_path):
+    """Nothing in forward or backward waits for the device, packed sequences
+    included: torch's sync debug mode turns any such wait into an error."""
+    from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+    _, ours = pair(7, 33, device="cuda", num_layers=2, bidirectional=True)
+    x = leaf(9, 4, 7, device="cuda")
+    packed = pack_padded_sequence(x, torch.tensor([9, 4, 9, 1]), enforce_sorted=False)
+    ours(x)  # first call: device attributes are queried once and cached
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for inp in (x, packed):
+            y, h = ours(inp)
+            out = y.data if isinstance(y, PackedSequence) else y
+            torch.autograd.backward([out, h], [torch.ones_like(out), torch.ones_like(h)])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert x.grad is not None
