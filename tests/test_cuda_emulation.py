@@ -51,16 +51,23 @@ def test_emulated_kernels_with_lengths(emulated_path):
     compare(ref, ours, packed)
 
 
-def test_emulated_persistent_blocks_of_several_rows():
-    """Batch 140 in both directions: three rows a block, a last block that is
-    only partly filled."""
+@pytest.mark.parametrize("path,blocks", [("persistent", 0), ("cluster", 2), ("grid", 2)])
+def test_emulated_blocks_of_several_rows(path, blocks):
+    """Batch 140 in both directions: three rows a block on the persistent
+    path, five (a tile of four and a tile of one) in the clusters and grid
+    groups of two, last blocks only partly filled, rows of several lengths."""
     from fastrnn import _ops
 
-    _ops._C.set_cuda_path("persistent")
+    _ops._C.set_cuda_path(path, blocks)
     _ops._C.set_cuda_emulation(True)
     try:
         ref, ours = pair(3, 8, dtype=torch.float64, bidirectional=True)
-        compare(ref, ours, leaf(4, 140, 3, dtype=torch.float64))
+        x = torch.randn(4, 140, 3, dtype=torch.float64)
+        lengths = torch.randint(1, 5, (140,), generator=torch.Generator().manual_seed(0))
+        p = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        compare(ref, ours, PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                                          p.unsorted_indices))
+        assert _ops._C.last_cuda_path() == path
     finally:
         _ops._C.set_cuda_emulation(False)
         _ops._C.set_cuda_path("auto")

@@ -108,12 +108,12 @@ std::pair<int64_t, int64_t> cluster_shape(const DeviceLimits& l, bool is_double,
 // Blocks per group and rows per block of the grid path, or {0, 0} where
 // W_hh fits in no group the device can hold at once. Every block of every
 // group and direction gets a multiprocessor of its own (one block of up to
-// 1024 threads and the shared memory below always fits one), so the
+// kMaxThreads threads and the shared memory below always fits one), so the
 // cooperative launch cannot be refused for size. Among the group sizes that
-// fit, the one whose blocks each compute the fewest outputs a step, rounded
-// up to whole passes of 1024 threads (each output is a dot product of length
-// H, so a second pass doubles the step); the smallest such group, since
-// every member adds to the barrier.
+// fit, the one whose blocks each compute the fewest tiles a step, rounded up
+// to whole passes of kMaxThreads threads (a tile is up to four dot products
+// of length H, so a second pass doubles the step); the smallest such group,
+// since every member adds to the barrier.
 std::pair<int64_t, int64_t> grid_shape(const DeviceLimits& l, bool is_double, int64_t D,
                                        int64_t N, int64_t H, int64_t T) {
   if (!l.cooperative) return {0, 0};
@@ -129,7 +129,7 @@ std::pair<int64_t, int64_t> grid_shape(const DeviceLimits& l, bool is_double, in
     const int64_t groups = std::min(N, l.sms / (G * D));
     const int64_t rows = (N + groups - 1) / groups;
     if (cuda::grid_smem_bytes(H, G, rows, is_double) > l.smem_optin) continue;
-    const int64_t passes = (rows * Hc + 1023) / 1024;
+    const int64_t passes = (cuda::row_tiles(rows) * Hc + cuda::kMaxThreads - 1) / cuda::kMaxThreads;
     if (best.first == 0 || passes < best_passes) {
       best = {G, rows};
       best_passes = passes;

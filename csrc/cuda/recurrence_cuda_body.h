@@ -26,6 +26,11 @@
 #else
 #define FASTRNN_HD inline
 #endif
+#if defined(__CUDA_ARCH__)
+#define FASTRNN_UNROLL _Pragma("unroll")
+#else
+#define FASTRNN_UNROLL
+#endif
 
 namespace fastrnn {
 namespace cuda {
@@ -106,10 +111,8 @@ inline int64_t persistent_smem_bytes(int64_t H, int64_t rows, bool is_double) {
   return (H * column_stride(H, L) + 3 * rows * row_stride(H, L)) * (is_double ? 8 : 4);
 }
 
-// x[0, n) . y[0, n), both 16-byte aligned: one partial sum per lane of a
-// 16-byte access, added up at the end, then the elements past the last
-// whole access. Vector loads on the device; on the host (the emulator) the
-// same sums in the same order, after checking the alignment the device
+// 16 bytes from p, 16-byte aligned: a vector load on the device; on the host
+// (the emulator) the same values, after checking the alignment the device
 // would need.
 template <typename A>
 FASTRNN_HD void load16(const A* p, A (&out)[lanes<A>()]);
@@ -142,29 +145,72 @@ FASTRNN_HD void load16<double>(const double* p, double (&out)[2]) {
 #endif
 }
 
-template <typename A>
-FASTRNN_HD A dot(const A* x, const A* y, int64_t n) {
+// out[r] = x[r * xs, r * xs + n) . y[0, n) for r < NR, each 16-byte load of
+// y shared by the NR rows (the rows' loads are broadcasts: every lane of a
+// warp reads the same state row, and a different column of W_hh as y). One
+// partial sum per lane of a 16-byte access, added up at the end, then the
+// elements past the last whole access.
+template <int NR, typename A>
+FASTRNN_HD void dot_tile(const A* x, int64_t xs, const A* y, int64_t n, A* out) {
   constexpr int64_t L = lanes<A>();
-  A acc[L];
-  for (int64_t l = 0; l < L; ++l) acc[l] = A(0);
+  A acc[NR][L];
+  for (int r = 0; r < NR; ++r)
+    for (int64_t l = 0; l < L; ++l) acc[r][l] = A(0);
   int64_t k = 0;
   for (; k + L <= n; k += L) {
-    A a[L], b[L];
-    load16(x + k, a);
+    A b[L];
     load16(y + k, b);
-    for (int64_t l = 0; l < L; ++l) acc[l] += a[l] * b[l];
+    for (int r = 0; r < NR; ++r) {
+      A a[L];
+      load16(x + r * xs + k, a);
+      for (int64_t l = 0; l < L; ++l) acc[r][l] += a[l] * b[l];
+    }
   }
-  A sum = acc[0];
-  for (int64_t l = 1; l < L; ++l) sum += acc[l];
-  for (; k < n; ++k) sum += x[k] * y[k];
-  return sum;
+  for (int r = 0; r < NR; ++r) {
+    A sum = acc[r][0];
+    for (int64_t l = 1; l < L; ++l) sum += acc[r][l];
+    for (int64_t kk = k; kk < n; ++kk) sum += x[r * xs + kk] * y[kk];
+    out[r] = sum;
+  }
 }
 
-// Threads of a persistent block: one per output where that fits, whole warps,
-// at least two of them.
+// A thread computes the outputs of one column for a tile of up to kRowTile
+// batch rows: each weight load then serves kRowTile multiply-adds a lane
+// instead of one, which is what bounds a step once a block holds several
+// rows (shared memory delivers 128 bytes a cycle).
+constexpr int kRowTile = 4;
+
+// Rows per tile, and the tile's first row: tile i of a block of R rows.
+FASTRNN_HD int64_t row_tiles(int64_t R) { return (R + kRowTile - 1) / kRowTile; }
+FASTRNN_HD int64_t tile_rows(int64_t r0, int64_t R) { return R - r0 < kRowTile ? R - r0 : kRowTile; }
+
+// dot_tile for the nr (1 to kRowTile) rows of a tile; out[r] for r >= nr is
+// left alone.
+template <typename A>
+FASTRNN_HD void dot_rows(const A* x, int64_t xs, int64_t nr, const A* y, int64_t n,
+                         A (&out)[kRowTile]) {
+  static_assert(kRowTile == 4, "dot_rows dispatches tiles of 1 to 4 rows");
+  switch (nr) {
+    case 1: dot_tile<1>(x, xs, y, n, out); break;
+    case 2: dot_tile<2>(x, xs, y, n, out); break;
+    case 3: dot_tile<3>(x, xs, y, n, out); break;
+    default: dot_tile<4>(x, xs, y, n, out); break;
+  }
+}
+
+// Threads of a block of the persistent, cluster and grid kernels, at most.
+// 512 leaves a thread 128 registers (the kernels declare one block per
+// multiprocessor, which their shared memory allows anyway): ptxas -v for
+// sm_90 shows no spills in the float kernels and 8-16 bytes in the double
+// ones, where 1024 threads (64 registers) spilled 36-116 bytes in every one.
+// Outputs past one per thread take a second tile.
+constexpr int kMaxThreads = 512;
+
+// Threads of a block that owns `rows` rows and H columns: one per tile of
+// rows and column where that fits, whole warps, at least two of them.
 inline int persistent_threads(int64_t rows, int64_t H) {
-  const int64_t warps = (rows * H + 31) / 32;
-  return static_cast<int>(warps >= 32 ? 1024 : (warps < 2 ? 64 : warps * 32));
+  const int64_t warps = (row_tiles(rows) * H + 31) / 32;
+  return static_cast<int>(warps >= kMaxThreads / 32 ? kMaxThreads : (warps < 2 ? 64 : warps * 32));
 }
 
 constexpr int kStepThreads = 256;
@@ -198,18 +244,24 @@ FASTRNN_HD void forward_persistent_body(const ForwardParams<T>& p, int64_t rows,
     const int64_t t = d == 0 ? s : T_ - 1 - s;
     const A* prev = state + (s & 1) * rows * Hs;
     A* next = state + ((s + 1) & 1) * rows * Hs;
-    for (int64_t i = b.tid; i < R * H; i += b.threads) {
-      const int64_t r = i / H, j = i - r * H, n = n0 + r;
-      T* out = p.y + (t * N + n) * DH + d * H + j;
-      if (!active(p.lengths, n, t)) {
-        next[r * Hs + j] = prev[r * Hs + j];
-        *out = from_acc<T>(A(0));
-        continue;
+    for (int64_t i = b.tid; i < row_tiles(R) * H; i += b.threads) {
+      const int64_t r0 = i / H * kRowTile, j = i % H, nr = tile_rows(r0, R);
+      A hw[kRowTile];
+      dot_rows(prev + r0 * Hs, Hs, nr, w + j * Hw, H, hw);
+      FASTRNN_UNROLL
+      for (int q = 0; q < kRowTile; ++q) {
+        if (q >= nr) continue;
+        const int64_t r = r0 + q, n = n0 + r;
+        T* out = p.y + (t * N + n) * DH + d * H + j;
+        if (!active(p.lengths, n, t)) {
+          next[r * Hs + j] = prev[r * Hs + j];
+          *out = from_acc<T>(A(0));
+          continue;
+        }
+        const A z = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + hw[q], p.relu);
+        next[r * Hs + j] = z;
+        *out = from_acc<T>(z);
       }
-      const A z = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + dot(prev + r * Hs, w + j * Hw, H),
-                      p.relu);
-      next[r * Hs + j] = z;
-      *out = from_acc<T>(z);
     }
     b.sync();
   }
@@ -255,10 +307,16 @@ FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t row
       p.dz[((d * T_ + t) * N + n) * H + j] = from_acc<T>(g);
     }
     b.sync();
-    for (int64_t i = b.tid; i < R * H; i += b.threads) {
-      const int64_t r = i / H, k = i - r * H;
-      next[r * Hs + k] =
-          active(p.lengths, n0 + r, t) ? dot(dz + r * Hs, w + k * Hw, H) : cur[r * Hs + k];
+    for (int64_t i = b.tid; i < row_tiles(R) * H; i += b.threads) {
+      const int64_t r0 = i / H * kRowTile, k = i % H, nr = tile_rows(r0, R);
+      A dzw[kRowTile];
+      dot_rows(dz + r0 * Hs, Hs, nr, w + k * Hw, H, dzw);
+      FASTRNN_UNROLL
+      for (int q = 0; q < kRowTile; ++q) {
+        if (q >= nr) continue;
+        const int64_t r = r0 + q;
+        next[r * Hs + k] = active(p.lengths, n0 + r, t) ? dzw[q] : cur[r * Hs + k];
+      }
     }
     b.sync();
   }
@@ -266,6 +324,26 @@ FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t row
   for (int64_t i = b.tid; i < R * H; i += b.threads) {
     const int64_t r = i / H, k = i - r * H;
     p.dh0[(d * N + n0) * H + i] = from_acc<T>(last[r * Hs + k]);
+  }
+}
+
+// The dh carry of a split backward, dh (R, Hc) = dz W_hh for this member's
+// nc columns: dh[r][c] = z[r] . w[c] for the rows active at step t; inactive
+// rows keep dh. z (R, Hs) holds dz of every column, w (nc, Hw) the member's
+// columns of W_hh (w[c][j] = W_hh[j][c0 + c]).
+template <typename A, typename Block>
+FASTRNN_HD void carry_tiles(const int64_t* lengths, int64_t t, int64_t n0, int64_t R, int64_t nc,
+                            const A* z, int64_t Hs, const A* w, int64_t Hw, int64_t H, A* dh,
+                            int64_t Hc, const Block& b) {
+  for (int64_t i = b.tid; i < row_tiles(R) * nc; i += b.threads) {
+    const int64_t r0 = i / nc * kRowTile, c = i % nc, nr = tile_rows(r0, R);
+    A dzw[kRowTile];
+    dot_rows(z + r0 * Hs, Hs, nr, w + c * Hw, H, dzw);
+    FASTRNN_UNROLL
+    for (int q = 0; q < kRowTile; ++q) {
+      if (q >= nr) continue;
+      if (active(lengths, n0 + r0 + q, t)) dh[(r0 + q) * Hc + c] = dzw[q];
+    }
   }
 }
 
@@ -318,19 +396,25 @@ FASTRNN_HD void forward_cluster_body(const ForwardParams<T>& p, int64_t rows, in
     const int64_t t = d == 0 ? s : T_ - 1 - s;
     const A* prev = state + (s & 1) * rows * Hs;
     const int64_t next = Hc * Hw + ((s + 1) & 1) * rows * Hs;  // element offset in every member
-    for (int64_t i = b.tid; i < R * nj; i += b.threads) {
-      const int64_t r = i / nj, c = i - r * nj, j = j0 + c, n = n0 + r;
-      T* out = p.y + (t * N + n) * DH + d * H + j;
-      A v;
-      if (active(p.lengths, n, t)) {
-        v = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + dot(prev + r * Hs, w + c * Hw, H),
-                p.relu);
-        *out = from_acc<T>(v);
-      } else {
-        v = prev[r * Hs + j];
-        *out = from_acc<T>(A(0));
+    for (int64_t i = b.tid; i < row_tiles(R) * nj; i += b.threads) {
+      const int64_t r0 = i / nj * kRowTile, c = i % nj, j = j0 + c, nr = tile_rows(r0, R);
+      A hw[kRowTile];
+      dot_rows(prev + r0 * Hs, Hs, nr, w + c * Hw, H, hw);
+      FASTRNN_UNROLL
+      for (int q = 0; q < kRowTile; ++q) {
+        if (q >= nr) continue;
+        const int64_t r = r0 + q, n = n0 + r;
+        T* out = p.y + (t * N + n) * DH + d * H + j;
+        A v;
+        if (active(p.lengths, n, t)) {
+          v = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + hw[q], p.relu);
+          *out = from_acc<T>(v);
+        } else {
+          v = prev[r * Hs + j];
+          *out = from_acc<T>(A(0));
+        }
+        for (int64_t m = 0; m < b.size; ++m) reinterpret_cast<A*>(b.peer(m))[next + r * Hs + j] = v;
       }
-      for (int64_t q = 0; q < b.size; ++q) reinterpret_cast<A*>(b.peer(q))[next + r * Hs + j] = v;
     }
     b.cluster_sync();
   }
@@ -367,24 +451,24 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, 
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = d == 0 ? T_ - 1 - s : s;
     const int64_t buf = dz_offset + (s & 1) * rows * Hs;
-    // Each thread keeps the same (r, c) in both loops, so its dh element
-    // needs no barrier between them.
-    for (int64_t i = b.tid; i < R * nk; i += b.threads) {
-      const int64_t r = i / nk, c = i - r * nk, k = k0 + c, n = n0 + r;
-      A g_ = A(0);
-      if (active(p.lengths, n, t)) {
-        const int64_t o = (t * N + n) * DH + d * H + k;
-        g_ = act_backward(to_acc(p.dy[o]) + dh[r * Hc + c], to_acc(p.y[o]), p.relu);
+    // Each thread keeps the same tile and column in both loops, so its dh
+    // elements need no barrier between them.
+    for (int64_t i = b.tid; i < row_tiles(R) * nk; i += b.threads) {
+      const int64_t r0 = i / nk * kRowTile, c = i % nk, k = k0 + c, nr = tile_rows(r0, R);
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        const int64_t n = n0 + r;
+        A g_ = A(0);
+        if (active(p.lengths, n, t)) {
+          const int64_t o = (t * N + n) * DH + d * H + k;
+          g_ = act_backward(to_acc(p.dy[o]) + dh[r * Hc + c], to_acc(p.y[o]), p.relu);
+        }
+        p.dz[((d * T_ + t) * N + n) * H + k] = from_acc<T>(g_);
+        for (int64_t m = 0; m < b.size; ++m) reinterpret_cast<A*>(b.peer(m))[buf + r * Hs + k] = g_;
       }
-      p.dz[((d * T_ + t) * N + n) * H + k] = from_acc<T>(g_);
-      for (int64_t q = 0; q < b.size; ++q) reinterpret_cast<A*>(b.peer(q))[buf + r * Hs + k] = g_;
     }
     b.cluster_sync();
     const A* z = reinterpret_cast<const A*>(smem) + buf;  // (rows, Hs), complete
-    for (int64_t i = b.tid; i < R * nk; i += b.threads) {
-      const int64_t r = i / nk, c = i - r * nk;
-      if (active(p.lengths, n0 + r, t)) dh[r * Hc + c] = dot(z + r * Hs, w + c * Hw, H);
-    }
+    carry_tiles(p.lengths, t, n0, R, nk, z, Hs, w, Hw, H, dh, Hc, b);
   }
   for (int64_t i = b.tid; i < R * nk; i += b.threads) {
     const int64_t r = i / nk, c = i - r * nk;
@@ -455,19 +539,25 @@ FASTRNN_HD void forward_grid_body(const ForwardParams<T>& p, int64_t rows, int64
     }
     b.sync();
     A* next = exchange + (s & 1) * buffer + rows0;
-    for (int64_t i = b.tid; i < R * nj; i += b.threads) {
-      const int64_t r = i / nj, j = j0 + (i - r * nj), n = n0 + r;
-      T* out = p.y + (t * N + n) * DH + d * H + j;
-      A v;
-      if (active(p.lengths, n, t)) {
-        v = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + dot(state + r * Hs, w + (j - j0) * Hw, H),
-                p.relu);
-        *out = from_acc<T>(v);
-      } else {
-        v = state[r * Hs + j];
-        *out = from_acc<T>(A(0));
+    for (int64_t i = b.tid; i < row_tiles(R) * nj; i += b.threads) {
+      const int64_t r0 = i / nj * kRowTile, c = i % nj, j = j0 + c, nr = tile_rows(r0, R);
+      A hw[kRowTile];
+      dot_rows(state + r0 * Hs, Hs, nr, w + c * Hw, H, hw);
+      FASTRNN_UNROLL
+      for (int q = 0; q < kRowTile; ++q) {
+        if (q >= nr) continue;
+        const int64_t r = r0 + q, n = n0 + r;
+        T* out = p.y + (t * N + n) * DH + d * H + j;
+        A v;
+        if (active(p.lengths, n, t)) {
+          v = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + hw[q], p.relu);
+          *out = from_acc<T>(v);
+        } else {
+          v = state[r * Hs + j];
+          *out = from_acc<T>(A(0));
+        }
+        next[r * H + j] = v;
       }
-      next[r * H + j] = v;
     }
     b.group_sync(s);
   }
@@ -506,15 +596,20 @@ FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, int64_t rows, int
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = d == 0 ? T_ - 1 - s : s;
     A* mine = exchange + (s & 1) * buffer + rows0;
-    for (int64_t i = b.tid; i < R * nk; i += b.threads) {
-      const int64_t r = i / nk, c = i - r * nk, k = k0 + c, n = n0 + r;
-      A g_ = A(0);
-      if (active(p.lengths, n, t)) {
-        const int64_t o = (t * N + n) * DH + d * H + k;
-        g_ = act_backward(to_acc(p.dy[o]) + dh[r * Hc + c], to_acc(p.y[o]), p.relu);
+    // Each thread keeps the same tile and column here and in carry_tiles,
+    // so its dh elements need no barrier between them.
+    for (int64_t i = b.tid; i < row_tiles(R) * nk; i += b.threads) {
+      const int64_t r0 = i / nk * kRowTile, c = i % nk, k = k0 + c, nr = tile_rows(r0, R);
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        const int64_t n = n0 + r;
+        A g_ = A(0);
+        if (active(p.lengths, n, t)) {
+          const int64_t o = (t * N + n) * DH + d * H + k;
+          g_ = act_backward(to_acc(p.dy[o]) + dh[r * Hc + c], to_acc(p.y[o]), p.relu);
+        }
+        p.dz[((d * T_ + t) * N + n) * H + k] = from_acc<T>(g_);
+        mine[r * H + k] = g_;
       }
-      p.dz[((d * T_ + t) * N + n) * H + k] = from_acc<T>(g_);
-      mine[r * H + k] = g_;
     }
     b.group_sync(s);
     for (int64_t i = b.tid; i < R * H; i += b.threads) {
@@ -522,10 +617,7 @@ FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, int64_t rows, int
       z[r * Hs + j] = load_exchange(mine + i);
     }
     b.sync();
-    for (int64_t i = b.tid; i < R * nk; i += b.threads) {
-      const int64_t r = i / nk, c = i - r * nk;
-      if (active(p.lengths, n0 + r, t)) dh[r * Hc + c] = dot(z + r * Hs, w + c * Hw, H);
-    }
+    carry_tiles(p.lengths, t, n0, R, nk, z, Hs, w, Hw, H, dh, Hc, b);
   }
   for (int64_t i = b.tid; i < R * nk; i += b.threads) {
     const int64_t r = i / nk, c = i - r * nk;

@@ -19,7 +19,7 @@ struct DeviceBlock {
 
 // grid (ceil(N / rows), D); shared memory: persistent_smem_bytes.
 template <typename T>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     forward_persistent_kernel(const ForwardParams<T> p, const int64_t rows) {
   extern __shared__ __align__(16) unsigned char smem[];
   forward_persistent_body(p, rows, blockIdx.x, blockIdx.y, smem,
@@ -27,7 +27,7 @@ __global__ void __launch_bounds__(1024)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     backward_persistent_kernel(const BackwardParams<T> p, const int64_t rows) {
   extern __shared__ __align__(16) unsigned char smem[];
   backward_persistent_body(p, rows, blockIdx.x, blockIdx.y, smem,
@@ -49,7 +49,7 @@ struct ClusterBlock {
 // grid (cluster * ceil(N / rows), D), clusters of `cluster` blocks along x.
 // Compiled to nothing below sm_90, where the cluster path is never chosen.
 template <typename T>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     forward_cluster_kernel(const ForwardParams<T> p, const int64_t rows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem[];
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(1024)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     backward_cluster_kernel(const BackwardParams<T> p, const int64_t rows) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem[];
@@ -99,7 +99,7 @@ struct GridBlock {
 // grid (size * groups, D); counters (D, groups), zero at launch; exchange
 // (2, D, N, H) in the accumulation type.
 template <typename T>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     forward_grid_kernel(const ForwardParams<T> p, const int64_t rows, const int64_t size,
                         typename AccOf<T>::type* exchange, unsigned int* counters) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(1024)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kMaxThreads, 1)
     backward_grid_kernel(const BackwardParams<T> p, const int64_t rows, const int64_t size,
                          typename AccOf<T>::type* exchange, unsigned int* counters) {
   extern __shared__ __align__(16) unsigned char smem[];
