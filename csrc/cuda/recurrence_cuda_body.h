@@ -220,13 +220,45 @@ FASTRNN_HD int64_t rows_in_block(int64_t n0, int64_t rows, int64_t N) {
   return rows < N - n0 ? rows : N - n0;
 }
 
+// The forward step of one tile of rows [r0, r0 + nr) and one column j,
+// rows relative to the block's first row n0: h = act(u + state . W_hh[j])
+// for the rows active at step t, the carried state for the others (whose
+// output is zero). Writes y and hands each row's new state to
+// publish(r, v). state (rows, Hs) holds h of the previous step, every
+// column; wj is the column W_hh[j] (H values).
+template <typename T, typename Publish>
+FASTRNN_HD void forward_tile(const ForwardParams<T>& p, int64_t t, int64_t d, int64_t n0,
+                             int64_t r0, int64_t nr, int64_t j,
+                             const typename AccOf<T>::type* state, int64_t Hs,
+                             const typename AccOf<T>::type* wj, const Publish& publish) {
+  using A = typename AccOf<T>::type;
+  const int64_t N = p.N, H = p.H;
+  A hw[kRowTile];
+  dot_rows(state + r0 * Hs, Hs, nr, wj, H, hw);
+  FASTRNN_UNROLL
+  for (int q = 0; q < kRowTile; ++q) {
+    if (q >= nr) continue;
+    const int64_t r = r0 + q, n = n0 + r;
+    T* out = p.y + (t * N + n) * p.D * H + d * H + j;
+    A v;
+    if (active(p.lengths, n, t)) {
+      v = act(to_acc(p.u[((d * p.T + t) * N + n) * H + j]) + hw[q], p.relu);
+      *out = from_acc<T>(v);
+    } else {
+      v = state[r * Hs + j];
+      *out = from_acc<T>(A(0));
+    }
+    publish(r, v);
+  }
+}
+
 // Block (bx, d) of the persistent forward: batch rows [bx * rows, ...) of
 // direction d, all T steps, W_hh and the rows' state in shared memory.
 template <typename T, typename Block>
 FASTRNN_HD void forward_persistent_body(const ForwardParams<T>& p, int64_t rows, int64_t bx,
                                         int64_t d, unsigned char* smem, const Block& b) {
   using A = typename AccOf<T>::type;
-  const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t T_ = p.T, N = p.N, H = p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t n0 = bx * rows, R = rows_in_block(n0, rows, N);
   A* w = reinterpret_cast<A*>(smem);  // (H, Hw): w[j * Hw + k] = W_hh[j][k]
@@ -245,23 +277,9 @@ FASTRNN_HD void forward_persistent_body(const ForwardParams<T>& p, int64_t rows,
     const A* prev = state + (s & 1) * rows * Hs;
     A* next = state + ((s + 1) & 1) * rows * Hs;
     for (int64_t i = b.tid; i < row_tiles(R) * H; i += b.threads) {
-      const int64_t r0 = i / H * kRowTile, j = i % H, nr = tile_rows(r0, R);
-      A hw[kRowTile];
-      dot_rows(prev + r0 * Hs, Hs, nr, w + j * Hw, H, hw);
-      FASTRNN_UNROLL
-      for (int q = 0; q < kRowTile; ++q) {
-        if (q >= nr) continue;
-        const int64_t r = r0 + q, n = n0 + r;
-        T* out = p.y + (t * N + n) * DH + d * H + j;
-        if (!active(p.lengths, n, t)) {
-          next[r * Hs + j] = prev[r * Hs + j];
-          *out = from_acc<T>(A(0));
-          continue;
-        }
-        const A z = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + hw[q], p.relu);
-        next[r * Hs + j] = z;
-        *out = from_acc<T>(z);
-      }
+      const int64_t r0 = i / H * kRowTile, j = i % H;
+      forward_tile(p, t, d, n0, r0, tile_rows(r0, R), j, prev, Hs, w + j * Hw,
+                   [&](int64_t r, A v) { next[r * Hs + j] = v; });
     }
     b.sync();
   }
@@ -377,7 +395,7 @@ template <typename T, typename Block>
 FASTRNN_HD void forward_cluster_body(const ForwardParams<T>& p, int64_t rows, int64_t g,
                                      int64_t d, unsigned char* smem, const Block& b) {
   using A = typename AccOf<T>::type;
-  const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t T_ = p.T, N = p.N, H = p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t Hc = cluster_columns(H, b.size), j0 = b.rank * Hc, nj = owned_columns(H, b.size, b.rank);
   const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
@@ -397,24 +415,10 @@ FASTRNN_HD void forward_cluster_body(const ForwardParams<T>& p, int64_t rows, in
     const A* prev = state + (s & 1) * rows * Hs;
     const int64_t next = Hc * Hw + ((s + 1) & 1) * rows * Hs;  // element offset in every member
     for (int64_t i = b.tid; i < row_tiles(R) * nj; i += b.threads) {
-      const int64_t r0 = i / nj * kRowTile, c = i % nj, j = j0 + c, nr = tile_rows(r0, R);
-      A hw[kRowTile];
-      dot_rows(prev + r0 * Hs, Hs, nr, w + c * Hw, H, hw);
-      FASTRNN_UNROLL
-      for (int q = 0; q < kRowTile; ++q) {
-        if (q >= nr) continue;
-        const int64_t r = r0 + q, n = n0 + r;
-        T* out = p.y + (t * N + n) * DH + d * H + j;
-        A v;
-        if (active(p.lengths, n, t)) {
-          v = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + hw[q], p.relu);
-          *out = from_acc<T>(v);
-        } else {
-          v = prev[r * Hs + j];
-          *out = from_acc<T>(A(0));
-        }
+      const int64_t r0 = i / nj * kRowTile, c = i % nj, j = j0 + c;
+      forward_tile(p, t, d, n0, r0, tile_rows(r0, R), j, prev, Hs, w + c * Hw, [&](int64_t r, A v) {
         for (int64_t m = 0; m < b.size; ++m) reinterpret_cast<A*>(b.peer(m))[next + r * Hs + j] = v;
-      }
+      });
     }
     b.cluster_sync();
   }
@@ -519,7 +523,7 @@ FASTRNN_HD void forward_grid_body(const ForwardParams<T>& p, int64_t rows, int64
                                   typename AccOf<T>::type* exchange, unsigned char* smem,
                                   const Block& b) {
   using A = typename AccOf<T>::type;
-  const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t T_ = p.T, N = p.N, H = p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t Hc = cluster_columns(H, b.size), j0 = b.rank * Hc, nj = owned_columns(H, b.size, b.rank);
   const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
@@ -540,24 +544,9 @@ FASTRNN_HD void forward_grid_body(const ForwardParams<T>& p, int64_t rows, int64
     b.sync();
     A* next = exchange + (s & 1) * buffer + rows0;
     for (int64_t i = b.tid; i < row_tiles(R) * nj; i += b.threads) {
-      const int64_t r0 = i / nj * kRowTile, c = i % nj, j = j0 + c, nr = tile_rows(r0, R);
-      A hw[kRowTile];
-      dot_rows(state + r0 * Hs, Hs, nr, w + c * Hw, H, hw);
-      FASTRNN_UNROLL
-      for (int q = 0; q < kRowTile; ++q) {
-        if (q >= nr) continue;
-        const int64_t r = r0 + q, n = n0 + r;
-        T* out = p.y + (t * N + n) * DH + d * H + j;
-        A v;
-        if (active(p.lengths, n, t)) {
-          v = act(to_acc(p.u[((d * T_ + t) * N + n) * H + j]) + hw[q], p.relu);
-          *out = from_acc<T>(v);
-        } else {
-          v = state[r * Hs + j];
-          *out = from_acc<T>(A(0));
-        }
-        next[r * H + j] = v;
-      }
+      const int64_t r0 = i / nj * kRowTile, c = i % nj, j = j0 + c;
+      forward_tile(p, t, d, n0, r0, tile_rows(r0, R), j, state, Hs, w + c * Hw,
+                   [&](int64_t r, A v) { next[r * H + j] = v; });
     }
     b.group_sync(s);
   }
