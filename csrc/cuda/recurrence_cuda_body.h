@@ -201,7 +201,7 @@ FASTRNN_HD void dot_rows(const A* x, int64_t xs, int64_t nr, const A* y, int64_t
 // Threads of a block of the persistent, cluster and grid kernels, at most.
 // 512 leaves a thread 128 registers (the kernels declare one block per
 // multiprocessor, which their shared memory allows anyway): ptxas -v for
-// sm_90 shows no spills in the float kernels and 8-16 bytes in the double
+// sm_90 shows no spills in the float kernels and 8-24 bytes in the double
 // ones, where 1024 threads (64 registers) spilled 36-116 bytes in every one.
 // Outputs past one per thread take a second tile.
 constexpr int kMaxThreads = 512;
@@ -214,6 +214,17 @@ inline int persistent_threads(int64_t rows, int64_t H) {
 }
 
 constexpr int kStepThreads = 256;
+
+// i / n and i % n for the indices of the per-step loops, which index a
+// block's shared memory (far below 2^32): in 32 bits, a fraction of the cost
+// of a 64-bit division on the device.
+struct DivMod {
+  int64_t q, r;
+};
+FASTRNN_HD DivMod divmod(int64_t i, int64_t n) {
+  const uint32_t a = static_cast<uint32_t>(i), b = static_cast<uint32_t>(n), q = a / b;
+  return DivMod{q, a - q * b};
+}
 
 // Rows of the block that starts at batch row n0: `rows`, fewer in the last.
 FASTRNN_HD int64_t rows_in_block(int64_t n0, int64_t rows, int64_t N) {
@@ -233,6 +244,12 @@ FASTRNN_HD void forward_tile(const ForwardParams<T>& p, int64_t t, int64_t d, in
                              const typename AccOf<T>::type* wj, const Publish& publish) {
   using A = typename AccOf<T>::type;
   const int64_t N = p.N, H = p.H;
+  // The input terms are loaded before the dot products, so that their trip
+  // to global memory overlaps the arithmetic instead of following it.
+  A u[kRowTile];
+  FASTRNN_UNROLL
+  for (int q = 0; q < kRowTile; ++q)
+    u[q] = q < nr ? to_acc(p.u[((d * p.T + t) * N + n0 + r0 + q) * H + j]) : A(0);
   A hw[kRowTile];
   dot_rows(state + r0 * Hs, Hs, nr, wj, H, hw);
   FASTRNN_UNROLL
@@ -242,7 +259,7 @@ FASTRNN_HD void forward_tile(const ForwardParams<T>& p, int64_t t, int64_t d, in
     T* out = p.y + (t * N + n) * p.D * H + d * H + j;
     A v;
     if (active(p.lengths, n, t)) {
-      v = act(to_acc(p.u[((d * p.T + t) * N + n) * H + j]) + hw[q], p.relu);
+      v = act(u[q] + hw[q], p.relu);
       *out = from_acc<T>(v);
     } else {
       v = state[r * Hs + j];
@@ -277,7 +294,8 @@ FASTRNN_HD void forward_persistent_body(const ForwardParams<T>& p, int64_t rows,
     const A* prev = state + (s & 1) * rows * Hs;
     A* next = state + ((s + 1) & 1) * rows * Hs;
     for (int64_t i = b.tid; i < row_tiles(R) * H; i += b.threads) {
-      const int64_t r0 = i / H * kRowTile, j = i % H;
+      const DivMod tc = divmod(i, H);
+      const int64_t r0 = tc.q * kRowTile, j = tc.r;
       forward_tile(p, t, d, n0, r0, tile_rows(r0, R), j, prev, Hs, w + j * Hw,
                    [&](int64_t r, A v) { next[r * Hs + j] = v; });
     }
@@ -315,7 +333,8 @@ FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t row
     const A* cur = dh + (s & 1) * rows * Hs;
     A* next = dh + ((s + 1) & 1) * rows * Hs;
     for (int64_t i = b.tid; i < R * H; i += b.threads) {
-      const int64_t r = i / H, j = i - r * H, n = n0 + r;
+      const DivMod rj = divmod(i, H);
+      const int64_t r = rj.q, j = rj.r, n = n0 + r;
       A g = A(0);
       if (active(p.lengths, n, t)) {
         const int64_t o = (t * N + n) * DH + d * H + j;
@@ -326,7 +345,8 @@ FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t row
     }
     b.sync();
     for (int64_t i = b.tid; i < row_tiles(R) * H; i += b.threads) {
-      const int64_t r0 = i / H * kRowTile, k = i % H, nr = tile_rows(r0, R);
+      const DivMod tk = divmod(i, H);
+      const int64_t r0 = tk.q * kRowTile, k = tk.r, nr = tile_rows(r0, R);
       A dzw[kRowTile];
       dot_rows(dz + r0 * Hs, Hs, nr, w + k * Hw, H, dzw);
       FASTRNN_UNROLL
@@ -354,7 +374,8 @@ FASTRNN_HD void carry_tiles(const int64_t* lengths, int64_t t, int64_t n0, int64
                             const A* z, int64_t Hs, const A* w, int64_t Hw, int64_t H, A* dh,
                             int64_t Hc, const Block& b) {
   for (int64_t i = b.tid; i < row_tiles(R) * nc; i += b.threads) {
-    const int64_t r0 = i / nc * kRowTile, c = i % nc, nr = tile_rows(r0, R);
+    const DivMod tc = divmod(i, nc);
+    const int64_t r0 = tc.q * kRowTile, c = tc.r, nr = tile_rows(r0, R);
     A dzw[kRowTile];
     dot_rows(z + r0 * Hs, Hs, nr, w + c * Hw, H, dzw);
     FASTRNN_UNROLL
@@ -415,7 +436,8 @@ FASTRNN_HD void forward_cluster_body(const ForwardParams<T>& p, int64_t rows, in
     const A* prev = state + (s & 1) * rows * Hs;
     const int64_t next = Hc * Hw + ((s + 1) & 1) * rows * Hs;  // element offset in every member
     for (int64_t i = b.tid; i < row_tiles(R) * nj; i += b.threads) {
-      const int64_t r0 = i / nj * kRowTile, c = i % nj, j = j0 + c;
+      const DivMod tc = divmod(i, nj);
+      const int64_t r0 = tc.q * kRowTile, c = tc.r, j = j0 + c;
       forward_tile(p, t, d, n0, r0, tile_rows(r0, R), j, prev, Hs, w + c * Hw, [&](int64_t r, A v) {
         for (int64_t m = 0; m < b.size; ++m) reinterpret_cast<A*>(b.peer(m))[next + r * Hs + j] = v;
       });
@@ -458,7 +480,8 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, 
     // Each thread keeps the same tile and column in both loops, so its dh
     // elements need no barrier between them.
     for (int64_t i = b.tid; i < row_tiles(R) * nk; i += b.threads) {
-      const int64_t r0 = i / nk * kRowTile, c = i % nk, k = k0 + c, nr = tile_rows(r0, R);
+      const DivMod tc = divmod(i, nk);
+      const int64_t r0 = tc.q * kRowTile, c = tc.r, k = k0 + c, nr = tile_rows(r0, R);
       for (int64_t r = r0; r < r0 + nr; ++r) {
         const int64_t n = n0 + r;
         A g_ = A(0);
@@ -538,13 +561,14 @@ FASTRNN_HD void forward_grid_body(const ForwardParams<T>& p, int64_t rows, int64
     const int64_t t = d == 0 ? s : T_ - 1 - s;
     const A* prev = exchange + ((s + 1) & 1) * buffer + rows0;  // written by step s - 1
     for (int64_t i = b.tid; i < R * H; i += b.threads) {
-      const int64_t r = i / H, k = i - r * H;
-      state[r * Hs + k] = s == 0 ? to_acc(p.h0[rows0 + i]) : load_exchange(prev + i);
+      const DivMod rk = divmod(i, H);
+      state[rk.q * Hs + rk.r] = s == 0 ? to_acc(p.h0[rows0 + i]) : load_exchange(prev + i);
     }
     b.sync();
     A* next = exchange + (s & 1) * buffer + rows0;
     for (int64_t i = b.tid; i < row_tiles(R) * nj; i += b.threads) {
-      const int64_t r0 = i / nj * kRowTile, c = i % nj, j = j0 + c;
+      const DivMod tc = divmod(i, nj);
+      const int64_t r0 = tc.q * kRowTile, c = tc.r, j = j0 + c;
       forward_tile(p, t, d, n0, r0, tile_rows(r0, R), j, state, Hs, w + c * Hw,
                    [&](int64_t r, A v) { next[r * H + j] = v; });
     }
@@ -588,7 +612,8 @@ FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, int64_t rows, int
     // Each thread keeps the same tile and column here and in carry_tiles,
     // so its dh elements need no barrier between them.
     for (int64_t i = b.tid; i < row_tiles(R) * nk; i += b.threads) {
-      const int64_t r0 = i / nk * kRowTile, c = i % nk, k = k0 + c, nr = tile_rows(r0, R);
+      const DivMod tc = divmod(i, nk);
+      const int64_t r0 = tc.q * kRowTile, c = tc.r, k = k0 + c, nr = tile_rows(r0, R);
       for (int64_t r = r0; r < r0 + nr; ++r) {
         const int64_t n = n0 + r;
         A g_ = A(0);
@@ -602,8 +627,8 @@ FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, int64_t rows, int
     }
     b.group_sync(s);
     for (int64_t i = b.tid; i < R * H; i += b.threads) {
-      const int64_t r = i / H, j = i - r * H;
-      z[r * Hs + j] = load_exchange(mine + i);
+      const DivMod rj = divmod(i, H);
+      z[rj.q * Hs + rj.r] = load_exchange(mine + i);
     }
     b.sync();
     carry_tiles(p.lengths, t, n0, R, nk, z, Hs, w, Hw, H, dh, Hc, b);
