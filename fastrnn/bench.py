@@ -255,24 +255,31 @@ def _cpu_name():
 
 
 def table(rows):
-    paths = any(r.get("cuda_path") for r in rows)
+    """The report's table; on CUDA it adds the fused forward's time per step
+    (per layer), the peak memory of a forward+backward and the path taken."""
+    cuda = any(r.get("cuda_path") for r in rows)
     head = (f"{'shape (C,H,L,N,T)':<24}{'max err':>9}  {'fwd torch ms':>13}{'fwd fused ms':>13}{'x':>7}"
             f"  {'f+b torch ms':>13}{'f+b fused ms':>13}{'x':>7}  {'saved MB t/f':>14}"
-            + (f"  {'path':<10}" if paths else ""))
+            + (f"  {'us/step':>8}  {'peak MB t/f':>14}  {'path':<10}" if cuda else ""))
     lines = [head, "-" * len(head)]
 
     def cell(s):
         return f"{s['median_ms']:.3f}"
 
+    def megabytes(pair):
+        return f"{pair['torch'] / 2**20:.1f}/{pair['fastrnn'] / 2**20:.1f}"
+
     for r in rows:
         shape = f"({r['input']},{r['hidden']},{r['layers']},{r['batch']},{r['steps']})"
         err = max(r["max_abs_error"].values())
         f, fb = r["forward"], r["forward_backward"]
-        mem = f"{r['saved_bytes']['torch'] / 2**20:.1f}/{r['saved_bytes']['fastrnn'] / 2**20:.1f}"
-        lines.append(f"{shape:<24}{err:>9.1e}  {cell(f['torch']):>13}{cell(f['fastrnn']):>13}"
-                     f"{f['speedup']:>6.1f}x  {cell(fb['torch']):>13}{cell(fb['fastrnn']):>13}"
-                     f"{fb['speedup']:>6.1f}x  {mem:>14}"
-                     + (f"  {r['cuda_path']:<10}" if paths else ""))
+        line = (f"{shape:<24}{err:>9.1e}  {cell(f['torch']):>13}{cell(f['fastrnn']):>13}"
+                f"{f['speedup']:>6.1f}x  {cell(fb['torch']):>13}{cell(fb['fastrnn']):>13}"
+                f"{fb['speedup']:>6.1f}x  {megabytes(r['saved_bytes']):>14}")
+        if cuda:
+            per_step = f["fastrnn"]["median_ms"] * 1e3 / (r["steps"] * r["layers"])
+            line += f"  {per_step:>8.2f}  {megabytes(r['peak_bytes']):>14}  {r['cuda_path']:<10}"
+        lines.append(line)
     return "\n".join(lines)
 
 
