@@ -46,7 +46,11 @@ class RNN(nn.RNNBase):
         cover. ``'fused'``: the fused kernel on CPU and CUDA alike.
         ``'torch'``: always nn.RNN's implementation.
 
-    After each call, ``last_path`` says which ran: ``'fused'`` or ``'torch'``.
+    After each call, ``last_path`` says which ran: ``'fused'`` or ``'torch'``;
+    after a fused call on CUDA, ``last_cuda_path`` says which CUDA time loop
+    ran its forward (``'persistent'``, ``'cluster'``, ``'grid'`` or
+    ``'step'``; see the README), else None (it is left as it was under
+    torch.compile).
 
     It derives from ``nn.RNNBase``, not ``nn.RNN``, so that torch.compile
     traces it (dynamo stops at every nn.RNN instance).
@@ -72,6 +76,7 @@ class RNN(nn.RNNBase):
             raise ValueError(f"Unknown backend '{backend}'. Select from {', '.join(map(repr, BACKENDS))}.")
         self.backend = backend
         self.last_path = None
+        self.last_cuda_path = None
         super().__init__(mode, *args, **kwargs)
 
     def extra_repr(self):
@@ -84,6 +89,7 @@ class RNN(nn.RNNBase):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("last_path", None)
+        self.__dict__.setdefault("last_cuda_path", None)
 
     def _fused_applies(self, data):
         if self.backend == "torch":
@@ -99,6 +105,7 @@ class RNN(nn.RNNBase):
         data = input.data if isinstance(input, PackedSequence) else input
         if not self._fused_applies(data):
             self.last_path = "torch"
+            self.last_cuda_path = None
             return nn.RNN.forward(self, input, hx)
         self.last_path = "fused"
         return self._fused_forward(input, hx)
@@ -176,6 +183,11 @@ class RNN(nn.RNNBase):
             x, hx, weights, lengths, dropout_mask, self.num_layers, self.bidirectional,
             self.bias, self.mode == "RNN_RELU",
         )
+        if not torch.compiler.is_compiling():
+            # The extension records the path per thread; read it on the
+            # thread that just ran the forward.
+            self.last_cuda_path = (_ops._C.last_cuda_path()
+                                   if x.is_cuda and _ops.cuda_built() else None)
         if is_packed:
             output = PackedSequence(output.reshape(-1, output.shape[-1])[rows], batch_sizes,
                                     sorted_indices, unsorted_indices)

@@ -37,6 +37,7 @@ def test_every_path_matches_nn_rnn(cuda_path, hidden, nonlinearity, lengths):
         x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
     compare(ref, ours, x)
     assert _ops._C.last_cuda_path() == cuda_path
+    assert ours.last_cuda_path == cuda_path
 
 
 @pytest.mark.parametrize("hidden,batch,path", [

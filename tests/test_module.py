@@ -136,6 +136,8 @@ def test_backends():
     fused = fastrnn.RNN(3, 4, backend="fused")
     fused(x)
     assert fused.last_path == "fused"
+    # No CUDA time loop ran on any of them.
+    assert auto.last_cuda_path is None and fused.last_cuda_path is None
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
