@@ -104,8 +104,8 @@ FASTRNN_HD int64_t column_stride(int64_t H, int64_t L) {
 }
 
 // Shared memory of the persistent kernels for `rows` batch rows per block.
-// Forward: w (H, Hw) + state (2, rows, Hs); backward: w (H, Hw) + dh (2,
-// rows, Hs) + dz (rows, Hs). The larger of the two.
+// Forward: w (H, Hw) + state (2, rows, Hs); backward: w (H, Hw) + dh (rows,
+// Hs) + dz (2, rows, Hs). The larger of the two.
 inline int64_t persistent_smem_bytes(int64_t H, int64_t rows, bool is_double) {
   const int64_t L = is_double ? 2 : 4;
   return (H * column_stride(H, L) + 3 * rows * row_stride(H, L)) * (is_double ? 8 : 4);
@@ -201,8 +201,9 @@ FASTRNN_HD void dot_rows(const A* x, int64_t xs, int64_t nr, const A* y, int64_t
 // Threads of a block of the persistent, cluster and grid kernels, at most.
 // 512 leaves a thread 128 registers (the kernels declare one block per
 // multiprocessor, which their shared memory allows anyway): ptxas -v for
-// sm_90 shows no spills in the float kernels and 8-24 bytes in the double
-// ones, where 1024 threads (64 registers) spilled 36-116 bytes in every one.
+// sm_90 shows no spills in the float32 kernels, 12 bytes in the half and
+// bfloat16 cluster backward and 8-44 bytes in the float64 ones, where 1024
+// threads (64 registers) spilled 36-116 bytes in every one.
 // Outputs past one per thread take a second tile.
 constexpr int kMaxThreads = 512;
 
@@ -308,71 +309,93 @@ FASTRNN_HD void forward_persistent_body(const ForwardParams<T>& p, int64_t rows,
   }
 }
 
-// Block (bx, d) of the persistent backward, all T steps in reverse order.
-template <typename T, typename Block>
-FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t rows, int64_t bx,
-                                         int64_t d, unsigned char* smem, const Block& b) {
-  using A = typename AccOf<T>::type;
-  const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
-  const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
-  const int64_t n0 = bx * rows, R = rows_in_block(n0, rows, N);
-  A* w = reinterpret_cast<A*>(smem);  // (H, Hw): w[k * Hw + j] = W_hh[j][k]
-  A* dh = w + H * Hw;                 // (2, rows, Hs)
-  A* dz = dh + 2 * rows * Hs;         // (rows, Hs)
-  for (int64_t i = b.tid; i < H * H; i += b.threads) {
-    const int64_t j = i / H, k = i - j * H;
-    w[k * Hw + j] = to_acc(p.w_hh[d * H * H + i]);
-  }
-  for (int64_t i = b.tid; i < R * H; i += b.threads) {
-    const int64_t r = i / H, k = i - r * H;
-    dh[r * Hs + k] = p.dhn != nullptr ? to_acc(p.dhn[(d * N + n0) * H + i]) : A(0);
-  }
-  b.sync();
-  for (int64_t s = 0; s < T_; ++s) {
-    const int64_t t = d == 0 ? T_ - 1 - s : s;
-    const A* cur = dh + (s & 1) * rows * Hs;
-    A* next = dh + ((s + 1) & 1) * rows * Hs;
-    for (int64_t i = b.tid; i < R * H; i += b.threads) {
-      const DivMod rj = divmod(i, H);
-      const int64_t r = rj.q, j = rj.r, n = n0 + r;
-      A g = A(0);
-      if (active(p.lengths, n, t)) {
-        const int64_t o = (t * N + n) * DH + d * H + j;
-        g = act_backward(to_acc(p.dy[o]) + cur[r * Hs + j], to_acc(p.y[o]), p.relu);
-      }
-      dz[r * Hs + j] = g;
-      p.dz[((d * T_ + t) * N + n) * H + j] = from_acc<T>(g);
-    }
-    b.sync();
-    for (int64_t i = b.tid; i < row_tiles(R) * H; i += b.threads) {
-      const DivMod tk = divmod(i, H);
-      const int64_t r0 = tk.q * kRowTile, k = tk.r, nr = tile_rows(r0, R);
-      A dzw[kRowTile];
-      dot_rows(dz + r0 * Hs, Hs, nr, w + k * Hw, H, dzw);
-      FASTRNN_UNROLL
-      for (int q = 0; q < kRowTile; ++q) {
-        if (q >= nr) continue;
-        const int64_t r = r0 + q;
-        next[r * Hs + k] = active(p.lengths, n0 + r, t) ? dzw[q] : cur[r * Hs + k];
-      }
-    }
-    b.sync();
-  }
-  const A* last = dh + (T_ & 1) * rows * Hs;
-  for (int64_t i = b.tid; i < R * H; i += b.threads) {
-    const int64_t r = i / H, k = i - r * H;
-    p.dh0[(d * N + n0) * H + i] = from_acc<T>(last[r * Hs + k]);
+// The backward bodies deal the tiles of a block's rows [0, R) and of its
+// member's columns [c0, c0 + nc) to threads in one order, i = tile * nc + c
+// from tid on, in every loop that touches dh, so that each element of dh is
+// read and written by one thread only and needs no barrier from one step to
+// the next.
+
+// fn(r, c) for every element of this thread's tiles.
+template <typename Block, typename Fn>
+FASTRNN_HD void for_tile_elements(int64_t R, int64_t nc, const Block& b, const Fn& fn) {
+  for (int64_t i = b.tid; i < row_tiles(R) * nc; i += b.threads) {
+    const DivMod tc = divmod(i, nc);
+    const int64_t r0 = tc.q * kRowTile, nr = tile_rows(r0, R);
+    for (int64_t r = r0; r < r0 + nr; ++r) fn(r, tc.r);
   }
 }
 
-// The dh carry of a split backward, dh (R, Hc) = dz W_hh for this member's
-// nc columns: dh[r][c] = z[r] . w[c] for the rows active at step t; inactive
-// rows keep dh. z (R, Hs) holds dz of every column, w (nc, Hw) the member's
-// columns of W_hh (w[c][j] = W_hh[j][c0 + c]).
+// dy and y of one tile at one step, loaded ahead of their use.
+template <typename A>
+struct TileInputs {
+  A dy[kRowTile], y[kRowTile];
+};
+
+template <typename T>
+FASTRNN_HD void load_tile_inputs(const BackwardParams<T>& p, int64_t t, int64_t d, int64_t n0,
+                                 int64_t r0, int64_t nr, int64_t k,
+                                 TileInputs<typename AccOf<T>::type>& in) {
+  using A = typename AccOf<T>::type;
+  FASTRNN_UNROLL
+  for (int q = 0; q < kRowTile; ++q) {
+    const int64_t o = (t * p.N + n0 + r0 + q) * p.D * p.H + d * p.H + k;
+    in.dy[q] = q < nr ? to_acc(p.dy[o]) : A(0);
+    in.y[q] = q < nr ? to_acc(p.y[o]) : A(0);
+  }
+}
+
+// The inputs of this thread's first tile at step t, loaded one step early:
+// issued before the dot products of the carry, their trip to global memory
+// overlaps that arithmetic instead of opening the next step.
+template <typename T, typename Block>
+FASTRNN_HD void load_ahead(const BackwardParams<T>& p, int64_t t, int64_t d, int64_t n0, int64_t R,
+                           int64_t c0, int64_t nc, TileInputs<typename AccOf<T>::type>& ahead,
+                           const Block& b) {
+  if (b.tid >= row_tiles(R) * nc) return;
+  const DivMod tc = divmod(b.tid, nc);
+  const int64_t r0 = tc.q * kRowTile;
+  load_tile_inputs(p, t, d, n0, r0, tile_rows(r0, R), c0 + tc.r, ahead);
+}
+
+// dz of step t for this thread's tiles: act'(dy + dh) for active rows, zero
+// for the others, into p.dz and handed to publish(r, k, g). dh (R, dhs)
+// holds the member's columns; the first tile's inputs come from `ahead`.
+template <typename T, typename Block, typename Publish>
+FASTRNN_HD void dz_tiles(const BackwardParams<T>& p, int64_t t, int64_t d, int64_t n0, int64_t R,
+                         int64_t c0, int64_t nc, const typename AccOf<T>::type* dh, int64_t dhs,
+                         const TileInputs<typename AccOf<T>::type>& ahead, const Publish& publish,
+                         const Block& b) {
+  using A = typename AccOf<T>::type;
+  for (int64_t i = b.tid; i < row_tiles(R) * nc; i += b.threads) {
+    const DivMod tc = divmod(i, nc);
+    const int64_t r0 = tc.q * kRowTile, c = tc.r, k = c0 + c, nr = tile_rows(r0, R);
+    TileInputs<A> in;
+    if (i == b.tid) {
+      in = ahead;
+    } else {
+      load_tile_inputs(p, t, d, n0, r0, nr, k, in);
+    }
+    FASTRNN_UNROLL
+    for (int q = 0; q < kRowTile; ++q) {
+      if (q >= nr) continue;
+      const int64_t r = r0 + q, n = n0 + r;
+      const A g = active(p.lengths, n, t)
+                      ? act_backward(in.dy[q] + dh[r * dhs + c], in.y[q], p.relu)
+                      : A(0);
+      p.dz[((d * p.T + t) * p.N + n) * p.H + k] = from_acc<T>(g);
+      publish(r, k, g);
+    }
+  }
+}
+
+// The dh carry, dh (R, dhs) = dz W_hh for the member's nc columns: dh[r][c]
+// = z[r] . w[c] for the rows active at step t; inactive rows keep dh. z (R,
+// Hs) holds dz of every column, w (nc, Hw) the member's columns of W_hh
+// (w[c][j] = W_hh[j][c0 + c]).
 template <typename A, typename Block>
 FASTRNN_HD void carry_tiles(const int64_t* lengths, int64_t t, int64_t n0, int64_t R, int64_t nc,
                             const A* z, int64_t Hs, const A* w, int64_t Hw, int64_t H, A* dh,
-                            int64_t Hc, const Block& b) {
+                            int64_t dhs, const Block& b) {
   for (int64_t i = b.tid; i < row_tiles(R) * nc; i += b.threads) {
     const DivMod tc = divmod(i, nc);
     const int64_t r0 = tc.q * kRowTile, c = tc.r, nr = tile_rows(r0, R);
@@ -381,9 +404,46 @@ FASTRNN_HD void carry_tiles(const int64_t* lengths, int64_t t, int64_t n0, int64
     FASTRNN_UNROLL
     for (int q = 0; q < kRowTile; ++q) {
       if (q >= nr) continue;
-      if (active(lengths, n0 + r0 + q, t)) dh[(r0 + q) * Hc + c] = dzw[q];
+      if (active(lengths, n0 + r0 + q, t)) dh[(r0 + q) * dhs + c] = dzw[q];
     }
   }
+}
+
+// Block (bx, d) of the persistent backward, all T steps in reverse order;
+// one barrier a step, dz double-buffered by the parity of the step.
+template <typename T, typename Block>
+FASTRNN_HD void backward_persistent_body(const BackwardParams<T>& p, int64_t rows, int64_t bx,
+                                         int64_t d, unsigned char* smem, const Block& b) {
+  using A = typename AccOf<T>::type;
+  const int64_t T_ = p.T, N = p.N, H = p.H;
+  const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
+  const int64_t n0 = bx * rows, R = rows_in_block(n0, rows, N);
+  A* w = reinterpret_cast<A*>(smem);  // (H, Hw): w[k * Hw + j] = W_hh[j][k]
+  A* dh = w + H * Hw;                 // (rows, Hs): gradient of the state after the step
+  A* dz = dh + rows * Hs;             // (2, rows, Hs)
+  const auto time = [&](int64_t s) { return d == 0 ? T_ - 1 - s : s; };
+  for (int64_t i = b.tid; i < H * H; i += b.threads) {
+    const int64_t j = i / H, k = i - j * H;
+    w[k * Hw + j] = to_acc(p.w_hh[d * H * H + i]);
+  }
+  for_tile_elements(R, H, b, [&](int64_t r, int64_t k) {
+    dh[r * Hs + k] = p.dhn != nullptr ? to_acc(p.dhn[(d * N + n0 + r) * H + k]) : A(0);
+  });
+  TileInputs<A> ahead;
+  load_ahead(p, time(0), d, n0, R, 0, H, ahead, b);
+  b.sync();
+  for (int64_t s = 0; s < T_; ++s) {
+    const int64_t t = time(s);
+    A* z = dz + (s & 1) * rows * Hs;
+    dz_tiles(p, t, d, n0, R, 0, H, dh, Hs, ahead,
+             [&](int64_t r, int64_t k, A g) { z[r * Hs + k] = g; }, b);
+    b.sync();
+    if (s + 1 < T_) load_ahead(p, time(s + 1), d, n0, R, 0, H, ahead, b);
+    carry_tiles(p.lengths, t, n0, R, H, z, Hs, w, Hw, H, dh, Hs, b);
+  }
+  for_tile_elements(R, H, b, [&](int64_t r, int64_t k) {
+    p.dh0[(d * N + n0 + r) * H + k] = from_acc<T>(dh[r * Hs + k]);
+  });
 }
 
 // The cluster path (sm_90): W_hh too large for one block's shared memory is
@@ -458,49 +518,38 @@ template <typename T, typename Block>
 FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, int64_t rows, int64_t g,
                                       int64_t d, unsigned char* smem, const Block& b) {
   using A = typename AccOf<T>::type;
-  const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t T_ = p.T, N = p.N, H = p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t Hc = cluster_columns(H, b.size), k0 = b.rank * Hc, nk = owned_columns(H, b.size, b.rank);
   const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
   A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + j] = W_hh[j][k0 + c]
   const int64_t dz_offset = Hc * Hw;  // dz (2, rows, Hs), the same offset in every member
   A* dh = w + dz_offset + 2 * rows * Hs;  // (rows, Hc), this member's columns only
+  const auto time = [&](int64_t s) { return d == 0 ? T_ - 1 - s : s; };
   for (int64_t i = b.tid; i < H * nk; i += b.threads) {
     const int64_t j = i / nk, c = i - j * nk;
     w[c * Hw + j] = to_acc(p.w_hh[(d * H + j) * H + k0 + c]);
   }
-  for (int64_t i = b.tid; i < R * nk; i += b.threads) {
-    const int64_t r = i / nk, c = i - r * nk;
+  for_tile_elements(R, nk, b, [&](int64_t r, int64_t c) {
     dh[r * Hc + c] = p.dhn != nullptr ? to_acc(p.dhn[(d * N + n0 + r) * H + k0 + c]) : A(0);
-  }
+  });
+  TileInputs<A> ahead;
+  load_ahead(p, time(0), d, n0, R, k0, nk, ahead, b);
   b.cluster_sync();
   for (int64_t s = 0; s < T_; ++s) {
-    const int64_t t = d == 0 ? T_ - 1 - s : s;
+    const int64_t t = time(s);
     const int64_t buf = dz_offset + (s & 1) * rows * Hs;
-    // Each thread keeps the same tile and column in both loops, so its dh
-    // elements need no barrier between them.
-    for (int64_t i = b.tid; i < row_tiles(R) * nk; i += b.threads) {
-      const DivMod tc = divmod(i, nk);
-      const int64_t r0 = tc.q * kRowTile, c = tc.r, k = k0 + c, nr = tile_rows(r0, R);
-      for (int64_t r = r0; r < r0 + nr; ++r) {
-        const int64_t n = n0 + r;
-        A g_ = A(0);
-        if (active(p.lengths, n, t)) {
-          const int64_t o = (t * N + n) * DH + d * H + k;
-          g_ = act_backward(to_acc(p.dy[o]) + dh[r * Hc + c], to_acc(p.y[o]), p.relu);
-        }
-        p.dz[((d * T_ + t) * N + n) * H + k] = from_acc<T>(g_);
-        for (int64_t m = 0; m < b.size; ++m) reinterpret_cast<A*>(b.peer(m))[buf + r * Hs + k] = g_;
-      }
-    }
+    dz_tiles(p, t, d, n0, R, k0, nk, dh, Hc, ahead, [&](int64_t r, int64_t k, A g_) {
+      for (int64_t m = 0; m < b.size; ++m) reinterpret_cast<A*>(b.peer(m))[buf + r * Hs + k] = g_;
+    }, b);
     b.cluster_sync();
+    if (s + 1 < T_) load_ahead(p, time(s + 1), d, n0, R, k0, nk, ahead, b);
     const A* z = reinterpret_cast<const A*>(smem) + buf;  // (rows, Hs), complete
     carry_tiles(p.lengths, t, n0, R, nk, z, Hs, w, Hw, H, dh, Hc, b);
   }
-  for (int64_t i = b.tid; i < R * nk; i += b.threads) {
-    const int64_t r = i / nk, c = i - r * nk;
+  for_tile_elements(R, nk, b, [&](int64_t r, int64_t c) {
     p.dh0[(d * N + n0 + r) * H + k0 + c] = from_acc<T>(dh[r * Hc + c]);
-  }
+  });
 }
 
 // The grid path: W_hh too large for one cluster's shared memory, or a device
@@ -589,7 +638,7 @@ FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, int64_t rows, int
                                    typename AccOf<T>::type* exchange, unsigned char* smem,
                                    const Block& b) {
   using A = typename AccOf<T>::type;
-  const int64_t T_ = p.T, N = p.N, H = p.H, DH = p.D * p.H;
+  const int64_t T_ = p.T, N = p.N, H = p.H;
   const int64_t Hs = row_stride(H, lanes<A>()), Hw = column_stride(H, lanes<A>());
   const int64_t Hc = cluster_columns(H, b.size), k0 = b.rank * Hc, nk = owned_columns(H, b.size, b.rank);
   const int64_t n0 = g * rows, R = rows_in_block(n0, rows, N);
@@ -597,35 +646,24 @@ FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, int64_t rows, int
   A* w = reinterpret_cast<A*>(smem);  // (Hc, Hw): w[c * Hw + j] = W_hh[j][k0 + c]
   A* z = w + Hc * Hw;                 // (rows, Hs): dz of the step, every column
   A* dh = z + rows * Hs;              // (rows, Hc): this member's columns only
+  const auto time = [&](int64_t s) { return d == 0 ? T_ - 1 - s : s; };
   for (int64_t i = b.tid; i < H * nk; i += b.threads) {
     const int64_t j = i / nk, c = i - j * nk;
     w[c * Hw + j] = to_acc(p.w_hh[(d * H + j) * H + k0 + c]);
   }
-  for (int64_t i = b.tid; i < R * nk; i += b.threads) {
-    const int64_t r = i / nk, c = i - r * nk;
+  for_tile_elements(R, nk, b, [&](int64_t r, int64_t c) {
     dh[r * Hc + c] = p.dhn != nullptr ? to_acc(p.dhn[rows0 + r * H + k0 + c]) : A(0);
-  }
+  });
+  TileInputs<A> ahead;
+  load_ahead(p, time(0), d, n0, R, k0, nk, ahead, b);
   b.sync();
   for (int64_t s = 0; s < T_; ++s) {
-    const int64_t t = d == 0 ? T_ - 1 - s : s;
+    const int64_t t = time(s);
     A* mine = exchange + (s & 1) * buffer + rows0;
-    // Each thread keeps the same tile and column here and in carry_tiles,
-    // so its dh elements need no barrier between them.
-    for (int64_t i = b.tid; i < row_tiles(R) * nk; i += b.threads) {
-      const DivMod tc = divmod(i, nk);
-      const int64_t r0 = tc.q * kRowTile, c = tc.r, k = k0 + c, nr = tile_rows(r0, R);
-      for (int64_t r = r0; r < r0 + nr; ++r) {
-        const int64_t n = n0 + r;
-        A g_ = A(0);
-        if (active(p.lengths, n, t)) {
-          const int64_t o = (t * N + n) * DH + d * H + k;
-          g_ = act_backward(to_acc(p.dy[o]) + dh[r * Hc + c], to_acc(p.y[o]), p.relu);
-        }
-        p.dz[((d * T_ + t) * N + n) * H + k] = from_acc<T>(g_);
-        mine[r * H + k] = g_;
-      }
-    }
+    dz_tiles(p, t, d, n0, R, k0, nk, dh, Hc, ahead,
+             [&](int64_t r, int64_t k, A g_) { mine[r * H + k] = g_; }, b);
     b.group_sync(s);
+    if (s + 1 < T_) load_ahead(p, time(s + 1), d, n0, R, k0, nk, ahead, b);
     for (int64_t i = b.tid; i < R * H; i += b.threads) {
       const DivMod rj = divmod(i, H);
       z[rj.q * Hs + rj.r] = load_exchange(mine + i);
@@ -633,10 +671,9 @@ FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, int64_t rows, int
     b.sync();
     carry_tiles(p.lengths, t, n0, R, nk, z, Hs, w, Hw, H, dh, Hc, b);
   }
-  for (int64_t i = b.tid; i < R * nk; i += b.threads) {
-    const int64_t r = i / nk, c = i - r * nk;
+  for_tile_elements(R, nk, b, [&](int64_t r, int64_t c) {
     p.dh0[rows0 + r * H + k0 + c] = from_acc<T>(dh[r * Hc + c]);
-  }
+  });
 }
 
 // Element i = n * H + j of direction d at step s of the step path, forward:
