@@ -139,11 +139,12 @@ std::pair<int64_t, int64_t> grid_shape(const DeviceLimits& l, bool is_double, in
 }
 
 // Whether the grid path should take a call in automatic mode. Its blocks
-// read W_hh from shared memory at about a quarter of the multiprocessors'
-// multiply-add rate, where cuBLAS runs near that rate but pays two launches
-// a step (a few microseconds): past about 2^25 multiply-adds a step (hidden
-// 1024 at batch 32) the per-step GEMM is expected to win. A model, to be
-// checked against bench/gpu_check.sh's forced-path timings.
+// are bound by shared-memory reads, at a quarter (one row a thread) to a
+// half (tiles of four rows) of the multiprocessors' multiply-add rate, where
+// cuBLAS runs near that rate but pays two launches a step (a few
+// microseconds): past about 2^25 multiply-adds a step (hidden 1024 at batch
+// 32) the per-step GEMM is expected to win. A model, to be checked against
+// bench/gpu_check.sh's forced-path timings.
 bool grid_pays(int64_t D, int64_t N, int64_t H) { return D * N * H * H <= (int64_t(1) << 25); }
 
 struct Choice {
