@@ -11,7 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_walkthrough_runs():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The checkout last, so that a build elsewhere on PYTHONPATH (make
+    # sanitize, make compat) is the one the example imports.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.environ.get("PYTHONPATH"), ROOT) if p))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "walkthrough.py")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
