@@ -222,7 +222,7 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> rnn_backward(
     const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, const Tensor& output,
     const Tensor& hidden_states, const optional<Tensor>& grad_output,
     const optional<Tensor>& grad_hn, int64_t num_layers, bool bidirectional, bool has_biases,
-    bool relu) {
+    bool relu, bool input_grad) {
   const Stack s = check_args(input, hx, weights, lengths, dropout_mask, num_layers,
                              bidirectional, has_biases);
   check_shape(output, "output", "(T, N, D*H)", {s.T, s.N, s.DH()});
@@ -248,7 +248,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> rnn_backward(
   const optional<Tensor> dhn =
       grad_hn ? optional<Tensor>(grad_hn->contiguous()) : std::nullopt;  // (L*D, N, H)
 
-  Tensor grad_x = at::empty({s.T, s.N, s.C}, x.options());
+  // Without input_grad, the input's gradient (one GEMM of layer 0) is not
+  // computed and comes back as zeros.
+  Tensor grad_x = input_grad ? at::empty({s.T, s.N, s.C}, x.options())
+                             : at::zeros({s.T, s.N, s.C}, x.options());
   Tensor grad_hx = at::empty({s.L * s.D, s.N, s.H}, x.options());
   std::vector<Tensor> grad_w(weights.size());
   if (s.T == 0) {
@@ -301,7 +304,8 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> rnn_backward(
         grad_w[k + 2] = dz_flat.sum(0);
         grad_w[k + 3] = grad_w[k + 2].clone();
       }
-      if (d == 0) {
+      if (l == 0 && !input_grad) {
+      } else if (d == 0) {
         at::mm_out(din, dz_flat, w_ih);
       } else {
         din.addmm_(dz_flat, w_ih);
@@ -428,13 +432,14 @@ class RnnFunction : public torch::autograd::Function<RnnFunction> {
       return backward_with_graph(saved, weights, as_optional(saved[4]), as_optional(saved[5]),
                                  grads, num_layers, bidirectional, has_biases, relu);
     }
+    const bool input_grad = ctx->needs_input_grad(0);
     auto [grad_input, grad_hx, grad_weights] =
         op.call(saved[0], saved[1], weights, as_optional(saved[4]), as_optional(saved[5]),
                 saved[2], saved[3], as_optional(grads[0]), as_optional(grads[1]), num_layers,
-                bidirectional, has_biases, relu);
+                bidirectional, has_biases, relu, input_grad);
     // One gradient per forward argument, the weights one by one; none for
-    // lengths, the mask and the flags.
-    torch::autograd::variable_list out = {grad_input, grad_hx};
+    // lengths, the mask and the flags, nor for an input that needs none.
+    torch::autograd::variable_list out = {input_grad ? grad_input : Tensor(), grad_hx};
     out.insert(out.end(), grad_weights.begin(), grad_weights.end());
     out.resize(out.size() + 6);
     return out;
@@ -480,8 +485,8 @@ TORCH_LIBRARY(fastrnn, m) {
   m.def(
       "rnn_backward(Tensor input, Tensor hx, Tensor[] weights, Tensor? lengths, "
       "Tensor? dropout_mask, Tensor output, Tensor hidden_states, Tensor? grad_output, "
-      "Tensor? grad_hn, int num_layers, bool bidirectional, bool has_biases, bool relu) "
-      "-> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)");
+      "Tensor? grad_hn, int num_layers, bool bidirectional, bool has_biases, bool relu, "
+      "bool input_grad=True) -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)");
 }
 
 TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {

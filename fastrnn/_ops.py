@@ -49,7 +49,8 @@ def _fake_forward(input, hx, weights, lengths, dropout_mask, num_layers, bidirec
 
 
 def _fake_backward(input, hx, weights, lengths, dropout_mask, output, hidden_states,
-                   grad_output, grad_hn, num_layers, bidirectional, has_biases, relu):
+                   grad_output, grad_hn, num_layers, bidirectional, has_biases, relu,
+                   input_grad=True):
     return (
         input.new_empty(input.shape),
         hx.new_empty(hx.shape),

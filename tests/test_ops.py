@@ -103,8 +103,28 @@ def test_opcheck(device, case):
     x, hx, weights, lens, mask, L, bidir, bias, relu = make_args(
         T=4, N=3, C=3, H=3, device=device, grad=False, **CASES[case])
     y, h_n, hs = fwd(x, hx, weights, lens, mask, L, bidir, bias, relu)
-    torch.library.opcheck(bwd, (x, hx, weights, lens, mask, y, hs, torch.randn_like(y),
-                                torch.randn_like(h_n), L, bidir, bias, relu))
+    for input_grad in (True, False):
+        torch.library.opcheck(bwd, (x, hx, weights, lens, mask, y, hs, torch.randn_like(y),
+                                    torch.randn_like(h_n), L, bidir, bias, relu, input_grad))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["stack_bidir", "lengths"])
+def test_backward_without_input_grad(device, case):
+    """input_grad=False skips layer 0's input GEMM: grad_input comes back as
+    zeros, every other gradient bit for bit as with it."""
+    x, hx, weights, lens, mask, L, bidir, bias, relu = make_args(device=device, grad=False,
+                                                                  **CASES[case])
+    y, h_n, hs = fwd(x, hx, weights, lens, mask, L, bidir, bias, relu)
+    common = (x, hx, weights, lens, mask, y, hs, torch.randn_like(y), torch.randn_like(h_n), L,
+              bidir, bias, relu)
+    gx, ghx, gw = bwd(*common)
+    gx0, ghx0, gw0 = bwd(*common, input_grad=False)
+    assert gx.abs().sum() > 0
+    assert torch.equal(gx0, torch.zeros_like(gx))
+    assert torch.equal(ghx0, ghx)
+    for a, b in zip(gw0, gw):
+        assert torch.equal(a, b)
 
 
 def bad(**changes):

@@ -75,6 +75,20 @@ def test_packed(device, dtype, enforce_sorted, with_h0, bidirectional, nonlinear
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [False, True])
+def test_input_that_needs_no_gradient(device, packed):
+    """Data that needs no gradient, the usual first layer: the backward then
+    skips the input's GEMM, and every other gradient still matches."""
+    ref, ours = pair(C, H, device=device, dtype=torch.float64, num_layers=2, bidirectional=True)
+    x = torch.randn(T, N, C, dtype=torch.float64, device=device)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([7, 2, 5]), enforce_sorted=False)
+    h0 = leaf(4, N, H, device=device, dtype=torch.float64)
+    got = compare(ref, ours, x, h0)
+    assert got[2][0] is None and all(g is not None for g in got[2][1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_zero_batch(device):
     ref, ours = pair(C, H, device=device, dtype=torch.float64, num_layers=2, bidirectional=True)
     x = torch.randn(T, 0, C, dtype=torch.float64, device=device)
