@@ -180,7 +180,7 @@ FASTRNN_HD void dot_tile(const A* x, int64_t xs, const A* y, int64_t n, A* out) 
 // rows (shared memory delivers 128 bytes a cycle).
 constexpr int kRowTile = 4;
 
-// Rows per tile, and the tile's first row: tile i of a block of R rows.
+// The tiles of a block of R rows, and the rows of the tile that starts at row r0.
 FASTRNN_HD int64_t row_tiles(int64_t R) { return (R + kRowTile - 1) / kRowTile; }
 FASTRNN_HD int64_t tile_rows(int64_t r0, int64_t R) { return R - r0 < kRowTile ? R - r0 : kRowTile; }
 
@@ -204,7 +204,7 @@ FASTRNN_HD void dot_rows(const A* x, int64_t xs, int64_t nr, const A* y, int64_t
 // sm_90 shows no spills in the float32 kernels, 12 bytes in the half and
 // bfloat16 cluster backward and 8-44 bytes in the float64 ones, where 1024
 // threads (64 registers) spilled 36-116 bytes in every one.
-// Outputs past one per thread take a second tile.
+// Where a block has more tiles than threads, a thread takes several.
 constexpr int kMaxThreads = 512;
 
 // Threads of a block that owns `rows` rows and H columns: one per tile of
