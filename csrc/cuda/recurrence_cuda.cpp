@@ -123,7 +123,7 @@ std::pair<int64_t, int64_t> grid_shape(const DeviceLimits& l, bool is_double, in
   for (int64_t G = 1; G * D <= l.sms && G <= H; ++G) {
     if (forced > 0 && G != forced) continue;
     const int64_t Hc = cuda::cluster_columns(H, G);
-    if ((G - 1) * Hc >= H) continue;  // a member without columns
+    if (cuda::owned_columns(H, G, G - 1) == 0) continue;  // a member without columns
     // The barrier's counter reaches T * G, in 32 bits.
     if (T * G >= (int64_t(1) << 31)) break;
     const int64_t groups = std::min(N, l.sms / (G * D));
@@ -156,33 +156,40 @@ struct Choice {
 // The path for this call: persistent where W_hh fits one block, else a
 // cluster where it fits one, else the grid where it fits the device and
 // pays, else the step path; a forced path that cannot run is an error rather
-// than a silent switch.
+// than a silent switch. Each path's shape is worked out only when that path
+// is considered.
 Choice choose(const DeviceLimits& l, bool is_double, int64_t D, int64_t T, int64_t N, int64_t H) {
-  const int64_t rows = persistent_rows(l, is_double, D, N, H);
-  const auto [C, cluster_rows] = cluster_shape(l, is_double, D, N, H);
-  const auto [G, grid_rows] = grid_shape(l, is_double, D, N, H, T);
-  const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
-  Choice c{Path::step, 0, 0};
-  if (forced == Path::persistent || (forced == Path::automatic && rows > 0)) {
-    TORCH_CHECK(rows > 0, "fastrnn: the persistent CUDA path was forced, but W_hh of hidden size ",
-                H, " does not fit in one block's shared memory");
-    c = Choice{Path::persistent, rows, 0};
-  } else if (forced == Path::cluster || (forced == Path::automatic && C > 0)) {
-    TORCH_CHECK(C > 0, "fastrnn: the cluster CUDA path was forced, but it needs sm_90 or newer "
-                "and W_hh of hidden size ", H, " to fit in a cluster of ",
-                forced_blocks > 0 ? forced_blocks.load() : 8, " blocks");
-    c = Choice{Path::cluster, cluster_rows, C};
-  } else if (forced == Path::grid || (forced == Path::automatic && G > 0 && grid_pays(D, N, H))) {
-    TORCH_CHECK(G > 0, "fastrnn: the grid CUDA path was forced, but W_hh of hidden size ", H,
-                " does not fit in the shared memory of ",
-                forced_blocks > 0 ? std::to_string(forced_blocks.load()) + " blocks"
-                                  : std::string("the blocks this device can hold at once"),
-                " in ", D, " direction(s)");
-    c = Choice{Path::grid, grid_rows, G};
-  }
   static const char* const names[] = {"auto", "persistent", "cluster", "grid", "step"};
-  last_path = names[static_cast<int>(c.path)];
-  return c;
+  const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
+  const bool automatic = forced == Path::automatic;
+  const int64_t blocks = forced_blocks.load(std::memory_order_relaxed);
+  auto take = [&](Choice c) {
+    last_path = names[static_cast<int>(c.path)];
+    return c;
+  };
+  if (automatic || forced == Path::persistent) {
+    const int64_t rows = persistent_rows(l, is_double, D, N, H);
+    TORCH_CHECK(automatic || rows > 0, "fastrnn: the persistent CUDA path was forced, but W_hh of "
+                "hidden size ", H, " does not fit in one block's shared memory");
+    if (rows > 0) return take(Choice{Path::persistent, rows, 0});
+  }
+  if (automatic || forced == Path::cluster) {
+    const auto [C, rows] = cluster_shape(l, is_double, D, N, H);
+    TORCH_CHECK(automatic || C > 0, "fastrnn: the cluster CUDA path was forced, but it needs sm_90 "
+                "or newer and W_hh of hidden size ", H, " to fit in a cluster of ",
+                blocks > 0 ? blocks : 8, " blocks");
+    if (C > 0) return take(Choice{Path::cluster, rows, C});
+  }
+  if ((automatic && grid_pays(D, N, H)) || forced == Path::grid) {
+    const auto [G, rows] = grid_shape(l, is_double, D, N, H, T);
+    TORCH_CHECK(automatic || G > 0, "fastrnn: the grid CUDA path was forced, but W_hh of hidden "
+                "size ", H, " does not fit in the shared memory of ",
+                blocks > 0 ? std::to_string(blocks) + " blocks"
+                           : std::string("the blocks this device can hold at once"),
+                " in ", D, " direction(s)");
+    if (G > 0) return take(Choice{Path::grid, rows, G});
+  }
+  return take(Choice{Path::step, 0, 0});
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
