@@ -304,11 +304,12 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> rnn_backward(
         grad_w[k + 2] = dz_flat.sum(0);
         grad_w[k + 3] = grad_w[k + 2].clone();
       }
-      if (l == 0 && !input_grad) {
-      } else if (d == 0) {
-        at::mm_out(din, dz_flat, w_ih);
-      } else {
-        din.addmm_(dz_flat, w_ih);
+      if (l > 0 || input_grad) {
+        if (d == 0) {
+          at::mm_out(din, dz_flat, w_ih);
+        } else {
+          din.addmm_(dz_flat, w_ih);
+        }
       }
     }
     if (l > 0) {
