@@ -52,25 +52,18 @@ def test_emulated_kernels_with_lengths(emulated_path):
 
 
 @pytest.mark.parametrize("path,blocks", [("persistent", 0), ("cluster", 2), ("grid", 2)])
-def test_emulated_blocks_of_several_rows(path, blocks):
+def test_emulated_blocks_of_several_rows(emulation, path, blocks):
     """Batch 140 in both directions: three rows a block on the persistent
     path, five (a tile of four and a tile of one) in the clusters and grid
     groups of two, last blocks only partly filled, rows of several lengths."""
-    from fastrnn import _ops
-
-    _ops._C.set_cuda_path(path, blocks)
-    _ops._C.set_cuda_emulation(True)
-    try:
-        ref, ours = pair(3, 8, dtype=torch.float64, bidirectional=True)
-        x = torch.randn(4, 140, 3, dtype=torch.float64)
-        lengths = torch.randint(1, 5, (140,), generator=torch.Generator().manual_seed(0))
-        p = pack_padded_sequence(x, lengths, enforce_sorted=False)
-        compare(ref, ours, PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                                          p.unsorted_indices))
-        assert _ops._C.last_cuda_path() == path
-    finally:
-        _ops._C.set_cuda_emulation(False)
-        _ops._C.set_cuda_path("auto")
+    emulation.set_cuda_path(path, blocks)
+    ref, ours = pair(3, 8, dtype=torch.float64, bidirectional=True)
+    x = torch.randn(4, 140, 3, dtype=torch.float64)
+    lengths = torch.randint(1, 5, (140,), generator=torch.Generator().manual_seed(0))
+    p = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    compare(ref, ours, PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                                      p.unsorted_indices))
+    assert emulation.last_cuda_path() == path
 
 
 @pytest.fixture
