@@ -92,7 +92,7 @@ def extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # at::parallel_for is a header template over OpenMP: without -fopenmp it
     # runs on one thread. The runtime is the libgomp torch already loads.
-    cxx = ["-O3", "-fno-math-errno", "-fopenmp"]
+    cxx = ["-O3", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
     link = ["-fopenmp"]
     if os.environ.get("FASTRNN_SANITIZE"):
         # make sanitize: AddressSanitizer and UndefinedBehaviorSanitizer, every

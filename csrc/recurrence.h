@@ -1,55 +1,76 @@
-// The device-specific time loop of one layer, all directions at once, as the
-// stack orchestration in rnn_ops.cpp calls it. Arguments are validated there;
-// each implementation only checks what its own kernel assumes.
+// The device-specific time loop of one layer, all directions at once, as
+// the stack (rnn_stack.cpp) calls it. Arguments are validated there; each
+// implementation only checks what its own kernel assumes. Shapes use the
+// letters of recurrence_params.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <optional>
 
+#include <array>
+#include <optional>
 #include <string>
+
+#include "cells.h"
 
 namespace fastrnn {
 
-// Arguments of the forward time loop: u (D, T, N, H), w_hh_t (D, H, H) =
-// W_hh transposed, h0 (D, N, H), lengths (N) int64 or none; it writes
-// y (T, N, D*H) and hn (D, N, H).
-// Arguments of the backward time loop: dy (T, N, D*H), dhn (D, N, H) or none,
-// y (T, N, D*H), w_hh (D, H, H), lengths (N) or none; it writes
-// dz (D, T, N, H) and dh0 (D, N, H).
+// One layer's forward time loop: reads u, the weights, h0 (and c0), writes
+// y, hn (and cn, saved). Every tensor contiguous, of the input's dtype.
+struct ForwardLoop {
+  at::Tensor u;                      // (D, T, N, G*H)
+  std::array<at::Tensor, 2> w_hh;    // per direction (G*H, P)
+  std::array<at::Tensor, 2> b_hh;    // per direction (G*H): kHiddenBias cells with biases, else undefined
+  std::array<at::Tensor, 2> w_hr;    // per direction (P, H): projections, else undefined
+  at::Tensor h0;                     // (D, N, P)
+  at::Tensor c0;                     // (D, N, H): kCellState cells, else undefined
+  std::optional<at::Tensor> lengths;  // (N) int64
+  at::Tensor y;                      // (T, N, D*P), out
+  at::Tensor hn;                     // (D, N, P), out
+  at::Tensor cn;                     // (D, N, H), out: kCellState cells
+  at::Tensor saved;                  // (D, T, N, Ws), out: cells that keep something
+};
 
-void forward_recurrence_cpu(const at::Tensor& u, const at::Tensor& w_hh_t, const at::Tensor& h0,
-                            const std::optional<at::Tensor>& lengths, const at::Tensor& y,
-                            const at::Tensor& hn, bool relu);
-void backward_recurrence_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dhn,
-                             const at::Tensor& y, const at::Tensor& w_hh,
-                             const std::optional<at::Tensor>& lengths, const at::Tensor& dz,
-                             const at::Tensor& dh0, bool relu);
+// One layer's backward time loop: from dy (and dhn, dcn) and what the
+// forward kept, writes dgh (and dgi, dhr), dh0 (and dc0).
+struct BackwardLoop {
+  at::Tensor dy;                     // (T, N, D*P)
+  std::optional<at::Tensor> dhn;     // (D, N, P) or none for zero
+  std::optional<at::Tensor> dcn;     // (D, N, H) or none for zero
+  at::Tensor y;                      // (T, N, D*P)
+  at::Tensor h0;                     // (D, N, P)
+  at::Tensor c0;                     // (D, N, H): kCellState cells
+  at::Tensor saved;                  // (D, T, N, Ws) or undefined
+  std::array<at::Tensor, 2> w_hh;    // per direction (G*H, P)
+  std::array<at::Tensor, 2> w_hr;    // per direction (P, H) or undefined
+  std::optional<at::Tensor> lengths;  // (N) int64
+  at::Tensor dgh;                    // (D, T, N, G*H), out
+  at::Tensor dgi;                    // (D, T, N, G*H), out: kHiddenBias cells
+  at::Tensor dhr;                    // (D, T, N, P), out: projections
+  at::Tensor dh0;                    // (D, N, P), out
+  at::Tensor dc0;                    // (D, N, H), out: kCellState cells
+};
+
+// The time loops of one kind of device. The CPU's are the default; the CUDA
+// module registers its own when it loads, claiming CUDA tensors (and, while
+// its emulation is on, CPU tensors).
+struct DeviceLoops {
+  bool (*claims)(const at::Tensor& t);
+  void (*forward)(CellKind cell, const ForwardLoop& a);
+  void (*backward)(CellKind cell, const BackwardLoop& a);
+};
+void register_device_loops(const DeviceLoops& loops);
+
+// The time loop of the device that claims the tensors (u or dy).
+void forward_recurrence(CellKind cell, const ForwardLoop& a);
+void backward_recurrence(CellKind cell, const BackwardLoop& a);
+
+void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a);
+void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a);
+
 // The instruction set the CPU kernels run with: "avx512", "avx2" or "base".
 const char* cpu_isa();
-// Forces an instruction set (tests use it to cover every variant); returns
-// false when this processor lacks it.
+// Forces an instruction set ("auto" for the best); returns false when this
+// processor lacks it.
 bool set_cpu_isa(const std::string& name);
-
-#ifdef FASTRNN_WITH_CUDA
-void forward_recurrence_cuda(const at::Tensor& u, const at::Tensor& w_hh_t, const at::Tensor& h0,
-                             const std::optional<at::Tensor>& lengths, const at::Tensor& y,
-                             const at::Tensor& hn, bool relu);
-void backward_recurrence_cuda(const at::Tensor& dy, const std::optional<at::Tensor>& dhn,
-                              const at::Tensor& y, const at::Tensor& w_hh,
-                              const std::optional<at::Tensor>& lengths, const at::Tensor& dz,
-                              const at::Tensor& dh0, bool relu);
-// CPU tensors given to the two functions above run the CUDA kernels'
-// emulator (cuda/recurrence_cuda_emulate.h); the orchestration sends them
-// there while set_cuda_emulation(true) is in force (tests only).
-void set_cuda_emulation(bool on);
-bool cuda_emulation();
-// Forces the CUDA path ("auto", "persistent", "cluster", "grid" or "step"; see
-// cuda/recurrence_cuda_kernels.h) and, for the cluster and grid paths, the
-// blocks per cluster or group (0: chosen per call).
-bool set_cuda_path(const std::string& name, int64_t blocks = 0);
-// The path the last CUDA time loop on this thread took: "persistent",
-// "cluster", "grid", "step", or "none" before the first.
-std::string last_cuda_path();
-#endif
 
 }  // namespace fastrnn

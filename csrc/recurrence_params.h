@@ -1,46 +1,85 @@
-// The time loop of one layer of an Elman RNN, for all its directions at once:
-// the only part of fastrnn that differs between CPU and CUDA.
+// The time loop of one layer of a recurrent stack, for all its directions
+// at once: the only part of fastrnn that differs between CPU and CUDA. A
+// time loop takes its cell (cells.h) as a template parameter.
 //
 // Letters used in every shape comment of this project:
-//   T time steps, N batch, C input features, H hidden features,
-//   L layers, D directions (1, or 2 when bidirectional).
+//   T time steps, N batch, C input features, H hidden units of a cell,
+//   P the width of the state h and of the output (H, or an LSTM's proj_size),
+//   G gates of the cell (1 Elman, 4 LSTM, 3 GRU), L layers,
+//   D directions (1, or 2 when bidirectional),
+//   Ws = (kSaved + kCellState) * H values a forward step keeps per row for
+//   the backward: the cell's saved values, then its state c.
 //
 // Direction 0 runs forward in time, direction 1 backward. A batch row n is
 // active at step t when t < lengths[n] (packed sequences); an inactive row
-// keeps its state, and its output is zero. Rows never interact, so the
-// kernels may split them between threads or thread blocks freely.
+// keeps its state, and its output and saved values are zero. Rows never
+// interact, so the kernels may split them between threads or thread blocks
+// freely.
 //
-// These structs know nothing of torch: sizes and strides in elements, raw
-// pointers, all sizes int64.
+// These structs know nothing of torch: sizes in elements, raw pointers, all
+// sizes int64. Weights come per direction, as the layer stores them.
 #pragma once
 
 #include <cstdint>
+
+#include "cells.h"
 
 namespace fastrnn {
 
 template <typename scalar_t>
 struct ForwardParams {
-  int64_t T, N, H, D;
-  const scalar_t* u;        // (D, T, N, H) x W_ih^T + b_ih + b_hh, contiguous
-  const scalar_t* w_hh_t;   // (D, H, H) W_hh transposed: w_hh_t[d][k][j] = W_hh[d][j][k]
-  const scalar_t* h0;       // (D, N, H) contiguous
-  const int64_t* lengths;   // (N) or nullptr: every row active at every step
-  scalar_t* y;              // (T, N, D*H) contiguous; direction d writes columns [d*H, (d+1)*H)
-  scalar_t* hn;             // (D, N, H) contiguous, the last state of every row
-  bool relu;                // act = relu, else tanh
+  int64_t T, N, H, P, D;
+  const scalar_t* u;          // (D, T, N, G*H) x W_ih^T + b_ih, plus b_hh unless the cell keeps it apart
+  const scalar_t* w_hh[2];    // per direction (G*H, P): w_hh[d][g*H + j][k] weighs h[k] into gate g of unit j
+  const scalar_t* b_hh[2];    // per direction (G*H), kHiddenBias cells with biases; else nullptr (zero)
+  const scalar_t* w_hr[2];    // per direction (P, H) with projections; else nullptr (P == H)
+  const scalar_t* h0;         // (D, N, P) contiguous
+  const scalar_t* c0;         // (D, N, H) contiguous, kCellState cells
+  const int64_t* lengths;     // (N) or nullptr: every row active at every step
+  scalar_t* y;                // (T, N, D*P) contiguous; direction d writes columns [d*P, (d+1)*P)
+  scalar_t* hn;               // (D, N, P) contiguous, the last state of every row
+  scalar_t* cn;               // (D, N, H) contiguous, kCellState cells
+  scalar_t* saved;            // (D, T, N, Ws) contiguous, or nullptr where Ws == 0
 };
 
 template <typename scalar_t>
 struct BackwardParams {
-  int64_t T, N, H, D;
-  const scalar_t* dy;       // (T, N, D*H) gradient of this layer's output, contiguous
-  const scalar_t* dhn;      // (D, N, H) gradient of h_n, or nullptr for zero
-  const scalar_t* y;        // (T, N, D*H) this layer's output saved by the forward
-  const scalar_t* w_hh;     // (D, H, H) W_hh as stored: w_hh[d][j][k] weighs h[k] into unit j
-  const int64_t* lengths;   // (N) or nullptr
-  scalar_t* dz;             // (D, T, N, H) gradient of the pre-activation, contiguous
-  scalar_t* dh0;            // (D, N, H) gradient of h0, contiguous
-  bool relu;
+  int64_t T, N, H, P, D;
+  const scalar_t* dy;         // (T, N, D*P) gradient of this layer's output, contiguous
+  const scalar_t* dhn;        // (D, N, P) gradient of h_n, or nullptr for zero
+  const scalar_t* dcn;        // (D, N, H) gradient of c_n, or nullptr for zero (kCellState)
+  const scalar_t* y;          // (T, N, D*P) this layer's output saved by the forward
+  const scalar_t* h0;         // (D, N, P) (kPrevState cells)
+  const scalar_t* c0;         // (D, N, H) (kCellState cells)
+  const scalar_t* saved;      // (D, T, N, Ws) as the forward wrote it, or nullptr where Ws == 0
+  const scalar_t* w_hh[2];    // per direction (G*H, P), as stored
+  const scalar_t* w_hr[2];    // per direction (P, H) with projections; else nullptr
+  const int64_t* lengths;     // (N) or nullptr
+  scalar_t* dgh;              // (D, T, N, G*H) gradient of the hidden-side pre-activations
+  scalar_t* dgi;              // (D, T, N, G*H) of the input-side ones (kHiddenBias cells); else nullptr
+  scalar_t* dhr;              // (D, T, N, P) gradient of the projection's output (projections); else nullptr
+  scalar_t* dh0;              // (D, N, P) gradient of h0
+  scalar_t* dc0;              // (D, N, H) gradient of c0 (kCellState cells)
 };
+
+// Values a step keeps per row and unit-block for the backward: the cell's
+// saved values and its state c.
+template <typename Cell>
+FASTRNN_HD constexpr int64_t saved_width(int64_t H) {
+  return (Cell::kSaved + (Cell::kCellState ? 1 : 0)) * H;
+}
+
+// Whether row n runs step t.
+FASTRNN_HD bool row_active(const int64_t* lengths, int64_t n, int64_t t) {
+  return lengths == nullptr || t < lengths[n];
+}
+
+// The step that ran before step t of row n in direction d, or -1 where the
+// state before t is the initial one. Lengths are prefixes: direction 0 runs
+// [0, length), direction 1 runs it backwards from length - 1.
+FASTRNN_HD int64_t prev_step(const int64_t* lengths, int64_t n, int64_t t, int64_t d, int64_t T) {
+  const int64_t q = d == 0 ? t - 1 : t + 1;
+  return q >= 0 && q < T && row_active(lengths, n, q) ? q : -1;
+}
 
 }  // namespace fastrnn

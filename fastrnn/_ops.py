@@ -36,28 +36,67 @@ def cuda_built():
     return _C is not None and bool(_C.cuda_built)
 
 
-def _fake_forward(input, hx, weights, lengths, dropout_mask, num_layers, bidirectional,
-                  has_biases, relu):
+def _fake_outputs(input, hx, num_layers, bidirectional, width, cx=None, saved=0):
+    """output (T, N, D*P), h_n (L*D, N, P), [c_n (L*D, N, H)], hidden_states
+    (L-1, T, N, D*P), [workspace (L, D, T, N, saved*H)] for P = hx's width."""
     T, N = input.shape[0], input.shape[1]
     D = 2 if bidirectional else 1
-    H = hx.shape[2]
-    return (
-        input.new_empty((T, N, D * H)),
-        input.new_empty((num_layers * D, N, H)),
-        input.new_empty((num_layers - 1, T, N, D * H)),
-    )
+    P, H = hx.shape[2], width
+    out = [input.new_empty((T, N, D * P)), input.new_empty((num_layers * D, N, P))]
+    if cx is not None:
+        out.append(input.new_empty((num_layers * D, N, H)))
+    out.append(input.new_empty((num_layers - 1, T, N, D * P)))
+    if saved:
+        out.append(input.new_empty((num_layers, D, T, N, saved * H)))
+    return tuple(out)
+
+
+def _fake_grads(input, hx, weights, cx=None):
+    """grad_input, grad_hx, [grad_cx], grad_weights."""
+    out = [input.new_empty(input.shape), hx.new_empty(hx.shape)]
+    if cx is not None:
+        out.append(cx.new_empty(cx.shape))
+    return (*out, [w.new_empty(w.shape) for w in weights])
+
+
+def _fake_forward(input, hx, weights, lengths, dropout_mask, num_layers, bidirectional,
+                  has_biases, relu):
+    return _fake_outputs(input, hx, num_layers, bidirectional, hx.shape[2])
 
 
 def _fake_backward(input, hx, weights, lengths, dropout_mask, output, hidden_states,
                    grad_output, grad_hn, num_layers, bidirectional, has_biases, relu,
                    input_grad=True):
-    return (
-        input.new_empty(input.shape),
-        hx.new_empty(hx.shape),
-        [w.new_empty(w.shape) for w in weights],
-    )
+    return _fake_grads(input, hx, weights)
+
+
+def _fake_lstm_forward(input, hx, cx, weights, lengths, dropout_mask, num_layers, bidirectional,
+                       has_biases, has_projections):
+    # An LSTM step keeps its gates i, f, g, o and its state c.
+    return _fake_outputs(input, hx, num_layers, bidirectional, cx.shape[2], cx=cx, saved=5)
+
+
+def _fake_lstm_backward(input, hx, cx, weights, lengths, dropout_mask, output, hidden_states,
+                        workspace, grad_output, grad_hn, grad_cn, num_layers, bidirectional,
+                        has_biases, has_projections, input_grad=True):
+    return _fake_grads(input, hx, weights, cx=cx)
+
+
+def _fake_gru_forward(input, hx, weights, lengths, dropout_mask, num_layers, bidirectional,
+                      has_biases):
+    # A GRU step keeps r, z, n and h_prev W_hn^T + b_hn.
+    return _fake_outputs(input, hx, num_layers, bidirectional, hx.shape[2], saved=4)
+
+
+def _fake_gru_backward(input, hx, weights, lengths, dropout_mask, output, hidden_states, workspace,
+                       grad_output, grad_hn, num_layers, bidirectional, has_biases,
+                       input_grad=True):
+    return _fake_grads(input, hx, weights)
 
 
 if _C is not None:
-    torch.library.register_fake("fastrnn::rnn_forward")(_fake_forward)
-    torch.library.register_fake("fastrnn::rnn_backward")(_fake_backward)
+    for _name, _fake in (("rnn_forward", _fake_forward), ("rnn_backward", _fake_backward),
+                         ("lstm_forward", _fake_lstm_forward),
+                         ("lstm_backward", _fake_lstm_backward),
+                         ("gru_forward", _fake_gru_forward), ("gru_backward", _fake_gru_backward)):
+        torch.library.register_fake(f"fastrnn::{_name}")(_fake)

@@ -140,13 +140,13 @@ MALFORMED = {
     "input_2d": (bad(input=torch.randn(5, 4, dtype=torch.float64)), r"input must have shape \(T, N, C\)"),
     "too_few_weights": (bad(weights=lambda a: a[2][:-1]), r"weights must hold 16 tensors"),
     "weight_shape": (bad(weights=lambda a: [torch.randn(5, 3, dtype=torch.float64)] + a[2][1:]),
-                     r"weight_ih_l0 must have shape \(H, C\) = \(5, 4\), got \(5, 3\)"),
+                     r"weight_ih_l0 must have shape \(G\*H, C\) = \(5, 4\), got \(5, 3\)"),
     "w_hh_shape": (bad(weights=lambda a: a[2][:1] + [torch.randn(5, 4, dtype=torch.float64)] + a[2][2:]),
-                   r"weight_hh_l0 must have shape \(H, H\) = \(5, 5\), got \(5, 4\)"),
+                   r"weight_hh_l0 must have shape \(G\*H, P\) = \(5, 5\), got \(5, 4\)"),
     "upper_layer_shape": (bad(weights=lambda a: a[2][:8] + [torch.randn(5, 5, dtype=torch.float64)] + a[2][9:]),
-                          r"weight_ih_l1 must have shape \(H, D\*H\) = \(5, 10\), got \(5, 5\)"),
+                          r"weight_ih_l1 must have shape \(G\*H, D\*P\) = \(5, 10\), got \(5, 5\)"),
     "bias_shape": (bad(weights=lambda a: a[2][:2] + [torch.randn(4, dtype=torch.float64)] + a[2][3:]),
-                   r"bias_ih_l0 must have shape \(H,\) = \(5,\), got \(4,\)"),
+                   r"bias_ih_l0 must have shape \(G\*H,\) = \(5,\), got \(4,\)"),
     "mixed_dtype": (bad(weights=lambda a: [a[2][0].float()] + a[2][1:]),
                     r"weight_ih_l0 must have the input's dtype Double, got Float"),
     "hx_shape": (bad(hx=torch.randn(4, 2, 5, dtype=torch.float64)),
@@ -155,10 +155,10 @@ MALFORMED = {
     "lengths_dtype": (bad(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)), r"lengths must be int64"),
     "lengths_shape": (bad(lengths=torch.tensor([1, 2])), r"lengths must have shape \(N,\) = \(3,\)"),
     "mask_shape": (bad(dropout_mask=torch.ones(1, 5, 3, 5, dtype=torch.float64)),
-                   r"dropout_mask must have shape \(L-1, T, N, D\*H\) = \(1, 5, 3, 10\)"),
+                   r"dropout_mask must have shape \(L-1, T, N, D\*P\) = \(1, 5, 3, 10\)"),
     "zero_layers": (bad(num_layers=0), r"num_layers must be at least 1"),
     "int_input": (bad(input=torch.ones(5, 3, 4, dtype=torch.int64)),
-                  r"fastrnn on CPU supports float32 and float64 input, got Long"),
+                  r"fastrnn supports float32, float64, float16 and bfloat16 input, got Long"),
 }
 
 
@@ -172,9 +172,9 @@ def test_malformed_arguments_raise(case):
 def test_backward_op_checks_its_own_tensors():
     x, hx, weights, lens, mask, L, bidir, bias, relu = make_args(grad=False)
     y, h_n, hs = fwd(x, hx, weights, lens, mask, L, bidir, bias, relu)
-    with pytest.raises(RuntimeError, match=r"grad_output must have shape \(T, N, D\*H\)"):
+    with pytest.raises(RuntimeError, match=r"grad_output must have shape \(T, N, D\*P\)"):
         bwd(x, hx, weights, lens, mask, y, hs, y[:-1], h_n, L, bidir, bias, relu)
-    with pytest.raises(RuntimeError, match=r"hidden_states must have shape \(L-1, T, N, D\*H\)"):
+    with pytest.raises(RuntimeError, match=r"hidden_states must have shape \(L-1, T, N, D\*P\)"):
         bwd(x, hx, weights, lens, mask, y, hs[:, :2], y, h_n, L, bidir, bias, relu)
 
 

@@ -1,8 +1,10 @@
-// The CPU time loop: splits the rows (direction, batch element) between
-// threads and runs the kernels of the best instruction set available.
+// The CPU time loop: packs the weights, splits the rows (direction, batch
+// element) between threads and runs the kernels of the best instruction set
+// available. float16 and bfloat16 run through the float32 kernels: float32
+// arithmetic and state carry, rounding only what is stored.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>
@@ -34,54 +36,59 @@ std::atomic<int>& isa_slot() {
 
 Isa current_isa() { return static_cast<Isa>(isa_slot().load(std::memory_order_relaxed)); }
 
-// The kernels of one instruction set.
-#define FASTRNN_ISA_CASE(isa)                                                   \
-  case Isa::isa:                                                                \
-    return Table<S>{cpu::isa::padded_width, cpu::isa::pack, cpu::isa::forward_rows, \
-                    cpu::isa::backward_rows};
-
-template <typename S>
+// The kernels of one instruction set, for dtype S and one cell.
+template <typename S, typename Cell>
 struct Table {
-  int64_t (*padded_width)(int64_t, bool);
-  void (*pack)(const S*, int64_t, int64_t, S*);
-  void (*forward_rows)(const ForwardParams<S>&, int64_t, int64_t, int64_t, const S*, S*);
-  void (*backward_rows)(const BackwardParams<S>&, int64_t, int64_t, int64_t, const S*, S*);
+  int64_t (*padded_width)(int64_t);
+  void (*pack)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
+  int64_t (*scratch_per_row)(int64_t, int64_t, bool);
+  void (*forward_rows)(const ForwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*, S*);
+  void (*backward_rows)(const BackwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
+                        S*);
 };
 
-template <typename S>
-Table<S> kernels(Isa isa) {
+#define FASTRNN_ISA_TABLE(isa)                                                               \
+  Table<S, Cell>{cpu::isa::padded_width<S>, cpu::isa::pack<S>,                               \
+                 cpu::isa::scratch_per_row<S, Cell>, cpu::isa::forward_rows<S, Cell>,        \
+                 cpu::isa::backward_rows<S, Cell>}
+
+template <typename S, typename Cell>
+Table<S, Cell> kernels(Isa isa) {
   switch (isa) {
 #if defined(__x86_64__)
-    FASTRNN_ISA_CASE(avx512)
-    FASTRNN_ISA_CASE(avx2)
+    case Isa::avx512: return FASTRNN_ISA_TABLE(avx512);
+    case Isa::avx2: return FASTRNN_ISA_TABLE(avx2);
 #endif
-    default:
-      break;
+    default: return FASTRNN_ISA_TABLE(base);
   }
-  return Table<S>{cpu::base::padded_width, cpu::base::pack, cpu::base::forward_rows,
-                  cpu::base::backward_rows};
 }
 
-// w (D, K, J) -> (D, K, padded_width(J)), each direction packed for the time loop.
-template <typename S>
-at::Tensor packed(const Table<S>& k, const at::Tensor& w) {
-  const int64_t D = w.size(0), K = w.size(1), J = w.size(2);
-  const int64_t Jp = k.padded_width(J, std::is_same_v<S, double>);
-  at::Tensor out = at::empty({D, K, Jp}, w.options());
+// Packs b (K x blocks*J), b[k][c] = w[d][k * sk + c * sc], of every direction:
+// (D, K, blocks * padded_width(J)). Undefined where w is.
+template <typename S, typename Cell>
+at::Tensor packed(const Table<S, Cell>& k, const std::array<at::Tensor, 2>& w, int64_t D,
+                  int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks) {
+  if (!w[0].defined()) return at::Tensor();
+  const int64_t Jp = blocks * k.padded_width(J);
+  at::Tensor out = at::empty({D, K, Jp}, w[0].options());
   for (int64_t d = 0; d < D; ++d)
-    k.pack(w.data_ptr<S>() + d * K * J, K, J, out.data_ptr<S>() + d * K * Jp);
+    k.pack(w[d].data_ptr<S>(), sk, sc, K, J, blocks, out.data_ptr<S>() + d * K * Jp);
   return out;
 }
 
+const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+template <typename S>
+const S* data_or_null(const std::optional<at::Tensor>& t) {
+  return t ? t->data_ptr<S>() : nullptr;
+}
+
 // Calls fn(d, n0, n1) over the D*N rows, split between threads in contiguous
-// runs that never cross a direction. A step of one row costs about H*H
+// runs that never cross a direction. A step of one row costs about G*H*P
 // multiply-adds; small problems stay on the calling thread.
 template <typename Fn>
-void for_each_row_range(int64_t D, int64_t N, int64_t T, int64_t H, const Fn& fn) {
-  const int64_t rows = D * N;
-  const int64_t per_row = std::max<int64_t>(1, T * H * H);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / per_row);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+void for_each_row_range(int64_t D, int64_t N, int64_t per_row, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_row));
+  at::parallel_for(0, D * N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t d = i / N, n0 = i % N;
       const int64_t n1 = std::min(N, n0 + (end - i));
@@ -91,19 +98,96 @@ void for_each_row_range(int64_t D, int64_t N, int64_t T, int64_t H, const Fn& fn
   });
 }
 
-// Packs w (D, H, H) for the kernels of k, gives every row range its scratch,
-// and calls run(d, n0, n1, packed weights of direction d, scratch) over the
-// D*N rows in parallel.
+// Gives each row range of the D*N rows its scratch (per_row elements a row)
+// and calls run(d, n0, n1, scratch) over them in parallel.
 template <typename S, typename Run>
-void run_rows(const Table<S>& k, const at::Tensor& w, int64_t T, int64_t N, const Run& run) {
-  const at::Tensor wp = packed(k, w);  // (D, H, Hp)
-  const int64_t D = wp.size(0), H = wp.size(1), Hp = wp.size(2);
-  at::Tensor scratch = at::empty({D, N, 2 * Hp}, w.options());
-  const S* weights = wp.data_ptr<S>();
-  S* s = scratch.data_ptr<S>();
-  for_each_row_range(D, N, T, H, [&](int64_t d, int64_t n0, int64_t n1) {
-    run(d, n0, n1, weights + d * H * Hp, s + (d * N + n0) * 2 * Hp);
+void run_rows(int64_t D, int64_t N, int64_t per_row, int64_t work_per_row,
+              const at::TensorOptions& opt, const Run& run) {
+  at::Tensor scratch = at::zeros({D * N * per_row}, opt);
+  S* sp = scratch.data_ptr<S>();
+  for_each_row_range(D, N, work_per_row, [&](int64_t d, int64_t n0, int64_t n1) {
+    run(d, n0, n1, sp + (d * N + n0) * per_row);
   });
+}
+
+// Direction d of packed weights (D, K, J), or null where there are none.
+template <typename S>
+const S* direction(const at::Tensor& packed, int64_t d) {
+  return packed.defined() ? packed.data_ptr<S>() + d * packed.size(1) * packed.size(2) : nullptr;
+}
+
+template <typename S, typename Cell>
+void forward_typed(const ForwardLoop& a) {
+  const Table<S, Cell> k = kernels<S, Cell>(current_isa());
+  const int64_t D = a.u.size(0), T = a.u.size(1), N = a.u.size(2), H = a.u.size(3) / Cell::kGates;
+  const int64_t P = a.h0.size(2);
+  const bool proj = a.w_hr[0].defined();
+  // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_hr (P, H) as W_hr^T.
+  const at::Tensor wf = packed(k, a.w_hh, D, 1, P, P, H, Cell::kGates);
+  const at::Tensor wr = packed(k, a.w_hr, D, 1, H, H, P, 1);
+  ForwardParams<S> p;
+  p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
+  p.u = a.u.data_ptr<S>();
+  for (int64_t d = 0; d < 2; ++d) {
+    p.w_hh[d] = nullptr;
+    p.b_hh[d] = d < D ? static_cast<const S*>(data_or_null(a.b_hh[d])) : nullptr;
+    p.w_hr[d] = nullptr;
+  }
+  p.h0 = a.h0.data_ptr<S>();
+  p.c0 = static_cast<const S*>(data_or_null(a.c0));
+  p.lengths = data_or_null<int64_t>(a.lengths);
+  p.y = a.y.data_ptr<S>();
+  p.hn = a.hn.data_ptr<S>();
+  p.cn = a.cn.defined() ? a.cn.data_ptr<S>() : nullptr;
+  p.saved = a.saved.defined() ? a.saved.data_ptr<S>() : nullptr;
+  run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.u.options(),
+              [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
+                k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wr, d), scratch);
+              });
+}
+
+template <typename S, typename Cell>
+void backward_typed(const BackwardLoop& a) {
+  const Table<S, Cell> k = kernels<S, Cell>(current_isa());
+  const int64_t D = a.dgh.size(0), T = a.dgh.size(1), N = a.dgh.size(2);
+  const int64_t GH = a.dgh.size(3), H = GH / Cell::kGates, P = a.h0.size(2);
+  const bool proj = a.w_hr[0].defined();
+  // W_hh (G*H, P) and W_hr (P, H) as stored.
+  const at::Tensor wb = packed(k, a.w_hh, D, P, 1, GH, P, 1);
+  const at::Tensor wr = packed(k, a.w_hr, D, H, 1, P, H, 1);
+  BackwardParams<S> p;
+  p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
+  p.dy = a.dy.data_ptr<S>();
+  p.dhn = data_or_null<S>(a.dhn);
+  p.dcn = data_or_null<S>(a.dcn);
+  p.y = a.y.data_ptr<S>();
+  p.h0 = a.h0.data_ptr<S>();
+  p.c0 = static_cast<const S*>(data_or_null(a.c0));
+  p.saved = static_cast<const S*>(data_or_null(a.saved));
+  for (int64_t d = 0; d < 2; ++d) p.w_hh[d] = p.w_hr[d] = nullptr;
+  p.lengths = data_or_null<int64_t>(a.lengths);
+  p.dgh = a.dgh.data_ptr<S>();
+  p.dgi = a.dgi.defined() ? a.dgi.data_ptr<S>() : nullptr;
+  p.dhr = a.dhr.defined() ? a.dhr.data_ptr<S>() : nullptr;
+  p.dh0 = a.dh0.data_ptr<S>();
+  p.dc0 = a.dc0.defined() ? a.dc0.data_ptr<S>() : nullptr;
+  run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.dgh.options(),
+              [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
+                k.backward_rows(p, d, n0, n1, direction<S>(wb, d), direction<S>(wr, d), scratch);
+              });
+}
+
+bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+at::Tensor to_float(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+std::array<at::Tensor, 2> to_float(const std::array<at::Tensor, 2>& w) {
+  return {to_float(w[0]), to_float(w[1])};
+}
+void copy_back(const at::Tensor& to, const at::Tensor& from) {
+  if (to.defined()) to.copy_(from);
 }
 
 }  // namespace
@@ -129,51 +213,43 @@ bool set_cpu_isa(const std::string& name) {
   return true;
 }
 
-void forward_recurrence_cpu(const at::Tensor& u, const at::Tensor& w_hh_t, const at::Tensor& h0,
-                            const std::optional<at::Tensor>& lengths, const at::Tensor& y,
-                            const at::Tensor& hn, bool relu) {
-  const int64_t D = u.size(0), T = u.size(1), N = u.size(2), H = u.size(3);
-  const Isa isa = current_isa();
-  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "fastrnn_forward_cpu", [&] {
-    const Table<scalar_t> k = kernels<scalar_t>(isa);
-    ForwardParams<scalar_t> p;
-    p.T = T; p.N = N; p.H = H; p.D = D;
-    p.u = u.data_ptr<scalar_t>();
-    p.w_hh_t = w_hh_t.data_ptr<scalar_t>();
-    p.h0 = h0.data_ptr<scalar_t>();
-    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
-    p.y = y.data_ptr<scalar_t>();
-    p.hn = hn.data_ptr<scalar_t>();
-    p.relu = relu;
-    run_rows(k, w_hh_t, T, N, [&](int64_t d, int64_t n0, int64_t n1, const scalar_t* w,
-                                 scalar_t* scratch) {
-      k.forward_rows(p, d, n0, n1, w, scratch);
-    });
+void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
+  if (half_type(a.u.scalar_type())) {
+    ForwardLoop f{to_float(a.u), to_float(a.w_hh), to_float(a.b_hh), to_float(a.w_hr),
+                  to_float(a.h0), to_float(a.c0), a.lengths, to_float(a.y), to_float(a.hn),
+                  to_float(a.cn), to_float(a.saved)};
+    forward_recurrence_cpu(cell, f);
+    copy_back(a.y, f.y);
+    copy_back(a.hn, f.hn);
+    copy_back(a.cn, f.cn);
+    copy_back(a.saved, f.saved);
+    return;
+  }
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    AT_DISPATCH_FLOATING_TYPES(a.u.scalar_type(), "fastrnn_forward_cpu",
+                               [&] { forward_typed<scalar_t, Cell>(a); });
   });
 }
 
-void backward_recurrence_cpu(const at::Tensor& dy, const std::optional<at::Tensor>& dhn,
-                             const at::Tensor& y, const at::Tensor& w_hh,
-                             const std::optional<at::Tensor>& lengths, const at::Tensor& dz,
-                             const at::Tensor& dh0, bool relu) {
-  const int64_t D = dz.size(0), T = dz.size(1), N = dz.size(2), H = dz.size(3);
-  const Isa isa = current_isa();
-  AT_DISPATCH_FLOATING_TYPES(dz.scalar_type(), "fastrnn_backward_cpu", [&] {
-    const Table<scalar_t> k = kernels<scalar_t>(isa);
-    BackwardParams<scalar_t> p;
-    p.T = T; p.N = N; p.H = H; p.D = D;
-    p.dy = dy.data_ptr<scalar_t>();
-    p.dhn = dhn ? dhn->data_ptr<scalar_t>() : nullptr;
-    p.y = y.data_ptr<scalar_t>();
-    p.w_hh = w_hh.data_ptr<scalar_t>();
-    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
-    p.dz = dz.data_ptr<scalar_t>();
-    p.dh0 = dh0.data_ptr<scalar_t>();
-    p.relu = relu;
-    run_rows(k, w_hh, T, N, [&](int64_t d, int64_t n0, int64_t n1, const scalar_t* w,
-                               scalar_t* scratch) {
-      k.backward_rows(p, d, n0, n1, w, scratch);
-    });
+void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a) {
+  if (half_type(a.dgh.scalar_type())) {
+    BackwardLoop f{to_float(a.dy), to_float(a.dhn), to_float(a.dcn), to_float(a.y),
+                   to_float(a.h0), to_float(a.c0), to_float(a.saved), to_float(a.w_hh),
+                   to_float(a.w_hr), a.lengths, to_float(a.dgh), to_float(a.dgi),
+                   to_float(a.dhr), to_float(a.dh0), to_float(a.dc0)};
+    backward_recurrence_cpu(cell, f);
+    copy_back(a.dgh, f.dgh);
+    copy_back(a.dgi, f.dgi);
+    copy_back(a.dhr, f.dhr);
+    copy_back(a.dh0, f.dh0);
+    copy_back(a.dc0, f.dc0);
+    return;
+  }
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    AT_DISPATCH_FLOATING_TYPES(a.dgh.scalar_type(), "fastrnn_backward_cpu",
+                               [&] { backward_typed<scalar_t, Cell>(a); });
   });
 }
 

@@ -1,32 +1,40 @@
-// Entry points of the CPU time loops, one set per instruction set; the
-// dispatch in recurrence_cpu.cpp picks one at run time.
+// Entry points of the CPU time loops, one set per instruction set, each a
+// template over the dtype S (float, double) and the cell, instantiated in
+// that instruction set's file; the dispatch in recurrence_cpu.cpp picks one
+// set at run time.
 #pragma once
 
 #include <cstdint>
 
+#include "cells.h"
 #include "recurrence_params.h"
 
-#define FASTRNN_DECLARE_CPU_ISA(isa)                                                    \
-  namespace fastrnn {                                                                   \
-  namespace cpu {                                                                       \
-  namespace isa {                                                                       \
-  /* Columns of J padded to whole vectors of this instruction set. */                 \
-  int64_t padded_width(int64_t J, bool is_double);                                      \
-  /* Packs b (K x J) for the time loops: K * padded_width(J) elements. */               \
-  void pack(const float* b, int64_t K, int64_t J, float* out);                          \
-  void pack(const double* b, int64_t K, int64_t J, double* out);                        \
-  /* Rows [n0, n1) of direction d, its weights packed; the scratch holds */            \
-  /* 2 * (n1 - n0) * padded_width(H) elements. */                                      \
-  void forward_rows(const ForwardParams<float>& p, int64_t d, int64_t n0, int64_t n1,   \
-                    const float* w_packed, float* scratch);                             \
-  void forward_rows(const ForwardParams<double>& p, int64_t d, int64_t n0, int64_t n1,  \
-                    const double* w_packed, double* scratch);                           \
-  void backward_rows(const BackwardParams<float>& p, int64_t d, int64_t n0, int64_t n1, \
-                     const float* w_packed, float* scratch);                            \
-  void backward_rows(const BackwardParams<double>& p, int64_t d, int64_t n0,            \
-                     int64_t n1, const double* w_packed, double* scratch);              \
-  }                                                                                     \
-  }                                                                                     \
+#define FASTRNN_DECLARE_CPU_ISA(isa)                                                          \
+  namespace fastrnn {                                                                         \
+  namespace cpu {                                                                             \
+  namespace isa {                                                                             \
+  /* Columns of J padded to whole vectors of this instruction set. */                       \
+  template <typename S>                                                                       \
+  int64_t padded_width(int64_t J);                                                            \
+  /* Packs b (K x blocks*J), b[k][c] = src[k * sk + c * sc], for the time loops: each */     \
+  /* block of J columns padded to padded_width(J); K * blocks * padded_width(J) elements. */ \
+  template <typename S>                                                                       \
+  void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks,      \
+            S* out);                                                                          \
+  /* Scratch elements per row of a block, forward or backward. */                            \
+  template <typename S, typename Cell>                                                        \
+  int64_t scratch_per_row(int64_t H, int64_t P, bool proj);                                   \
+  /* Rows [n0, n1) of direction d. wf: W_hh^T packed in G blocks of H; wr: W_hr^T */         \
+  /* packed, or null without projections. */                                                 \
+  template <typename S, typename Cell>                                                        \
+  void forward_rows(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,             \
+                    const S* wf, const S* wr, S* scratch);                                    \
+  /* wb: W_hh packed; wr: W_hr packed, or null. */                                           \
+  template <typename S, typename Cell>                                                        \
+  void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,           \
+                     const S* wb, const S* wr, S* scratch);                                   \
+  }                                                                                           \
+  }                                                                                           \
   }
 
 FASTRNN_DECLARE_CPU_ISA(base)

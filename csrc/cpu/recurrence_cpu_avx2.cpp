@@ -1,6 +1,6 @@
 // The CPU time loops compiled for AVX2 and FMA (x86-64 only). float's tanh is
-// the kernels' own; double's is SLEEF's, which torch's CPU library exports.
-#include <cmath>
+// the kernels' own; double's tanh and both exps are SLEEF's, which torch's
+// CPU library exports.
 #include <cstdint>
 #include <cstring>
 
@@ -13,23 +13,18 @@
 #pragma GCC target("avx2,fma")
 
 extern "C" __m256d Sleef_tanhd4_u10avx2(__m256d);
+extern "C" __m256d Sleef_expd4_u10avx2(__m256d);
+extern "C" __m256 Sleef_expf8_u10avx2(__m256);
 
 namespace fastrnn {
 namespace cpu {
 namespace avx2 {
 
-// The tail goes through the same vector function as the body (padded with
-// zeros), so an element's value does not depend on its position.
-inline void tanh_inplace(double* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, Sleef_tanhd4_u10avx2(_mm256_loadu_pd(x + i)));
-  if (i < n) {
-    double buf[4] = {0, 0, 0, 0};
-    std::memcpy(buf, x + i, sizeof(double) * (n - i));
-    _mm256_storeu_pd(buf, Sleef_tanhd4_u10avx2(_mm256_loadu_pd(buf)));
-    std::memcpy(x + i, buf, sizeof(double) * (n - i));
-  }
-}
+typedef double vd __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(32)));
+inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd4_u10avx2((__m256d)x); }
+inline vd exp_vec(vd x) { return (vd)Sleef_expd4_u10avx2((__m256d)x); }
+inline vf exp_vec(vf x) { return (vf)Sleef_expf8_u10avx2((__m256)x); }
 
 }  // namespace avx2
 }  // namespace cpu
@@ -38,6 +33,15 @@ inline void tanh_inplace(double* x, int64_t n) {
 #define FASTRNN_CPU_ISA avx2
 #define FASTRNN_VEC_BYTES 32
 #include "cpu/recurrence_cpu_kernels.h"
+
+namespace fastrnn {
+namespace cpu {
+namespace avx2 {
+FASTRNN_CPU_INSTANTIATE(float)
+FASTRNN_CPU_INSTANTIATE(double)
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace fastrnn
 
 #pragma GCC pop_options
 #endif  // __x86_64__

@@ -1,6 +1,6 @@
 // The CPU time loops compiled for AVX-512 (x86-64 only). float's tanh is the
-// kernels' own; double's is SLEEF's, which torch's CPU library exports.
-#include <cmath>
+// kernels' own; double's tanh and both exps are SLEEF's, which torch's CPU
+// library exports.
 #include <cstdint>
 #include <cstring>
 
@@ -13,21 +13,18 @@
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
 
 extern "C" __m512d Sleef_tanhd8_u10avx512f(__m512d);
+extern "C" __m512d Sleef_expd8_u10avx512f(__m512d);
+extern "C" __m512 Sleef_expf16_u10avx512f(__m512);
 
 namespace fastrnn {
 namespace cpu {
 namespace avx512 {
 
-// The tail goes through the same vector function as the body (masked), so an
-// element's value does not depend on its position.
-inline void tanh_inplace(double* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm512_storeu_pd(x + i, Sleef_tanhd8_u10avx512f(_mm512_loadu_pd(x + i)));
-  if (i < n) {
-    const __mmask8 m = static_cast<__mmask8>((1u << (n - i)) - 1u);
-    _mm512_mask_storeu_pd(x + i, m, Sleef_tanhd8_u10avx512f(_mm512_maskz_loadu_pd(m, x + i)));
-  }
-}
+typedef double vd __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(64)));
+inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd8_u10avx512f((__m512d)x); }
+inline vd exp_vec(vd x) { return (vd)Sleef_expd8_u10avx512f((__m512d)x); }
+inline vf exp_vec(vf x) { return (vf)Sleef_expf16_u10avx512f((__m512)x); }
 
 }  // namespace avx512
 }  // namespace cpu
@@ -36,6 +33,15 @@ inline void tanh_inplace(double* x, int64_t n) {
 #define FASTRNN_CPU_ISA avx512
 #define FASTRNN_VEC_BYTES 64
 #include "cpu/recurrence_cpu_kernels.h"
+
+namespace fastrnn {
+namespace cpu {
+namespace avx512 {
+FASTRNN_CPU_INSTANTIATE(float)
+FASTRNN_CPU_INSTANTIATE(double)
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace fastrnn
 
 #pragma GCC pop_options
 #endif  // __x86_64__

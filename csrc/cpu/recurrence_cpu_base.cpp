@@ -1,5 +1,5 @@
 // The CPU time loops for any processor: the compiler's baseline vectors;
-// float's tanh is the kernels' own, double's the C library's.
+// float's tanh is the kernels' own, the rest the C library's, lane by lane.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -10,8 +10,19 @@ namespace fastrnn {
 namespace cpu {
 namespace base {
 
-inline void tanh_inplace(double* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = std::tanh(x[i]);
+typedef double vd __attribute__((vector_size(16)));
+typedef float vf __attribute__((vector_size(16)));
+inline vd tanh_vec(vd x) {
+  for (int i = 0; i < 2; ++i) x[i] = std::tanh(x[i]);
+  return x;
+}
+inline vd exp_vec(vd x) {
+  for (int i = 0; i < 2; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+inline vf exp_vec(vf x) {
+  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
+  return x;
 }
 
 }  // namespace base
@@ -21,3 +32,12 @@ inline void tanh_inplace(double* x, int64_t n) {
 #define FASTRNN_CPU_ISA base
 #define FASTRNN_VEC_BYTES 16
 #include "cpu/recurrence_cpu_kernels.h"
+
+namespace fastrnn {
+namespace cpu {
+namespace base {
+FASTRNN_CPU_INSTANTIATE(float)
+FASTRNN_CPU_INSTANTIATE(double)
+}  // namespace base
+}  // namespace cpu
+}  // namespace fastrnn

@@ -1,22 +1,26 @@
-// The CPU time loops, written once and compiled once per instruction set.
+// The CPU time loops, written once for every cell and compiled once per
+// instruction set.
 //
 // Each recurrence_cpu_<isa>.cpp includes this file after a `#pragma GCC
 // target`, having defined
 //   FASTRNN_CPU_ISA    the namespace these kernels land in (avx512, avx2, base)
 //   FASTRNN_VEC_BYTES  the width of one vector register in bytes
-// and, in that namespace, tanh_inplace(double*, int64_t). Nothing here may use a template from the
-// standard library: an out-of-line copy compiled for AVX-512 could be picked
-// by the linker for every caller.
+// and, in that namespace, the vector functions exp_vec (float and double)
+// and tanh_vec (double) on GCC vectors of FASTRNN_VEC_BYTES bytes. Nothing
+// here may use a template from the standard library: an out-of-line copy
+// compiled for AVX-512 could be picked by the linker for every caller.
 //
-// One step of a batch block is a small GEMM (rows x H times H x H) followed by
-// the activation; the block of rows is carried through all T steps, so a
-// thread touches only its own rows and no step needs a barrier. The caller
-// packs the weights once (pack) and gives each call a scratch of
-// 2 * (n1 - n0) * padded_width(H) elements: nothing here allocates.
+// One step of a block of rows is a small GEMM (rows x P times P x G*H)
+// followed by the cell's pointwise step, vectorised across units; the block
+// of rows is carried through all T steps, so a thread touches only its own
+// rows and no step needs a barrier. The caller packs the weights once (pack)
+// and gives each call the scratch scratch_elements() asks for: nothing here
+// allocates.
 
 #include <cstdint>
 #include <cstring>
 
+#include "cells.h"
 #include "recurrence_params.h"
 
 namespace fastrnn {
@@ -60,16 +64,39 @@ inline V tanh_rational(V x) {
   return ax < 4e-4f ? x : p / q;
 }
 
-inline void tanh_inplace(float* x, int64_t n);  // defined below, from tanh_rational
+// The cells' math on vectors of units (cells.h): float's tanh is the
+// rational one above, double's and both exps are the instruction set's.
+template <typename Scalar>
+struct VecMath {
+  using S = Scalar;
+  using V = typename VecOf<S>::type;
+  static inline V tanh(V x) {
+    if constexpr (sizeof(S) == 4) return tanh_rational(x);
+    else return tanh_vec(x);
+  }
+  // 1 / (1 + exp(-x)): exp(inf) = inf gives 0 at -inf, exp(-inf) = 0 gives 1
+  // at inf, and NaN stays NaN.
+  static inline V sigmoid(V x) { return S(1) / (S(1) + exp_vec(-x)); }
+  // `x < 0 ? 0 : x` keeps NaN, as torch.relu does.
+  static inline V relu(V x) { return x < S(0) ? V{} : x; }
+  // torch's threshold_backward: zero where the output is <= 0.
+  static inline V relu_backward(V g, V h) { return h <= S(0) ? V{} : g; }
+};
 
-template <typename S>
+template <typename S, typename Cell>
 struct Kernels {
   using V = typename VecOf<S>::type;
+  using M = VecMath<S>;
+  static constexpr int G = Cell::kGates;
   static constexpr int64_t W = FASTRNN_VEC_BYTES / sizeof(S);  // lanes per vector
   // Rows per register block: RB x 2 accumulators, plus two panel vectors and
   // a broadcast, fill but do not spill the register file (32 with AVX-512, 16
   // below it).
   static constexpr int RB = FASTRNN_VEC_BYTES == 64 ? 8 : 4;
+  // A cell whose step is a function of its one gate's pre-activation alone
+  // (Elman): the step runs on the GEMM's accumulators in registers.
+  static constexpr bool kFusable =
+      G == 1 && !Cell::kCellState && !Cell::kHiddenBias && !Cell::kPrevState && Cell::kSaved == 0;
 
   static inline V load(const S* p) {
     V v;
@@ -77,6 +104,19 @@ struct Kernels {
     return v;
   }
   static inline void store(S* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  // The first n (1 to W) lanes, the others zero; and their store. A unit's
+  // value never depends on where it falls: the lanes past n run through the
+  // same vector code as the rest.
+  static inline V load_n(const S* p, int64_t n) {
+    if (n == W) return load(p);
+    V v = V{};
+    std::memcpy(&v, p, sizeof(S) * n);
+    return v;
+  }
+  static inline void store_n(S* p, V v, int64_t n) {
+    if (n == W) return store(p, v);
+    std::memcpy(p, &v, sizeof(S) * n);
+  }
 
   // Columns padded to whole vectors: the width of every scratch row.
   static int64_t padded(int64_t J) { return (J + W - 1) / W * W; }
@@ -84,43 +124,53 @@ struct Kernels {
   // Panel widths of a packed matrix: 2W while they fit, then W.
   static inline int64_t panel_width(int64_t j, int64_t Jp) { return j + 2 * W <= Jp ? 2 * W : W; }
 
-  // Packs b (K x J, row-major) into column panels, each K x width and
-  // contiguous, zero-padded to padded(J) columns: out holds K * padded(J).
-  // A step then reads its weights in order instead of at a stride of J,
-  // which maps a whole column of a large b onto a few cache sets.
-  static void pack(const S* b, int64_t K, int64_t J, S* out) {
-    const int64_t Jp = padded(J);
+  // Packs b (K x Gb*J) into column panels, each K x width and contiguous.
+  // The columns come in Gb blocks of J (the gates of a W_hh^T), each block
+  // zero-padded to padded(J) so that every block starts on a whole vector:
+  // out holds K * Gb * padded(J). b[k][col] is src[k * sk + col * sc], so
+  // the same routine packs a matrix or its transpose. A step then reads its
+  // weights in order instead of at a stride, which maps a whole column of a
+  // large b onto a few cache sets.
+  static void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t Gb,
+                   S* out) {
+    const int64_t Jb = padded(J), Jp = Gb * Jb;
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
       S* panel = out + j0 * K;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = 0; c < w; ++c) panel[k * w + c] = j0 + c < J ? b[k * J + j0 + c] : S(0);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t c = 0; c < w; ++c) {
+          const int64_t col = j0 + c, blk = col / Jb, j = col - blk * Jb;
+          panel[k * w + c] = j < J ? src[k * sk + (blk * J + j) * sc] : S(0);
+        }
+      }
     }
   }
 
-  // What a GEMM does with its result besides storing it in c: nothing
-  // (u == nullptr), or the forward step's epilogue, c = act(c + u), also
-  // written to out. Pointers at the block's first row and column.
+  // What a GEMM does with its result: store it in c (kStore), add it to c
+  // (kAccumulate), or store the fused cell step of it (kFused: h =
+  // cell(u + acc) into c and into out; pointers at the block's first row
+  // and column).
+  enum Mode { kStore, kAccumulate, kFused };
   struct Epilogue {
     const S* u = nullptr;
     int64_t ldu = 0;
     S* out = nullptr;
     int64_t ldo = 0;
-    bool relu = false;
     Epilogue shifted(int64_t r, int64_t j) const {
-      return u ? Epilogue{u + r * ldu + j, ldu, out + r * ldo + j, ldo, relu} : *this;
+      return u ? Epilogue{u + r * ldu + j, ldu, out + r * ldo + j, ldo} : *this;
     }
   };
 
-  static inline V act(V x, bool relu) {
-    if (relu) return x < S(0) ? V{} : x;  // keeps NaN, as torch.relu does
-    return tanh_rational(x);
+  static inline V fused_step(V acc, V u) {
+    V h, unused{}, none{};
+    Cell::template forward<M, V>(&u, &acc, &none, unused, unused, h, &none);
+    return h;
   }
 
   // c (R x JV*W) = a (R x K) panel (K x JV*W); the accumulators stay in
-  // registers. FUSED (float only) applies the epilogue to them before the
-  // store; the caller guarantees its JV*W columns all lie inside u and out.
-  template <int R, int JV, bool FUSED>
+  // registers. kFused: the caller guarantees its JV*W columns all lie inside
+  // u and out.
+  template <int R, int JV, Mode MODE>
   static inline void block(int64_t K, const S* a, int64_t lda, const S* panel, S* c,
                            int64_t ldc, const Epilogue& e) {
     V acc[R][JV];
@@ -144,9 +194,11 @@ struct Kernels {
 #pragma GCC unroll 4
       for (int v = 0; v < JV; ++v) {
         V x = acc[r][v];
-        if constexpr (FUSED) {
-          x = act(x + load(e.u + r * e.ldu + v * W), e.relu);
+        if constexpr (MODE == kFused) {
+          x = fused_step(x, load(e.u + r * e.ldu + v * W));
           store(e.out + r * e.ldo + v * W, x);
+        } else if constexpr (MODE == kAccumulate) {
+          x += load(c + r * ldc + v * W);
         }
         store(c + r * ldc + v * W, x);
       }
@@ -156,95 +208,151 @@ struct Kernels {
   // Rows in blocks of RB, then halves of it: a block of one row has too few
   // independent accumulators to hide the multiply-add latency, so the
   // remainder of a few rows is worth keeping together.
-  template <int JV, bool FUSED>
+  template <int JV, Mode MODE>
   static inline void rows(int64_t R, int64_t K, const S* a, int64_t lda, const S* panel, S* c,
                           int64_t ldc, const Epilogue& e) {
     int64_t r = 0;
     for (; r + RB <= R; r += RB)
-      block<RB, JV, FUSED>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
+      block<RB, JV, MODE>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
     if (RB > 4 && r + 4 <= R) {
-      block<4, JV, FUSED>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
+      block<4, JV, MODE>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
       r += 4;
     }
     if (r + 2 <= R) {
-      block<2, JV, FUSED>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
+      block<2, JV, MODE>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
       r += 2;
     }
-    if (r < R) block<1, JV, FUSED>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
+    if (r < R) block<1, JV, MODE>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
   }
 
-  // The epilogue element by element, on columns [0, n) of R rows of c.
-  static void epilogue_columns(int64_t R, int64_t n, S* c, int64_t ldc, const Epilogue& e) {
-    for (int64_t r = 0; r < R; ++r) {
-      S* h = c + r * ldc;
-      const S* u = e.u + r * e.ldu;
-      for (int64_t j = 0; j < n; ++j) h[j] += u[j];
-      activate(h, n, e.relu);
-      std::memcpy(e.out + r * e.ldo, h, sizeof(S) * n);
-    }
+  template <Mode MODE>
+  static inline void panel_rows(int64_t w, int64_t R, int64_t K, const S* a, int64_t lda,
+                                const S* panel, S* c, int64_t ldc, const Epilogue& e) {
+    if (w == 2 * W) rows<2, MODE>(R, K, a, lda, panel, c, ldc, e);
+    else rows<1, MODE>(R, K, a, lda, panel, c, ldc, e);
   }
 
-  // c (R x padded(J)) = a (R x K) b (K x J), b packed by pack(), then the
-  // epilogue on the J real columns. The sum over k runs in the same order for
-  // every element, and the epilogue is the same arithmetic in registers or
-  // element by element, so no result depends on where its row or column falls.
-  static void gemm(int64_t R, int64_t J, int64_t K, const S* a, int64_t lda, const S* packed,
-                   S* c, int64_t ldc, const Epilogue& e = Epilogue{}) {
-    const int64_t Jp = padded(J);
+  // c (R x Jp) = a (R x K) b (K x Jp), or c += a b (accumulate), b packed by
+  // pack() into Jp columns. The sum over k runs in the same order for every
+  // element, so no result depends on where its row or column falls.
+  static void gemm(int64_t R, int64_t Jp, int64_t K, const S* a, int64_t lda, const S* packed,
+                   S* c, int64_t ldc, bool accumulate = false) {
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
-      const bool fused = e.u != nullptr && sizeof(S) == 4 && j0 + w <= J;
+      if (accumulate) panel_rows<kAccumulate>(w, R, K, a, lda, packed + j0 * K, c + j0, ldc, {});
+      else panel_rows<kStore>(w, R, K, a, lda, packed + j0 * K, c + j0, ldc, {});
+    }
+  }
+
+  // The fusable cell's step (kFusable): c (R x padded(H)) = cell(u + a b) and
+  // out = the same on the H real columns, in registers for every panel that
+  // lies inside them and through forward_units for the last.
+  static void gemm_fused(int64_t R, int64_t H, int64_t K, const S* a, int64_t lda,
+                         const S* packed, S* c, int64_t ldc, const S* u, int64_t ldu, S* out,
+                         int64_t ldo) {
+    const int64_t Jp = padded(H);
+    for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
+      const int64_t w = panel_width(j0, Jp);
       const S* panel = packed + j0 * K;
-      const Epilogue ej = e.shifted(0, j0);
-      if (w == 2 * W) {
-        if (fused) rows<2, true>(R, K, a, lda, panel, c + j0, ldc, ej);
-        else rows<2, false>(R, K, a, lda, panel, c + j0, ldc, ej);
+      if (j0 + w <= H) {
+        panel_rows<kFused>(w, R, K, a, lda, panel, c + j0, ldc,
+                           Epilogue{u + j0, ldu, out + j0, ldo});
       } else {
-        if (fused) rows<1, true>(R, K, a, lda, panel, c + j0, ldc, ej);
-        else rows<1, false>(R, K, a, lda, panel, c + j0, ldc, ej);
+        panel_rows<kStore>(w, R, K, a, lda, panel, c + j0, ldc, {});
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t j = j0; j < H; j += W) {
+            const int64_t n = H - j < W ? H - j : W;
+            const V h = fused_step(load(c + r * ldc + j), load_n(u + r * ldu + j, n));
+            store(c + r * ldc + j, h);
+            store_n(out + r * ldo + j, h, n);
+          }
+        }
       }
-      if (e.u != nullptr && !fused && j0 < J)
-        epilogue_columns(R, (j0 + w <= J ? j0 + w : J) - j0, c + j0, ldc, ej);
     }
   }
 
-  static void activate(S* x, int64_t n, bool relu) {
-    if (relu) {
-      // `x < 0 ? 0 : x` keeps NaN, as torch.relu does.
-      for (int64_t i = 0; i < n; ++i) x[i] = x[i] < S(0) ? S(0) : x[i];
-    } else {
-      tanh_inplace(x, n);
+  // Elements of scratch each block of rows needs per row, forward and
+  // backward, for H units, state width P and projections or not.
+  static int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
+    const int64_t Hp = padded(H), Pp = padded(P);
+    const int64_t fwd = 2 * Pp + G * Hp + (Cell::kCellState ? Hp : 0) + (proj ? Hp : 0);
+    const int64_t bwd = 2 * Pp + (Cell::kCellState ? Hp : 0) + (proj ? Pp + Hp : 0);
+    return fwd > bwd ? fwd : bwd;
+  }
+
+  // The forward step of row r's H units: hw (G blocks of padded(H)) from the
+  // GEMM, u and saved (G*H and Ws wide) in global memory, h_prev and c in
+  // scratch rows of padded(H); the new state into h (padded) and, unless
+  // null, into out (H wide).
+  static void forward_units(int64_t H, const S* u, const S* hw, const S* const* bh,
+                            const S* h_prev, S* c, S* h, S* out, S* saved) {
+    const int64_t Hp = padded(H);
+    for (int64_t j = 0; j < H; j += W) {
+      const int64_t n = H - j < W ? H - j : W;
+      V uv[G], hwv[G], bhv[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
+      for (int g = 0; g < G; ++g) {
+        uv[g] = load_n(u + g * H + j, n);
+        hwv[g] = load(hw + g * Hp + j);
+        bhv[g] = Cell::kHiddenBias && bh[0] != nullptr ? load_n(bh[0] + g * H + j, n) : V{};
+      }
+      const V hp = Cell::kPrevState ? load(h_prev + j) : V{};
+      V cv = Cell::kCellState ? load(c + j) : V{};
+      V hv;
+      Cell::template forward<M, V>(uv, hwv, bhv, hp, cv, hv, sv);
+      store(h + j, hv);
+      if (out != nullptr) store_n(out + j, hv, n);
+      for (int k = 0; k < Cell::kSaved; ++k) store_n(saved + k * H + j, sv[k], n);
+      if constexpr (Cell::kCellState) {
+        store(c + j, cv);
+        store_n(saved + Cell::kSaved * H + j, cv, n);
+      }
     }
   }
 
-  static inline bool active(const int64_t* lengths, int64_t n, int64_t t) {
-    return lengths == nullptr || t < lengths[n];
-  }
-
-  // Rows [n0, n1) of direction d, all T steps. w_packed: W_hh^T of this
-  // direction, packed. scratch: 2 * (n1 - n0) * padded(H).
-  static void forward(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,
-                      const S* w_packed, S* scratch) {
-    const int64_t T = p.T, N = p.N, H = p.H, DH = p.D * p.H, R = n1 - n0, Hp = padded(H);
-    S* prev = scratch;          // (R, Hp) state before the step
-    S* next = scratch + R * Hp;  // (R, Hp) state after it
-    for (int64_t r = 0; r < R; ++r)
-      std::memcpy(prev + r * Hp, p.h0 + (d * N + n0 + r) * H, sizeof(S) * H);
+  // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
+  // packed (P x G blocks of padded(H)); wr: W_hr^T packed (H x padded(P)), or
+  // null without projections.
+  static void forward(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
+                      const S* wr, S* scratch) {
+    const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * p.P, R = n1 - n0;
+    const int64_t Hp = padded(H), Pp = padded(P), GH = G * H, Ws = saved_width<Cell>(H);
+    const bool proj = wr != nullptr;
+    S* prev = scratch;               // (R, Pp) state before the step
+    S* next = prev + R * Pp;         // (R, Pp) state after it
+    S* gates = next + R * Pp;        // (R, G*Hp) h_prev W_hh^T
+    S* cs = gates + R * G * Hp;      // (R, Hp) the cell state (kCellState)
+    S* m = cs + (Cell::kCellState ? R * Hp : 0);  // (R, Hp) the cell's output (projections)
+    const S* bh[1] = {p.b_hh[d]};
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(prev + r * Pp, p.h0 + (d * N + n0 + r) * P, sizeof(S) * P);
+      if (Cell::kCellState) std::memcpy(cs + r * Hp, p.c0 + (d * N + n0 + r) * H, sizeof(S) * H);
+    }
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? s : T - 1 - s;
-      const S* u = p.u + ((d * T + t) * N + n0) * H;  // (R, H)
-      S* out = p.y + (t * N + n0) * DH + d * H;       // (R, H), row stride D*H
-      if (p.lengths == nullptr) {
-        gemm(R, H, H, prev, Hp, w_packed, next, Hp, Epilogue{u, H, out, DH, p.relu});
+      const S* u = p.u + ((d * T + t) * N + n0) * GH;                  // (R, G*H)
+      S* out = p.y + (t * N + n0) * DP + d * P;                         // (R, P), row stride D*P
+      S* saved = Ws ? p.saved + ((d * T + t) * N + n0) * Ws : nullptr;  // (R, Ws)
+      if (kFusable && p.lengths == nullptr) {
+        gemm_fused(R, H, P, prev, Pp, wf, next, Pp, u, GH, out, DP);
       } else {
-        gemm(R, H, H, prev, Hp, w_packed, next, Hp);
+        gemm(R, G * Hp, P, prev, Pp, wf, gates, G * Hp);
         for (int64_t r = 0; r < R; ++r) {
-          S* h = next + r * Hp;
-          if (active(p.lengths, n0 + r, t)) {
-            epilogue_columns(1, H, h, Hp, Epilogue{u + r * H, H, out + r * DH, DH, p.relu});
+          if (row_active(p.lengths, n0 + r, t)) {
+            forward_units(H, u + r * GH, gates + r * G * Hp, bh, prev + r * Pp, cs + r * Hp,
+                          proj ? m + r * Hp : next + r * Pp, proj ? nullptr : out + r * DP,
+                          saved + r * Ws);
           } else {
-            std::memcpy(h, prev + r * Hp, sizeof(S) * H);
-            std::memset(out + r * DH, 0, sizeof(S) * H);
+            std::memset(out + r * DP, 0, sizeof(S) * P);
+            if (Ws) std::memset(saved + r * Ws, 0, sizeof(S) * Ws);
+            if (proj) std::memset(m + r * Hp, 0, sizeof(S) * Hp);
+          }
+        }
+        if (proj) gemm(R, Pp, H, m, Hp, wr, next, Pp);
+        for (int64_t r = 0; r < R; ++r) {
+          if (!row_active(p.lengths, n0 + r, t)) {
+            std::memcpy(next + r * Pp, prev + r * Pp, sizeof(S) * P);
+          } else if (proj) {
+            std::memcpy(out + r * DP, next + r * Pp, sizeof(S) * P);
           }
         }
       }
@@ -252,92 +360,161 @@ struct Kernels {
       prev = next;
       next = tmp;
     }
-    for (int64_t r = 0; r < R; ++r)
-      std::memcpy(p.hn + (d * N + n0 + r) * H, prev + r * Hp, sizeof(S) * H);
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(p.hn + (d * N + n0 + r) * P, prev + r * Pp, sizeof(S) * P);
+      if (Cell::kCellState) std::memcpy(p.cn + (d * N + n0 + r) * H, cs + r * Hp, sizeof(S) * H);
+    }
+  }
+
+  // The backward step of row r's H units at step t: gh (dL/dh', padded
+  // scratch or, for Elman, dy + dh summed here), the forward's y, saved and
+  // the states around the step; dgh, dgi (G*H wide) out, dc (padded scratch)
+  // updated, the part of dL/dh_prev outside W_hh into dh_prev (padded).
+  static void backward_units(int64_t H, const S* gh, const S* dy, const S* y, const S* saved,
+                             const S* h_prev, const S* c_prev, S* dc, S* dgh, S* dgi,
+                             S* dh_prev) {
+    for (int64_t j = 0; j < H; j += W) {
+      const int64_t n = H - j < W ? H - j : W;
+      const V g = dy != nullptr ? load_n(dy + j, n) + load(gh + j) : load(gh + j);
+      const V h = y != nullptr ? load_n(y + j, n) : V{};
+      V sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
+      for (int k = 0; k < Cell::kSaved; ++k) sv[k] = load_n(saved + k * H + j, n);
+      const V c = Cell::kCellState ? load_n(saved + Cell::kSaved * H + j, n) : V{};
+      const V cp = Cell::kCellState ? load_n(c_prev + j, n) : V{};
+      const V hp = Cell::kPrevState ? load_n(h_prev + j, n) : V{};
+      V dcv = Cell::kCellState ? load(dc + j) : V{};
+      V dghv[G], dgiv[G], dhp{};
+      Cell::template backward<M, V>(g, h, sv, hp, cp, c, dcv, dghv, dgiv, dhp);
+      for (int k = 0; k < G; ++k) {
+        store_n(dgh + k * H + j, dghv[k], n);
+        if (Cell::kHiddenBias) store_n(dgi + k * H + j, dgiv[k], n);
+      }
+      if (Cell::kCellState) store(dc + j, dcv);
+      if (Cell::kPrevState) store(dh_prev + j, dhp);
+    }
   }
 
   // Rows [n0, n1) of direction d, all T steps in the reverse order of the
-  // forward. w_packed: W_hh of this direction, packed. scratch: as forward.
+  // forward. wb: W_hh of this direction packed (G*H x padded(P)); wr: W_hr
+  // packed (P x padded(H)), or null without projections.
   static void backward(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,
-                       const S* w_packed, S* scratch) {
-    const int64_t T = p.T, N = p.N, H = p.H, DH = p.D * p.H, R = n1 - n0, Hp = padded(H);
-    S* dh = scratch;               // (R, Hp) gradient of the state after this step
-    S* dh_next = scratch + R * Hp;  // (R, Hp) gradient of the state before it
+                       const S* wb, const S* wr, S* scratch) {
+    const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * p.P, R = n1 - n0;
+    const int64_t Hp = padded(H), Pp = padded(P), GH = G * H, Ws = saved_width<Cell>(H);
+    const bool proj = wr != nullptr;
+    S* dh = scratch;               // (R, Pp) dL/dh of the state after this step
+    S* dh_next = dh + R * Pp;      // (R, Pp) of the state before it
+    S* dc = dh_next + R * Pp;      // (R, Hp) dL/dc (kCellState)
+    S* gp = dc + (Cell::kCellState ? R * Hp : 0);  // (R, Pp) dL/dh' (projections)
+    S* dm = gp + (proj ? R * Pp : 0);              // (R, Hp) dL/d(cell output) (projections)
     for (int64_t r = 0; r < R; ++r) {
       if (p.dhn != nullptr)
-        std::memcpy(dh + r * Hp, p.dhn + (d * N + n0 + r) * H, sizeof(S) * H);
+        std::memcpy(dh + r * Pp, p.dhn + (d * N + n0 + r) * P, sizeof(S) * P);
       else
-        std::memset(dh + r * Hp, 0, sizeof(S) * H);
+        std::memset(dh + r * Pp, 0, sizeof(S) * P);
+      if (Cell::kCellState) {
+        if (p.dcn != nullptr)
+          std::memcpy(dc + r * Hp, p.dcn + (d * N + n0 + r) * H, sizeof(S) * H);
+        else
+          std::memset(dc + r * Hp, 0, sizeof(S) * H);
+      }
     }
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? T - 1 - s : s;
-      S* dz = p.dz + ((d * T + t) * N + n0) * H;  // (R, H)
+      S* dgh = p.dgh + ((d * T + t) * N + n0) * GH;  // (R, G*H)
+      S* dgi = Cell::kHiddenBias ? p.dgi + ((d * T + t) * N + n0) * GH : nullptr;
+      if (proj) {
+        // dL/dh' of the step, kept for dW_hr, then through W_hr to the cell.
+        S* dhr = p.dhr + ((d * T + t) * N + n0) * P;  // (R, P)
+        for (int64_t r = 0; r < R; ++r) {
+          S* g = gp + r * Pp;
+          if (row_active(p.lengths, n0 + r, t)) {
+            const S* dy = p.dy + (t * N + n0 + r) * DP + d * P;
+            for (int64_t k = 0; k < P; ++k) g[k] = dy[k] + dh[r * Pp + k];
+          } else {
+            std::memset(g, 0, sizeof(S) * P);
+          }
+          std::memcpy(dhr + r * P, g, sizeof(S) * P);
+        }
+        gemm(R, Hp, P, gp, Pp, wr, dm, Hp);
+      }
       for (int64_t r = 0; r < R; ++r) {
-        S* z = dz + r * H;
-        if (!active(p.lengths, n0 + r, t)) {
-          std::memset(z, 0, sizeof(S) * H);
+        const int64_t n = n0 + r;
+        if (!row_active(p.lengths, n, t)) {
+          std::memset(dgh + r * GH, 0, sizeof(S) * GH);
+          if (dgi) std::memset(dgi + r * GH, 0, sizeof(S) * GH);
           continue;
         }
-        const S* h = p.y + (t * N + n0 + r) * DH + d * H;
-        const S* g = p.dy + (t * N + n0 + r) * DH + d * H;
-        const S* c = dh + r * Hp;
-        if (p.relu) {
-          // torch's threshold_backward: zero where the output is <= 0.
-          for (int64_t j = 0; j < H; ++j) z[j] = h[j] <= S(0) ? S(0) : g[j] + c[j];
-        } else {
-          for (int64_t j = 0; j < H; ++j) z[j] = (g[j] + c[j]) * (S(1) - h[j] * h[j]);
-        }
+        const int64_t q = prev_step(p.lengths, n, t, d, T);
+        const S* h_prev = q >= 0 ? p.y + (q * N + n) * DP + d * P : p.h0 + (d * N + n) * P;
+        const S* c_prev = !Cell::kCellState ? nullptr
+                          : q >= 0 ? p.saved + ((d * T + q) * N + n) * Ws + Cell::kSaved * H
+                                   : p.c0 + (d * N + n) * H;
+        const int64_t o = (t * N + n) * DP + d * P;  // row n of step t in y and dy
+        backward_units(H, proj ? dm + r * Hp : dh + r * Pp, proj ? nullptr : p.dy + o,
+                       proj ? nullptr : p.y + o, Ws ? p.saved + ((d * T + t) * N + n) * Ws : nullptr,
+                       h_prev, c_prev, dc + r * Hp, dgh + r * GH,
+                       dgi ? dgi + r * GH : nullptr, dh_next + r * Pp);
       }
-      gemm(R, H, H, dz, H, w_packed, dh_next, Hp);
+      // dh_prev = dgh W_hh, added to the part outside W_hh where the cell has one.
+      gemm(R, Pp, GH, dgh, GH, wb, dh_next, Pp, Cell::kPrevState);
       for (int64_t r = 0; r < R; ++r)
-        if (!active(p.lengths, n0 + r, t))
-          std::memcpy(dh_next + r * Hp, dh + r * Hp, sizeof(S) * H);
+        if (!row_active(p.lengths, n0 + r, t))
+          std::memcpy(dh_next + r * Pp, dh + r * Pp, sizeof(S) * P);
       S* tmp = dh;
       dh = dh_next;
       dh_next = tmp;
     }
-    for (int64_t r = 0; r < R; ++r)
-      std::memcpy(p.dh0 + (d * N + n0 + r) * H, dh + r * Hp, sizeof(S) * H);
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(p.dh0 + (d * N + n0 + r) * P, dh + r * Pp, sizeof(S) * P);
+      if (Cell::kCellState) std::memcpy(p.dc0 + (d * N + n0 + r) * H, dc + r * Hp, sizeof(S) * H);
+    }
   }
 };
 
-// The float tanh of every instruction set; the tail runs through the same
-// vector code as the body, so an element's value does not depend on where it
-// falls.
-inline void tanh_inplace(float* x, int64_t n) {
-  using K = Kernels<float>;
-  int64_t i = 0;
-  for (; i + K::W <= n; i += K::W) K::store(x + i, tanh_rational(K::load(x + i)));
-  if (i < n) {
-    float buf[K::W] = {};
-    std::memcpy(buf, x + i, sizeof(float) * (n - i));
-    K::store(buf, tanh_rational(K::load(buf)));
-    std::memcpy(x + i, buf, sizeof(float) * (n - i));
-  }
+template <typename S>
+int64_t padded_width(int64_t J) {
+  return Kernels<S, ElmanTanh>::padded(J);
 }
 
-int64_t padded_width(int64_t J, bool is_double) {
-  return is_double ? Kernels<double>::padded(J) : Kernels<float>::padded(J);
+template <typename S, typename Cell>
+void forward_rows(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
+                  const S* wr, S* scratch) {
+  Kernels<S, Cell>::forward(p, d, n0, n1, wf, wr, scratch);
 }
-void pack(const float* b, int64_t K, int64_t J, float* out) { Kernels<float>::pack(b, K, J, out); }
-void pack(const double* b, int64_t K, int64_t J, double* out) { Kernels<double>::pack(b, K, J, out); }
-void forward_rows(const ForwardParams<float>& p, int64_t d, int64_t n0, int64_t n1,
-                  const float* w_packed, float* scratch) {
-  Kernels<float>::forward(p, d, n0, n1, w_packed, scratch);
+
+template <typename S, typename Cell>
+void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wb,
+                   const S* wr, S* scratch) {
+  Kernels<S, Cell>::backward(p, d, n0, n1, wb, wr, scratch);
 }
-void forward_rows(const ForwardParams<double>& p, int64_t d, int64_t n0, int64_t n1,
-                  const double* w_packed, double* scratch) {
-  Kernels<double>::forward(p, d, n0, n1, w_packed, scratch);
+
+template <typename S>
+void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks, S* out) {
+  Kernels<S, ElmanTanh>::pack(src, sk, sc, K, J, blocks, out);
 }
-void backward_rows(const BackwardParams<float>& p, int64_t d, int64_t n0, int64_t n1,
-                   const float* w_packed, float* scratch) {
-  Kernels<float>::backward(p, d, n0, n1, w_packed, scratch);
-}
-void backward_rows(const BackwardParams<double>& p, int64_t d, int64_t n0, int64_t n1,
-                   const double* w_packed, double* scratch) {
-  Kernels<double>::backward(p, d, n0, n1, w_packed, scratch);
+
+template <typename S, typename Cell>
+int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
+  return Kernels<S, Cell>::scratch_per_row(H, P, proj);
 }
 
 }  // namespace FASTRNN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastrnn
+
+// Explicit instantiations of the entry points for every dtype and cell, at
+// the end of each instruction set's file.
+#define FASTRNN_CPU_INSTANTIATE_CELL(S, Cell)                                                  \
+  template void forward_rows<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,      \
+                                      const S*, const S*, S*);                                 \
+  template void backward_rows<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t,    \
+                                       const S*, const S*, S*);                                \
+  template int64_t scratch_per_row<S, Cell>(int64_t, int64_t, bool);
+#define FASTRNN_CPU_INSTANTIATE(S)                                                             \
+  template int64_t padded_width<S>(int64_t);                                                   \
+  template void pack<S>(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, S*);            \
+  FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanTanh)                                                   \
+  FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanRelu)                                                   \
+  FASTRNN_CPU_INSTANTIATE_CELL(S, Lstm)                                                        \
+  FASTRNN_CPU_INSTANTIATE_CELL(S, Gru)

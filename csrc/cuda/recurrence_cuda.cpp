@@ -1,33 +1,40 @@
-// The CUDA time loop: picks the path, guards the device, runs on the current
-// stream and checks every launch. The GEMMs of the step path go through ATen,
-// so cuBLAS comes with torch. The same loop drives the kernels' CPU emulator
-// (recurrence_cuda_emulate.h) for the tests, on CPU tensors.
+// The CUDA time loop: chooses the launch, guards the device, runs on the
+// current stream and checks every launch. The GEMMs of the step path go
+// through ATen, so cuBLAS comes with torch. The same loop drives the
+// kernels' emulator for the tests, on CPU tensors, which this module claims
+// while emulation is on.
+#include "cuda/recurrence_cuda.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <limits>
+#include <map>
 #include <mutex>
-#include <string>
-#include <utility>
+#include <optional>
+#include <stdexcept>
+#include <tuple>
 #include <vector>
 
-#include "cuda/recurrence_cuda_emulate.h"
 #include "cuda/recurrence_cuda_kernels.h"
+#include "cuda/recurrence_cuda_paths.h"
 #include "recurrence.h"
 
 namespace fastrnn {
 namespace {
 
-enum class Path { automatic = 0, persistent = 1, cluster = 2, grid = 3, step = 4 };
+using cuda::Launch;
+using cuda::Path;
 
 std::atomic<int> forced_path{static_cast<int>(Path::automatic)};
-std::atomic<int64_t> forced_blocks{0};  // blocks per cluster or grid group; 0: chosen per call
+std::atomic<int64_t> forced_blocks{0};
 std::atomic<bool> emulation{false};
+std::atomic<int64_t> grid_timeout_ns{int64_t{10} * 1000 * 1000 * 1000};
 thread_local std::string last_path = "none";
 
 template <typename S>
@@ -43,353 +50,320 @@ struct CudaType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-struct DeviceLimits {
-  int64_t smem_optin;
-  int64_t sms;
-  bool clusters;     // sm_90 and newer: thread-block clusters with distributed shared memory
-  bool cooperative;  // cooperative launches: every block of a grid resident at once
+Path parse_path(const std::string& name) {
+  if (name == "auto") return Path::automatic;
+  if (name == "persistent") return Path::persistent;
+  if (name == "cluster") return Path::cluster;
+  if (name == "grid") return Path::grid;
+  if (name == "step") return Path::step;
+  TORCH_CHECK(false, "unknown CUDA path '", name, "': expected auto, persistent, cluster, grid or step");
+}
+
+// What the chooser needs of a device, queried once per device.
+struct DeviceInfo {
+  int64_t sms, smem_optin;
+  int major;
+  bool cooperative;
 };
 
-const DeviceLimits& limits(int device) {
+const DeviceInfo& device_info(int device) {
   static std::mutex mu;
-  static std::vector<DeviceLimits> cache;
+  static std::map<int, DeviceInfo> cache;
   std::lock_guard<std::mutex> lock(mu);
-  if (cache.empty()) {
-    int count = 0;
-    C10_CUDA_CHECK(cudaGetDeviceCount(&count));
-    cache.assign(count, DeviceLimits{-1, 0, false, false});
-  }
-  DeviceLimits& l = cache.at(device);
-  if (l.smem_optin < 0) {
-    int smem = 0, sms = 0, major = 0, cooperative = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-    l = DeviceLimits{smem, sms, major >= 9, cooperative != 0};
-  }
-  return l;
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int smem = 0, sms = 0, major = 0, cooperative = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  return cache.emplace(device, DeviceInfo{smem, sms, major, cooperative != 0}).first->second;
 }
 
-// The emulator plays an H100/H200: 132 multiprocessors, 227 KB of shared
-// memory per block.
-constexpr DeviceLimits kEmulatedLimits{227 * 1024, 132, true, true};
-
-// Batch rows per block of the persistent path, or 0 where W_hh does not fit
-// in one block's shared memory. Enough blocks to cover the multiprocessors,
-// as few rows each as that allows: a block's step costs about rows * H * H /
-// threads multiply-adds, and a block never waits for another.
-int64_t persistent_rows(const DeviceLimits& l, bool is_double, int64_t D, int64_t N, int64_t H) {
-  int64_t rows = std::max<int64_t>(1, (D * N + l.sms - 1) / std::max<int64_t>(1, l.sms));
-  rows = std::min(rows, std::max<int64_t>(1, 1024 / H));
-  rows = std::min(rows, N);
-  while (rows > 1 && cuda::persistent_smem_bytes(H, rows, is_double) > l.smem_optin) --rows;
-  return cuda::persistent_smem_bytes(H, rows, is_double) <= l.smem_optin ? rows : 0;
+// The device as the chooser sees it, for the kernels of one cell and type:
+// the runtime's occupancy of those kernels, and clusters only where the
+// loaded code has them.
+template <typename Cell, typename T>
+cuda::DeviceModel device_model(int device) {
+  using K = cuda::Kernels<Cell, T>;
+  const DeviceInfo& info = device_info(device);
+  cuda::DeviceModel m;
+  m.sms = info.sms;
+  m.smem_optin = info.smem_optin;
+  static const bool cluster_code = K::cluster_code();
+  m.clusters = info.major >= 9 && cluster_code;
+  m.cooperative = info.cooperative;
+  m.blocks_per_sm = &K::blocks_per_sm;
+  m.active_clusters = &K::active_clusters;
+  return m;
 }
 
-// Cluster size and rows per block of the cluster path, or {0, 0} where W_hh
-// fits no cluster of up to 8 blocks (the portable limit): the smallest
-// cluster that fits, with enough blocks to cover the multiprocessors.
-std::pair<int64_t, int64_t> cluster_shape(const DeviceLimits& l, bool is_double, int64_t D,
-                                          int64_t N, int64_t H) {
-  if (!l.clusters) return {0, 0};
-  const int64_t forced = forced_blocks.load(std::memory_order_relaxed);
-  for (int64_t C = 2; C <= 8; C *= 2) {
-    if (forced > 0 && C != forced) continue;
-    const int64_t Hc = cuda::cluster_columns(H, C);
-    int64_t rows = std::max<int64_t>(1, (C * D * N + l.sms - 1) / std::max<int64_t>(1, l.sms));
-    rows = std::min({rows, std::max<int64_t>(1, 1024 / Hc), N});
-    while (rows > 1 && cuda::cluster_smem_bytes(H, C, rows, is_double) > l.smem_optin) --rows;
-    if (cuda::cluster_smem_bytes(H, C, rows, is_double) <= l.smem_optin) return {C, rows};
-  }
-  return {0, 0};
-}
-
-// Blocks per group and rows per block of the grid path, or {0, 0} where
-// W_hh fits in no group the device can hold at once. Every block of every
-// group and direction gets a multiprocessor of its own (one block of up to
-// kMaxThreads threads and the shared memory below always fits one), so the
-// cooperative launch cannot be refused for size. Among the group sizes that
-// fit, the one whose blocks each compute the fewest tiles a step, rounded up
-// to whole passes of kMaxThreads threads (a tile is up to four dot products
-// of length H, so a second pass doubles the step); the smallest such group,
-// since every member adds to the barrier.
-std::pair<int64_t, int64_t> grid_shape(const DeviceLimits& l, bool is_double, int64_t D,
-                                       int64_t N, int64_t H, int64_t T) {
-  if (!l.cooperative) return {0, 0};
-  std::pair<int64_t, int64_t> best{0, 0};
-  int64_t best_passes = 0;
-  const int64_t forced = forced_blocks.load(std::memory_order_relaxed);
-  for (int64_t G = 1; G * D <= l.sms && G <= H; ++G) {
-    if (forced > 0 && G != forced) continue;
-    const int64_t Hc = cuda::cluster_columns(H, G);
-    if (cuda::owned_columns(H, G, G - 1) == 0) continue;  // a member without columns
-    // The barrier's counter reaches T * G, in 32 bits.
-    if (T * G >= (int64_t(1) << 31)) break;
-    const int64_t groups = std::min(N, l.sms / (G * D));
-    const int64_t rows = (N + groups - 1) / groups;
-    if (cuda::grid_smem_bytes(H, G, rows, is_double) > l.smem_optin) continue;
-    const int64_t passes = (cuda::row_tiles(rows) * Hc + cuda::kMaxThreads - 1) / cuda::kMaxThreads;
-    if (best.first == 0 || passes < best_passes) {
-      best = {G, rows};
-      best_passes = passes;
+// The launch of a call, chosen once per device, cell, type and shape.
+template <typename Cell, typename T>
+Launch choose(bool on_device, int device, const cuda::Problem& pr) {
+  const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
+  const int64_t blocks = forced_blocks.load(std::memory_order_relaxed);
+  using Key = std::tuple<bool, int, bool, int64_t, int64_t, int64_t, int64_t, int64_t, bool, int,
+                         int64_t>;
+  const Key key{on_device, device, pr.forward, pr.T, pr.N, pr.H, pr.P, pr.D, pr.proj,
+                static_cast<int>(forced), blocks};
+  static std::mutex mu;
+  static std::map<Key, cuda::Choice> cache;
+  cuda::Choice c;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) {
+      c = it->second;
+    } else {
+      c = cuda::choose_launch(on_device ? device_model<Cell, T>(device) : cuda::emulated_device(),
+                              pr, forced, blocks);
+      if (cache.size() > 4096) cache.clear();
+      cache.emplace(key, c);
     }
   }
-  return best;
-}
-
-// Whether the grid path should take a call in automatic mode. Its blocks
-// are bound by shared-memory reads, at a quarter (one row a thread) to a
-// half (tiles of four rows) of the multiprocessors' multiply-add rate, where
-// cuBLAS runs near that rate but pays two launches a step (a few
-// microseconds): past about 2^25 multiply-adds a step (hidden 1024 at batch
-// 32) the per-step GEMM is expected to win. A model, to be checked against
-// bench/gpu_check.sh's forced-path timings.
-bool grid_pays(int64_t D, int64_t N, int64_t H) { return D * N * H * H <= (int64_t(1) << 25); }
-
-struct Choice {
-  Path path;
-  int64_t rows;     // batch rows per block (persistent, cluster, grid)
-  int64_t cluster;  // blocks per cluster (cluster) or per group (grid)
-};
-
-// The path for this call: persistent where W_hh fits one block, else a
-// cluster where it fits one, else the grid where it fits the device and
-// pays, else the step path; a forced path that cannot run is an error rather
-// than a silent switch. Each path's shape is worked out only when that path
-// is considered.
-Choice choose(const DeviceLimits& l, bool is_double, int64_t D, int64_t T, int64_t N, int64_t H) {
-  static const char* const names[] = {"auto", "persistent", "cluster", "grid", "step"};
-  const Path forced = static_cast<Path>(forced_path.load(std::memory_order_relaxed));
-  const bool automatic = forced == Path::automatic;
-  const int64_t blocks = forced_blocks.load(std::memory_order_relaxed);
-  auto take = [&](Choice c) {
-    last_path = names[static_cast<int>(c.path)];
-    return c;
-  };
-  if (automatic || forced == Path::persistent) {
-    const int64_t rows = persistent_rows(l, is_double, D, N, H);
-    TORCH_CHECK(automatic || rows > 0, "fastrnn: the persistent CUDA path was forced, but W_hh of "
-                "hidden size ", H, " does not fit in one block's shared memory");
-    if (rows > 0) return take(Choice{Path::persistent, rows, 0});
-  }
-  if (automatic || forced == Path::cluster) {
-    const auto [C, rows] = cluster_shape(l, is_double, D, N, H);
-    TORCH_CHECK(automatic || C > 0, "fastrnn: the cluster CUDA path was forced, but it needs sm_90 "
-                "or newer and W_hh of hidden size ", H, " to fit in a cluster of ",
-                blocks > 0 ? blocks : 8, " blocks");
-    if (C > 0) return take(Choice{Path::cluster, rows, C});
-  }
-  if ((automatic && grid_pays(D, N, H)) || forced == Path::grid) {
-    const auto [G, rows] = grid_shape(l, is_double, D, N, H, T);
-    TORCH_CHECK(automatic || G > 0, "fastrnn: the grid CUDA path was forced, but W_hh of hidden "
-                "size ", H, " does not fit in the shared memory of ",
-                blocks > 0 ? std::to_string(blocks) + " blocks"
-                           : std::string("the blocks this device can hold at once"),
-                " in ", D, " direction(s)");
-    if (G > 0) return take(Choice{Path::grid, rows, G});
-  }
-  return take(Choice{Path::step, 0, 0});
+  TORCH_CHECK(c.error.empty(), c.error);
+  return c.launch;
 }
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The grid path's scratch: the exchange buffer (2, D, N, H) in the
-// accumulation type, NaN so that a read of a value never written shows, and
-// the barrier counters (D, groups), zero. Both on the current stream, so
-// nothing waits for the device.
-std::pair<at::Tensor, at::Tensor> grid_scratch(const at::TensorOptions& acc, int64_t D, int64_t N,
-                                               int64_t H, const Choice& c) {
-  const int64_t groups = (N + c.rows - 1) / c.rows;
-  return {at::full({2, D, N, H}, std::numeric_limits<double>::quiet_NaN(), acc),
-          at::zeros({D, groups}, acc.dtype(at::kInt))};
+template <typename P>
+void set_weights(P& p, const std::array<at::Tensor, 2>& w_hh, const std::array<at::Tensor, 2>& w_hr,
+                 int64_t D) {
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(p.h0)>>;
+  for (int64_t d = 0; d < 2; ++d) {
+    p.w_hh[d] = d < D ? reinterpret_cast<const T*>(w_hh[d].data_ptr()) : nullptr;
+    p.w_hr[d] = d < D && w_hr[d].defined() ? reinterpret_cast<const T*>(w_hr[d].data_ptr()) : nullptr;
+  }
 }
 
-// How the time loop reaches its kernels: launched on the GPU, on the current
-// stream, each launch checked...
-struct DeviceLaunch {
-  cudaStream_t stream;
-  template <typename P>
-  void forward_persistent(const P& p, int64_t rows) const {
-    C10_CUDA_CHECK(cuda::launch_forward_persistent(p, rows, stream));
-  }
-  template <typename P>
-  void backward_persistent(const P& p, int64_t rows) const {
-    C10_CUDA_CHECK(cuda::launch_backward_persistent(p, rows, stream));
-  }
-  template <typename P>
-  void forward_cluster(const P& p, int64_t rows, int64_t cluster) const {
-    C10_CUDA_CHECK(cuda::launch_forward_cluster(p, rows, cluster, stream));
-  }
-  template <typename P>
-  void backward_cluster(const P& p, int64_t rows, int64_t cluster) const {
-    C10_CUDA_CHECK(cuda::launch_backward_cluster(p, rows, cluster, stream));
-  }
-  template <typename P, typename A>
-  void forward_grid(const P& p, int64_t rows, int64_t size, A* exchange, unsigned int* counters) const {
-    C10_CUDA_CHECK(cuda::launch_forward_grid(p, rows, size, exchange, counters, stream));
-  }
-  template <typename P, typename A>
-  void backward_grid(const P& p, int64_t rows, int64_t size, A* exchange, unsigned int* counters) const {
-    C10_CUDA_CHECK(cuda::launch_backward_grid(p, rows, size, exchange, counters, stream));
-  }
-  template <typename P, typename A>
-  void forward_step(const P& p, int64_t s, const A* hw, A* state) const {
-    C10_CUDA_CHECK(cuda::launch_forward_step(p, s, hw, state, stream));
-  }
-  template <typename P, typename A>
-  void backward_step(const P& p, int64_t s, const A* dh, A* dz) const {
-    C10_CUDA_CHECK(cuda::launch_backward_step(p, s, dh, dz, stream));
-  }
-  template <typename P, typename A>
-  void backward_step_carry(const P& p, int64_t s, const A* dzw, A* dh) const {
-    C10_CUDA_CHECK(cuda::launch_backward_step_carry(p, s, dzw, dh, stream));
-  }
-};
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
+}
+template <typename T>
+T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t ? reinterpret_cast<T*>(t->data_ptr()) : nullptr;
+}
 
-// ...or run by the emulator on CPU threads.
-struct EmulatedLaunch {
-  template <typename P>
-  void forward_persistent(const P& p, int64_t rows) const {
-    cuda::emulate_forward_persistent(p, rows);
-  }
-  template <typename P>
-  void backward_persistent(const P& p, int64_t rows) const {
-    cuda::emulate_backward_persistent(p, rows);
-  }
-  template <typename P>
-  void forward_cluster(const P& p, int64_t rows, int64_t cluster) const {
-    cuda::emulate_forward_cluster(p, rows, cluster);
-  }
-  template <typename P>
-  void backward_cluster(const P& p, int64_t rows, int64_t cluster) const {
-    cuda::emulate_backward_cluster(p, rows, cluster);
-  }
-  template <typename P, typename A>
-  void forward_grid(const P& p, int64_t rows, int64_t size, A* exchange, unsigned int*) const {
-    cuda::emulate_forward_grid(p, rows, size, exchange);
-  }
-  template <typename P, typename A>
-  void backward_grid(const P& p, int64_t rows, int64_t size, A* exchange, unsigned int*) const {
-    cuda::emulate_backward_grid(p, rows, size, exchange);
-  }
-  template <typename P, typename A>
-  void forward_step(const P& p, int64_t s, const A* hw, A* state) const {
-    cuda::emulate_forward_step(p, s, hw, state);
-  }
-  template <typename P, typename A>
-  void backward_step(const P& p, int64_t s, const A* dh, A* dz) const {
-    cuda::emulate_backward_step(p, s, dh, dz);
-  }
-  template <typename P, typename A>
-  void backward_step_carry(const P& p, int64_t s, const A* dzw, A* dh) const {
-    cuda::emulate_backward_step_carry(p, s, dzw, dh);
-  }
-};
+// W of every direction stacked, (D, ...), transposed or not, in the
+// accumulation type: the step path's GEMM operands.
+at::Tensor stacked(const std::array<at::Tensor, 2>& w, int64_t D, bool transpose,
+                   at::ScalarType acc) {
+  std::vector<at::Tensor> ws;
+  for (int64_t d = 0; d < D; ++d) ws.push_back(transpose ? w[d].t() : w[d]);
+  return at::stack(ws).to(acc).contiguous();
+}
 
-template <typename Launch>
-void forward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor& u,
-                  const at::Tensor& w_hh_t, const at::Tensor& h0,
-                  const std::optional<at::Tensor>& lengths, const at::Tensor& y,
-                  const at::Tensor& hn, bool relu) {
-  const int64_t D = u.size(0), T = u.size(1), N = u.size(2), H = u.size(3);
-  const Choice c = choose(l, u.scalar_type() == at::kDouble, D, T, N, H);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "fastrnn_forward_cuda", [&] {
-    using T_ = typename CudaType<scalar_t>::type;
-    ForwardParams<T_> p;
-    p.T = T; p.N = N; p.H = H; p.D = D;
-    p.u = reinterpret_cast<const T_*>(u.data_ptr<scalar_t>());
-    p.w_hh_t = reinterpret_cast<const T_*>(w_hh_t.data_ptr<scalar_t>());
-    p.h0 = reinterpret_cast<const T_*>(h0.data_ptr<scalar_t>());
-    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
-    p.y = reinterpret_cast<T_*>(y.data_ptr<scalar_t>());
-    p.hn = reinterpret_cast<T_*>(hn.data_ptr<scalar_t>());
-    p.relu = relu;
-    if (c.path == Path::persistent) {
-      launch.forward_persistent(p, c.rows);
-      return;
+// Whether a single-kernel launch ran: false where the device refused a
+// cooperative launch (its blocks do not all fit at once now), which leaves
+// the call to the step path; any other error raises.
+bool launched(cudaError_t err) {
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // not sticky: clear it and take the step path
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
+}
+
+// Runs the emulator, its errors (a body's b.fail) raised as torch errors.
+template <typename Run>
+void emulated(const Run& run) {
+  try {
+    run();
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+// Runs the call's persistent, cluster or grid launch l on the device or the
+// emulator; false where the device refused a cooperative launch. The grid
+// path's scratch: the exchange buffer (2, D, N, S) in the accumulation
+// type, real columns [0, width) NaN so that a read of a value never written
+// shows, padding zero; the barrier counters (D, groups), zero; both made on
+// the current stream, so that nothing waits for the device.
+template <typename Cell, typename T, typename Params>
+bool single_kernel(const Launch& l, const Params& p, bool on_device, const at::TensorOptions& acc,
+                   int64_t width, int64_t S) {
+  using A = typename cuda::AccOf<T>::type;
+  at::Tensor exchange, counters;
+  cuda::GridScratch<A> grid{nullptr, nullptr, grid_timeout_ns.load()};
+  if (l.path == Path::grid) {
+    exchange = at::full({2, p.D, p.N, S}, std::numeric_limits<double>::quiet_NaN(), acc);
+    if (S > width) exchange.narrow(3, width, S - width).zero_();
+    counters = at::zeros({p.D, l.grid_x / l.geometry.size}, acc.dtype(at::kInt));
+    grid.exchange = exchange.data_ptr<A>();
+    grid.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
+  }
+  if (on_device)
+    return launched(cuda::Kernels<Cell, T>::run(l, p, grid, c10::cuda::getCurrentCUDAStream()));
+  emulated([&] { cuda::Emulator<Cell, T>::run(l, p, grid); });
+  return true;
+}
+
+// Calls one step-path kernel on the device (checked) or the emulator.
+#define FASTRNN_STEP(on_device, name, ...)                                                    \
+  do {                                                                                       \
+    if (on_device)                                                                           \
+      C10_CUDA_CHECK(K::name(__VA_ARGS__, c10::cuda::getCurrentCUDAStream()));               \
+    else                                                                                     \
+      E::name(__VA_ARGS__);                                                                  \
+  } while (0)
+
+template <typename Cell, typename S>
+void forward_typed(const ForwardLoop& a) {
+  using T = typename CudaType<S>::type;
+  using A = typename cuda::AccOf<T>::type;
+  using K = cuda::Kernels<Cell, T>;
+  using E = cuda::Emulator<Cell, T>;
+  const bool on_device = a.u.is_cuda();
+  const int device = on_device ? a.u.get_device() : -1;
+  const int64_t D = a.u.size(0), T_ = a.u.size(1), N = a.u.size(2);
+  const int64_t H = a.u.size(3) / Cell::kGates, P = a.h0.size(2);
+  const bool proj = a.w_hr[0].defined();
+  const cuda::Problem pr{Cell::kind, true, T_, N, H, P, D, static_cast<int64_t>(sizeof(T)), proj};
+  Launch l = choose<Cell, T>(on_device, device, pr);
+  ForwardParams<T> p;
+  p.T = T_; p.N = N; p.H = H; p.P = P; p.D = D;
+  p.u = data_or_null<const T>(a.u);
+  set_weights(p, a.w_hh, a.w_hr, D);
+  for (int64_t d = 0; d < 2; ++d) p.b_hh[d] = d < D ? data_or_null<const T>(a.b_hh[d]) : nullptr;
+  p.h0 = data_or_null<const T>(a.h0);
+  p.c0 = data_or_null<const T>(a.c0);
+  p.lengths = data_or_null<const int64_t>(a.lengths);
+  p.y = data_or_null<T>(a.y);
+  p.hn = data_or_null<T>(a.hn);
+  p.cn = data_or_null<T>(a.cn);
+  p.saved = data_or_null<T>(a.saved);
+  const auto acc = a.u.options().dtype(acc_type(a.u.scalar_type()));
+  if (l.path != Path::step &&
+      single_kernel<Cell, T>(l, p, on_device, acc, P,
+                             cuda::SmemLayout<Cell, T>::forward(H, P, 1, 1, 1).Ss)) {
+    last_path = cuda::path_name(l.path);
+    return;
+  }
+  last_path = cuda::path_name(Path::step);
+  const at::ScalarType acc_t = acc_type(a.u.scalar_type());
+  const at::Tensor w = stacked(a.w_hh, D, true, acc_t);                 // (D, P, G*H) W_hh^T
+  const at::Tensor wr = proj ? stacked(a.w_hr, D, true, acc_t) : at::Tensor();  // (D, H, P)
+  at::Tensor h = a.h0.to(acc_t).contiguous().clone();                          // (D, N, P)
+  at::Tensor c = Cell::kCellState ? a.c0.to(acc_t).contiguous().clone() : at::Tensor();  // (D, N, H)
+  at::Tensor hw = at::empty({D, N, Cell::kGates * H}, acc);                   // (D, N, G*H)
+  at::Tensor m = proj ? at::empty({D, N, H}, acc) : at::Tensor();             // (D, N, H)
+  at::Tensor hp = proj ? at::empty({D, N, P}, acc) : at::Tensor();            // (D, N, P)
+  for (int64_t s = 0; s < T_; ++s) {
+    at::bmm_out(hw, h, w);
+    FASTRNN_STEP(on_device, forward_step, p, s, hw.data_ptr<A>(), h.data_ptr<A>(),
+                 data_or_null<A>(c), data_or_null<A>(m));
+    if (proj) {
+      at::bmm_out(hp, m, wr);
+      FASTRNN_STEP(on_device, project_step, p, s, hp.data_ptr<A>(), h.data_ptr<A>());
     }
-    if (c.path == Path::cluster) {
-      launch.forward_cluster(p, c.rows, c.cluster);
-      return;
+  }
+  a.hn.copy_(h);
+  if (Cell::kCellState) a.cn.copy_(c);
+}
+
+template <typename Cell, typename S>
+void backward_typed(const BackwardLoop& a) {
+  using T = typename CudaType<S>::type;
+  using A = typename cuda::AccOf<T>::type;
+  using K = cuda::Kernels<Cell, T>;
+  using E = cuda::Emulator<Cell, T>;
+  const bool on_device = a.dgh.is_cuda();
+  const int device = on_device ? a.dgh.get_device() : -1;
+  const int64_t D = a.dgh.size(0), T_ = a.dgh.size(1), N = a.dgh.size(2);
+  const int64_t GH = a.dgh.size(3), H = GH / Cell::kGates, P = a.h0.size(2);
+  const bool proj = a.w_hr[0].defined();
+  const cuda::Problem pr{Cell::kind, false, T_, N, H, P, D, static_cast<int64_t>(sizeof(T)), proj};
+  Launch l = choose<Cell, T>(on_device, device, pr);
+  BackwardParams<T> p;
+  p.T = T_; p.N = N; p.H = H; p.P = P; p.D = D;
+  p.dy = data_or_null<const T>(a.dy);
+  p.dhn = data_or_null<const T>(a.dhn);
+  p.dcn = data_or_null<const T>(a.dcn);
+  p.y = data_or_null<const T>(a.y);
+  p.h0 = data_or_null<const T>(a.h0);
+  p.c0 = data_or_null<const T>(a.c0);
+  p.saved = data_or_null<const T>(a.saved);
+  set_weights(p, a.w_hh, a.w_hr, D);
+  p.lengths = data_or_null<const int64_t>(a.lengths);
+  p.dgh = data_or_null<T>(a.dgh);
+  p.dgi = data_or_null<T>(a.dgi);
+  p.dhr = data_or_null<T>(a.dhr);
+  p.dh0 = data_or_null<T>(a.dh0);
+  p.dc0 = data_or_null<T>(a.dc0);
+  const auto acc = a.dgh.options().dtype(acc_type(a.dgh.scalar_type()));
+  if (l.path != Path::step &&
+      single_kernel<Cell, T>(l, p, on_device, acc, GH,
+                             cuda::SmemLayout<Cell, T>::backward(H, 1, 1, 1).Ms)) {
+    last_path = cuda::path_name(l.path);
+    return;
+  }
+  last_path = cuda::path_name(Path::step);
+  const at::ScalarType acc_t = acc_type(a.dgh.scalar_type());
+  const at::Tensor w = stacked(a.w_hh, D, false, acc_t);                  // (D, G*H, P)
+  const at::Tensor wr = proj ? stacked(a.w_hr, D, false, acc_t) : at::Tensor();  // (D, P, H)
+  at::Tensor dh = a.dhn ? a.dhn->to(acc_t).contiguous().clone() : at::zeros({D, N, P}, acc);
+  at::Tensor dc = !Cell::kCellState ? at::Tensor()
+                  : a.dcn           ? a.dcn->to(acc_t).contiguous().clone()
+                                    : at::zeros({D, N, H}, acc);
+  at::Tensor z = at::empty({D, N, GH}, acc);                                  // (D, N, G*H)
+  at::Tensor dzw = at::empty({D, N, P}, acc);                                 // (D, N, P)
+  at::Tensor dhd = Cell::kPrevState ? at::empty({D, N, P}, acc) : at::Tensor();
+  at::Tensor gp = proj ? at::empty({D, N, P}, acc) : at::Tensor();
+  at::Tensor gm = proj ? at::empty({D, N, H}, acc) : at::Tensor();
+  for (int64_t s = 0; s < T_; ++s) {
+    if (proj) {
+      FASTRNN_STEP(on_device, unproject_step, p, s, dh.data_ptr<A>(), gp.data_ptr<A>());
+      at::bmm_out(gm, gp, wr);
     }
-    using A = typename cuda::AccOf<T_>::type;
-    const auto acc = u.options().dtype(acc_type(u.scalar_type()));
-    if (c.path == Path::grid) {
-      auto [exchange, counters] = grid_scratch(acc, D, N, H, c);
-      launch.forward_grid(p, c.rows, c.cluster, exchange.template data_ptr<A>(),
-                          reinterpret_cast<unsigned int*>(counters.template data_ptr<int32_t>()));
-      return;
-    }
-    const at::Tensor w = w_hh_t.to(acc);                 // (D, H, H) W_hh^T
-    at::Tensor state = h0.to(acc).contiguous().clone();  // (D, N, H)
-    at::Tensor hw = at::empty({D, N, H}, acc);           // (D, N, H)
-    for (int64_t s = 0; s < T; ++s) {
-      at::bmm_out(hw, state, w);
-      launch.forward_step(p, s, hw.data_ptr<A>(), state.data_ptr<A>());
-    }
-    hn.copy_(state);
+    FASTRNN_STEP(on_device, backward_step, p, s, dh.data_ptr<A>(), data_or_null<const A>(gm),
+                 z.data_ptr<A>(), data_or_null<A>(dc), data_or_null<A>(dhd));
+    at::bmm_out(dzw, z, w);
+    FASTRNN_STEP(on_device, carry_step, p, s, dzw.data_ptr<A>(), data_or_null<const A>(dhd),
+                 dh.data_ptr<A>());
+  }
+  a.dh0.copy_(dh);
+  if (Cell::kCellState) a.dc0.copy_(dc);
+}
+
+template <typename Fn>
+void dispatch(CellKind cell, at::ScalarType dtype, const Fn& fn) {
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fastrnn_cuda",
+                                    [&] { fn.template operator()<Cell, scalar_t>(); });
   });
 }
 
-template <typename Launch>
-void backward_loop(const Launch& launch, const DeviceLimits& l, const at::Tensor& dy,
-                   const std::optional<at::Tensor>& dhn, const at::Tensor& y,
-                   const at::Tensor& w_hh, const std::optional<at::Tensor>& lengths,
-                   const at::Tensor& dz, const at::Tensor& dh0, bool relu) {
-  const int64_t D = dz.size(0), T = dz.size(1), N = dz.size(2), H = dz.size(3);
-  const Choice c = choose(l, dz.scalar_type() == at::kDouble, D, T, N, H);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dz.scalar_type(), "fastrnn_backward_cuda", [&] {
-    using T_ = typename CudaType<scalar_t>::type;
-    BackwardParams<T_> p;
-    p.T = T; p.N = N; p.H = H; p.D = D;
-    p.dy = reinterpret_cast<const T_*>(dy.data_ptr<scalar_t>());
-    p.dhn = dhn ? reinterpret_cast<const T_*>(dhn->data_ptr<scalar_t>()) : nullptr;
-    p.y = reinterpret_cast<const T_*>(y.data_ptr<scalar_t>());
-    p.w_hh = reinterpret_cast<const T_*>(w_hh.data_ptr<scalar_t>());
-    p.lengths = lengths ? lengths->data_ptr<int64_t>() : nullptr;
-    p.dz = reinterpret_cast<T_*>(dz.data_ptr<scalar_t>());
-    p.dh0 = reinterpret_cast<T_*>(dh0.data_ptr<scalar_t>());
-    p.relu = relu;
-    if (c.path == Path::persistent) {
-      launch.backward_persistent(p, c.rows);
-      return;
-    }
-    if (c.path == Path::cluster) {
-      launch.backward_cluster(p, c.rows, c.cluster);
-      return;
-    }
-    using A = typename cuda::AccOf<T_>::type;
-    const auto acc = dz.options().dtype(acc_type(dz.scalar_type()));
-    if (c.path == Path::grid) {
-      auto [exchange, counters] = grid_scratch(acc, D, N, H, c);
-      launch.backward_grid(p, c.rows, c.cluster, exchange.template data_ptr<A>(),
-                           reinterpret_cast<unsigned int*>(counters.template data_ptr<int32_t>()));
-      return;
-    }
-    const at::Tensor w = w_hh.to(acc);  // (D, H, H)
-    at::Tensor dh = dhn ? dhn->to(acc).contiguous().clone() : at::zeros({D, N, H}, acc);  // (D, N, H)
-    at::Tensor dz_acc = at::empty({D, N, H}, acc);  // (D, N, H)
-    at::Tensor dzw = at::empty({D, N, H}, acc);     // (D, N, H)
-    for (int64_t s = 0; s < T; ++s) {
-      launch.backward_step(p, s, dh.data_ptr<A>(), dz_acc.data_ptr<A>());
-      at::bmm_out(dzw, dz_acc, w);
-      launch.backward_step_carry(p, s, dzw.data_ptr<A>(), dh.data_ptr<A>());
-    }
-    dh0.copy_(dh);
-  });
+bool claims(const at::Tensor& t) { return t.is_cuda() || (emulation.load() && t.is_cpu()); }
+
+void forward_cuda(CellKind cell, const ForwardLoop& a) {
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (a.u.is_cuda()) guard.emplace(a.u.device());
+  dispatch(cell, a.u.scalar_type(), [&]<typename Cell, typename S>() { forward_typed<Cell, S>(a); });
 }
+
+void backward_cuda(CellKind cell, const BackwardLoop& a) {
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (a.dgh.is_cuda()) guard.emplace(a.dgh.device());
+  dispatch(cell, a.dgh.scalar_type(), [&]<typename Cell, typename S>() { backward_typed<Cell, S>(a); });
+}
+
+const bool registered = [] {
+  register_device_loops(DeviceLoops{&claims, &forward_cuda, &backward_cuda});
+  if (const char* ms = std::getenv("FASTRNN_GRID_TIMEOUT_MS"))
+    grid_timeout_ns.store(std::max<int64_t>(1, std::atoll(ms)) * 1000 * 1000);
+  return true;
+}();
 
 }  // namespace
 
 bool set_cuda_path(const std::string& name, int64_t blocks) {
-  Path p;
-  if (name == "auto") p = Path::automatic;
-  else if (name == "persistent") p = Path::persistent;
-  else if (name == "cluster") p = Path::cluster;
-  else if (name == "grid") p = Path::grid;
-  else if (name == "step") p = Path::step;
-  else TORCH_CHECK(false, "unknown CUDA path '", name, "': expected auto, persistent, cluster, grid or step");
+  const Path p = parse_path(name);
   TORCH_CHECK(blocks >= 0, "blocks must be 0 (chosen per call) or positive, got ", blocks);
   TORCH_CHECK(blocks == 0 || p == Path::cluster || p == Path::grid,
               "blocks applies to the cluster and grid paths only, got path '", name, "'");
@@ -398,35 +372,37 @@ bool set_cuda_path(const std::string& name, int64_t blocks) {
   return true;
 }
 
-std::string last_cuda_path() { return last_path; }
-
-void set_cuda_emulation(bool on) { emulation.store(on, std::memory_order_relaxed); }
-
-bool cuda_emulation() { return emulation.load(std::memory_order_relaxed); }
-
-void forward_recurrence_cuda(const at::Tensor& u, const at::Tensor& w_hh_t, const at::Tensor& h0,
-                             const std::optional<at::Tensor>& lengths, const at::Tensor& y,
-                             const at::Tensor& hn, bool relu) {
-  if (!u.is_cuda()) {
-    forward_loop(EmulatedLaunch{}, kEmulatedLimits, u, w_hh_t, h0, lengths, y, hn, relu);
-    return;
-  }
-  const c10::cuda::CUDAGuard guard(u.device());
-  forward_loop(DeviceLaunch{c10::cuda::getCurrentCUDAStream()}, limits(u.get_device()), u, w_hh_t,
-               h0, lengths, y, hn, relu);
+std::tuple<std::string, int64_t> cuda_path() {
+  return {cuda::path_name(static_cast<Path>(forced_path.load())), forced_blocks.load()};
 }
 
-void backward_recurrence_cuda(const at::Tensor& dy, const std::optional<at::Tensor>& dhn,
-                              const at::Tensor& y, const at::Tensor& w_hh,
-                              const std::optional<at::Tensor>& lengths, const at::Tensor& dz,
-                              const at::Tensor& dh0, bool relu) {
-  if (!dz.is_cuda()) {
-    backward_loop(EmulatedLaunch{}, kEmulatedLimits, dy, dhn, y, w_hh, lengths, dz, dh0, relu);
-    return;
-  }
-  const c10::cuda::CUDAGuard guard(dz.device());
-  backward_loop(DeviceLaunch{c10::cuda::getCurrentCUDAStream()}, limits(dz.get_device()), dy, dhn,
-                y, w_hh, lengths, dz, dh0, relu);
+std::string last_cuda_path() { return last_path; }
+
+void set_cuda_emulation(bool on) { emulation.store(on); }
+
+bool cuda_emulation() { return emulation.load(); }
+
+void set_grid_timeout_ms(int64_t ms) {
+  TORCH_CHECK(ms > 0, "the grid barrier's timeout must be positive, got ", ms, " ms");
+  grid_timeout_ns.store(ms * 1000 * 1000);
+}
+
+void set_emulator_blocks(int64_t blocks) {
+  TORCH_CHECK(blocks >= 0, "blocks must be 0 or positive, got ", blocks);
+  cuda::set_emulator_blocks(blocks);
+}
+
+std::tuple<std::string, std::vector<int64_t>, std::string> choose_emulated_launch(
+    int64_t cell, bool forward, int64_t T, int64_t N, int64_t H, int64_t P, int64_t D,
+    int64_t elem_bytes, bool proj, const std::string& path, int64_t blocks) {
+  TORCH_CHECK(cell >= 0 && cell <= 3, "unknown cell ", cell);
+  TORCH_CHECK(elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8, "elem_bytes must be 2, 4 or 8");
+  const cuda::Problem pr{static_cast<CellKind>(cell), forward, T, N, H, P, D, elem_bytes, proj};
+  const cuda::Choice c = cuda::choose_launch(cuda::emulated_device(), pr, parse_path(path), blocks);
+  const Launch& l = c.launch;
+  return {cuda::path_name(l.path),
+          {l.grid_x, l.grid_y, l.threads, l.smem, l.geometry.rows, l.geometry.size, l.geometry.split},
+          c.error};
 }
 
 }  // namespace fastrnn

@@ -1,186 +1,310 @@
-// See recurrence_cuda_emulate.h.
-#include "cuda/recurrence_cuda_emulate.h"
-
+// The CUDA kernels' emulator (recurrence_cuda_kernels.h): the kernel bodies
+// of recurrence_cuda_body.h run on CPU threads, one std::thread per CUDA
+// thread, on exactly the launch that the device would get. For the tests
+// only: it checks the kernels' indexing, shared-memory layout,
+// synchronisation and the grid barrier's own code where no GPU is present,
+// not their speed nor anything else the hardware adds.
+#include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#include "cuda/recurrence_cuda_kernels.h"
 
 namespace fastrnn {
 namespace cuda {
 namespace {
 
+std::atomic<int64_t> wave_blocks_forced{0};
+
+// Threads the emulator runs at once, about: whole clusters and groups, as
+// many as fit.
+constexpr int64_t kThreadBudget = 1024;
+
+// Thrown in a thread whose launch another thread stopped.
+struct Stopped {};
+
+// What every thread of one wave shares: whether it was stopped, and why.
+struct LaunchState {
+  std::atomic<bool> stopped{false};
+  std::mutex mu;
+  std::string error;
+  std::vector<std::function<void()>> wake;  // wakes every barrier's waiters
+
+  void stop(const std::string& why) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (error.empty()) error = why;
+    }
+    stopped.store(true);
+    for (auto& w : wake) w();
+  }
+};
+
 class Barrier {
  public:
-  explicit Barrier(int64_t count) : count_(count) {}
+  Barrier(int64_t count, LaunchState* st) : count_(count), st_(st) {}
   void wait() {
     std::unique_lock<std::mutex> lock(mu_);
+    if (st_->stopped.load()) throw Stopped{};
     const int64_t gen = generation_;
     if (++arrived_ == count_) {
       arrived_ = 0;
       ++generation_;
       cv_.notify_all();
     } else {
-      cv_.wait(lock, [&] { return generation_ != gen; });
+      cv_.wait(lock, [&] { return generation_ != gen || st_->stopped.load(); });
+      if (generation_ == gen) throw Stopped{};
     }
+  }
+  void wake() {
+    std::lock_guard<std::mutex> lock(mu_);
+    cv_.notify_all();
   }
 
  private:
   std::mutex mu_;
   std::condition_variable cv_;
   const int64_t count_;
+  LaunchState* st_;
   int64_t arrived_ = 0;
   int64_t generation_ = 0;
 };
 
-struct HostBlock {
-  int64_t tid, threads;
-  Barrier* barrier;
-  void sync() const { barrier->wait(); }
+// The 32 lanes of a warp, for shuffles: each lane posts its value, all meet,
+// each reads its partner's, all meet again.
+struct Warp {
+  explicit Warp(LaunchState* st) : barrier(32, st) {}
+  Barrier barrier;
+  double slots[32];
 };
 
-// Runs body(bx, by, smem, block) for every block of a grid, every thread of a
-// block on its own std::thread; shared memory starts as NaN.
-template <typename Body>
-void run_grid(int64_t gx, int64_t gy, int threads, int64_t smem_bytes, const Body& body) {
-  std::vector<double> smem((smem_bytes + 7) / 8);
-  for (int64_t by = 0; by < gy; ++by) {
-    for (int64_t bx = 0; bx < gx; ++bx) {
-      std::memset(smem.data(), 0xff, smem.size() * sizeof(double));
-      Barrier barrier(threads);
-      std::vector<std::thread> pool;
-      pool.reserve(threads);
-      for (int64_t tid = 0; tid < threads; ++tid)
-        pool.emplace_back([&, tid] {
-          body(bx, by, reinterpret_cast<unsigned char*>(smem.data()),
-               HostBlock{tid, threads, &barrier});
-        });
-      for (auto& t : pool) t.join();
+// One block's shared memory (NaN: a read of shared memory never written
+// shows in the results), its barrier and its warps.
+struct BlockState {
+  BlockState(int64_t threads, int64_t smem_bytes, LaunchState* st)
+      : smem((smem_bytes + 7) / 8), barrier(threads, st) {
+    std::memset(smem.data(), 0xff, smem.size() * sizeof(double));
+    for (int64_t w = 0; w < threads / 32; ++w) warps.emplace_back(st);
+  }
+  unsigned char* shared() { return reinterpret_cast<unsigned char*>(smem.data()); }
+  std::vector<double> smem;
+  Barrier barrier;
+  std::deque<Warp> warps;
+};
+
+struct HostBlock {
+  int64_t tid, threads;
+  BlockState* state;
+  LaunchState* st;
+  void sync() const { state->barrier.wait(); }
+  template <typename A>
+  A lane_sum(A v, int64_t lanes) const {
+    if (lanes == 1) return v;
+    Warp& w = state->warps[tid / 32];
+    const int64_t lane = tid % 32;
+    for (int64_t o = lanes / 2; o > 0; o /= 2) {
+      w.slots[lane] = static_cast<double>(v);
+      w.barrier.wait();
+      v += static_cast<A>(w.slots[lane ^ o]);
+      w.barrier.wait();
     }
+    return v;
+  }
+  [[noreturn]] void fail(const char* message) const { throw std::runtime_error(message); }
+  void spin() const {
+    if (st->stopped.load()) throw Stopped{};
+    std::this_thread::yield();
+  }
+};
+
+struct HostClusterBlock : HostBlock {
+  int64_t rank, size;
+  const std::vector<unsigned char*>* members;
+  Barrier* cluster;
+  unsigned char* peer(int64_t q) const { return (*members)[q]; }
+  void cluster_sync() const { cluster->wait(); }
+};
+
+struct HostGridBlock : HostBlock {
+  int64_t rank, size;
+  unsigned int* counter;
+  int64_t timeout_ns;
+};
+
+// Where a thread of a wave runs: its block (bx, by), the block's rank q in
+// its group of `size` and the group's first block in the wave, and the
+// wave's shared pieces.
+struct Where {
+  int64_t bx, by, q, tid;
+  BlockState* block;
+  const std::vector<unsigned char*>* group_smem;  // the shared memory of the group's blocks
+  Barrier* group;                                 // a barrier over the group's threads
+  LaunchState* st;
+};
+
+// Runs run(where) for every thread of the launch l: groups of `size`
+// consecutive blocks along x (1: independent blocks), every block of a
+// group at once, in waves of whole groups within the thread budget; for the
+// grid path, waves of set_emulator_blocks blocks where that is set, which
+// may split a group.
+template <typename Run>
+void run_launch(const Launch& l, int64_t size, bool grid, const Run& run) {
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (bx, by), group by group
+  for (int64_t by = 0; by < l.grid_y; ++by)
+    for (int64_t bx = 0; bx < l.grid_x; ++bx) blocks.emplace_back(bx, by);
+  const int64_t forced = wave_blocks_forced.load();
+  const int64_t wave = grid && forced > 0
+                           ? forced
+                           : size * std::max<int64_t>(1, kThreadBudget / (size * l.threads));
+  for (size_t first = 0; first < blocks.size(); first += wave) {
+    const size_t last = std::min(blocks.size(), first + static_cast<size_t>(wave));
+    LaunchState st;
+    std::deque<BlockState> states;
+    for (size_t i = first; i < last; ++i) states.emplace_back(l.threads, l.smem, &st);
+    // Per group in the wave (or its part in the wave): its blocks' shared
+    // memory and a barrier over all their threads.
+    std::vector<std::vector<unsigned char*>> group_smem;
+    std::deque<Barrier> groups;
+    std::vector<int64_t> group_of(last - first);
+    for (size_t i = first; i < last; ++i) {
+      const bool starts = i == first || blocks[i].first % size == 0;
+      if (starts) {
+        group_smem.emplace_back();
+        int64_t members = 0;
+        for (size_t j = i; j < last && (j == i || blocks[j].first % size != 0); ++j) ++members;
+        groups.emplace_back(members * l.threads, &st);
+      }
+      group_of[i - first] = static_cast<int64_t>(group_smem.size()) - 1;
+      group_smem.back().push_back(states[i - first].shared());
+    }
+    for (auto& b : states) {
+      st.wake.push_back([p = &b.barrier] { p->wake(); });
+      for (auto& w : b.warps) st.wake.push_back([p = &w.barrier] { p->wake(); });
+    }
+    for (auto& g : groups) st.wake.push_back([p = &g] { p->wake(); });
+    std::vector<std::thread> pool;
+    pool.reserve((last - first) * l.threads);
+    for (size_t i = first; i < last; ++i) {
+      const int64_t k = i - first;
+      for (int64_t tid = 0; tid < l.threads; ++tid) {
+        const Where w{blocks[i].first, blocks[i].second, blocks[i].first % size, tid, &states[k],
+                      &group_smem[group_of[k]], &groups[group_of[k]], &st};
+        pool.emplace_back([&run, w, &st] {
+          try {
+            run(w);
+          } catch (const Stopped&) {
+          } catch (const std::exception& e) {
+            st.stop(e.what());
+          }
+        });
+      }
+    }
+    for (auto& t : pool) t.join();
+    if (!st.error.empty()) throw std::runtime_error(st.error);
   }
 }
 
-// A block of a cluster or of a grid group: sync() waits for the block's own
-// threads, cluster_sync() and group_sync() for every thread of the group.
-struct HostGroupBlock {
-  int64_t tid, threads, rank, size;
-  const std::vector<unsigned char*>* members;
-  Barrier* block;
-  Barrier* group;
-  unsigned char* peer(int64_t q) const { return (*members)[q]; }
-  void sync() const { block->wait(); }
-  void cluster_sync() const { group->wait(); }
-  void group_sync(int64_t) const { group->wait(); }
-};
-
-// Runs body(g, d, smem, block) for every group (g, d) of `size` blocks, all
-// blocks of a group at once, each with its own NaN-poisoned shared memory.
-template <typename Body>
-void run_groups(int64_t groups, int64_t D, int64_t size, int threads, int64_t smem_bytes,
-                const Body& body) {
-  std::vector<std::vector<double>> smem(size, std::vector<double>((smem_bytes + 7) / 8));
-  std::vector<unsigned char*> members(size);
-  for (int64_t q = 0; q < size; ++q) members[q] = reinterpret_cast<unsigned char*>(smem[q].data());
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t g = 0; g < groups; ++g) {
-      for (auto& m : smem) std::memset(m.data(), 0xff, m.size() * sizeof(double));
-      Barrier group(size * threads);
-      std::vector<std::unique_ptr<Barrier>> blocks;
-      for (int64_t q = 0; q < size; ++q) blocks.push_back(std::make_unique<Barrier>(threads));
-      std::vector<std::thread> pool;
-      pool.reserve(size * threads);
-      for (int64_t q = 0; q < size; ++q)
-        for (int64_t tid = 0; tid < threads; ++tid)
-          pool.emplace_back([&, q, tid] {
-            body(g, d, members[q],
-                 HostGroupBlock{tid, threads, q, size, &members, blocks[q].get(), &group});
-          });
-      for (auto& t : pool) t.join();
+template <typename Cell, typename Params, typename A>
+void emulate(const Launch& l, const Params& p, const GridScratch<A>& grid) {
+  const Geometry g = l.geometry;
+  switch (l.path) {
+    case Path::persistent:
+      run_launch(l, 1, false, [&](const Where& w) {
+        persistent_body<Cell>(p, g, w.bx, w.by, w.block->shared(),
+                              HostBlock{w.tid, l.threads, w.block, w.st});
+      });
+      return;
+    case Path::cluster:
+      run_launch(l, g.size, false, [&](const Where& w) {
+        cluster_body<Cell>(p, g, w.bx / g.size, w.by, w.block->shared(),
+                           HostClusterBlock{{w.tid, l.threads, w.block, w.st}, w.q, g.size,
+                                            w.group_smem, w.group});
+      });
+      return;
+    case Path::grid: {
+      const int64_t groups = l.grid_x / g.size;
+      run_launch(l, g.size, true, [&](const Where& w) {
+        const int64_t grp = w.bx / g.size;
+        grid_body<Cell>(p, g, grp, w.by, grid.exchange, w.block->shared(),
+                        HostGridBlock{{w.tid, l.threads, w.block, w.st}, w.q, g.size,
+                                      grid.counters + w.by * groups + grp, grid.timeout_ns});
+      });
+      return;
     }
+    default:
+      throw std::runtime_error("fastrnn: the step path has no single kernel to emulate");
   }
 }
 
 template <typename Fn>
-void for_each_element(int64_t D, int64_t NH, const Fn& fn) {
+void for_each_element(int64_t D, int64_t count, const Fn& fn) {
   for (int64_t d = 0; d < D; ++d)
-    for (int64_t i = 0; i < NH; ++i) fn(d, i);
+    for (int64_t i = 0; i < count; ++i) fn(d, i);
 }
 
 }  // namespace
 
-#define FASTRNN_DEFINE_CUDA_EMULATORS(T)                                                      \
-  void emulate_forward_persistent(const ForwardParams<T>& p, int64_t rows) {                 \
-    run_grid((p.N + rows - 1) / rows, p.D, persistent_threads(rows, p.H),                    \
-             persistent_smem_bytes(p.H, rows, sizeof(AccOf<T>::type) == 8),                  \
-             [&](int64_t bx, int64_t d, unsigned char* smem, const HostBlock& b) {           \
-               forward_persistent_body(p, rows, bx, d, smem, b);                             \
-             });                                                                             \
-  }                                                                                          \
-  void emulate_backward_persistent(const BackwardParams<T>& p, int64_t rows) {               \
-    run_grid((p.N + rows - 1) / rows, p.D, persistent_threads(rows, p.H),                    \
-             persistent_smem_bytes(p.H, rows, sizeof(AccOf<T>::type) == 8),                  \
-             [&](int64_t bx, int64_t d, unsigned char* smem, const HostBlock& b) {           \
-               backward_persistent_body(p, rows, bx, d, smem, b);                            \
-             });                                                                             \
-  }                                                                                          \
-  void emulate_forward_cluster(const ForwardParams<T>& p, int64_t rows, int64_t cluster) {   \
-    run_groups((p.N + rows - 1) / rows, p.D, cluster,                                      \
-                 persistent_threads(rows, cluster_columns(p.H, cluster)),                    \
-                 cluster_smem_bytes(p.H, cluster, rows, sizeof(AccOf<T>::type) == 8),        \
-                 [&](int64_t g, int64_t d, unsigned char* smem, const HostGroupBlock& b) { \
-                   forward_cluster_body(p, rows, g, d, smem, b);                             \
-                 });                                                                         \
-  }                                                                                          \
-  void emulate_backward_cluster(const BackwardParams<T>& p, int64_t rows, int64_t cluster) { \
-    run_groups((p.N + rows - 1) / rows, p.D, cluster,                                      \
-                 persistent_threads(rows, cluster_columns(p.H, cluster)),                    \
-                 cluster_smem_bytes(p.H, cluster, rows, sizeof(AccOf<T>::type) == 8),        \
-                 [&](int64_t g, int64_t d, unsigned char* smem, const HostGroupBlock& b) { \
-                   backward_cluster_body(p, rows, g, d, smem, b);                            \
-                 });                                                                         \
-  }                                                                                          \
-  void emulate_forward_grid(const ForwardParams<T>& p, int64_t rows, int64_t size,         \
-                            AccOf<T>::type* exchange) {                                      \
-    run_groups((p.N + rows - 1) / rows, p.D, size,                                           \
-               persistent_threads(rows, cluster_columns(p.H, size)),                         \
-               grid_smem_bytes(p.H, size, rows, sizeof(AccOf<T>::type) == 8),                \
-               [&](int64_t g, int64_t d, unsigned char* smem, const HostGroupBlock& b) {     \
-                 forward_grid_body(p, rows, g, d, exchange, smem, b);                        \
-               });                                                                           \
-  }                                                                                          \
-  void emulate_backward_grid(const BackwardParams<T>& p, int64_t rows, int64_t size,       \
-                             AccOf<T>::type* exchange) {                                     \
-    run_groups((p.N + rows - 1) / rows, p.D, size,                                           \
-               persistent_threads(rows, cluster_columns(p.H, size)),                         \
-               grid_smem_bytes(p.H, size, rows, sizeof(AccOf<T>::type) == 8),                \
-               [&](int64_t g, int64_t d, unsigned char* smem, const HostGroupBlock& b) {     \
-                 backward_grid_body(p, rows, g, d, exchange, smem, b);                       \
-               });                                                                           \
-  }                                                                                          \
-  void emulate_forward_step(const ForwardParams<T>& p, int64_t s, const AccOf<T>::type* hw,  \
-                            AccOf<T>::type* state) {                                         \
-    for_each_element(p.D, p.N * p.H,                                                         \
-                     [&](int64_t d, int64_t i) { forward_step_body(p, s, hw, state, d, i); }); \
-  }                                                                                          \
-  void emulate_backward_step(const BackwardParams<T>& p, int64_t s, const AccOf<T>::type* dh, \
-                             AccOf<T>::type* dz_acc) {                                       \
-    for_each_element(p.D, p.N * p.H, [&](int64_t d, int64_t i) {                             \
-      backward_step_body(p, s, dh, dz_acc, d, i);                                            \
-    });                                                                                      \
-  }                                                                                          \
-  void emulate_backward_step_carry(const BackwardParams<T>& p, int64_t s,                    \
-                                   const AccOf<T>::type* dzw, AccOf<T>::type* dh) {          \
-    for_each_element(p.D, p.N * p.H, [&](int64_t d, int64_t i) {                             \
-      backward_step_carry_body(p, s, dzw, dh, d, i);                                         \
-    });                                                                                      \
-  }
+void set_emulator_blocks(int64_t blocks) { wave_blocks_forced.store(blocks); }
 
-FASTRNN_DEFINE_CUDA_EMULATORS(float)
-FASTRNN_DEFINE_CUDA_EMULATORS(double)
-FASTRNN_DEFINE_CUDA_EMULATORS(__half)
-FASTRNN_DEFINE_CUDA_EMULATORS(__nv_bfloat16)
+template <typename Cell, typename T>
+void Emulator<Cell, T>::run(const Launch& l, const ForwardParams<T>& p, const GridScratch<A>& grid) {
+  emulate<Cell>(l, p, grid);
+}
+
+template <typename Cell, typename T>
+void Emulator<Cell, T>::run(const Launch& l, const BackwardParams<T>& p, const GridScratch<A>& grid) {
+  emulate<Cell>(l, p, grid);
+}
+
+template <typename Cell, typename T>
+void Emulator<Cell, T>::forward_step(const ForwardParams<T>& p, int64_t s, const A* hw, A* h,
+                                     A* c, A* m) {
+  for_each_element(p.D, p.N * p.H,
+                   [&](int64_t d, int64_t i) { forward_step_body<Cell>(p, s, hw, h, c, m, d, i); });
+}
+
+template <typename Cell, typename T>
+void Emulator<Cell, T>::project_step(const ForwardParams<T>& p, int64_t s, const A* hp, A* h) {
+  for_each_element(p.D, p.N * p.P, [&](int64_t d, int64_t i) { project_step_body(p, s, hp, h, d, i); });
+}
+
+template <typename Cell, typename T>
+void Emulator<Cell, T>::unproject_step(const BackwardParams<T>& p, int64_t s, const A* dh,
+                                       A* gp) {
+  for_each_element(p.D, p.N * p.P,
+                   [&](int64_t d, int64_t i) { unproject_step_body(p, s, dh, gp, d, i); });
+}
+
+template <typename Cell, typename T>
+void Emulator<Cell, T>::backward_step(const BackwardParams<T>& p, int64_t s, const A* dh,
+                                      const A* gm, A* z, A* dc, A* dhd) {
+  for_each_element(p.D, p.N * p.H, [&](int64_t d, int64_t i) {
+    backward_step_body<Cell>(p, s, dh, gm, z, dc, dhd, d, i);
+  });
+}
+
+template <typename Cell, typename T>
+void Emulator<Cell, T>::carry_step(const BackwardParams<T>& p, int64_t s, const A* dzw,
+                                   const A* dhd, A* dh) {
+  for_each_element(p.D, p.N * p.P,
+                   [&](int64_t d, int64_t i) { carry_step_body<Cell>(p, s, dzw, dhd, dh, d, i); });
+}
+
+#define FASTRNN_INSTANTIATE_EMULATOR(Cell, T) template struct Emulator<Cell, T>;
+FASTRNN_FOR_EACH_CELL(FASTRNN_INSTANTIATE_EMULATOR, float)
+FASTRNN_FOR_EACH_CELL(FASTRNN_INSTANTIATE_EMULATOR, double)
+FASTRNN_FOR_EACH_CELL(FASTRNN_INSTANTIATE_EMULATOR, __half)
+FASTRNN_FOR_EACH_CELL(FASTRNN_INSTANTIATE_EMULATOR, __nv_bfloat16)
 
 }  // namespace cuda
 }  // namespace fastrnn

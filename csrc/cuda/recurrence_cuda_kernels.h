@@ -1,24 +1,10 @@
-// Launchers of the CUDA time loops (recurrence_cuda_kernels.cu). They know nothing of
-// torch: the torch side (recurrence_cuda.cpp) picks the path, guards the
-// device, passes the current stream and checks the error each returns, which
-// is cudaGetLastError() right after the launch.
-//
-// Four paths:
-//  - persistent: one kernel runs all T steps. A thread block owns a few batch
-//    rows of one direction and keeps W_hh and its rows' state in shared
-//    memory for the whole sequence; rows never interact, so blocks never wait
-//    for each other. Used when W_hh fits in one block's shared memory.
-//  - cluster (sm_90): one kernel runs all T steps; W_hh is split by columns
-//    between the blocks of a thread-block cluster (2, 4 or 8), which exchange
-//    each step's state through distributed shared memory. Used when W_hh
-//    fits in a cluster's shared memory but not in one block's.
-//  - grid: one cooperative kernel runs all T steps; W_hh is split by columns
-//    between the blocks of a group placed anywhere on the device, which
-//    exchange each step's state through global memory and a flag barrier.
-//    Used when W_hh fits in the shared memory of the whole device but no
-//    cluster, and the step is small enough that the kernel beats the GEMM.
-//  - step: per step, the hidden-state GEMM through cuBLAS (on the torch side)
-//    and one fused elementwise kernel from here. Used for everything else.
+// The launchers of the CUDA time-loop kernels, and their emulator with the
+// same interface. Both know nothing of torch: the torch side
+// (recurrence_cuda.cpp) picks the launch (recurrence_cuda_paths.h), guards
+// the device, passes the current stream and checks the error each launcher
+// returns. Instantiated per storage type T (float, double, __half,
+// __nv_bfloat16) and cell, one file per T: recurrence_cuda_kernels_<T>.cu
+// and recurrence_cuda_emulate.cpp.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,47 +12,83 @@
 #include <cstdint>
 
 #include "cuda/recurrence_cuda_body.h"
+#include "cuda/recurrence_cuda_paths.h"
 
 namespace fastrnn {
 namespace cuda {
 
-#define FASTRNN_DECLARE_CUDA_LAUNCHERS(scalar_t)                                                \
-  cudaError_t launch_forward_persistent(const ForwardParams<scalar_t>& p, int64_t rows,        \
-                                        cudaStream_t stream);                                  \
-  cudaError_t launch_backward_persistent(const BackwardParams<scalar_t>& p, int64_t rows,      \
-                                         cudaStream_t stream);                                 \
-  /* The cluster path (sm_90 only): clusters of `cluster` blocks, `rows` rows each. */        \
-  cudaError_t launch_forward_cluster(const ForwardParams<scalar_t>& p, int64_t rows,           \
-                                     int64_t cluster, cudaStream_t stream);                    \
-  cudaError_t launch_backward_cluster(const BackwardParams<scalar_t>& p, int64_t rows,         \
-                                      int64_t cluster, cudaStream_t stream);                   \
-  /* The grid path: groups of `size` blocks, `rows` rows each, all resident at once;        */ \
-  /* exchange (2, D, N, H) in the accumulation type, counters (D, groups) zero at launch.   */ \
-  cudaError_t launch_forward_grid(const ForwardParams<scalar_t>& p, int64_t rows, int64_t size, \
-                                  AccOf<scalar_t>::type* exchange, unsigned int* counters,     \
-                                  cudaStream_t stream);                                        \
-  cudaError_t launch_backward_grid(const BackwardParams<scalar_t>& p, int64_t rows,            \
-                                   int64_t size, AccOf<scalar_t>::type* exchange,              \
-                                   unsigned int* counters, cudaStream_t stream);               \
-  /* Step s of the step path, forward: state (D, N, H) in the accumulation type holds h     */ \
-  /* before the step and after it; hw (D, N, H) = state W_hh^T from cuBLAS.                 */ \
-  cudaError_t launch_forward_step(const ForwardParams<scalar_t>& p, int64_t s,                 \
-                                  const AccOf<scalar_t>::type* hw,                             \
-                                  AccOf<scalar_t>::type* state, cudaStream_t stream);          \
-  /* Step s of the step path, backward, first half: dz of the step into p.dz and into      */  \
-  /* dz_acc (D, N, H), from dh (D, N, H), the gradient of the state after the step.        */  \
-  cudaError_t launch_backward_step(const BackwardParams<scalar_t>& p, int64_t s,               \
-                                   const AccOf<scalar_t>::type* dh,                            \
-                                   AccOf<scalar_t>::type* dz_acc, cudaStream_t stream);        \
-  /* Second half: dh = dz W_hh (dzw, from cuBLAS) for active rows; inactive rows keep dh. */  \
-  cudaError_t launch_backward_step_carry(const BackwardParams<scalar_t>& p, int64_t s,         \
-                                         const AccOf<scalar_t>::type* dzw,                     \
-                                         AccOf<scalar_t>::type* dh, cudaStream_t stream);
+// What a launch of the grid path needs besides its params: the exchange
+// buffer (2, D, N, S) in A with S the padded row of the state (forward) or of
+// dz (backward), real columns NaN and padding zero; the barrier counters (D,
+// groups), zero; how long a barrier may wait.
+template <typename A>
+struct GridScratch {
+  A* exchange;
+  unsigned int* counters;
+  int64_t timeout_ns;
+};
 
-FASTRNN_DECLARE_CUDA_LAUNCHERS(float)
-FASTRNN_DECLARE_CUDA_LAUNCHERS(double)
-FASTRNN_DECLARE_CUDA_LAUNCHERS(__half)
-FASTRNN_DECLARE_CUDA_LAUNCHERS(__nv_bfloat16)
+template <typename Cell, typename T>
+struct Kernels {
+  using A = typename AccOf<T>::type;
+  // The persistent, cluster or grid path's kernel for all T steps, forward
+  // or backward, as launch describes it.
+  static cudaError_t run(const Launch& launch, const ForwardParams<T>& p,
+                         const GridScratch<A>& grid, cudaStream_t stream);
+  static cudaError_t run(const Launch& launch, const BackwardParams<T>& p,
+                         const GridScratch<A>& grid, cudaStream_t stream);
+  // Step s of the step path (the bodies of the same names in
+  // recurrence_cuda_body.h), one thread per element.
+  static cudaError_t forward_step(const ForwardParams<T>& p, int64_t s, const A* hw, A* h, A* c,
+                                  A* m, cudaStream_t stream);
+  static cudaError_t project_step(const ForwardParams<T>& p, int64_t s, const A* hp, A* h,
+                                  cudaStream_t stream);
+  static cudaError_t unproject_step(const BackwardParams<T>& p, int64_t s, const A* dh, A* gp,
+                                    cudaStream_t stream);
+  static cudaError_t backward_step(const BackwardParams<T>& p, int64_t s, const A* dh,
+                                   const A* gm, A* z, A* dc, A* dhd, cudaStream_t stream);
+  static cudaError_t carry_step(const BackwardParams<T>& p, int64_t s, const A* dzw, const A* dhd,
+                                A* dh, cudaStream_t stream);
+  // The device's residency for the path's kernels: blocks a multiprocessor
+  // holds, clusters the device holds; and whether the cluster kernels carry
+  // sm_90 code (a build for older architectures compiles them to a trap).
+  static int64_t blocks_per_sm(Path path, bool forward, int64_t threads, int64_t smem);
+  static int64_t active_clusters(bool forward, int64_t size, int64_t threads, int64_t smem);
+  static bool cluster_code();
+};
+
+// The same, run on CPU threads (recurrence_cuda_emulate.cpp): one std::thread
+// per CUDA thread, shared memory poisoned with NaN, every block of a cluster
+// or grid group (and as many whole groups as fit a budget of threads) at
+// once, __syncthreads and cluster barriers as host barriers, shuffles
+// through a per-warp exchange, the grid path's own barrier code on
+// std::atomic_ref. An error a body raises (b.fail) stops every thread of the
+// launch and comes back as an exception.
+template <typename Cell, typename T>
+struct Emulator {
+  using A = typename AccOf<T>::type;
+  static void run(const Launch& launch, const ForwardParams<T>& p, const GridScratch<A>& grid);
+  static void run(const Launch& launch, const BackwardParams<T>& p, const GridScratch<A>& grid);
+  static void forward_step(const ForwardParams<T>& p, int64_t s, const A* hw, A* h, A* c, A* m);
+  static void project_step(const ForwardParams<T>& p, int64_t s, const A* hp, A* h);
+  static void unproject_step(const BackwardParams<T>& p, int64_t s, const A* dh, A* gp);
+  static void backward_step(const BackwardParams<T>& p, int64_t s, const A* dh, const A* gm,
+                            A* z, A* dc, A* dhd);
+  static void carry_step(const BackwardParams<T>& p, int64_t s, const A* dzw, const A* dhd,
+                         A* dh);
+};
+
+// Blocks the emulator runs at once, at most (whole clusters and groups
+// always together, so a group larger than this never completes its first
+// barrier: how the tests reach the grid barrier's timeout). 0: a budget of
+// threads.
+void set_emulator_blocks(int64_t blocks);
+
+#define FASTRNN_FOR_EACH_CELL(X, T) \
+  X(ElmanTanh, T)                   \
+  X(ElmanRelu, T)                   \
+  X(Lstm, T)                        \
+  X(Gru, T)
 
 }  // namespace cuda
 }  // namespace fastrnn

@@ -1,0 +1,9 @@
+// The CUDA time-loop kernels for __nv_bfloat16 storage, every cell (one file per type,
+// so that they compile in parallel).
+#include "cuda/recurrence_cuda_kernels.cuh"
+
+namespace fastrnn {
+namespace cuda {
+FASTRNN_FOR_EACH_CELL(FASTRNN_INSTANTIATE_KERNELS, __nv_bfloat16)
+}  // namespace cuda
+}  // namespace fastrnn

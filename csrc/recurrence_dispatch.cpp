@@ -1,0 +1,42 @@
+// Which device runs a layer's time loop: the first registered device whose
+// claims() takes the tensors, else the CPU's own kernels.
+#include <c10/util/Exception.h>
+
+#include <atomic>
+
+#include "recurrence.h"
+
+namespace fastrnn {
+namespace {
+
+// One slot is enough: CUDA is the only device besides the CPU.
+std::atomic<const DeviceLoops*>& device_slot() {
+  static std::atomic<const DeviceLoops*> slot{nullptr};
+  return slot;
+}
+
+const DeviceLoops* claimed(const at::Tensor& t) {
+  const DeviceLoops* loops = device_slot().load(std::memory_order_acquire);
+  if (loops != nullptr && loops->claims(t)) return loops;
+  TORCH_CHECK(t.is_cpu(), "fastrnn was built without CUDA: rebuild with FASTRNN_CUDA=1");
+  return nullptr;
+}
+
+}  // namespace
+
+void register_device_loops(const DeviceLoops& loops) {
+  static const DeviceLoops copy = loops;
+  device_slot().store(&copy, std::memory_order_release);
+}
+
+void forward_recurrence(CellKind cell, const ForwardLoop& a) {
+  if (const DeviceLoops* loops = claimed(a.u)) return loops->forward(cell, a);
+  forward_recurrence_cpu(cell, a);
+}
+
+void backward_recurrence(CellKind cell, const BackwardLoop& a) {
+  if (const DeviceLoops* loops = claimed(a.dgh)) return loops->backward(cell, a);
+  backward_recurrence_cpu(cell, a);
+}
+
+}  // namespace fastrnn

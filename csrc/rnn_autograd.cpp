@@ -1,0 +1,339 @@
+// The forward ops' autograd and autocast kernels.
+//
+// Autograd is C++, so that a call costs no Python: one autograd Function
+// serves every cell, its backward is the cell's backward op, and both ops are
+// called through the dispatcher, so that under torch.compile the fake
+// kernels stand in for them. Where a C++ autograd Function cannot serve —
+// under function transforms (torch.func.grad, vmap over a gradient, jvp, ...)
+// and forward-mode AD — the op runs its stack step by step in ATen ops
+// instead (rnn_stack.h), which every transform understands; so does the
+// backward when a graph of it is asked for (double backward).
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/FuncTorchTLS.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "rnn_args.h"
+#include "rnn_ops.h"
+#include "rnn_stack.h"
+
+namespace fastrnn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The arguments every forward op shares, the cell's flag (relu, has_projections) unpacked.
+struct StackCall {
+  CellKind cell;
+  Tensor input, hx;
+  optional<Tensor> cx;
+  at::TensorList weights;
+  optional<Tensor> lengths, mask;
+  int64_t num_layers;
+  bool bidirectional, biases, proj;
+
+  Stack check() const {
+    return check_args(cell, input, hx, cx, weights, lengths, mask, num_layers, bidirectional,
+                      biases, proj);
+  }
+};
+
+template <typename F>
+auto typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
+}
+
+// The cell's forward op through the dispatcher: output, h_n, c_n (LSTM),
+// hidden_states, workspace (LSTM, GRU).
+variable_list call_forward(const StackCall& c) {
+  switch (c.cell) {
+    case CellKind::lstm: {
+      static auto op = typed_op<decltype(lstm_forward)>("fastrnn::lstm_forward");
+      auto [y, hn, cn, hs, ws] = op.call(c.input, c.hx, *c.cx, c.weights, c.lengths, c.mask,
+                                         c.num_layers, c.bidirectional, c.biases, c.proj);
+      return {y, hn, cn, hs, ws};
+    }
+    case CellKind::gru: {
+      static auto op = typed_op<decltype(gru_forward)>("fastrnn::gru_forward");
+      auto [y, hn, hs, ws] = op.call(c.input, c.hx, c.weights, c.lengths, c.mask, c.num_layers,
+                                     c.bidirectional, c.biases);
+      return {y, hn, hs, ws};
+    }
+    default: {
+      static auto op = typed_op<decltype(rnn_forward)>("fastrnn::rnn_forward");
+      auto [y, hn, hs] = op.call(c.input, c.hx, c.weights, c.lengths, c.mask, c.num_layers,
+                                 c.bidirectional, c.biases, c.cell == CellKind::rnn_relu);
+      return {y, hn, hs};
+    }
+  }
+}
+
+// What call_forward returns, from a StackForward.
+variable_list outputs_of(CellKind cell, const StackForward& f) {
+  switch (cell) {
+    case CellKind::lstm: return {f.output, f.h_n, f.c_n, f.hidden_states, f.workspace};
+    case CellKind::gru: return {f.output, f.h_n, f.hidden_states, f.workspace};
+    default: return {f.output, f.h_n, f.hidden_states};
+  }
+}
+
+// The cell's backward op through the dispatcher: grad_input, grad_hx, grad_cx
+// (undefined but for LSTM) and the weights' gradients.
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> call_backward(
+    const StackCall& c, const Tensor& output, const Tensor& hidden_states,
+    const Tensor& workspace, const optional<Tensor>& grad_output, const optional<Tensor>& grad_hn,
+    const optional<Tensor>& grad_cn, bool input_grad) {
+  switch (c.cell) {
+    case CellKind::lstm: {
+      static auto op = typed_op<decltype(lstm_backward)>("fastrnn::lstm_backward");
+      return op.call(c.input, c.hx, *c.cx, c.weights, c.lengths, c.mask, output, hidden_states,
+                     workspace, grad_output, grad_hn, grad_cn, c.num_layers, c.bidirectional,
+                     c.biases, c.proj, input_grad);
+    }
+    case CellKind::gru: {
+      static auto op = typed_op<decltype(gru_backward)>("fastrnn::gru_backward");
+      auto [gx, ghx, gw] = op.call(c.input, c.hx, c.weights, c.lengths, c.mask, output,
+                                   hidden_states, workspace, grad_output, grad_hn, c.num_layers,
+                                   c.bidirectional, c.biases, input_grad);
+      return {gx, ghx, Tensor(), gw};
+    }
+    default: {
+      static auto op = typed_op<decltype(rnn_backward)>("fastrnn::rnn_backward");
+      auto [gx, ghx, gw] = op.call(c.input, c.hx, c.weights, c.lengths, c.mask, output,
+                                   hidden_states, grad_output, grad_hn, c.num_layers,
+                                   c.bidirectional, c.biases, c.cell == CellKind::rnn_relu,
+                                   input_grad);
+      return {gx, ghx, Tensor(), gw};
+    }
+  }
+}
+
+optional<Tensor> as_optional(const Tensor& t) {
+  return t.defined() ? optional<Tensor>(t) : std::nullopt;
+}
+
+class StackFunction : public torch::autograd::Function<StackFunction> {
+ public:
+  // Outputs as call_forward's; the hidden states and the workspace are not
+  // differentiable.
+  static variable_list forward(AutogradContext* ctx, int64_t cell, const Tensor& input,
+                               const Tensor& hx, const optional<Tensor>& cx,
+                               at::TensorList weights, const optional<Tensor>& lengths,
+                               const optional<Tensor>& mask, int64_t num_layers,
+                               bool bidirectional, bool biases, bool proj) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const StackCall c{static_cast<CellKind>(cell), input, hx, cx, weights, lengths, mask,
+                      num_layers, bidirectional, biases, proj};
+    variable_list out = call_forward(c);
+    const bool lstm = c.cell == CellKind::lstm;
+    const Tensor& hs = out[lstm ? 3 : 2];
+    const Tensor workspace = out.size() > 3 ? out.back() : Tensor();
+    ctx->mark_non_differentiable(out.size() > 3 ? variable_list{hs, workspace} : variable_list{hs});
+    std::vector<Tensor> saved = {input, hx, cx.value_or(Tensor()), out[0], hs, workspace,
+                                 lengths.value_or(Tensor()), mask.value_or(Tensor())};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["cell"] = cell;
+    ctx->saved_data["num_layers"] = num_layers;
+    ctx->saved_data["bidirectional"] = bidirectional;
+    ctx->saved_data["biases"] = biases;
+    ctx->saved_data["proj"] = proj;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const std::vector<Tensor> weights(saved.begin() + 8, saved.end());
+    const StackCall c{static_cast<CellKind>(ctx->saved_data["cell"].toInt()),
+                      saved[0],
+                      saved[1],
+                      as_optional(saved[2]),
+                      weights,
+                      as_optional(saved[6]),
+                      as_optional(saved[7]),
+                      ctx->saved_data["num_layers"].toInt(),
+                      ctx->saved_data["bidirectional"].toBool(),
+                      ctx->saved_data["biases"].toBool(),
+                      ctx->saved_data["proj"].toBool()};
+    const bool lstm = c.cell == CellKind::lstm;
+    const Tensor& grad_output = grads[0];
+    const Tensor& grad_hn = grads[1];
+    const Tensor grad_cn = lstm ? grads[2] : Tensor();
+    // One gradient per forward argument: none for the cell, the weights one
+    // by one, none for lengths, the mask and the flags.
+    variable_list out(1 + 3 + weights.size() + 6);
+    if (torch::autograd::GradMode::is_enabled() && saved[0].size(0) > 0) {
+      backward_with_graph(c, {grad_output, grad_hn, grad_cn}, out);
+      return out;
+    }
+    const bool input_grad = ctx->needs_input_grad(0);  // edges count variables only
+    auto [gx, ghx, gcx, gw] =
+        call_backward(c, saved[3], saved[4], saved[5].defined() ? saved[5] : Tensor(),
+                      as_optional(grad_output), as_optional(grad_hn), as_optional(grad_cn),
+                      input_grad);
+    if (input_grad) out[1] = gx;
+    out[2] = ghx;
+    out[3] = gcx;
+    for (size_t i = 0; i < gw.size(); ++i) out[4 + i] = gw[i];
+    return out;
+  }
+
+  // create_graph=True: the gradients as differentiable functions of the
+  // inputs, through the step-by-step forward, so that they can be
+  // differentiated again.
+  static void backward_with_graph(const StackCall& c, const std::array<Tensor, 3>& grads,
+                                  variable_list& out) {
+    const StackForward f =
+        stack_forward_by_steps(c.check(), c.input, c.hx, c.cx, c.weights, c.lengths, c.mask);
+    std::vector<Tensor> inputs = {c.input, c.hx, c.cx.value_or(Tensor())};
+    inputs.insert(inputs.end(), c.weights.begin(), c.weights.end());
+    std::vector<Tensor> wanted, outputs, grad_outputs;
+    for (const Tensor& t : inputs)
+      if (t.defined() && t.requires_grad()) wanted.push_back(t);
+    const Tensor results[3] = {f.output, f.h_n, f.c_n};
+    for (int i = 0; i < 3; ++i) {
+      if (grads[i].defined()) {
+        outputs.push_back(results[i]);
+        grad_outputs.push_back(grads[i]);
+      }
+    }
+    if (wanted.empty() || outputs.empty()) return;
+    const auto g = torch::autograd::grad(outputs, wanted, grad_outputs, /*retain_graph=*/true,
+                                         /*create_graph=*/true, /*allow_unused=*/true);
+    for (size_t i = 0, k = 0; i < inputs.size(); ++i)
+      if (inputs[i].defined() && inputs[i].requires_grad()) out[1 + i] = g[k++];
+  }
+};
+
+// Whether the call must run step by step in ATen ops: under a function
+// transform, or with a forward-mode tangent on any input.
+bool needs_steps(const StackCall& c) {
+  // functorch keeps its TLS once used; it refuses a C++ autograd Function
+  // exactly while a transform is active.
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    try {
+      functorch->checkSupportsCppAutogradFunction();
+    } catch (const c10::Error&) {
+      return true;
+    }
+  }
+  auto dual = [](const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); };
+  if (dual(c.input) || dual(c.hx) || (c.cx && dual(*c.cx))) return true;
+  for (const Tensor& w : c.weights)
+    if (dual(w)) return true;
+  return false;
+}
+
+variable_list forward_autograd(const StackCall& c) {
+  if (needs_steps(c)) {
+    return outputs_of(c.cell, stack_forward_by_steps(c.check(), c.input, c.hx, c.cx, c.weights,
+                                                     c.lengths, c.mask));
+  }
+  return StackFunction::apply(static_cast<int64_t>(c.cell), c.input, c.hx, c.cx, c.weights,
+                              c.lengths, c.mask, c.num_layers, c.bidirectional, c.biases, c.proj);
+}
+
+std::tuple<Tensor, Tensor, Tensor> rnn_forward_autograd(
+    const Tensor& input, const Tensor& hx, at::TensorList weights,
+    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, bool relu) {
+  auto out = forward_autograd({relu ? CellKind::rnn_relu : CellKind::rnn_tanh, input, hx,
+                               std::nullopt, weights, lengths, dropout_mask, num_layers,
+                               bidirectional, has_biases, false});
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autograd(
+    const Tensor& input, const Tensor& hx, const Tensor& cx, at::TensorList weights,
+    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, bool has_projections) {
+  auto out = forward_autograd({CellKind::lstm, input, hx, cx, weights, lengths, dropout_mask,
+                               num_layers, bidirectional, has_biases, has_projections});
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autograd(
+    const Tensor& input, const Tensor& hx, at::TensorList weights,
+    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases) {
+  auto out = forward_autograd({CellKind::gru, input, hx, std::nullopt, weights, lengths,
+                               dropout_mask, num_layers, bidirectional, has_biases, false});
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// Under torch.autocast the layers run in the autocast dtype, as torch.nn's
+// do: floating arguments are cast, then the op runs. On CUDA for every cell
+// (cuDNN's behaviour); on the CPU for Elman and LSTM, whose torch.nn layers
+// return the autocast dtype there, while nn.GRU returns float32.
+template <c10::DeviceType kDevice>
+struct AutocastCast {
+  static constexpr c10::DispatchKey kKey =
+      kDevice == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA : c10::DispatchKey::AutocastCPU;
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{kKey};
+  at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
+  Tensor operator()(const Tensor& t) const { return at::autocast::cached_cast(dtype, t, kDevice); }
+  optional<Tensor> operator()(const optional<Tensor>& t) const {
+    return t ? optional<Tensor>((*this)(*t)) : std::nullopt;
+  }
+  std::vector<Tensor> operator()(at::TensorList ts) const {
+    std::vector<Tensor> out;
+    out.reserve(ts.size());
+    for (const Tensor& t : ts) out.push_back((*this)(t));
+    return out;
+  }
+};
+
+template <c10::DeviceType kDevice>
+std::tuple<Tensor, Tensor, Tensor> rnn_forward_autocast(
+    const Tensor& input, const Tensor& hx, at::TensorList weights,
+    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, bool relu) {
+  const AutocastCast<kDevice> cast;
+  static auto op = typed_op<decltype(rnn_forward)>("fastrnn::rnn_forward");
+  return op.call(cast(input), cast(hx), cast(weights), lengths, cast(dropout_mask), num_layers,
+                 bidirectional, has_biases, relu);
+}
+
+template <c10::DeviceType kDevice>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autocast(
+    const Tensor& input, const Tensor& hx, const Tensor& cx, at::TensorList weights,
+    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases, bool has_projections) {
+  const AutocastCast<kDevice> cast;
+  static auto op = typed_op<decltype(lstm_forward)>("fastrnn::lstm_forward");
+  return op.call(cast(input), cast(hx), cast(cx), cast(weights), lengths, cast(dropout_mask),
+                 num_layers, bidirectional, has_biases, has_projections);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autocast_cuda(
+    const Tensor& input, const Tensor& hx, at::TensorList weights,
+    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
+    bool bidirectional, bool has_biases) {
+  const AutocastCast<c10::DeviceType::CUDA> cast;
+  static auto op = typed_op<decltype(gru_forward)>("fastrnn::gru_forward");
+  return op.call(cast(input), cast(hx), cast(weights), lengths, cast(dropout_mask), num_layers,
+                 bidirectional, has_biases);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
+  m.impl("rnn_forward", &rnn_forward_autograd);
+  m.impl("lstm_forward", &lstm_forward_autograd);
+  m.impl("gru_forward", &gru_forward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastrnn, AutocastCUDA, m) {
+  m.impl("rnn_forward", &rnn_forward_autocast<c10::DeviceType::CUDA>);
+  m.impl("lstm_forward", &lstm_forward_autocast<c10::DeviceType::CUDA>);
+  m.impl("gru_forward", &gru_forward_autocast_cuda);
+}
+
+TORCH_LIBRARY_IMPL(fastrnn, AutocastCPU, m) {
+  m.impl("rnn_forward", &rnn_forward_autocast<c10::DeviceType::CPU>);
+  m.impl("lstm_forward", &lstm_forward_autocast<c10::DeviceType::CPU>);
+}
+
+}  // namespace fastrnn

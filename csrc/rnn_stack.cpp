@@ -1,0 +1,310 @@
+// See rnn_stack.h.
+#include "rnn_stack.h"
+
+#include <ATen/ATen.h>
+
+#include "recurrence.h"
+
+namespace fastrnn {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+optional<Tensor> contiguous(const optional<Tensor>& t) {
+  return t ? optional<Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// The input of layer l: x for the first, else the previous layer's output
+// times its dropout mask.
+Tensor layer_input(const Tensor& x, const Tensor& hs, const optional<Tensor>& mask, int64_t l) {
+  if (l == 0) return x;
+  return mask ? hs[l - 1] * (*mask)[l - 1] : hs[l - 1];
+}
+
+// One kind of weight of layer l for both directions, contiguous; undefined
+// where the stack has none.
+std::array<Tensor, 2> per_direction(at::TensorList w, const Stack& s, int64_t l,
+                                    Tensor CellWeights::*kind) {
+  std::array<Tensor, 2> out;
+  for (int64_t d = 0; d < s.D; ++d) {
+    const Tensor t = cell_weights(w, s, l, d).*kind;
+    if (t.defined()) out[d] = t.contiguous();
+  }
+  return out;
+}
+
+// The cells' math on tensors of units, differentiable.
+struct TensorMath {
+  using S = double;
+  static Tensor tanh(const Tensor& x) { return at::tanh(x); }
+  static Tensor sigmoid(const Tensor& x) { return at::sigmoid(x); }
+  static Tensor relu(const Tensor& x) { return at::relu(x); }
+  static Tensor relu_backward(const Tensor& g, const Tensor& h) {
+    return at::threshold_backward(g, h, 0);
+  }
+};
+
+// The cell's output before the projection, (T*N, H), from the workspace of
+// one direction, ws_d (T, N, Ws): the saved values, then c.
+Tensor projection_input(const Stack& s, const Tensor& ws_d) {
+  return with_cell(s.cell, [&](auto c) -> Tensor {
+    using Cell = decltype(c);
+    if constexpr (Cell::kProjections) {
+      Tensor saved[Cell::kSaved];
+      for (int k = 0; k < Cell::kSaved; ++k) saved[k] = ws_d.narrow(2, k * s.H, s.H);
+      return Cell::template output<TensorMath, Tensor>(saved, ws_d.narrow(2, Cell::kSaved * s.H, s.H))
+          .reshape({-1, s.H});
+    } else {
+      TORCH_CHECK(false, "this cell has no projections");
+    }
+  });
+}
+
+}  // namespace
+
+StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx,
+                           const optional<Tensor>& cx, at::TensorList weights,
+                           const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask) {
+  const Tensor x = input.contiguous();  // (T, N, C)
+  const Tensor h0 = hx.contiguous();    // (L*D, N, P)
+  const Tensor c0 = cx ? cx->contiguous() : Tensor();  // (L*D, N, H)
+  const optional<Tensor> lens = contiguous(lengths);   // (N)
+  const optional<Tensor> mask = contiguous(dropout_mask);
+  const auto opt = x.options();
+  const bool cell_state = s.cell_state, hidden_bias = s.hidden_bias;
+  StackForward r;
+  r.output = at::empty({s.T, s.N, s.DP()}, opt);
+  r.h_n = at::empty({s.L * s.D, s.N, s.P}, opt);
+  if (cell_state) r.c_n = at::empty({s.L * s.D, s.N, s.H}, opt);
+  r.hidden_states = at::empty({s.L - 1, s.T, s.N, s.DP()}, opt);
+  r.workspace = at::empty({s.L, s.D, s.T, s.N, s.Ws}, opt);
+  const int64_t GH = s.G * s.H;
+  for (int64_t l = 0; l < s.L; ++l) {
+    const Tensor in = layer_input(x, r.hidden_states, mask, l).reshape({s.T * s.N, s.in_size(l)});
+    Tensor u = at::empty({s.D, s.T * s.N, GH}, opt);  // (D, T*N, G*H)
+    for (int64_t d = 0; d < s.D; ++d) {
+      const CellWeights w = cell_weights(weights, s, l, d);
+      Tensor u_d = u[d];
+      if (s.biases) {
+        at::addmm_out(u_d, hidden_bias ? w.b_ih : w.b_ih + w.b_hh, in, w.w_ih.t());
+      } else {
+        at::mm_out(u_d, in, w.w_ih.t());
+      }
+    }
+    ForwardLoop a;
+    a.u = u.view({s.D, s.T, s.N, GH});
+    a.w_hh = per_direction(weights, s, l, &CellWeights::w_hh);
+    if (hidden_bias && s.biases) a.b_hh = per_direction(weights, s, l, &CellWeights::b_hh);
+    if (s.proj) a.w_hr = per_direction(weights, s, l, &CellWeights::w_hr);
+    a.h0 = h0.narrow(0, l * s.D, s.D);
+    if (cell_state) a.c0 = c0.narrow(0, l * s.D, s.D);
+    a.lengths = lens;
+    a.y = l == s.L - 1 ? r.output : r.hidden_states[l];
+    a.hn = r.h_n.narrow(0, l * s.D, s.D);
+    if (cell_state) a.cn = r.c_n.narrow(0, l * s.D, s.D);
+    if (s.Ws > 0) a.saved = r.workspace[l];
+    if (s.T == 0 || s.N == 0) {
+      // Nothing for a kernel to do: the last state is the first.
+      a.hn.copy_(a.h0);
+      if (cell_state) a.cn.copy_(a.c0);
+      continue;
+    }
+    forward_recurrence(s.cell, a);
+  }
+  return r;
+}
+
+StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& hx,
+                             const optional<Tensor>& cx, at::TensorList weights,
+                             const optional<Tensor>& lengths,
+                             const optional<Tensor>& dropout_mask, const Tensor& output,
+                             const Tensor& hidden_states, const Tensor& workspace,
+                             const optional<Tensor>& grad_output, const optional<Tensor>& grad_hn,
+                             const optional<Tensor>& grad_cn, bool input_grad) {
+  const Tensor x = input.contiguous();           // (T, N, C)
+  const Tensor h0 = hx.contiguous();             // (L*D, N, P)
+  const Tensor c0 = cx ? cx->contiguous() : Tensor();  // (L*D, N, H)
+  const Tensor y = output.contiguous();          // (T, N, D*P)
+  const Tensor hs = hidden_states.contiguous();  // (L-1, T, N, D*P)
+  const Tensor ws = workspace.contiguous();      // (L, D, T, N, Ws)
+  const optional<Tensor> lens = contiguous(lengths);
+  const optional<Tensor> mask = contiguous(dropout_mask);
+  const optional<Tensor> dhn = contiguous(grad_hn);  // (L*D, N, P)
+  const optional<Tensor> dcn = contiguous(grad_cn);  // (L*D, N, H)
+  const auto opt = x.options();
+  const bool cell_state = s.cell_state, split_grad = s.hidden_bias;
+  StackBackward r;
+  // Without input_grad, the input's gradient (one GEMM of layer 0) is not
+  // computed and comes back as zeros.
+  r.grad_input = input_grad ? at::empty({s.T, s.N, s.C}, opt) : at::zeros({s.T, s.N, s.C}, opt);
+  r.grad_hx = at::empty({s.L * s.D, s.N, s.P}, opt);
+  if (cell_state) r.grad_cx = at::empty({s.L * s.D, s.N, s.H}, opt);
+  r.grad_weights.resize(weights.size());
+  if (s.T == 0) {
+    // No step ran: h_n was h0 (c_n was c0), and nothing else saw the weights.
+    for (size_t i = 0; i < weights.size(); ++i) r.grad_weights[i] = at::zeros_like(weights[i]);
+    r.grad_hx = dhn ? dhn->clone() : at::zeros_like(r.grad_hx);
+    if (cell_state) r.grad_cx = dcn ? dcn->clone() : at::zeros_like(r.grad_cx);
+    return r;
+  }
+  const int64_t TN = s.T * s.N, GH = s.G * s.H;
+  // dy: gradient of the current layer's output, (T, N, D*P).
+  Tensor dy = grad_output ? grad_output->contiguous() : at::zeros({s.T, s.N, s.DP()}, opt);
+  for (int64_t l = s.L - 1; l >= 0; --l) {
+    const Tensor out = l == s.L - 1 ? y : hs[l];  // (T, N, D*P)
+    const Tensor in = layer_input(x, hs, mask, l).reshape({TN, s.in_size(l)});
+    BackwardLoop b;
+    b.dy = dy;
+    if (dhn) b.dhn = dhn->narrow(0, l * s.D, s.D);
+    if (dcn) b.dcn = dcn->narrow(0, l * s.D, s.D);
+    b.y = out;
+    b.h0 = h0.narrow(0, l * s.D, s.D);
+    if (cell_state) b.c0 = c0.narrow(0, l * s.D, s.D);
+    if (s.Ws > 0) b.saved = ws[l];
+    b.w_hh = per_direction(weights, s, l, &CellWeights::w_hh);
+    if (s.proj) b.w_hr = per_direction(weights, s, l, &CellWeights::w_hr);
+    b.lengths = lens;
+    b.dgh = at::empty({s.D, s.T, s.N, GH}, opt);
+    if (split_grad) b.dgi = at::empty({s.D, s.T, s.N, GH}, opt);
+    if (s.proj) b.dhr = at::empty({s.D, s.T, s.N, s.P}, opt);
+    b.dh0 = r.grad_hx.narrow(0, l * s.D, s.D);
+    if (cell_state) b.dc0 = r.grad_cx.narrow(0, l * s.D, s.D);
+    if (s.N == 0) {
+      b.dgh.zero_();
+      if (split_grad) b.dgi.zero_();
+      if (s.proj) b.dhr.zero_();
+    } else {
+      backward_recurrence(s.cell, b);
+    }
+    const Tensor& dgi_all = split_grad ? b.dgi : b.dgh;
+    Tensor din = l == 0 ? r.grad_input.view({TN, s.C}) : at::empty({TN, s.DP()}, opt);
+    for (int64_t d = 0; d < s.D; ++d) {
+      const int64_t k = first_weight(s, l, d);
+      const CellWeights w = cell_weights(weights, s, l, d);
+      const Tensor dgh_d = b.dgh[d];                  // (T, N, G*H)
+      const Tensor dgh_flat = dgh_d.view({TN, GH});
+      const Tensor dgi_flat = dgi_all[d].view({TN, GH});
+      r.grad_weights[k] = at::mm(dgi_flat.t(), in);
+      // dW_hh = sum over steps of dgh_t^T h_prev(t): the previous step's
+      // output inside the sequence, h0 at its first step.
+      const Tensor out_d = out.narrow(2, d * s.P, s.P);  // (T, N, P), row stride D*P
+      const Tensor h0_d = h0[l * s.D + d];                // (N, P)
+      Tensor dgh_first;                                   // (N, G*H) at each row's first step
+      if (d == 0) {
+        dgh_first = dgh_d[0];
+      } else if (lens) {
+        const Tensor idx = (*lens - 1).clamp(0, s.T - 1).view({1, s.N, 1}).expand({1, s.N, GH});
+        dgh_first = dgh_d.gather(0, idx).squeeze(0);
+      } else {
+        dgh_first = dgh_d[s.T - 1];
+      }
+      Tensor gw_hh = at::mm(dgh_first.t(), h0_d);
+      if (s.T > 1) {
+        // Forward: dgh[1:] with out[:-1]. Reverse: dgh[:-1] with out[1:]; with
+        // lengths, out is zero past each row's end, so the pairs that straddle
+        // it add nothing and the first step comes from dgh_first above.
+        const Tensor a = dgh_d.narrow(0, d == 0 ? 1 : 0, s.T - 1).reshape({(s.T - 1) * s.N, GH});
+        const Tensor c = out_d.narrow(0, d == 0 ? 0 : 1, s.T - 1).reshape({(s.T - 1) * s.N, s.P});
+        gw_hh.addmm_(a.t(), c);
+      }
+      r.grad_weights[k + 1] = gw_hh;
+      if (s.biases) {
+        r.grad_weights[k + 2] = dgi_flat.sum(0);
+        r.grad_weights[k + 3] = split_grad ? dgh_flat.sum(0) : r.grad_weights[k + 2].clone();
+      }
+      if (s.proj) {
+        r.grad_weights[k + (s.biases ? 4 : 2)] =
+            at::mm(b.dhr[d].view({TN, s.P}).t(), projection_input(s, ws[l][d]));
+      }
+      if (l > 0 || input_grad) {
+        if (d == 0) {
+          at::mm_out(din, dgi_flat, w.w_ih);
+        } else {
+          din.addmm_(dgi_flat, w.w_ih);
+        }
+      }
+    }
+    if (l > 0) {
+      dy = din.view({s.T, s.N, s.DP()});
+      if (mask) dy = dy * (*mask)[l - 1];
+    }
+  }
+  return r;
+}
+
+namespace {
+
+template <typename Cell>
+StackForward forward_by_steps(const Stack& s, const Tensor& x, const Tensor& hx,
+                                     const optional<Tensor>& cx, at::TensorList weights,
+                                     const optional<Tensor>& lengths,
+                                     const optional<Tensor>& mask) {
+  constexpr int G = Cell::kGates;
+  const int64_t H = s.H;
+  Tensor layer_in = x;  // (T, N, C_l)
+  std::vector<Tensor> h_n, c_n, hidden_states;
+  for (int64_t l = 0; l < s.L; ++l) {
+    if (l > 0 && mask) layer_in = layer_in * (*mask)[l - 1];
+    std::vector<Tensor> outs;
+    for (int64_t d = 0; d < s.D; ++d) {
+      const CellWeights w = cell_weights(weights, s, l, d);
+      Tensor u = at::matmul(layer_in, w.w_ih.t());  // (T, N, G*H)
+      if (s.biases) u = u + (Cell::kHiddenBias ? w.b_ih : w.b_ih + w.b_hh);
+      Tensor bh[G];
+      for (int g = 0; g < G; ++g)
+        bh[g] = Cell::kHiddenBias && s.biases ? w.b_hh.narrow(0, g * H, H)
+                                              : at::zeros({H}, x.options());
+      Tensor h = hx[l * s.D + d];                       // (N, P)
+      Tensor c = cx ? (*cx)[l * s.D + d] : Tensor();    // (N, H)
+      std::vector<Tensor> ys(s.T);
+      for (int64_t step = 0; step < s.T; ++step) {
+        const int64_t t = d == 0 ? step : s.T - 1 - step;
+        const Tensor hw_all = at::matmul(h, w.w_hh.t());  // (N, G*H)
+        Tensor ug[G], hw[G], saved[Cell::kSaved > 0 ? Cell::kSaved : 1];
+        for (int g = 0; g < G; ++g) {
+          ug[g] = u[t].narrow(1, g * H, H);
+          hw[g] = hw_all.narrow(1, g * H, H);
+        }
+        Tensor c_new = c, h_new;
+        Cell::template forward<TensorMath, Tensor>(ug, hw, bh, h, c_new, h_new, saved);
+        if (s.proj) h_new = at::matmul(h_new, w.w_hr.t());
+        if (lengths) {
+          const Tensor on = (*lengths > t).unsqueeze(1);  // (N, 1)
+          ys[t] = at::where(on, h_new, at::zeros_like(h_new));
+          h = at::where(on, h_new, h);
+          if (c.defined()) c = at::where(on, c_new, c);
+        } else {
+          ys[t] = h = h_new;
+          c = c_new;
+        }
+      }
+      outs.push_back(s.T ? at::stack(ys) : layer_in.new_zeros({0, s.N, s.P}));
+      h_n.push_back(h);
+      if (c.defined()) c_n.push_back(c);
+    }
+    layer_in = at::cat(outs, 2);
+    if (l < s.L - 1) hidden_states.push_back(layer_in);
+  }
+  StackForward r;
+  r.output = layer_in;
+  r.h_n = at::stack(h_n);
+  if (!c_n.empty()) r.c_n = at::stack(c_n);
+  r.hidden_states = hidden_states.empty() ? x.new_zeros({0, s.T, s.N, s.DP()})
+                                          : at::stack(hidden_states);
+  r.workspace = at::zeros({1}, x.options()).expand({s.L, s.D, s.T, s.N, s.Ws});
+  return r;
+}
+
+}  // namespace
+
+StackForward stack_forward_by_steps(const Stack& s, const Tensor& input, const Tensor& hx,
+                                    const optional<Tensor>& cx, at::TensorList weights,
+                                    const optional<Tensor>& lengths,
+                                    const optional<Tensor>& dropout_mask) {
+  return with_cell(s.cell, [&](auto c) {
+    return forward_by_steps<decltype(c)>(s, input, hx, cx, weights, lengths, dropout_mask);
+  });
+}
+
+}  // namespace fastrnn

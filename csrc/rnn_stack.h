@@ -1,0 +1,57 @@
+// The device-independent forward and backward of a whole stack (all layers
+// and directions) of any cell: every GEMM goes through ATen, and only the
+// time loop of a layer is handed to the device (recurrence.h). The ops in
+// rnn_ops.cpp are thin wrappers around these two.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "rnn_args.h"
+
+namespace fastrnn {
+
+struct StackForward {
+  at::Tensor output;         // (T, N, D*P)
+  at::Tensor h_n;            // (L*D, N, P)
+  at::Tensor c_n;            // (L*D, N, H), LSTM; else undefined
+  at::Tensor hidden_states;  // (L-1, T, N, D*P): the outputs of every layer but the last
+  at::Tensor workspace;      // (L, D, T, N, Ws): what each step kept for the backward
+};
+
+StackForward stack_forward(const Stack& s, const at::Tensor& input, const at::Tensor& hx,
+                           const std::optional<at::Tensor>& cx, at::TensorList weights,
+                           const std::optional<at::Tensor>& lengths,
+                           const std::optional<at::Tensor>& dropout_mask);
+
+struct StackBackward {
+  at::Tensor grad_input;  // (T, N, C); zeros where input_grad is false
+  at::Tensor grad_hx;     // (L*D, N, P)
+  at::Tensor grad_cx;     // (L*D, N, H), LSTM; else undefined
+  std::vector<at::Tensor> grad_weights;
+};
+
+// The gradients of every input of stack_forward from those of its outputs
+// (grad_output, grad_hn, grad_cn: none for zero) and what it returned.
+StackBackward stack_backward(const Stack& s, const at::Tensor& input, const at::Tensor& hx,
+                             const std::optional<at::Tensor>& cx, at::TensorList weights,
+                             const std::optional<at::Tensor>& lengths,
+                             const std::optional<at::Tensor>& dropout_mask,
+                             const at::Tensor& output, const at::Tensor& hidden_states,
+                             const at::Tensor& workspace,
+                             const std::optional<at::Tensor>& grad_output,
+                             const std::optional<at::Tensor>& grad_hn,
+                             const std::optional<at::Tensor>& grad_cn, bool input_grad);
+
+// The stack's forward as plain differentiable ATen ops, one step at a time,
+// from the same cell definitions: what double backward differentiates, and
+// what the ops run under function transforms and forward-mode AD. Its
+// workspace is all zeros: nothing reads it.
+StackForward stack_forward_by_steps(const Stack& s, const at::Tensor& input, const at::Tensor& hx,
+                                    const std::optional<at::Tensor>& cx, at::TensorList weights,
+                                    const std::optional<at::Tensor>& lengths,
+                                    const std::optional<at::Tensor>& dropout_mask);
+
+}  // namespace fastrnn
