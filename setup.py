@@ -94,11 +94,19 @@ def extensions():
     # runs on one thread. The runtime is the libgomp torch already loads.
     cxx = ["-O3", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
     link = ["-fopenmp"]
-    if os.environ.get("FASTRNN_SANITIZE"):
+    sanitize = os.environ.get("FASTRNN_SANITIZE", "")
+    if sanitize:
         # make sanitize: AddressSanitizer and UndefinedBehaviorSanitizer, every
-        # report fatal.
-        san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
-        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fopenmp"] + san
+        # report fatal (FASTRNN_SANITIZE=address); make tsan: ThreadSanitizer
+        # (FASTRNN_SANITIZE=thread). The C++ sources only: the CUDA
+        # emulator's code is C++, the device code never runs here.
+        if sanitize == "thread":
+            san = ["-fsanitize=thread"]
+        elif sanitize in ("address", "1"):
+            san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+        else:
+            sys.exit(f"FASTRNN_SANITIZE must be 'address' or 'thread', got {sanitize!r}")
+        cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fopenmp", "-Wno-psabi"] + san
         link = link + san
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not use_cuda:

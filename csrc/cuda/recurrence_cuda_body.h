@@ -285,8 +285,8 @@ FASTRNN_HD Item item_of(const Items& it, int64_t round, const Block& b) {
   const int64_t i = round * it.groups(b) + b.tid / it.split;
   Item x;
   x.lane = b.tid - (b.tid / it.split) * it.split;
-  x.valid = i < it.count();
-  const DivMod tc = divmod(x.valid ? i : 0, it.units);
+  x.valid = i < it.count();  // never for a member without units (units 0)
+  const DivMod tc = divmod(x.valid ? i : 0, it.units > 0 ? it.units : 1);
   x.r0 = tc.q * kRowTile;
   x.c = tc.r;
   x.nr = tile_rows(x.r0, it.R);
