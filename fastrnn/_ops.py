@@ -1,29 +1,55 @@
 """The fastrnn ops, as Python sees them.
 
-The schemas live in C++ (csrc/rnn_ops.cpp, `TORCH_LIBRARY(fastrnn, m)`); this
-module loads the extension and adds what torch needs around them: the fake
-(meta) kernels that torch.compile traces with. The autograd of the forward op
-(whose backward is the backward op) is registered in C++, so that a call
-costs no Python beyond the module's own argument handling.
+The schemas live in C++ (csrc/rnn_ops.cpp, `TORCH_LIBRARY(fastrnn, m)`): one
+forward and one backward op per cell type, `torch.ops.fastrnn.{rnn,lstm,gru}_
+{forward,backward}`. This module loads the extension and adds what torch
+needs around them: the fake (meta) kernels that torch.compile traces with.
+The autograd of the forward ops (whose backward is the backward op) is
+registered in C++, so that a call costs no Python beyond the module's own
+argument handling.
 
     torch.ops.fastrnn.rnn_forward(input (T, N, C), hx (L*D, N, H), weights,
         lengths (N,) or None, dropout_mask (L-1, T, N, D*H) or None,
         num_layers, bidirectional, has_biases, relu)
       -> output (T, N, D*H), h_n (L*D, N, H), hidden_states (L-1, T, N, D*H)
+    torch.ops.fastrnn.lstm_forward(input, hx (L*D, N, P), cx (L*D, N, H),
+        weights, lengths, dropout_mask, num_layers, bidirectional, has_biases,
+        has_projections)
+      -> output (T, N, D*P), h_n, c_n, hidden_states, workspace (L, D, T, N, 5H)
+    torch.ops.fastrnn.gru_forward(input, hx, weights, lengths, dropout_mask,
+        num_layers, bidirectional, has_biases)
+      -> output, h_n, hidden_states, workspace (L, D, T, N, 4H)
 
-`weights` is nn.RNN's flat list: per layer and direction, weight_ih (H, C_l),
-weight_hh (H, H) and, with biases, bias_ih (H,) and bias_hh (H,).
+`weights` is torch.nn's flat list (`_flat_weights`): per layer and
+direction, weight_ih (G*H, C_l), weight_hh (G*H, P), with biases bias_ih
+(G*H,) and bias_hh (G*H,), with projections weight_hr (P, H); G is 1, 4 or 3.
 """
+
+import importlib.util
+import os
 
 import torch
 
-try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.fastrnn)
+# The dtypes the fused kernels take, on every device (csrc/rnn_args.cpp has
+# the same list): float16 and bfloat16 with float32 arithmetic and state.
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-    EXTENSION_ERROR = None
-except ImportError as exc:  # the package still works, through nn.RNN
-    _C = None
-    EXTENSION_ERROR = exc
+
+def _load():
+    """(the extension module or None, why it is None)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if importlib.util.find_spec("fastrnn._C") is None:
+        return None, (f"no compiled extension fastrnn._C next to {here}: build it with "
+                      "`python setup.py build_ext --inplace`, or install fastrnn with "
+                      "`pip install --no-build-isolation .` into this environment")
+    try:
+        from . import _C
+    except ImportError as exc:
+        return None, f"fastrnn._C failed to load: {exc}"
+    return _C, None
+
+
+_C, _EXTENSION_ERROR = _load()
 
 
 def available():
@@ -34,6 +60,11 @@ def available():
 def cuda_built():
     """True when the extension was compiled with its CUDA kernels."""
     return _C is not None and bool(_C.cuda_built)
+
+
+def extension_error():
+    """Why the compiled extension is not available (None when it is)."""
+    return _EXTENSION_ERROR
 
 
 def _fake_outputs(input, hx, num_layers, bidirectional, width, cx=None, saved=0):
@@ -100,3 +131,6 @@ if _C is not None:
                          ("lstm_backward", _fake_lstm_backward),
                          ("gru_forward", _fake_gru_forward), ("gru_backward", _fake_gru_backward)):
         torch.library.register_fake(f"fastrnn::{_name}")(_fake)
+
+    if cuda_built() and os.environ.get("FASTRNN_CUDA_PATH"):
+        _C.set_cuda_path(os.environ["FASTRNN_CUDA_PATH"])

@@ -1,20 +1,24 @@
-"""fastrnn.RNN: a drop-in replacement for torch.nn.RNN."""
+"""fastrnn.RNN, fastrnn.LSTM and fastrnn.GRU: drop-in replacements for
+torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU with fused recurrences."""
+
+from __future__ import annotations
 
 import warnings
+from typing import Optional, Tuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import _ops
-
-BACKENDS = ("auto", "fused", "torch")
+from . import _ops, backend as _backend
 
 _DTYPE_NAMES = {
     torch.float32: "Float",
     torch.float64: "Double",
     torch.float16: "Half",
     torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
 }
 
 _warned_missing_extension = False
@@ -25,176 +29,449 @@ def _warn_missing_extension():
     if not _warned_missing_extension:
         _warned_missing_extension = True
         warnings.warn(
-            f"fastrnn's compiled extension is not available ({_ops.EXTENSION_ERROR}); "
-            "fastrnn.RNN runs through torch.nn.RNN",
+            f"fastrnn's compiled extension is not available ({_ops.extension_error()}); "
+            "fastrnn's layers run through torch.nn's implementation",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
-class RNN(nn.RNNBase):
-    r"""An Elman RNN with a fused recurrence, interchangeable with :class:`torch.nn.RNN`.
+def _dtype_name(dtype):
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "").capitalize())
 
-    Takes nn.RNN's arguments (``input_size, hidden_size, num_layers=1,
-    nonlinearity='tanh', bias=True, batch_first=False, dropout=0.0,
-    bidirectional=False, device=None, dtype=None``) with the same meaning,
-    parameters, initialisation and state_dict, and one more:
 
-    backend:
-        ``'auto'`` (default): the fused kernel for CUDA tensors, nn.RNN's own
-        implementation for CPU tensors and for anything the fused kernel does not
-        cover. ``'fused'``: the fused kernel on CPU and CUDA alike.
-        ``'torch'``: always nn.RNN's implementation.
+def _unpack(data, batch_sizes):
+    """A packed sequence's data (sum of lengths, C) as a padded (T, N, C) in
+    sorted order, the rows' lengths on data's device, and the positions
+    t * N + n of the packed rows. batch_sizes lives on the CPU, so the
+    positions are found there and copied over as integers, without waiting
+    (pageable memory is staged before the copy returns): a boolean mask on the
+    GPU would wait for the device to count it."""
+    T, N = batch_sizes.numel(), int(batch_sizes[0])
+    valid = torch.arange(N).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, N)
+    lengths = valid.sum(0).to(data.device, non_blocking=True)
+    rows = valid.flatten().nonzero().squeeze(1).to(data.device, non_blocking=True)
+    x = data.new_zeros(T * N, data.shape[-1]).index_put((rows,), data)
+    return x.view(T, N, data.shape[-1]), lengths, rows
 
-    After each call, ``last_path`` says which ran: ``'fused'`` or ``'torch'``;
-    after a fused call on CUDA, ``last_cuda_path`` says which CUDA time loop
-    ran its forward (``'persistent'``, ``'cluster'``, ``'grid'`` or
-    ``'step'``; see the README), else None (it is left as it was under
-    torch.compile).
 
-    It derives from ``nn.RNNBase``, not ``nn.RNN``, so that torch.compile
-    traces it (dynamo stops at every nn.RNN instance).
-    """
+class _FusedBase(nn.RNNBase):
+    """What the three layers share: the backend, the choice between the fused
+    kernel and torch.nn's implementation, the dropout masks, and nn's errors
+    for weights of the wrong shape."""
 
-    def __init__(self, *args, backend="auto", **kwargs):
-        if "proj_size" in kwargs:
-            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if len(args) > 3:
-            self.nonlinearity = args[3]
-            args = args[:3] + args[4:]
-        else:
-            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        if self.nonlinearity == "tanh":
-            mode = "RNN_TANH"
-        elif self.nonlinearity == "relu":
-            mode = "RNN_RELU"
-        else:
-            raise ValueError(
-                f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'."
-            )
-        if backend not in BACKENDS:
-            raise ValueError(f"Unknown backend '{backend}'. Select from {', '.join(map(repr, BACKENDS))}.")
+    _torch_forward = None  # nn.RNN.forward, nn.LSTM.forward or nn.GRU.forward
+    _gates = 1
+
+    def _init_backend(self, backend):
+        if backend is not None:
+            _backend._check(backend)
         self.backend = backend
         self.last_path = None
         self.last_cuda_path = None
-        super().__init__(mode, *args, **kwargs)
+        if not _ops.available() and _backend.resolve(backend) != "torch":
+            _warn_missing_extension()
 
     def extra_repr(self):
         s = super().extra_repr()
-        if self.backend != "auto":
+        if self.backend is not None:
             s += f", backend={self.backend!r}"
         return s
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", "auto")
+        self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("last_path", None)
         self.__dict__.setdefault("last_cuda_path", None)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script takes the torch.nn layer with the same parameters
+        # (shared, not copied): TorchScript cannot call the fused ops' Python
+        # wrapper, and torch.compile or torch.export are the routes that keep it.
+        twin = self._torch_twin()
+        return twin
+
+    def _torch_twin(self):
+        cls = {"RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN, "LSTM": nn.LSTM, "GRU": nn.GRU}[self.mode]
+        twin = cls.__new__(cls)
+        nn.Module.__init__(twin)
+        for key, value in self.__dict__.items():
+            if key not in ("_parameters", "_buffers", "_modules", "backend", "last_path",
+                           "last_cuda_path", "training"):
+                twin.__dict__[key] = value
+        twin.training = self.training
+        for name, param in self._parameters.items():
+            twin._parameters[name] = param
+        twin._init_flat_weights()
+        return twin
+
     def _fused_applies(self, data):
-        if self.backend == "torch":
+        name = _backend.resolve(self.backend)
+        if name == "torch" or torch.onnx.is_in_onnx_export():
             return False
         if not _ops.available():
-            _warn_missing_extension()
+            if name == "fused":
+                raise RuntimeError(
+                    f"fastrnn's compiled extension is not available ({_ops.extension_error()}), "
+                    "so backend='fused' cannot run; build it (README: Build and test) or use "
+                    "backend='torch'"
+                )
+            if not torch.compiler.is_compiling():
+                _warn_missing_extension()
             return False
-        if self.backend == "fused":
+        if name == "fused":
             return True
-        return data.is_cuda and _ops.cuda_built() and data.dtype in _DTYPE_NAMES
+        return data.is_cuda and _ops.cuda_built() and data.dtype in _ops.DTYPES
 
-    def forward(self, input, hx=None):
+    def _run(self, input, hx):
         data = input.data if isinstance(input, PackedSequence) else input
         if not self._fused_applies(data):
             self.last_path = "torch"
             self.last_cuda_path = None
-            return nn.RNN.forward(self, input, hx)
+            return type(self)._torch_forward(self, input, hx)
         self.last_path = "fused"
         return self._fused_forward(input, hx)
 
-    def _fused_forward(self, input, hx):
-        # The argument handling and checks below are nn.RNN.forward's, in its
-        # order, so that every error is the one nn.RNN raises.
-        num_directions = 2 if self.bidirectional else 1
-        is_packed = isinstance(input, PackedSequence)
-        lengths = None
-        if is_packed:
-            data, batch_sizes, sorted_indices, unsorted_indices = input
-            max_batch_size = int(batch_sizes[0])
-            if hx is None:
-                hx = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                 self.hidden_size, dtype=data.dtype, device=data.device)
-            else:
-                hx = self.permute_hidden(hx, sorted_indices)
-            self.check_forward_args(data, hx, batch_sizes)
-            # Packed (sum of lengths, C) -> padded (T, N, C) in sorted order.
-            # batch_sizes lives on the CPU, so the positions t * N + n of the
-            # packed rows are found there and copied over as integers, without
-            # waiting (pageable memory is staged before the copy returns): a
-            # boolean mask on the GPU would wait for the device to count it.
-            T = batch_sizes.numel()
-            valid = torch.arange(max_batch_size).unsqueeze(0) < batch_sizes.unsqueeze(1)  # (T, N)
-            lengths = valid.sum(0).to(data.device, non_blocking=True)
-            rows = valid.flatten().nonzero().squeeze(1).to(data.device, non_blocking=True)
-            x = data.new_zeros(T * max_batch_size, data.shape[-1]).index_put((rows,), data)
-            x = x.view(T, max_batch_size, data.shape[-1])
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
-            is_batched = input.dim() == 3
-            batch_dim = 0 if self.batch_first else 1
-            if not is_batched:
-                input = input.unsqueeze(batch_dim)
-                if hx is not None:
-                    if hx.dim() != 2:
-                        raise RuntimeError(
-                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
-                        )
-                    hx = hx.unsqueeze(1)
-            elif hx is not None and hx.dim() != 3:
-                raise RuntimeError(
-                    f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor"
-                )
-            max_batch_size = input.size(0) if self.batch_first else input.size(1)
-            if hx is None:
-                hx = torch.zeros(self.num_layers * num_directions, max_batch_size,
-                                 self.hidden_size, dtype=input.dtype, device=input.device)
-            self.check_forward_args(input, hx, None)
-            x = input.transpose(0, 1) if self.batch_first else input
+    def _weights(self):
+        return [getattr(self, name) for name in self._flat_weights_names]
 
-        if x.shape[0] == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        weights = [getattr(self, name) for name in self._flat_weights_names]
-        if hx.dtype != weights[0].dtype and not torch._C._is_any_autocast_enabled():
-            # What nn.RNN's first matrix product of hx with weight_hh raises
-            # (under autocast the op casts them, as nn.RNN's cuDNN path does).
+    def _dropout_mask(self, x, width):
+        """(L-1, T, N, D*width) keep-masks scaled by 1/(1-p), or None."""
+        if not (self.training and self.dropout > 0 and self.num_layers > 1):
+            return None
+        T, N = x.shape[0], x.shape[1]
+        D = 2 if self.bidirectional else 1
+        keep = 1.0 - self.dropout
+        mask = torch.empty(self.num_layers - 1, T, N, D * width, dtype=x.dtype,
+                           device=x.device).bernoulli_(keep)
+        return mask / keep if keep > 0 else mask
+
+    def _check_state_dtype(self, state, weight):
+        # What torch.nn's first matrix product of a state with weight_hh raises
+        # (under autocast the op casts them, as torch.nn's cuDNN path does).
+        if state.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "
-                f"{_DTYPE_NAMES.get(hx.dtype, hx.dtype)} and "
-                f"{_DTYPE_NAMES.get(weights[0].dtype, weights[0].dtype)}"
+                f"{_dtype_name(state.dtype)} and {_dtype_name(weight.dtype)}"
             )
-        dropout_mask = None
-        if self.training and self.dropout > 0 and self.num_layers > 1:
-            T, N = x.shape[0], x.shape[1]
-            keep = 1.0 - self.dropout
-            dropout_mask = torch.empty(self.num_layers - 1, T, N, num_directions * self.hidden_size,
-                                       dtype=x.dtype, device=x.device).bernoulli_(keep)
-            if keep > 0:
-                dropout_mask = dropout_mask / keep
-        output, h_n, _ = torch.ops.fastrnn.rnn_forward(
-            x, hx, weights, lengths, dropout_mask, self.num_layers, self.bidirectional,
-            self.bias, self.mode == "RNN_RELU",
-        )
+
+    def _record_cuda_path(self, x):
         if not torch.compiler.is_compiling():
             # The extension records the path per thread; read it on the
             # thread that just ran the forward.
             self.last_cuda_path = (_ops._C.last_cuda_path()
                                    if x.is_cuda and _ops.cuda_built() else None)
-        if is_packed:
-            output = PackedSequence(output.reshape(-1, output.shape[-1])[rows], batch_sizes,
-                                    sorted_indices, unsorted_indices)
-            return output, self.permute_hidden(h_n, unsorted_indices)
-        if self.batch_first:
-            output = output.transpose(0, 1)
+
+    def _raise_torch_shape_error(self, weights, rows_ih, rows_hh):
+        """Raises what torch.nn raises for the first weight of the wrong
+        shape, in the order its implementation uses them (per layer and
+        direction: weight_ih over all steps, bias_ih, weight_hh on a step,
+        bias_hh, weight_hr); returns where every shape is right."""
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        GH = self._gates * self.hidden_size
+        per = len(weights) // (self.num_layers * D)
+        for layer in range(self.num_layers):
+            in_size = self.input_size if layer == 0 else D * P
+            for d in range(D):
+                w = weights[(layer * D + d) * per:(layer * D + d + 1) * per]
+                w_ih, w_hh = w[0], w[1]
+                biases = w[2:4] if self.bias else []
+                w_hr = w[-1] if self.proj_size > 0 else None
+                uses = [(w_ih, rows_ih, in_size), (biases[0] if biases else None, rows_ih, None),
+                        (w_hh, rows_hh, P), (biases[1] if biases else None, rows_hh, None),
+                        (w_hr, rows_hh, self.hidden_size)]
+                for t, rows, cols in uses:
+                    if t is None:
+                        continue
+                    if cols is not None and t.dim() == 2 and t.shape[1] != cols:
+                        raise RuntimeError(
+                            f"mat1 and mat2 shapes cannot be multiplied ({rows}x{cols} and "
+                            f"{t.shape[1]}x{t.shape[0]})")
+                    if cols is None and t.shape != (GH,) and t.dim() == 1:
+                        raise RuntimeError(
+                            f"The expanded size of the tensor ({GH}) must match the existing "
+                            f"size ({t.shape[0]}) at non-singleton dimension 1.  Target sizes: "
+                            f"[{rows}, {GH}].  Tensor sizes: [{t.shape[0]}]")
+
+    def _call(self, op, x, weights, args, rows_ih, rows_hh):
+        try:
+            return op(*args)
+        except RuntimeError:
+            self._raise_torch_shape_error(weights, rows_ih, rows_hh)
+            raise
+
+
+def _prepare_rnn_gru(layer, input, hx, name, tensor_word):
+    """nn.RNN's and nn.GRU's argument handling, in their order, so that every
+    error is theirs: (x (T, N, C), hx, lengths, packed rows, packing, batched,
+    batch dim)."""
+    num_directions = 2 if layer.bidirectional else 1
+    if isinstance(input, PackedSequence):
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        max_batch_size = int(batch_sizes[0])
+        if hx is None:
+            hx = torch.zeros(layer.num_layers * num_directions, max_batch_size, layer.hidden_size,
+                             dtype=data.dtype, device=data.device)
+        else:
+            hx = layer.permute_hidden(hx, sorted_indices)
+        layer.check_forward_args(data, hx, batch_sizes)
+        x, lengths, rows = _unpack(data, batch_sizes)
+        return x, hx, lengths, rows, (batch_sizes, sorted_indices, unsorted_indices), True, 1
+    if input.dim() not in (2, 3):
+        raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{tensor_word} instead")
+    is_batched = input.dim() == 3
+    batch_dim = 0 if layer.batch_first else 1
+    if not is_batched:
+        input = input.unsqueeze(batch_dim)
+        if hx is not None:
+            if hx.dim() != 2:
+                raise RuntimeError(
+                    f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+            hx = hx.unsqueeze(1)
+    elif hx is not None and hx.dim() != 3:
+        raise RuntimeError(
+            f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+    max_batch_size = input.size(0) if layer.batch_first else input.size(1)
+    if hx is None:
+        hx = torch.zeros(layer.num_layers * num_directions, max_batch_size, layer.hidden_size,
+                         dtype=input.dtype, device=input.device)
+    layer.check_forward_args(input, hx, None)
+    x = input.transpose(0, 1) if layer.batch_first else input
+    return x, hx, None, None, None, is_batched, batch_dim
+
+
+def _finish(layer, output, rows, packing, is_batched, batch_dim):
+    """The output as the input came: packed, batch-first, unbatched."""
+    if packing is not None:
+        batch_sizes, sorted_indices, unsorted_indices = packing
+        return PackedSequence(output.reshape(-1, output.shape[-1])[rows], batch_sizes,
+                              sorted_indices, unsorted_indices)
+    if layer.batch_first:
+        output = output.transpose(0, 1)
+    if not is_batched:
+        output = output.squeeze(batch_dim)
+    return output
+
+
+def _fused_single_state(layer, input, hx, name, tensor_word, op, flags):
+    """The fused forward of the layers with one state (RNN, GRU): torch.nn's
+    argument handling, the op, the output as the input came."""
+    x, hx, lengths, rows, packing, is_batched, batch_dim = _prepare_rnn_gru(
+        layer, input, hx, name, tensor_word)
+    _check_steps(x)
+    weights = layer._weights()
+    layer._check_state_dtype(hx, weights[0])
+    out = layer._call(
+        op, x, weights,
+        (x, hx, weights, lengths, layer._dropout_mask(x, layer.hidden_size), layer.num_layers,
+         layer.bidirectional, layer.bias, *flags),
+        x.shape[0] * x.shape[1], x.shape[1])
+    h_n = out[1]
+    layer._record_cuda_path(x)
+    output = _finish(layer, out[0], rows, packing, is_batched, batch_dim)
+    if packing is not None:
+        return output, layer.permute_hidden(h_n, packing[2])
+    return output, (h_n if is_batched else h_n.squeeze(1))
+
+
+def _check_steps(x):
+    if x.shape[0] == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+
+class RNN(_FusedBase):
+    r"""An Elman RNN with a fused recurrence, interchangeable with :class:`torch.nn.RNN`.
+
+    ``h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)``, ``act`` tanh or relu.
+    The arguments, parameters (names, shapes, initialisation), ``repr``,
+    ``state_dict`` and errors are nn.RNN's; see :class:`torch.nn.RNN`.
+
+    Args:
+        backend: ``'auto'`` (the fused kernel for CUDA tensors, nn.RNN's own
+            implementation for CPU tensors), ``'fused'`` (the fused kernel on
+            CPU and CUDA alike) or ``'torch'`` (always nn.RNN's implementation).
+            None (the default): the backend of the enclosing
+            :func:`fastrnn.use_backend` block, else the process-wide default
+            (:func:`fastrnn.set_default_backend`, ``'auto'`` unless changed).
+
+    After each call, ``last_path`` says which ran (``'fused'`` or ``'torch'``)
+    and, after a fused call on CUDA, ``last_cuda_path`` which CUDA time loop
+    ran its forward (``'persistent'``, ``'cluster'``, ``'grid'`` or
+    ``'step'``), else None (both are left as they were under torch.compile).
+
+    It derives from ``nn.RNNBase``, not ``nn.RNN``, so that torch.compile
+    traces it (dynamo stops at every nn.RNN instance).
+    """
+
+    _torch_forward = nn.RNN.forward
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None,
+                 *, backend: Optional[str] = None, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"RNN.__init__() got an unexpected keyword argument '{next(iter(kwargs))}'")
+        self.nonlinearity = nonlinearity
+        if nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[Tensor] = None
+                ) -> Tuple[Union[Tensor, PackedSequence], Tensor]:
+        """Runs the RNN over ``input`` from ``hx`` (zeros when None).
+
+        input: (L, N, H_in), (N, L, H_in) with batch_first, (L, H_in) unbatched,
+        or a PackedSequence; hx: (D * num_layers, N, H_out) or (D * num_layers,
+        H_out) unbatched. Returns ``(output, h_n)`` as :class:`torch.nn.RNN`
+        does: output (L, N, D * H_out) (packed if the input was), h_n like hx.
+        """
+        return self._run(input, hx)
+
+    def _fused_forward(self, input, hx):
+        return _fused_single_state(self, input, hx, "RNN", " tensor", torch.ops.fastrnn.rnn_forward,
+                                   (self.mode == "RNN_RELU",))
+
+
+class GRU(_FusedBase):
+    r"""A GRU with a fused recurrence, interchangeable with :class:`torch.nn.GRU`.
+
+    PyTorch's gate order and formulas (r, z, n, with the reset gate applied to
+    ``h W_hn^T + b_hn``), so that weights move between the two unchanged. The
+    arguments, parameters, ``repr``, ``state_dict`` and errors are nn.GRU's;
+    see :class:`torch.nn.GRU`. ``backend``, ``last_path`` and
+    ``last_cuda_path`` as for :class:`fastrnn.RNN`.
+    """
+
+    _torch_forward = nn.GRU.forward
+    _gates = 3
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 device=None, dtype=None, *, backend: Optional[str] = None, **kwargs) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if kwargs:
+            raise TypeError(f"GRU.__init__() got an unexpected keyword argument '{next(iter(kwargs))}'")
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[Tensor] = None
+                ) -> Tuple[Union[Tensor, PackedSequence], Tensor]:
+        """Runs the GRU over ``input`` from ``hx`` (zeros when None); shapes and
+        return value as :class:`torch.nn.GRU`'s: ``(output, h_n)``."""
+        return self._run(input, hx)
+
+    def _fused_forward(self, input, hx):
+        return _fused_single_state(self, input, hx, "GRU", "", torch.ops.fastrnn.gru_forward, ())
+
+
+class LSTM(_FusedBase):
+    r"""An LSTM with a fused recurrence, interchangeable with :class:`torch.nn.LSTM`.
+
+    PyTorch's gate order and formulas (i, f, g, o), with ``proj_size``
+    projections, so that weights move between the two unchanged. The
+    arguments, parameters, ``repr``, ``state_dict``, the ``(h_0, c_0)``
+    convention and the errors are nn.LSTM's; see :class:`torch.nn.LSTM`.
+    ``backend``, ``last_path`` and ``last_cuda_path`` as for
+    :class:`fastrnn.RNN`. On CUDA, projections take the per-step path.
+    """
+
+    _torch_forward = nn.LSTM.forward
+    _gates = 4
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *,
+                 backend: Optional[str] = None) -> None:
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, proj_size, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def forward(self, input: Union[Tensor, PackedSequence],
+                hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Union[Tensor, PackedSequence], Tuple[Tensor, Tensor]]:
+        """Runs the LSTM over ``input`` from ``hx = (h_0, c_0)`` (zeros when
+        None); shapes and return value as :class:`torch.nn.LSTM`'s:
+        ``(output, (h_n, c_n))``."""
+        return self._run(input, hx)
+
+    def _fused_forward(self, input, hx):
+        # nn.LSTM.forward's argument handling, in its order.
+        num_directions = 2 if self.bidirectional else 1
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        packing, rows, lengths = None, None, None
+        is_batched, batch_dim = True, 1
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            if hx is None:
+                hx = (torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                  real_hidden_size, dtype=data.dtype, device=data.device),
+                      torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                  self.hidden_size, dtype=data.dtype, device=data.device))
+            else:
+                hx = self.permute_hidden(hx, sorted_indices)
+            # nn.LSTM leaves a packed call's states unchecked, and fails later
+            # on whatever operation their shape breaks; this names the state.
+            self.check_forward_args(data, hx, batch_sizes)
+            x, lengths, rows = _unpack(data, batch_sizes)
+            packing = (batch_sizes, sorted_indices, unsorted_indices)
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+            if hx is None:
+                hx = (torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                  real_hidden_size, dtype=input.dtype, device=input.device),
+                      torch.zeros(self.num_layers * num_directions, max_batch_size,
+                                  self.hidden_size, dtype=input.dtype, device=input.device))
+                self.check_forward_args(input, hx, None)
+            else:
+                if is_batched:
+                    if hx[0].dim() != 3 or hx[1].dim() != 3:
+                        raise RuntimeError(
+                            "For batched 3-D input, hx and cx should also be 3-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                else:
+                    if hx[0].dim() != 2 or hx[1].dim() != 2:
+                        raise RuntimeError(
+                            "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+                self.check_forward_args(input, hx, None)
+            x = input.transpose(0, 1) if self.batch_first else input
+        _check_steps(x)
+        weights = self._weights()
+        h0, c0 = hx
+        self._check_state_dtype(h0, weights[0])
+        self._check_state_dtype(c0, weights[0])
+        output, h_n, c_n, _, _ = self._call(
+            torch.ops.fastrnn.lstm_forward, x, weights,
+            (x, h0, c0, weights, lengths, self._dropout_mask(x, real_hidden_size),
+             self.num_layers, self.bidirectional, self.bias, self.proj_size > 0),
+            x.shape[0] * x.shape[1], x.shape[1])
+        self._record_cuda_path(x)
+        output = _finish(self, output, rows, packing, is_batched, batch_dim)
+        if packing is not None:
+            return output, self.permute_hidden((h_n, c_n), packing[2])
         if not is_batched:
-            output = output.squeeze(batch_dim)
-            h_n = h_n.squeeze(1)
-        return output, h_n
+            return output, (h_n.squeeze(1), c_n.squeeze(1))
+        return output, (h_n, c_n)

@@ -1,5 +1,7 @@
-"""Shared pieces of the tests: devices, tolerances, and a runner that gives
-every output and gradient of a module call."""
+"""Shared pieces of the tests: devices, tolerances, the three layers side by
+side, and a runner that gives every output and gradient of a layer call."""
+
+import copy
 
 import pytest
 import torch
@@ -24,29 +26,70 @@ TOL = {
     torch.bfloat16: dict(rtol=4e-2, atol=1e-2),
 }
 
+# The torch.nn layer and the fastrnn layer of each cell.
+LAYERS = {"rnn": (nn.RNN, fastrnn.RNN), "lstm": (nn.LSTM, fastrnn.LSTM), "gru": (nn.GRU, fastrnn.GRU)}
 
-def pair(input_size, hidden_size, device="cpu", dtype=torch.float32, **kw):
-    """nn.RNN and fastrnn.RNN (fused) holding the same weights."""
-    ref = nn.RNN(input_size, hidden_size, device=device, dtype=dtype, **kw)
-    ours = fastrnn.RNN(input_size, hidden_size, device=device, dtype=dtype, backend="fused", **kw)
+# Every cell variant: (cell, constructor options).
+CELLS = [
+    pytest.param("rnn", dict(nonlinearity="tanh"), id="rnn_tanh"),
+    pytest.param("rnn", dict(nonlinearity="relu"), id="rnn_relu"),
+    pytest.param("lstm", dict(), id="lstm"),
+    pytest.param("lstm", dict(proj_size=2), id="lstm_proj"),
+    pytest.param("gru", dict(), id="gru"),
+]
+
+
+def pair(input_size, hidden_size, cell="rnn", device="cpu", dtype=torch.float32, **kw):
+    """The torch.nn layer and the fastrnn layer (fused backend) of `cell`,
+    holding the same weights."""
+    ref_cls, our_cls = LAYERS[cell]
+    ref = ref_cls(input_size, hidden_size, device=device, dtype=dtype, **kw)
+    ours = our_cls(input_size, hidden_size, device=device, dtype=dtype, backend="fused", **kw)
     ours.load_state_dict(ref.state_dict())
     return ref, ours
 
 
+def initial_state(module, batch, device="cpu", dtype=torch.float32, unbatched=False, scale=1.0):
+    """Random leaves for the module's initial state: h0, or (h0, c0) for an LSTM."""
+    D = 2 if module.bidirectional else 1
+    lead = (module.num_layers * D,) if unbatched else (module.num_layers * D, batch)
+    P = module.proj_size if getattr(module, "proj_size", 0) > 0 else module.hidden_size
+    h0 = leaf(*lead, P, device=device, dtype=dtype, scale=scale)
+    if module.mode == "LSTM":
+        return h0, leaf(*lead, module.hidden_size, device=device, dtype=dtype, scale=scale)
+    return h0
+
+
+def states(hx):
+    """The tensors of a state: [h] or [h, c]."""
+    if hx is None:
+        return []
+    return list(hx) if isinstance(hx, tuple) else [hx]
+
+
 def run(module, x, hx=None):
-    """Output, h_n and the gradients of x, hx and every parameter under a
-    loss that weighs every element differently."""
+    """Output, the final states ([h_n] or [h_n, c_n]) and the gradients of x,
+    every initial state and every parameter, under a loss that weighs every
+    element differently."""
     data = x.data if isinstance(x, PackedSequence) else x
-    leaves = [data] + ([hx] if hx is not None else []) + list(module.parameters())
+    leaves = [data] + states(hx) + list(module.parameters())
     for t in leaves:
         t.grad = None
-    out, h_n = module(x, hx)
+    out, h = module(x, hx)
     y = out.data if isinstance(out, PackedSequence) else out
-    wy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
-    wh = torch.linspace(1, -0.5, h_n.numel(), dtype=h_n.dtype, device=h_n.device).view_as(h_n)
-    ((y * wy).sum() + (h_n * wh).sum()).backward()
+    finals = states(h)
+    loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum()
+    for k, f in enumerate(finals):
+        w = torch.linspace(1, -0.5 + k, f.numel(), dtype=f.dtype, device=f.device).view_as(f)
+        loss = loss + (f * w).sum()
+    loss.backward()
     grads = [t.grad.clone() if t.grad is not None else None for t in leaves]
-    return y.detach().clone(), h_n.detach().clone(), grads
+    return y.detach().clone(), [f.detach().clone() for f in finals], grads
+
+
+def _flat(result):
+    y, finals, grads = result
+    return [y, *finals, *grads]
 
 
 def assert_close_all(a, b, dtype, truth=None):
@@ -54,11 +97,11 @@ def assert_close_all(a, b, dtype, truth=None):
     lower precision the bar is the reference's own error: b's largest error
     against `truth` (the same call in float64) may be at most twice a's, or
     1e-5 of the largest magnitude where a happens to be exact."""
-    names = ["output", "h_n"] + [f"gradient {i}" for i in range(len(a[2]))]
-    ta = [a[0], a[1], *a[2]]
-    tb = [b[0], b[1], *b[2]]
+    ta, tb = _flat(a), _flat(b)
+    names = ["output"] + [f"final state {i}" for i in range(len(a[1]))] + \
+        [f"gradient {i}" for i in range(len(a[2]))]
     assert len(ta) == len(tb)
-    tt = [truth[0], truth[1], *truth[2]] if truth is not None else [None] * len(ta)
+    tt = _flat(truth) if truth is not None else [None] * len(ta)
     for name, p, q, r in zip(names, ta, tb, tt):
         assert (p is None) == (q is None), f"{name}: one side is None"
         if p is None:
@@ -71,29 +114,29 @@ def assert_close_all(a, b, dtype, truth=None):
         err_ref = (p.to(torch.float64) - r).abs().max().item() if r.numel() else 0.0
         err = (q.to(torch.float64) - r).abs().max().item() if r.numel() else 0.0
         bound = 2 * err_ref + 1e-5 * (r.abs().max().item() if r.numel() else 0.0)
-        assert err <= bound, f"{name}: error {err:.3g} against float64, nn.RNN's {err_ref:.3g}"
+        assert err <= bound, f"{name}: error {err:.3g} against float64, torch.nn's {err_ref:.3g}"
 
 
 def double(x):
-    """x (a tensor or a PackedSequence) in float64, a fresh leaf."""
+    """x (a tensor, a state tuple or a PackedSequence) in float64, fresh leaves."""
     if isinstance(x, PackedSequence):
         return PackedSequence(x.data.detach().double().requires_grad_(), x.batch_sizes,
                               x.sorted_indices, x.unsorted_indices)
+    if isinstance(x, tuple):
+        return tuple(double(t) for t in x)
     return None if x is None else x.detach().double().requires_grad_()
 
 
 def compare(ref, ours, x, hx=None):
-    """Runs nn.RNN (ref) and fastrnn (ours) on the same call and checks that
-    ours ran its fused kernel and matches; below float64, against a float64
-    run of ref as well."""
+    """Runs the torch.nn layer (ref) and fastrnn (ours) on the same call and
+    checks that ours ran its fused kernel and matches; below float64, against
+    a float64 run of ref as well."""
     data = x.data if isinstance(x, PackedSequence) else x
     expected = run(ref, x, hx)
     got = run(ours, x, hx)
     assert ours.last_path == "fused"
     truth = None
     if data.dtype != torch.float64:
-        import copy
-
         ref64 = copy.deepcopy(ref).double()
         truth = run(ref64, double(x), double(hx))
     assert_close_all(expected, got, data.dtype, truth)

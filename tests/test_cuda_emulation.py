@@ -1,155 +1,235 @@
 """The CUDA kernels' own code, run on CPU threads by the emulator (one thread
-per CUDA thread, a barrier for __syncthreads, shared memory poisoned with
-NaN), against nn.RNN: the indexing, shared-memory layout, synchronisation and
-every path of the GPU time loop (distributed shared memory of clusters and
-the global exchange of grid groups included) are checked where no GPU is
-present. What it
-cannot check (launch limits, the hardware itself) the CUDA tests do."""
+per CUDA thread, every block of a cluster or grid group at once, shared
+memory poisoned with NaN, shuffles through a per-warp exchange, the grid
+barrier's own atomics), against torch.nn, for every cell and path: the
+indexing, shared-memory layout, synchronisation and the launch geometry the
+device would get are checked where no GPU is present. What it cannot check
+(the hardware itself) the CUDA tests and bench/gpu_check.sh do. Also the
+path choice itself, a pure function of a model of the device."""
 
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from helpers import compare, leaf, pair
+from helpers import CELLS, compare, initial_state, leaf, pair
 
 pytestmark = pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
 
-
-@pytest.fixture(params=["persistent", "cluster", "grid", "step"])
-def emulated_path(request):
-    from fastrnn import _ops
-
-    _ops._C.set_cuda_path(request.param)
-    _ops._C.set_cuda_emulation(True)
-    yield request.param
-    _ops._C.set_cuda_emulation(False)
-    _ops._C.set_cuda_path("auto")
+PATHS = ["persistent", "cluster", "grid", "step"]
+# The cells without LSTM projections, which take the step path only.
+KERNEL_CELLS = [p for p in CELLS if p.id != "lstm_proj"]
 
 
+def emulated(path=None, blocks=0):
+    return fastrnn.kernels(cuda_path=path, blocks=blocks, emulate_cuda=True)
+
+
+def packed_input(T, lengths, C, dtype=torch.float64):
+    x = torch.randn(T, len(lengths), C, dtype=dtype)
+    p = pack_padded_sequence(x, torch.as_tensor(lengths), enforce_sorted=False)
+    return PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                          p.unsorted_indices)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("hidden", [1, 7, 33])
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_emulated_kernels_match_nn_rnn(emulated_path, dtype, hidden, nonlinearity, bidirectional):
-    from fastrnn import _ops
-
-    ref, ours = pair(4, hidden, dtype=dtype, num_layers=2, nonlinearity=nonlinearity,
-                     bidirectional=bidirectional)
-    x = leaf(6, 3, 4, dtype=dtype)
-    h0 = leaf(2 * (2 if bidirectional else 1), 3, hidden, dtype=dtype)
-    compare(ref, ours, x, h0)
-    assert _ops._C.last_cuda_path() == emulated_path
+@pytest.mark.parametrize("cell,options", KERNEL_CELLS)
+def test_every_path_matches_torch_nn(cell, options, path, dtype, hidden, bidirectional):
+    ref, ours = pair(4, hidden, cell, dtype=dtype, num_layers=2, bidirectional=bidirectional,
+                     **options)
+    with emulated(path):
+        compare(ref, ours, leaf(6, 3, 4, dtype=dtype), initial_state(ref, 3, dtype=dtype))
+        assert fastrnn.last_cuda_path() == path
 
 
-def test_emulated_kernels_with_lengths(emulated_path):
-    ref, ours = pair(4, 9, dtype=torch.float64, num_layers=2, bidirectional=True)
-    x = torch.randn(7, 5, 4, dtype=torch.float64)
-    p = pack_padded_sequence(x, torch.tensor([3, 7, 1, 7, 5]), enforce_sorted=False)
-    packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                            p.unsorted_indices)
-    compare(ref, ours, packed)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cell,options", CELLS)
+def test_every_path_with_lengths(cell, options, path):
+    ref, ours = pair(4, 9, cell, dtype=torch.float64, num_layers=2, bidirectional=True, **options)
+    if options.get("proj_size") and path != "step":
+        pytest.skip("projections take the step path only")
+    with emulated(path):
+        compare(ref, ours, packed_input(7, [3, 7, 1, 7, 5], 4))
 
 
 @pytest.mark.parametrize("path,blocks", [("persistent", 0), ("cluster", 2), ("grid", 2)])
-def test_emulated_blocks_of_several_rows(emulation, path, blocks):
-    """Batch 140 in both directions: three rows a block on the persistent
-    path, five (a tile of four and a tile of one) in the clusters and grid
-    groups of two, last blocks only partly filled, rows of several lengths."""
-    emulation.set_cuda_path(path, blocks)
-    ref, ours = pair(3, 8, dtype=torch.float64, bidirectional=True)
-    x = torch.randn(4, 140, 3, dtype=torch.float64)
+@pytest.mark.parametrize("cell,options", KERNEL_CELLS)
+def test_blocks_of_several_rows(cell, options, path, blocks):
+    """Batch 140 in both directions: several rows a block (row tiles of four
+    and the remainder), last blocks only partly filled, rows of several
+    lengths."""
+    ref, ours = pair(3, 8, cell, dtype=torch.float64, bidirectional=True, **options)
     lengths = torch.randint(1, 5, (140,), generator=torch.Generator().manual_seed(0))
-    p = pack_padded_sequence(x, lengths, enforce_sorted=False)
-    compare(ref, ours, PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                                      p.unsorted_indices))
-    assert emulation.last_cuda_path() == path
+    with emulated(path, blocks):
+        compare(ref, ours, packed_input(4, lengths, 3))
+        assert fastrnn.last_cuda_path() == path
 
 
-@pytest.fixture
-def emulation():
-    from fastrnn import _ops
-
-    _ops._C.set_cuda_emulation(True)
-    yield _ops._C
-    _ops._C.set_cuda_emulation(False)
-    _ops._C.set_cuda_path("auto")
-
-
-def test_emulated_cluster_of_eight(emulation):
-    """Hidden 480 in float32: W_hh fits neither one block (227 KB) nor a
-    cluster of four, so each of eight members holds 60 columns."""
-    emulation.set_cuda_path("cluster")
-    ref, ours = pair(3, 480)
-    compare(ref, ours, leaf(3, 2, 3))
-    assert emulation.last_cuda_path() == "cluster"
+@pytest.mark.parametrize("cell,hidden", [("rnn", 480), ("lstm", 300), ("gru", 300)])
+def test_cluster_of_eight(cell, hidden):
+    """W_hh fits neither one block (227 KB) nor a cluster of four, so eight
+    members each hold an eighth of the units; their dot products are split
+    across lanes and added by shuffles."""
+    ref, ours = pair(3, hidden, cell)
+    assert fastrnn._ops._C.choose_emulated_launch(
+        {"rnn": 0, "lstm": 2, "gru": 3}[cell], True, 3, 2, hidden, hidden, 1, 4, False, "cluster", 0
+    )[1][5] == 8
+    with emulated("cluster"):
+        compare(ref, ours, leaf(3, 2, 3))
+        assert fastrnn.last_cuda_path() == "cluster"
 
 
 @pytest.mark.parametrize("blocks,hidden,batch,bidirectional", [
-    (3, 7, 5, False),   # members own 3, 3 and 1 columns
-    (4, 7, 21, True),   # 2, 2, 2, 1 columns; 11 groups of 2 rows, the last of 1
+    (3, 7, 5, False),   # members own 3, 3 and 1 units
+    (4, 7, 21, True),   # 2, 2, 2, 1 units; several groups of rows, the last partly filled
     (1, 1, 3, True),    # a group of one block, hidden 1
 ])
-def test_emulated_grid_groups(emulation, blocks, hidden, batch, bidirectional):
-    """Groups of several blocks exchanging the state through the global
-    buffer, uneven column splits, several row groups, lengths."""
-    emulation.set_cuda_path("grid", blocks)
-    ref, ours = pair(3, hidden, dtype=torch.float64, num_layers=2, bidirectional=bidirectional)
-    x = torch.randn(6, batch, 3, dtype=torch.float64)
+@pytest.mark.parametrize("cell,options", KERNEL_CELLS)
+def test_grid_groups(cell, options, blocks, hidden, batch, bidirectional):
+    """Groups of several blocks exchanging the state (forward) or dz
+    (backward) through the global buffer and meeting at the flag barrier,
+    uneven unit splits, several row groups, lengths."""
+    ref, ours = pair(3, hidden, cell, dtype=torch.float64, num_layers=2,
+                     bidirectional=bidirectional, **options)
     lengths = torch.randint(1, 7, (batch,), generator=torch.Generator().manual_seed(batch))
-    p = pack_padded_sequence(x, lengths, enforce_sorted=False)
-    packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                            p.unsorted_indices)
-    compare(ref, ours, packed)
-    assert emulation.last_cuda_path() == "grid"
+    with emulated("grid", blocks):
+        compare(ref, ours, packed_input(6, lengths, 3))
+        assert fastrnn.last_cuda_path() == "grid"
 
 
-def test_emulated_grid_at_a_size_no_cluster_holds(emulation):
+def test_grid_at_a_size_no_cluster_holds():
     """Hidden 700 in float32: W_hh fits no block and no cluster of eight, so
-    the grid path splits it between nine members of 78 columns."""
-    emulation.set_cuda_path("grid")
+    the grid path splits it between the members of a group."""
     ref, ours = pair(3, 700)
-    compare(ref, ours, leaf(2, 2, 3))
-    assert emulation.last_cuda_path() == "grid"
+    with emulated("grid"):
+        compare(ref, ours, leaf(2, 2, 3))
+        assert fastrnn.last_cuda_path() == "grid"
+
+
+def test_grid_barrier_times_out_instead_of_hanging():
+    """A group whose blocks are not all resident never completes its
+    barrier: the emulator runs a group of three in waves of two blocks, and
+    the barrier's own timeout stops the launch with an error."""
+    _, ours = pair(3, 7, dtype=torch.float64)
+    try:
+        fastrnn._ops._C.set_grid_timeout_ms(200)
+        fastrnn._ops._C.set_emulator_blocks(2)
+        with emulated("grid", 3), pytest.raises(RuntimeError, match="grid-path barrier timed out"):
+            ours(torch.randn(4, 2, 3, dtype=torch.float64))
+    finally:
+        fastrnn._ops._C.set_emulator_blocks(0)
+        fastrnn._ops._C.set_grid_timeout_ms(10000)
 
 
 @pytest.mark.parametrize("path,blocks,message", [
     ("grid", 1, "grid CUDA path was forced, but W_hh of hidden size 300 does not fit in the shared memory of 1 blocks"),
     ("cluster", 3, "to fit in a cluster of 3 blocks"),
+    ("persistent", 0, "does not fit in one block's shared memory"),
 ])
-def test_forced_shape_that_cannot_run(emulation, path, blocks, message):
-    emulation.set_cuda_path(path, blocks)
-    ref, ours = pair(3, 300)
-    with pytest.raises(RuntimeError, match=message):
+def test_forced_shape_that_cannot_run(path, blocks, message):
+    _, ours = pair(3, 300)
+    with emulated(path, blocks), pytest.raises(RuntimeError, match=message):
         ours(leaf(2, 2, 3))
 
 
-def test_blocks_only_for_cluster_and_grid(emulation):
+def test_projections_take_the_step_path_only():
+    _, ours = pair(3, 8, "lstm", proj_size=4)
+    with emulated("grid"), pytest.raises(RuntimeError, match="LSTM projections take the step path only"):
+        ours(leaf(2, 2, 3))
+    with emulated():
+        ours(leaf(2, 2, 3))
+        assert fastrnn.last_cuda_path() == "step"
+
+
+def test_blocks_only_for_cluster_and_grid():
     with pytest.raises(RuntimeError, match="blocks applies to the cluster and grid paths only"):
-        emulation.set_cuda_path("step", 2)
+        fastrnn.set_cuda_path("step", 2)
     with pytest.raises(RuntimeError, match="blocks must be 0"):
-        emulation.set_cuda_path("grid", -1)
+        fastrnn.set_cuda_path("grid", -1)
+    with pytest.raises(RuntimeError, match="unknown CUDA path 'fast'"):
+        fastrnn.set_cuda_path("fast")
 
 
-@pytest.mark.parametrize("hidden,batch,dtype,path", [
-    (64, 2, torch.float32, "persistent"),
-    (240, 2, torch.float32, "cluster"),
-    (170, 2, torch.float64, "cluster"),
-    (700, 2, torch.float32, "grid"),
-    (700, 80, torch.float32, "step"),
+@pytest.mark.parametrize("cell,hidden,batch,dtype,path", [
+    ("rnn", 64, 2, torch.float32, "persistent"),
+    ("rnn", 240, 2, torch.float32, "cluster"),
+    ("rnn", 170, 2, torch.float64, "cluster"),
+    ("rnn", 700, 2, torch.float32, "grid"),
+    ("rnn", 700, 80, torch.float32, "step"),
+    ("lstm", 64, 2, torch.float32, "persistent"),
+    ("lstm", 160, 2, torch.float32, "cluster"),
+    ("gru", 100, 2, torch.float32, "persistent"),
+    ("gru", 200, 2, torch.float32, "cluster"),
 ])
-def test_automatic_path_choice(emulation, hidden, batch, dtype, path):
+def test_automatic_path_choice(cell, hidden, batch, dtype, path):
     """As on an H100/H200: one block where W_hh fits its shared memory, a
     cluster where it fits eight blocks', a grid group where it fits the
     device and the step is small, else the step path."""
-    ref, ours = pair(2, hidden, dtype=dtype)
-    compare(ref, ours, leaf(2, batch, 2, dtype=dtype))
-    assert emulation.last_cuda_path() == path
+    ref, ours = pair(2, hidden, cell, dtype=dtype)
+    with emulated():
+        compare(ref, ours, leaf(2, batch, 2, dtype=dtype))
+        assert fastrnn.last_cuda_path() == path
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_emulated_half_precision(emulated_path, dtype):
-    """float32 accumulation and state carry, rounding only what is stored:
-    within twice nn.RNN's own error against float64."""
-    ref, ours = pair(4, 24, dtype=dtype, num_layers=2, bidirectional=True)
-    compare(ref, ours, leaf(12, 3, 4, dtype=dtype))
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("cell,options", KERNEL_CELLS)
+def test_half_precision(cell, options, path, dtype):
+    """float32 arithmetic and state carry, W_hh in 16 bits in shared memory,
+    rounding only what is stored: within twice torch.nn's own error against
+    float64."""
+    ref, ours = pair(4, 24, cell, dtype=dtype, num_layers=2, bidirectional=True, **options)
+    with emulated(path):
+        compare(ref, ours, leaf(12, 3, 4, dtype=dtype))
+
+
+# The path choice itself, on the emulated H100/H200: (path, [grid_x, grid_y,
+# threads, smem, rows, size, split], error).
+choose = None if not fastrnn.cuda_built() else fastrnn._ops._C.choose_emulated_launch
+SMS, SMEM_OPTIN = 132, 227 * 1024
+
+
+def _blocks_per_sm(threads, smem):
+    return min(228 * 1024 // (smem + 1024), 2048 // threads, 65536 // (threads * 128), 32)
+
+
+@pytest.mark.parametrize("cell", [0, 2, 3])
+@pytest.mark.parametrize("forward", [True, False])
+@pytest.mark.parametrize("hidden", [16, 64, 128, 256, 512, 700, 1024])
+@pytest.mark.parametrize("batch", [1, 8, 64, 512])
+@pytest.mark.parametrize("D", [1, 2])
+def test_every_single_kernel_launch_fits_one_wave(cell, forward, hidden, batch, D):
+    """Every persistent, cluster or grid launch the chooser makes fits the
+    device at once, within the shared memory a block may have; the grid
+    with an eighth to spare."""
+    path, (gx, gy, threads, smem, rows, size, split), error = choose(
+        cell, forward, 64, batch, hidden, hidden, D, 4, False, "auto", 0)
+    assert error == ""
+    if path == "step":
+        return
+    assert smem <= SMEM_OPTIN and 32 <= threads <= 512 and threads % 32 == 0
+    assert gx == size * -(-batch // rows) and gy == D
+    assert 1 <= split <= 32 and 32 % split == 0
+    per_sm = _blocks_per_sm(threads, smem)
+    if path == "persistent":
+        assert size == 1 and gx * gy <= per_sm * SMS
+    elif path == "cluster":
+        assert size in (2, 4, 8) and (gx // size) * gy <= 8 * (16 * per_sm // size)
+    else:
+        assert gx * gy <= per_sm * SMS * 7 // 8
+
+
+def test_choice_follows_the_problem():
+    # Small W_hh: one block per few rows, every multiprocessor busy.
+    path, geo, _ = choose(0, True, 64, 264, 64, 64, 1, 4, False, "auto", 0)
+    assert path == "persistent" and geo[4] == 2
+    # float16 keeps W_hh in 16 bits: twice the hidden size fits one block.
+    assert choose(0, True, 64, 1, 320, 320, 1, 2, False, "auto", 0)[0] == "persistent"
+    assert choose(0, True, 64, 1, 320, 320, 1, 4, False, "auto", 0)[0] == "cluster"
+    # Beyond one wave of clusters at this size, the grid or the step path.
+    assert choose(0, True, 64, 4096, 512, 512, 2, 4, False, "auto", 0)[0] == "step"
+    # Projections: the step path.
+    assert choose(2, True, 64, 8, 64, 32, 1, 4, True, "auto", 0)[0] == "step"

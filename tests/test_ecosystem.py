@@ -11,17 +11,18 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastrnn
-from helpers import DEVICES, leaf, run
+from helpers import DEVICES, LAYERS, leaf, run
 
 
 def flat(result):
-    y, h, grads = result
-    return [y, h, *grads]
+    y, finals, grads = result
+    return [y, *finals, *grads]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_same_input_same_bits(device):
-    ours = fastrnn.RNN(8, 40, 2, bidirectional=True, dropout=0.0, backend="fused", device=device)
+@pytest.mark.parametrize("cell", list(LAYERS))
+def test_same_input_same_bits(cell, device):
+    ours = LAYERS[cell][1](8, 40, 2, bidirectional=True, backend="fused", device=device)
     x = leaf(33, 7, 8, device=device)
     first = flat(run(ours, x))
     for _ in range(3):
@@ -31,7 +32,8 @@ def test_same_input_same_bits(device):
 
 def test_four_python_threads_get_what_each_gets_alone():
     torch.manual_seed(1)
-    models = [fastrnn.RNN(6, 24, 2, bidirectional=bool(i % 2), backend="fused") for i in range(4)]
+    cells = [fastrnn.RNN, fastrnn.LSTM, fastrnn.GRU, fastrnn.LSTM]
+    models = [cells[i](6, 24, 2, bidirectional=bool(i % 2), backend="fused") for i in range(4)]
     inputs = [leaf(40, 3 + i, 6) for i in range(4)]
     alone = [flat(run(m, x)) for m, x in zip(models, inputs)]
     together = [None] * 4

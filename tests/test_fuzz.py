@@ -1,10 +1,10 @@
-"""Property-based comparison with nn.RNN over random configurations and inputs.
+"""Property-based comparison with torch.nn's layers over random cells,
+configurations and inputs.
 
 `make test` runs a bounded, derandomised number of examples; set
 FASTRNN_FUZZ_EXAMPLES (e.g. 2000) to search deeper.
 """
 
-import contextlib
 import os
 
 import pytest
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from helpers import DEVICES, compare, pair
+from helpers import CELLS, DEVICES, compare, initial_state, pair
 
 EXAMPLES = int(os.environ.get("FASTRNN_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
@@ -23,11 +23,19 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
 
 @st.composite
 def configs(draw):
+    cell = draw(st.sampled_from(["rnn", "lstm", "gru"]))
+    hidden = draw(st.integers(1, 40))
+    options = {}
+    if cell == "rnn":
+        options["nonlinearity"] = draw(st.sampled_from(["tanh", "relu"]))
+    elif cell == "lstm" and hidden > 1 and draw(st.booleans()):
+        options["proj_size"] = draw(st.integers(1, hidden - 1))
     return dict(
+        cell=cell,
+        options=options,
         input_size=draw(st.integers(1, 9)),
-        hidden_size=draw(st.integers(1, 40)),
+        hidden_size=hidden,
         num_layers=draw(st.integers(1, 3)),
-        nonlinearity=draw(st.sampled_from(["tanh", "relu"])),
         bias=draw(st.booleans()),
         batch_first=draw(st.booleans()),
         bidirectional=draw(st.booleans()),
@@ -71,60 +79,51 @@ def test_random_configurations_match_nn_rnn(device, c):
     check_configuration(device, c)
 
 
-@contextlib.contextmanager
-def emulated_cuda(path):
-    from fastrnn import _ops
-
-    _ops._C.set_cuda_path(path)
-    _ops._C.set_cuda_emulation(True)
-    try:
-        yield
-    finally:
-        _ops._C.set_cuda_emulation(False)
-        _ops._C.set_cuda_path("auto")
-
-
 @pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
 @pytest.mark.parametrize("path", ["persistent", "cluster", "grid", "step"])
 @settings(max_examples=max(10, EXAMPLES // 4), derandomize=True, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(c=configs())
 def test_random_configurations_through_the_emulated_cuda_kernels(path, c):
-    with emulated_cuda(path):
+    if c["options"].get("proj_size") and path != "step":
+        c = dict(c, options={})  # projections take the step path only
+    with fastrnn.kernels(cuda_path=path, emulate_cuda=True):
         check_configuration("cpu", c)
 
 
 def check_configuration(device, c):
-    kw = {k: c[k] for k in ("num_layers", "nonlinearity", "bias", "batch_first", "bidirectional")}
-    ref, ours = pair(c["input_size"], c["hidden_size"], device=device, dtype=c["dtype"], **kw)
+    kw = {k: c[k] for k in ("num_layers", "bias", "batch_first", "bidirectional")}
+    ref, ours = pair(c["input_size"], c["hidden_size"], c["cell"], device=device, dtype=c["dtype"],
+                     **kw, **c["options"])
     x, _ = build_input(c, device)
-    D = 2 if c["bidirectional"] else 1
     h0 = None
     if c["with_h0"]:
-        n = None if (not isinstance(x, PackedSequence) and x.dim() == 2) else \
-            (x.sorted_indices.numel() if isinstance(x, PackedSequence) else c["batch"])
-        shape = (c["num_layers"] * D, c["hidden_size"]) if n is None else (c["num_layers"] * D, n, c["hidden_size"])
-        h0 = torch.randn(*shape, dtype=c["dtype"], device=device).requires_grad_()
+        unbatched = not isinstance(x, PackedSequence) and x.dim() == 2
+        n = x.sorted_indices.numel() if isinstance(x, PackedSequence) else c["batch"]
+        h0 = initial_state(ref, n, device, c["dtype"], unbatched=unbatched)
     compare(ref, ours, x, h0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell,options", CELLS)
 @FUZZ
-@given(nonlinearity=st.sampled_from(["tanh", "relu"]),
-       bidirectional=st.booleans(),
+@given(bidirectional=st.booleans(),
        where=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2), st.integers(0, 3),
                                 st.sampled_from([float("nan"), float("inf"), -float("inf")])),
                       min_size=1, max_size=3))
-def test_nan_and_inf_propagate_where_nn_rnn_propagates_them(device, nonlinearity, bidirectional, where):
-    ref, ours = pair(4, 5, device=device, dtype=torch.float64, num_layers=2,
-                     nonlinearity=nonlinearity, bidirectional=bidirectional)
+def test_nan_and_inf_propagate_where_torch_nn_propagates_them(device, cell, options, bidirectional,
+                                                            where):
+    ref, ours = pair(4, 5, cell, device=device, dtype=torch.float64, num_layers=2,
+                     bidirectional=bidirectional, **options)
     x = torch.randn(6, 3, 4, dtype=torch.float64, device=device)
     for t, n, c, v in where:
         x[t, n, c] = v
     with torch.no_grad():
         y_ref, h_ref = ref(x)
         y, h = ours(x)
-    for a, b in ((y, y_ref), (h, h_ref)):
+    pairs = [(y, y_ref)] + list(zip(h if isinstance(h, tuple) else (h,),
+                                    h_ref if isinstance(h_ref, tuple) else (h_ref,)))
+    for a, b in pairs:
         assert torch.equal(torch.isnan(a), torch.isnan(b))
         assert torch.equal(torch.isinf(a), torch.isinf(b))
         finite = torch.isfinite(b)

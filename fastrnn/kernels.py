@@ -1,0 +1,106 @@
+"""Choosing and observing fastrnn's kernels.
+
+The CUDA time loop takes one of four paths (README: "CUDA paths"), chosen
+per call; the CPU kernels run with the best instruction set the processor
+has. Both can be forced, process-wide, for benchmarks and tests:
+
+    fastrnn.set_cuda_path("grid", blocks=3)   # or "persistent", "cluster", "step", "auto"
+    fastrnn.set_cpu_isa("avx2")               # or "avx512", "base", "auto"
+    with fastrnn.kernels(cuda_path="step", cpu_isa="base"):
+        ...                                   # both restored on exit
+
+A forced CUDA path that cannot run a call raises rather than switching.
+``fastrnn.last_cuda_path()`` says which path the last CUDA call on this
+thread took. The logger ``"fastrnn"`` reports, at DEBUG level, the kernel of
+every fused call (``logging.getLogger("fastrnn").setLevel(logging.DEBUG)``).
+
+``kernels(emulate_cuda=True)`` runs the CUDA kernels' code on CPU threads for
+CPU tensors: for the tests, which check the CUDA kernels that way on
+machines without a GPU; it is slow.
+"""
+
+import contextlib
+import logging
+
+from . import _ops
+
+log = logging.getLogger("fastrnn")
+
+CUDA_PATHS = ("auto", "persistent", "cluster", "grid", "step")
+CPU_ISAS = ("avx512", "avx2", "base")
+
+
+def _extension():
+    if not _ops.available():
+        raise RuntimeError(f"fastrnn's compiled extension is not available ({_ops.extension_error()})")
+    return _ops._C
+
+
+def _cuda_extension():
+    ext = _extension()
+    if not ext.cuda_built:
+        raise RuntimeError("fastrnn was built without CUDA: rebuild with FASTRNN_CUDA=1")
+    return ext
+
+
+def set_cuda_path(name: str = "auto", blocks: int = 0) -> None:
+    """Forces the CUDA time loop's path ('auto' to choose per call again) and,
+    for 'cluster' and 'grid', the blocks per cluster or group (0: chosen)."""
+    _cuda_extension().set_cuda_path(name, blocks)
+
+
+def cuda_path():
+    """The forced CUDA path and blocks, ('auto', 0) unless set."""
+    return tuple(_cuda_extension().cuda_path())
+
+
+def last_cuda_path() -> str:
+    """The path the last CUDA time loop on this thread took ('persistent',
+    'cluster', 'grid' or 'step'), or 'none' before the first."""
+    return _cuda_extension().last_cuda_path()
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with: 'avx512', 'avx2' or 'base'."""
+    return _extension().cpu_isa()
+
+
+def available_cpu_isas():
+    """The instruction sets this processor can run the CPU kernels with."""
+    ext = _extension()
+    current = ext.cpu_isa()
+    try:
+        return tuple(isa for isa in CPU_ISAS if ext.set_cpu_isa(isa))
+    finally:
+        ext.set_cpu_isa(current)
+
+
+def set_cpu_isa(name: str) -> None:
+    """Forces the CPU kernels' instruction set ('auto' for the best)."""
+    if not _extension().set_cpu_isa(name):
+        raise RuntimeError(f"this processor cannot run the '{name}' CPU kernels; it has "
+                           f"{', '.join(available_cpu_isas())}")
+
+
+@contextlib.contextmanager
+def kernels(cuda_path=None, blocks=0, cpu_isa=None, emulate_cuda=None):
+    """Forces the CUDA path (and its blocks), the CPU instruction set and CUDA
+    emulation inside the block, restoring each on exit; None leaves one as
+    it is."""
+    ext = _extension()
+    saved_path = ext.cuda_path() if ext.cuda_built else None
+    saved_isa = ext.cpu_isa()
+    saved_emulation = ext.cuda_emulation() if ext.cuda_built else None
+    try:
+        if cuda_path is not None:
+            set_cuda_path(cuda_path, blocks)
+        if cpu_isa is not None:
+            set_cpu_isa(cpu_isa)
+        if emulate_cuda is not None:
+            _cuda_extension().set_cuda_emulation(bool(emulate_cuda))
+        yield
+    finally:
+        if saved_path is not None:
+            ext.set_cuda_path(*saved_path)
+            ext.set_cuda_emulation(saved_emulation)
+        ext.set_cpu_isa(saved_isa)
