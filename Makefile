@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := ninja pybind11 setuptools wheel numpy pytest pytest-benchmark hypothesis tqdm matplotlib
+DEPS := ninja pybind11 setuptools wheel numpy pytest pytest-benchmark hypothesis tqdm matplotlib \
+	onnx onnxscript onnxruntime
 READY := $(VENV)/.fastrnn-ready
 
 .PHONY: venv build test bench bench-pytest sanitize tsan compat clean

@@ -105,8 +105,13 @@ Stack check_args(CellKind cell, const at::Tensor& input, const at::Tensor& hx,
               shape_str(hx.sizes()));
   s.P = hx.size(2);
   if (lstm) {
+    // H from the first weight (which the other shapes are checked against),
+    // P from hx.
+    const at::Tensor& w_ih = weights[0];
+    TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % s.G == 0, "weight_ih_l0 must have shape (G*H, C) ",
+                "with G = ", s.G, ", got ", shape_str(w_ih.sizes()));
+    s.H = w_ih.size(0) / s.G;
     TORCH_CHECK(cx->dim() == 3, "cx must have shape (L*D, N, H), got ", shape_str(cx->sizes()));
-    s.H = cx->size(2);
     check_shape(*cx, "cx", "(L*D, N, H)", {s.L * s.D, s.N, s.H});
     check_like(*cx, "cx", input);
     if (has_projections) {

@@ -7,10 +7,12 @@
 // under function transforms (torch.func.grad, vmap over a gradient, jvp, ...)
 // and forward-mode AD — the op runs its stack step by step in ATen ops
 // instead (rnn_stack.h), which every transform understands; so does the
-// backward when a graph of it is asked for (double backward).
+// backward when a graph of it is asked for (double backward) and for
+// gradients batched by torch's older vmap (is_grads_batched).
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/LegacyBatchedTensorImpl.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -164,7 +166,12 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     // One gradient per forward argument: none for the cell, the weights one
     // by one, none for lengths, the mask and the flags.
     variable_list out(1 + 3 + weights.size() + 6);
-    if (torch::autograd::GradMode::is_enabled() && saved[0].size(0) > 0) {
+    // Gradients batched by autograd.grad(is_grads_batched=True) (torch's
+    // older vmap, which knows only ATen's ops) also take the step-by-step
+    // route.
+    const bool batched = at::isBatchedTensor(grad_output) || at::isBatchedTensor(grad_hn) ||
+                         at::isBatchedTensor(grad_cn);
+    if ((torch::autograd::GradMode::is_enabled() || batched) && saved[0].size(0) > 0) {
       backward_with_graph(c, {grad_output, grad_hn, grad_cn}, out);
       return out;
     }
@@ -180,11 +187,16 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     return out;
   }
 
-  // create_graph=True: the gradients as differentiable functions of the
-  // inputs, through the step-by-step forward, so that they can be
-  // differentiated again.
+  // The gradients through the step-by-step forward: with create_graph=True
+  // as differentiable functions of the inputs, so that they can be
+  // differentiated again; for batched gradients, because its ATen ops have
+  // batching rules.
   static void backward_with_graph(const StackCall& c, const std::array<Tensor, 3>& grads,
                                   variable_list& out) {
+    // The recomputation needs a graph; the gradients keep theirs only when
+    // one was asked for.
+    const bool create_graph = torch::autograd::GradMode::is_enabled();
+    torch::autograd::AutoGradMode grad_mode(true);
     const StackForward f =
         stack_forward_by_steps(c.check(), c.input, c.hx, c.cx, c.weights, c.lengths, c.mask);
     std::vector<Tensor> inputs = {c.input, c.hx, c.cx.value_or(Tensor())};
@@ -201,7 +213,7 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     }
     if (wanted.empty() || outputs.empty()) return;
     const auto g = torch::autograd::grad(outputs, wanted, grad_outputs, /*retain_graph=*/true,
-                                         /*create_graph=*/true, /*allow_unused=*/true);
+                                         create_graph, /*allow_unused=*/true);
     for (size_t i = 0, k = 0; i < inputs.size(); ++i)
       if (inputs[i].defined() && inputs[i].requires_grad()) out[1 + i] = g[k++];
   }
@@ -301,10 +313,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autocast(
     const Tensor& input, const Tensor& hx, const Tensor& cx, at::TensorList weights,
     const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, bool has_projections) {
-  const AutocastCast<kDevice> cast;
   static auto op = typed_op<decltype(lstm_forward)>("fastrnn::lstm_forward");
-  return op.call(cast(input), cast(hx), cast(cx), cast(weights), lengths, cast(dropout_mask),
-                 num_layers, bidirectional, has_biases, has_projections);
+  const AutocastCast<kDevice> cast;
+  auto out = op.call(cast(input), cast(hx), cast(cx), cast(weights), lengths, cast(dropout_mask),
+                     num_layers, bidirectional, has_biases, has_projections);
+  // nn.LSTM with projections under CPU autocast keeps its cell state in
+  // float32 (its output and h_n in the autocast dtype).
+  if (kDevice == c10::DeviceType::CPU && has_projections && cx.scalar_type() == at::kFloat)
+    std::get<2>(out) = std::get<2>(out).to(at::kFloat);
+  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autocast_cuda(

@@ -132,5 +132,9 @@ if _C is not None:
                          ("gru_forward", _fake_gru_forward), ("gru_backward", _fake_gru_backward)):
         torch.library.register_fake(f"fastrnn::{_name}")(_fake)
 
+    from . import _transforms
+
+    _transforms.register()
+
     if cuda_built() and os.environ.get("FASTRNN_CUDA_PATH"):
         _C.set_cuda_path(os.environ["FASTRNN_CUDA_PATH"])
