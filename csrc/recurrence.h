@@ -17,9 +17,10 @@ namespace fastrnn {
 // One layer's forward time loop: reads u, the weights, h0 (and c0), writes
 // y, hn (and cn, saved). Every tensor contiguous, of the input's dtype.
 struct ForwardLoop {
-  at::Tensor u;                      // (D, T, N, G*H)
+  at::Tensor u;                      // (D, T, N, G*H) x W_ih^T, biases not added
   std::array<at::Tensor, 2> w_hh;    // per direction (G*H, P)
-  std::array<at::Tensor, 2> b_hh;    // per direction (G*H): kHiddenBias cells with biases, else undefined
+  std::array<at::Tensor, 2> b_ih;    // per direction (G*H), or undefined without biases
+  std::array<at::Tensor, 2> b_hh;    // per direction (G*H), or undefined without biases
   std::array<at::Tensor, 2> w_hr;    // per direction (P, H): projections, else undefined
   at::Tensor h0;                     // (D, N, P)
   at::Tensor c0;                     // (D, N, H): kCellState cells, else undefined

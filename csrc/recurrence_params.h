@@ -29,9 +29,11 @@ namespace fastrnn {
 template <typename scalar_t>
 struct ForwardParams {
   int64_t T, N, H, P, D;
-  const scalar_t* u;          // (D, T, N, G*H) x W_ih^T + b_ih, plus b_hh unless the cell keeps it apart
+  const scalar_t* u;          // (D, T, N, G*H) x W_ih^T, contiguous
   const scalar_t* w_hh[2];    // per direction (G*H, P): w_hh[d][g*H + j][k] weighs h[k] into gate g of unit j
-  const scalar_t* b_hh[2];    // per direction (G*H), kHiddenBias cells with biases; else nullptr (zero)
+  const scalar_t* b_ih[2];    // per direction (G*H), or nullptr without biases: added to u
+  const scalar_t* b_hh[2];    // per direction (G*H), or nullptr: added to u too, but by
+                              // kHiddenBias cells inside the cell
   const scalar_t* w_hr[2];    // per direction (P, H) with projections; else nullptr (P == H)
   const scalar_t* h0;         // (D, N, P) contiguous
   const scalar_t* c0;         // (D, N, H) contiguous, kCellState cells

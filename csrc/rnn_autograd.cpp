@@ -137,28 +137,28 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
                                  lengths.value_or(Tensor()), mask.value_or(Tensor())};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
-    ctx->saved_data["cell"] = cell;
-    ctx->saved_data["num_layers"] = num_layers;
-    ctx->saved_data["bidirectional"] = bidirectional;
-    ctx->saved_data["biases"] = biases;
-    ctx->saved_data["proj"] = proj;
+    // The flags in one integer: one entry of the string-keyed map to fill
+    // and to read back.
+    ctx->saved_data["flags"] = cell | (int64_t{bidirectional} << 2) | (int64_t{biases} << 3) |
+                               (int64_t{proj} << 4) | (num_layers << 8);
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const std::vector<Tensor> weights(saved.begin() + 8, saved.end());
-    const StackCall c{static_cast<CellKind>(ctx->saved_data["cell"].toInt()),
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const StackCall c{static_cast<CellKind>(flags & 3),
                       saved[0],
                       saved[1],
                       as_optional(saved[2]),
                       weights,
                       as_optional(saved[6]),
                       as_optional(saved[7]),
-                      ctx->saved_data["num_layers"].toInt(),
-                      ctx->saved_data["bidirectional"].toBool(),
-                      ctx->saved_data["biases"].toBool(),
-                      ctx->saved_data["proj"].toBool()};
+                      flags >> 8,
+                      (flags & 4) != 0,
+                      (flags & 8) != 0,
+                      (flags & 16) != 0};
     const bool lstm = c.cell == CellKind::lstm;
     const Tensor& grad_output = grads[0];
     const Tensor& grad_hn = grads[1];
@@ -176,6 +176,8 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
       return out;
     }
     const bool input_grad = ctx->needs_input_grad(0);  // edges count variables only
+    // The backward op has no autograd of its own: straight to its kernel.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gx, ghx, gcx, gw] =
         call_backward(c, saved[3], saved[4], saved[5].defined() ? saved[5] : Tensor(),
                       as_optional(grad_output), as_optional(grad_hn), as_optional(grad_cn),
@@ -238,10 +240,22 @@ bool needs_steps(const StackCall& c) {
   return false;
 }
 
+bool any_requires_grad(const StackCall& c) {
+  if (c.input.requires_grad() || c.hx.requires_grad() || (c.cx && c.cx->requires_grad())) return true;
+  for (const Tensor& w : c.weights)
+    if (w.requires_grad()) return true;
+  return false;
+}
+
 variable_list forward_autograd(const StackCall& c) {
   if (needs_steps(c)) {
     return outputs_of(c.cell, stack_forward_by_steps(c.check(), c.input, c.hx, c.cx, c.weights,
                                                      c.lengths, c.mask));
+  }
+  if (!torch::autograd::GradMode::is_enabled() || !any_requires_grad(c)) {
+    // No graph to record: the op's kernel without an autograd Function.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(c);
   }
   return StackFunction::apply(static_cast<int64_t>(c.cell), c.input, c.hx, c.cx, c.weights,
                               c.lengths, c.mask, c.num_layers, c.bidirectional, c.biases, c.proj);

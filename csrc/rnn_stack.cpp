@@ -15,6 +15,13 @@ optional<Tensor> contiguous(const optional<Tensor>& t) {
   return t ? optional<Tensor>(t->contiguous()) : std::nullopt;
 }
 
+// t.narrow(dim, start, length), or t itself where that is all of it: a
+// dispatched op saved, which counts at the sizes where a call is all fixed
+// cost (one layer, one direction).
+Tensor part(const Tensor& t, int64_t dim, int64_t start, int64_t length) {
+  return start == 0 && length == t.size(dim) ? t : t.narrow(dim, start, length);
+}
+
 // The input of layer l: x for the first, else the previous layer's output
 // times its dropout mask.
 Tensor layer_input(const Tensor& x, const Tensor& hs, const optional<Tensor>& mask, int64_t l) {
@@ -61,6 +68,20 @@ Tensor projection_input(const Stack& s, const Tensor& ws_d) {
   });
 }
 
+// The state before each step of direction d, (T, N, P), contiguous: the
+// output of the step before it in d's order, and h0_d (N, P) at each row's
+// first step. Direction 0 starts every row at step 0; direction 1 at T - 1,
+// or where first_step (T, N, 1) says with lengths. Past a row's end it is
+// whatever: the gradients it meets there are zero.
+Tensor states_before(const Tensor& out_d, const Tensor& h0_d, int64_t d, const Tensor& first_step) {
+  const int64_t T = out_d.size(0);
+  const Tensor h0_step = h0_d.unsqueeze(0);
+  if (T == 1) return h0_step.contiguous();
+  if (d == 0) return at::cat({h0_step, out_d.narrow(0, 0, T - 1)});
+  const Tensor shifted = at::cat({out_d.narrow(0, 1, T - 1), h0_step});
+  return first_step.defined() ? at::where(first_step, h0_step, shifted) : shifted;
+}
+
 }  // namespace
 
 StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx,
@@ -72,7 +93,7 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
   const optional<Tensor> lens = contiguous(lengths);   // (N)
   const optional<Tensor> mask = contiguous(dropout_mask);
   const auto opt = x.options();
-  const bool cell_state = s.cell_state, hidden_bias = s.hidden_bias;
+  const bool cell_state = s.cell_state;
   StackForward r;
   r.output = at::empty({s.T, s.N, s.DP()}, opt);
   r.h_n = at::empty({s.L * s.D, s.N, s.P}, opt);
@@ -82,27 +103,27 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
   const int64_t GH = s.G * s.H;
   for (int64_t l = 0; l < s.L; ++l) {
     const Tensor in = layer_input(x, r.hidden_states, mask, l).reshape({s.T * s.N, s.in_size(l)});
+    // The input term without biases, which the time loop adds: one GEMM a
+    // direction and no pass over u for them.
     Tensor u = at::empty({s.D, s.T * s.N, GH}, opt);  // (D, T*N, G*H)
     for (int64_t d = 0; d < s.D; ++d) {
-      const CellWeights w = cell_weights(weights, s, l, d);
       Tensor u_d = u[d];
-      if (s.biases) {
-        at::addmm_out(u_d, hidden_bias ? w.b_ih : w.b_ih + w.b_hh, in, w.w_ih.t());
-      } else {
-        at::mm_out(u_d, in, w.w_ih.t());
-      }
+      at::mm_out(u_d, in, cell_weights(weights, s, l, d).w_ih.t());
     }
     ForwardLoop a;
     a.u = u.view({s.D, s.T, s.N, GH});
     a.w_hh = per_direction(weights, s, l, &CellWeights::w_hh);
-    if (hidden_bias && s.biases) a.b_hh = per_direction(weights, s, l, &CellWeights::b_hh);
+    if (s.biases) {
+      a.b_ih = per_direction(weights, s, l, &CellWeights::b_ih);
+      a.b_hh = per_direction(weights, s, l, &CellWeights::b_hh);
+    }
     if (s.proj) a.w_hr = per_direction(weights, s, l, &CellWeights::w_hr);
-    a.h0 = h0.narrow(0, l * s.D, s.D);
-    if (cell_state) a.c0 = c0.narrow(0, l * s.D, s.D);
+    a.h0 = part(h0, 0, l * s.D, s.D);
+    if (cell_state) a.c0 = part(c0, 0, l * s.D, s.D);
     a.lengths = lens;
     a.y = l == s.L - 1 ? r.output : r.hidden_states[l];
-    a.hn = r.h_n.narrow(0, l * s.D, s.D);
-    if (cell_state) a.cn = r.c_n.narrow(0, l * s.D, s.D);
+    a.hn = part(r.h_n, 0, l * s.D, s.D);
+    if (cell_state) a.cn = part(r.c_n, 0, l * s.D, s.D);
     if (s.Ws > 0) a.saved = r.workspace[l];
     if (s.T == 0 || s.N == 0) {
       // Nothing for a kernel to do: the last state is the first.
@@ -149,6 +170,12 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     return r;
   }
   const int64_t TN = s.T * s.N, GH = s.G * s.H;
+  // (T, N, 1): the step each row of direction 1 starts at, where lengths
+  // make it differ from T - 1.
+  const Tensor first_step = lens && s.D == 2
+                                ? (at::arange(s.T, lens->options()).view({s.T, 1}) == *lens - 1)
+                                      .unsqueeze(2)
+                                : Tensor();
   // dy: gradient of the current layer's output, (T, N, D*P).
   Tensor dy = grad_output ? grad_output->contiguous() : at::zeros({s.T, s.N, s.DP()}, opt);
   for (int64_t l = s.L - 1; l >= 0; --l) {
@@ -156,11 +183,11 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     const Tensor in = layer_input(x, hs, mask, l).reshape({TN, s.in_size(l)});
     BackwardLoop b;
     b.dy = dy;
-    if (dhn) b.dhn = dhn->narrow(0, l * s.D, s.D);
-    if (dcn) b.dcn = dcn->narrow(0, l * s.D, s.D);
+    if (dhn) b.dhn = part(*dhn, 0, l * s.D, s.D);
+    if (dcn) b.dcn = part(*dcn, 0, l * s.D, s.D);
     b.y = out;
-    b.h0 = h0.narrow(0, l * s.D, s.D);
-    if (cell_state) b.c0 = c0.narrow(0, l * s.D, s.D);
+    b.h0 = part(h0, 0, l * s.D, s.D);
+    if (cell_state) b.c0 = part(c0, 0, l * s.D, s.D);
     if (s.Ws > 0) b.saved = ws[l];
     b.w_hh = per_direction(weights, s, l, &CellWeights::w_hh);
     if (s.proj) b.w_hr = per_direction(weights, s, l, &CellWeights::w_hr);
@@ -168,8 +195,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     b.dgh = at::empty({s.D, s.T, s.N, GH}, opt);
     if (split_grad) b.dgi = at::empty({s.D, s.T, s.N, GH}, opt);
     if (s.proj) b.dhr = at::empty({s.D, s.T, s.N, s.P}, opt);
-    b.dh0 = r.grad_hx.narrow(0, l * s.D, s.D);
-    if (cell_state) b.dc0 = r.grad_cx.narrow(0, l * s.D, s.D);
+    b.dh0 = part(r.grad_hx, 0, l * s.D, s.D);
+    if (cell_state) b.dc0 = part(r.grad_cx, 0, l * s.D, s.D);
     if (s.N == 0) {
       b.dgh.zero_();
       if (split_grad) b.dgi.zero_();
@@ -186,29 +213,9 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
       const Tensor dgh_flat = dgh_d.view({TN, GH});
       const Tensor dgi_flat = dgi_all[d].view({TN, GH});
       r.grad_weights[k] = at::mm(dgi_flat.t(), in);
-      // dW_hh = sum over steps of dgh_t^T h_prev(t): the previous step's
-      // output inside the sequence, h0 at its first step.
-      const Tensor out_d = out.narrow(2, d * s.P, s.P);  // (T, N, P), row stride D*P
-      const Tensor h0_d = h0[l * s.D + d];                // (N, P)
-      Tensor dgh_first;                                   // (N, G*H) at each row's first step
-      if (d == 0) {
-        dgh_first = dgh_d[0];
-      } else if (lens) {
-        const Tensor idx = (*lens - 1).clamp(0, s.T - 1).view({1, s.N, 1}).expand({1, s.N, GH});
-        dgh_first = dgh_d.gather(0, idx).squeeze(0);
-      } else {
-        dgh_first = dgh_d[s.T - 1];
-      }
-      Tensor gw_hh = at::mm(dgh_first.t(), h0_d);
-      if (s.T > 1) {
-        // Forward: dgh[1:] with out[:-1]. Reverse: dgh[:-1] with out[1:]; with
-        // lengths, out is zero past each row's end, so the pairs that straddle
-        // it add nothing and the first step comes from dgh_first above.
-        const Tensor a = dgh_d.narrow(0, d == 0 ? 1 : 0, s.T - 1).reshape({(s.T - 1) * s.N, GH});
-        const Tensor c = out_d.narrow(0, d == 0 ? 0 : 1, s.T - 1).reshape({(s.T - 1) * s.N, s.P});
-        gw_hh.addmm_(a.t(), c);
-      }
-      r.grad_weights[k + 1] = gw_hh;
+      // dW_hh = sum over steps of dgh_t^T h_prev(t), in one GEMM.
+      const Tensor hp = states_before(part(out, 2, d * s.P, s.P), h0[l * s.D + d], d, first_step);
+      r.grad_weights[k + 1] = at::mm(dgh_flat.t(), hp.view({TN, s.P}));
       if (s.biases) {
         r.grad_weights[k + 2] = dgi_flat.sum(0);
         r.grad_weights[k + 3] = split_grad ? dgh_flat.sum(0) : r.grad_weights[k + 2].clone();

@@ -36,6 +36,14 @@ def _warn_missing_extension():
         )
 
 
+def _exporting_to_onnx():
+    # torch.onnx.is_in_onnx_export() costs a microsecond; either exporter
+    # traces first (TorchScript's tracer, torch.export), which costs nothing
+    # to ask.
+    return ((torch._C._get_tracing_state() is not None or torch.compiler.is_exporting())
+            and torch.onnx.is_in_onnx_export())
+
+
 def _dtype_name(dtype):
     return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "").capitalize())
 
@@ -107,7 +115,7 @@ class _FusedBase(nn.RNNBase):
 
     def _fused_applies(self, data):
         name = _backend.resolve(self.backend)
-        if name == "torch" or torch.onnx.is_in_onnx_export():
+        if name == "torch" or _exporting_to_onnx():
             return False
         if not _ops.available():
             if name == "fused":
@@ -125,14 +133,19 @@ class _FusedBase(nn.RNNBase):
 
     def _run(self, input, hx):
         data = input.data if isinstance(input, PackedSequence) else input
+        # Plain attributes set through __dict__: nn.Module's __setattr__
+        # costs microseconds a call.
         if not self._fused_applies(data):
-            self.last_path = "torch"
-            self.last_cuda_path = None
+            self.__dict__["last_path"] = "torch"
+            self.__dict__["last_cuda_path"] = None
             return type(self)._torch_forward(self, input, hx)
-        self.last_path = "fused"
+        self.__dict__["last_path"] = "fused"
         return self._fused_forward(input, hx)
 
     def _weights(self):
+        # Looked up on every call, as torch.nn does: functional_call swaps
+        # parameters without telling _flat_weights, and a parametrized weight
+        # is computed on each access.
         return [getattr(self, name) for name in self._flat_weights_names]
 
     def _dropout_mask(self, x, width):
@@ -159,8 +172,8 @@ class _FusedBase(nn.RNNBase):
         if not torch.compiler.is_compiling():
             # The extension records the path per thread; read it on the
             # thread that just ran the forward.
-            self.last_cuda_path = (_ops._C.last_cuda_path()
-                                   if x.is_cuda and _ops.cuda_built() else None)
+            self.__dict__["last_cuda_path"] = (_ops._C.last_cuda_path()
+                                               if x.is_cuda and _ops.cuda_built() else None)
 
     def _raise_torch_shape_error(self, weights, rows_ih, rows_hh):
         """Raises what torch.nn raises for the first weight of the wrong

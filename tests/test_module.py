@@ -448,3 +448,25 @@ def test_initial_state_gradients_reach_every_layer(cell):
         inits = state if isinstance(state, tuple) else (state,)
         grads = torch.autograd.grad(sum(f.sum() for f in finals), inits)
         assert all(g.abs().sum(dim=(1, 2)).min() > 0 for g in grads)
+
+
+class _Orthogonalish(nn.Module):
+    def forward(self, w):
+        return w - w.t().mean()
+
+
+@pytest.mark.parametrize("cell", list(LAYERS))
+def test_parametrized_weight_is_recomputed_every_call(cell):
+    """torch.nn.utils.parametrize: the weight is computed on every access, and
+    the fused layer sees its current value, as torch.nn's does."""
+    from torch.nn.utils import parametrize
+
+    ref, ours = pair(3, 4, cell, dtype=torch.float64)
+    for m in (ref, ours):
+        parametrize.register_parametrization(m, "weight_hh_l0", _Orthogonalish())
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])
+    for m in (ref, ours):
+        with torch.no_grad():
+            m.parametrizations.weight_hh_l0.original.mul_(2.0)
+    torch.testing.assert_close(ours(x)[0], ref(x)[0])

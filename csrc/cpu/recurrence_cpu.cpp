@@ -42,7 +42,8 @@ struct Table {
   int64_t (*padded_width)(int64_t);
   void (*pack)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   int64_t (*scratch_per_row)(int64_t, int64_t, bool);
-  void (*forward_rows)(const ForwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*, S*);
+  void (*forward_rows)(const ForwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
+                       const S*, S*);
   void (*backward_rows)(const BackwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
                         S*);
 };
@@ -110,6 +111,24 @@ void run_rows(int64_t D, int64_t N, int64_t per_row, int64_t work_per_row,
   });
 }
 
+// The bias the kernels add to u, (D, G*Hp): per gate block of Hp (H padded),
+// b_ih plus b_hh where the cell does not keep b_hh apart; zero without
+// biases and in the padding.
+template <typename S, typename Cell>
+at::Tensor input_bias(const ForwardLoop& a, int64_t D, int64_t H, int64_t Hp) {
+  at::Tensor bu = at::zeros({D, Cell::kGates * Hp}, a.u.options());
+  if (!a.b_ih[0].defined()) return bu;
+  for (int64_t d = 0; d < D; ++d) {
+    const S* bi = a.b_ih[d].data_ptr<S>();
+    const S* bh = a.b_hh[d].data_ptr<S>();
+    S* out = bu.data_ptr<S>() + d * bu.size(1);
+    for (int64_t g = 0; g < Cell::kGates; ++g)
+      for (int64_t j = 0; j < H; ++j)
+        out[g * Hp + j] = Cell::kHiddenBias ? bi[g * H + j] : bi[g * H + j] + bh[g * H + j];
+  }
+  return bu;
+}
+
 // Direction d of packed weights (D, K, J), or null where there are none.
 template <typename S>
 const S* direction(const at::Tensor& packed, int64_t d) {
@@ -129,10 +148,11 @@ void forward_typed(const ForwardLoop& a) {
   p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
   p.u = a.u.data_ptr<S>();
   for (int64_t d = 0; d < 2; ++d) {
-    p.w_hh[d] = nullptr;
-    p.b_hh[d] = d < D ? static_cast<const S*>(data_or_null(a.b_hh[d])) : nullptr;
-    p.w_hr[d] = nullptr;
+    p.w_hh[d] = p.w_hr[d] = p.b_ih[d] = nullptr;
+    // kHiddenBias cells add b_hh inside the cell; bu carries the rest.
+    p.b_hh[d] = Cell::kHiddenBias && d < D ? static_cast<const S*>(data_or_null(a.b_hh[d])) : nullptr;
   }
+  const at::Tensor bu = input_bias<S, Cell>(a, D, H, k.padded_width(H));
   p.h0 = a.h0.data_ptr<S>();
   p.c0 = static_cast<const S*>(data_or_null(a.c0));
   p.lengths = data_or_null<int64_t>(a.lengths);
@@ -142,7 +162,8 @@ void forward_typed(const ForwardLoop& a) {
   p.saved = a.saved.defined() ? a.saved.data_ptr<S>() : nullptr;
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.u.options(),
               [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
-                k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wr, d), scratch);
+                k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wr, d),
+                               bu.data_ptr<S>() + d * bu.size(1), scratch);
               });
 }
 
@@ -215,7 +236,7 @@ bool set_cpu_isa(const std::string& name) {
 
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
   if (half_type(a.u.scalar_type())) {
-    ForwardLoop f{to_float(a.u), to_float(a.w_hh), to_float(a.b_hh), to_float(a.w_hr),
+    ForwardLoop f{to_float(a.u), to_float(a.w_hh), to_float(a.b_ih), to_float(a.b_hh), to_float(a.w_hr),
                   to_float(a.h0), to_float(a.c0), a.lengths, to_float(a.y), to_float(a.hn),
                   to_float(a.cn), to_float(a.saved)};
     forward_recurrence_cpu(cell, f);

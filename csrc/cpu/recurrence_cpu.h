@@ -25,10 +25,11 @@
   template <typename S, typename Cell>                                                        \
   int64_t scratch_per_row(int64_t H, int64_t P, bool proj);                                   \
   /* Rows [n0, n1) of direction d. wf: W_hh^T packed in G blocks of H; wr: W_hr^T */         \
-  /* packed, or null without projections. */                                                 \
+  /* packed, or null without projections; bu: the bias added to u, G blocks of */            \
+  /* padded_width(H). */                                                                      \
   template <typename S, typename Cell>                                                        \
   void forward_rows(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,             \
-                    const S* wf, const S* wr, S* scratch);                                    \
+                    const S* wf, const S* wr, const S* bu, S* scratch);                       \
   /* wb: W_hh packed; wr: W_hr packed, or null. */                                           \
   template <typename S, typename Cell>                                                        \
   void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,           \

@@ -156,8 +156,9 @@ struct Kernels {
     int64_t ldu = 0;
     S* out = nullptr;
     int64_t ldo = 0;
+    const S* b = nullptr;  // the input bias of the block's columns
     Epilogue shifted(int64_t r, int64_t j) const {
-      return u ? Epilogue{u + r * ldu + j, ldu, out + r * ldo + j, ldo} : *this;
+      return u ? Epilogue{u + r * ldu + j, ldu, out + r * ldo + j, ldo, b + j} : *this;
     }
   };
 
@@ -195,7 +196,7 @@ struct Kernels {
       for (int v = 0; v < JV; ++v) {
         V x = acc[r][v];
         if constexpr (MODE == kFused) {
-          x = fused_step(x, load(e.u + r * e.ldu + v * W));
+          x = fused_step(x, load(e.u + r * e.ldu + v * W) + load(e.b + v * W));
           store(e.out + r * e.ldo + v * W, x);
         } else if constexpr (MODE == kAccumulate) {
           x += load(c + r * ldc + v * W);
@@ -244,25 +245,25 @@ struct Kernels {
     }
   }
 
-  // The fusable cell's step (kFusable): c (R x padded(H)) = cell(u + a b) and
-  // out = the same on the H real columns, in registers for every panel that
-  // lies inside them and through forward_units for the last.
+  // The fusable cell's step (kFusable): c (R x padded(H)) = cell(u + bu + a
+  // b) and out = the same on the H real columns, in registers for every
+  // panel that lies inside them and element by element for the last.
   static void gemm_fused(int64_t R, int64_t H, int64_t K, const S* a, int64_t lda,
                          const S* packed, S* c, int64_t ldc, const S* u, int64_t ldu, S* out,
-                         int64_t ldo) {
+                         int64_t ldo, const S* bu) {
     const int64_t Jp = padded(H);
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
       const S* panel = packed + j0 * K;
       if (j0 + w <= H) {
         panel_rows<kFused>(w, R, K, a, lda, panel, c + j0, ldc,
-                           Epilogue{u + j0, ldu, out + j0, ldo});
+                           Epilogue{u + j0, ldu, out + j0, ldo, bu + j0});
       } else {
         panel_rows<kStore>(w, R, K, a, lda, panel, c + j0, ldc, {});
         for (int64_t r = 0; r < R; ++r) {
           for (int64_t j = j0; j < H; j += W) {
             const int64_t n = H - j < W ? H - j : W;
-            const V h = fused_step(load(c + r * ldc + j), load_n(u + r * ldu + j, n));
+            const V h = fused_step(load(c + r * ldc + j), load_n(u + r * ldu + j, n) + load(bu + j));
             store(c + r * ldc + j, h);
             store_n(out + r * ldo + j, h, n);
           }
@@ -281,17 +282,17 @@ struct Kernels {
   }
 
   // The forward step of row r's H units: hw (G blocks of padded(H)) from the
-  // GEMM, u and saved (G*H and Ws wide) in global memory, h_prev and c in
-  // scratch rows of padded(H); the new state into h (padded) and, unless
-  // null, into out (H wide).
-  static void forward_units(int64_t H, const S* u, const S* hw, const S* const* bh,
+  // GEMM, u and saved (G*H and Ws wide) in global memory, the input bias bu
+  // (G blocks of padded(H)), h_prev and c in scratch rows of padded(H); the
+  // new state into h (padded) and, unless null, into out (H wide).
+  static void forward_units(int64_t H, const S* u, const S* bu, const S* hw, const S* const* bh,
                             const S* h_prev, S* c, S* h, S* out, S* saved) {
     const int64_t Hp = padded(H);
     for (int64_t j = 0; j < H; j += W) {
       const int64_t n = H - j < W ? H - j : W;
       V uv[G], hwv[G], bhv[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
       for (int g = 0; g < G; ++g) {
-        uv[g] = load_n(u + g * H + j, n);
+        uv[g] = load_n(u + g * H + j, n) + load(bu + g * Hp + j);
         hwv[g] = load(hw + g * Hp + j);
         bhv[g] = Cell::kHiddenBias && bh[0] != nullptr ? load_n(bh[0] + g * H + j, n) : V{};
       }
@@ -311,9 +312,10 @@ struct Kernels {
 
   // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
   // packed (P x G blocks of padded(H)); wr: W_hr^T packed (H x padded(P)), or
-  // null without projections.
+  // null without projections; bu: the bias added to u, G blocks of
+  // padded(H).
   static void forward(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
-                      const S* wr, S* scratch) {
+                      const S* wr, const S* bu, S* scratch) {
     const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * p.P, R = n1 - n0;
     const int64_t Hp = padded(H), Pp = padded(P), GH = G * H, Ws = saved_width<Cell>(H);
     const bool proj = wr != nullptr;
@@ -333,12 +335,12 @@ struct Kernels {
       S* out = p.y + (t * N + n0) * DP + d * P;                         // (R, P), row stride D*P
       S* saved = Ws ? p.saved + ((d * T + t) * N + n0) * Ws : nullptr;  // (R, Ws)
       if (kFusable && p.lengths == nullptr) {
-        gemm_fused(R, H, P, prev, Pp, wf, next, Pp, u, GH, out, DP);
+        gemm_fused(R, H, P, prev, Pp, wf, next, Pp, u, GH, out, DP, bu);
       } else {
         gemm(R, G * Hp, P, prev, Pp, wf, gates, G * Hp);
         for (int64_t r = 0; r < R; ++r) {
           if (row_active(p.lengths, n0 + r, t)) {
-            forward_units(H, u + r * GH, gates + r * G * Hp, bh, prev + r * Pp, cs + r * Hp,
+            forward_units(H, u + r * GH, bu, gates + r * G * Hp, bh, prev + r * Pp, cs + r * Hp,
                           proj ? m + r * Hp : next + r * Pp, proj ? nullptr : out + r * DP,
                           saved + r * Ws);
           } else {
@@ -479,8 +481,8 @@ int64_t padded_width(int64_t J) {
 
 template <typename S, typename Cell>
 void forward_rows(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
-                  const S* wr, S* scratch) {
-  Kernels<S, Cell>::forward(p, d, n0, n1, wf, wr, scratch);
+                  const S* wr, const S* bu, S* scratch) {
+  Kernels<S, Cell>::forward(p, d, n0, n1, wf, wr, bu, scratch);
 }
 
 template <typename S, typename Cell>
@@ -507,7 +509,7 @@ int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
 // the end of each instruction set's file.
 #define FASTRNN_CPU_INSTANTIATE_CELL(S, Cell)                                                  \
   template void forward_rows<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,      \
-                                      const S*, const S*, S*);                                 \
+                                      const S*, const S*, const S*, S*);                       \
   template void backward_rows<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t,    \
                                        const S*, const S*, S*);                                \
   template int64_t scratch_per_row<S, Cell>(int64_t, int64_t, bool);

@@ -229,7 +229,10 @@ void forward_typed(const ForwardLoop& a) {
   p.T = T_; p.N = N; p.H = H; p.P = P; p.D = D;
   p.u = data_or_null<const T>(a.u);
   set_weights(p, a.w_hh, a.w_hr, D);
-  for (int64_t d = 0; d < 2; ++d) p.b_hh[d] = d < D ? data_or_null<const T>(a.b_hh[d]) : nullptr;
+  for (int64_t d = 0; d < 2; ++d) {
+    p.b_ih[d] = d < D ? data_or_null<const T>(a.b_ih[d]) : nullptr;
+    p.b_hh[d] = d < D ? data_or_null<const T>(a.b_hh[d]) : nullptr;
+  }
   p.h0 = data_or_null<const T>(a.h0);
   p.c0 = data_or_null<const T>(a.c0);
   p.lengths = data_or_null<const int64_t>(a.lengths);

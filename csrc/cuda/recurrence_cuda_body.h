@@ -351,6 +351,22 @@ struct UnitInputs {
   A u[Cell::kGates][kRowTile];
 };
 
+// What the cell adds to the input term of gate g, unit j: b_ih, and b_hh
+// unless the cell keeps it apart (kHiddenBias); zero without biases.
+template <typename Cell, typename T>
+FASTRNN_HD typename AccOf<T>::type input_bias(const ForwardParams<T>& p, int64_t d, int64_t m) {
+  using A = typename AccOf<T>::type;
+  if (p.b_ih[d] == nullptr) return A(0);
+  return Cell::kHiddenBias ? to_acc(p.b_ih[d][m]) : to_acc(p.b_ih[d][m]) + to_acc(p.b_hh[d][m]);
+}
+
+// b_hh of gate g, unit j, for the kHiddenBias cells (zero for the others).
+template <typename Cell, typename T>
+FASTRNN_HD typename AccOf<T>::type hidden_bias(const ForwardParams<T>& p, int64_t d, int64_t m) {
+  using A = typename AccOf<T>::type;
+  return Cell::kHiddenBias && p.b_hh[d] != nullptr ? to_acc(p.b_hh[d][m]) : A(0);
+}
+
 // The input terms of an item's rows at step t, for its lane 0 (zero for
 // the other lanes, which never read them).
 template <typename Cell, typename T>
@@ -358,13 +374,17 @@ FASTRNN_HD void load_inputs(const ForwardParams<T>& p, int64_t t, int64_t d, int
                             const Item& x, int64_t j0,
                             UnitInputs<typename AccOf<T>::type, Cell>& in) {
   using A = typename AccOf<T>::type;
-  const int64_t GH = Cell::kGates * p.H;
+  const int64_t GH = Cell::kGates * p.H, j = j0 + x.c;
+  A bias[Cell::kGates];
+  FASTRNN_UNROLL
+  for (int g = 0; g < Cell::kGates; ++g)
+    bias[g] = x.valid && x.lane == 0 ? input_bias<Cell>(p, d, g * p.H + j) : A(0);
   FASTRNN_UNROLL
   for (int q = 0; q < kRowTile; ++q) {
     const bool ok = x.valid && x.lane == 0 && q < x.nr;
-    const T* u = p.u + ((d * p.T + t) * p.N + n0 + x.r0 + q) * GH + j0 + x.c;
+    const T* u = p.u + ((d * p.T + t) * p.N + n0 + x.r0 + q) * GH + j;
     FASTRNN_UNROLL
-    for (int g = 0; g < Cell::kGates; ++g) in.u[g][q] = ok ? to_acc(u[g * p.H]) : A(0);
+    for (int g = 0; g < Cell::kGates; ++g) in.u[g][q] = ok ? to_acc(u[g * p.H]) + bias[g] : A(0);
   }
 }
 
@@ -414,7 +434,7 @@ FASTRNN_HD void forward_items(const ForwardParams<T>& p, int64_t t, int64_t d, i
         for (int g = 0; g < G; ++g) {
           u[g] = in.u[g][q];
           hwq[g] = hw[g][q];
-          bh[g] = Cell::kHiddenBias && p.b_hh[d] != nullptr ? to_acc(p.b_hh[d][g * H + j]) : A(0);
+          bh[g] = hidden_bias<Cell>(p, d, g * H + j);
         }
         A c = Cell::kCellState ? cs[r * csw + x.c] : A(0);
         Cell::template forward<ScalarMath<A>, A>(u, hwq, bh, state[r * Ss + j], c, v, sv);
@@ -1074,9 +1094,9 @@ FASTRNN_HD void forward_step_body(const ForwardParams<T>& p, int64_t s,
   A u[G], hwq[G], bh[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
   const T* ut = p.u + ((d * p.T + t) * N + n) * GH + j;
   for (int g = 0; g < G; ++g) {
-    u[g] = to_acc(ut[g * H]);
+    u[g] = to_acc(ut[g * H]) + input_bias<Cell>(p, d, g * H + j);
     hwq[g] = hw[(d * N + n) * GH + g * H + j];
-    bh[g] = Cell::kHiddenBias && p.b_hh[d] != nullptr ? to_acc(p.b_hh[d][g * H + j]) : A(0);
+    bh[g] = hidden_bias<Cell>(p, d, g * H + j);
   }
   A cv = Cell::kCellState ? c[(d * N + n) * H + j] : A(0);
   A v;
