@@ -174,3 +174,48 @@ def test_nonfinite_propagates_like_torch(cell, options):
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
     finite = ~torch.isnan(y_ref)
     torch.testing.assert_close(y[finite], y_ref[finite], **TOL[torch.float64])
+
+
+# Sizes where W_hh of a direction passes 512 KB in float32, so that two
+# threads split units rather than rows (recurrence_cpu.cpp).
+COLUMN_SPLIT = [
+    pytest.param("rnn", 400, dict(nonlinearity="tanh"), id="rnn_tanh"),
+    pytest.param("lstm", 200, dict(), id="lstm"),
+    pytest.param("lstm", 300, dict(proj_size=150), id="lstm_proj"),
+    pytest.param("gru", 240, dict(), id="gru"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cell,hidden,options", COLUMN_SPLIT)
+def test_column_split_loops_match_torch_nn(cell, hidden, options, dtype):
+    ref, ours = pair(5, hidden, cell, dtype=dtype, num_layers=2, bidirectional=True, **options)
+    lengths = [6, 2, 5, 1, 6]
+    x = torch.randn(6, len(lengths), 5, dtype=dtype)
+    p = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+    packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                            p.unsorted_indices)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        compare(ref, ours, packed, initial_state(ref, len(lengths), dtype=dtype))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cell,hidden,options", COLUMN_SPLIT)
+def test_column_split_gives_the_row_loops_bits(cell, hidden, options):
+    """Every element's sums run in the same order whichever way the threads
+    split the work: two threads (units split) give one thread's bits."""
+    _, ours = pair(5, hidden, cell, num_layers=2, bidirectional=True, **options)
+    x = leaf(6, 3, 5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(ours, x)
+        torch.set_num_threads(2)
+        two = run(ours, x)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip([one[0], *one[1], *one[2]], [two[0], *two[1], *two[2]]):
+        assert torch.equal(a, b)

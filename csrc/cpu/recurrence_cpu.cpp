@@ -6,9 +6,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/recurrence_cpu.h"
 #include "recurrence.h"
@@ -40,18 +43,28 @@ Isa current_isa() { return static_cast<Isa>(isa_slot().load(std::memory_order_re
 template <typename S, typename Cell>
 struct Table {
   int64_t (*padded_width)(int64_t);
-  void (*pack)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
+  void (*pack)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   int64_t (*scratch_per_row)(int64_t, int64_t, bool);
   void (*forward_rows)(const ForwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
                        const S*, S*);
   void (*backward_rows)(const BackwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
                         S*);
+  void (*forward_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
+                          const S*, const S*, S*, S*, S*, S*);
+  void (*project_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
+                          const S*, const S*, S*, S*);
+  void (*backward_columns)(const BackwardParams<S>&, int64_t, int64_t, int64_t, int64_t,
+                           const S*, const S*, S*, S*, S*, S*);
+  void (*carry_columns)(const BackwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
+                        const S*, S*, S*);
 };
 
 #define FASTRNN_ISA_TABLE(isa)                                                               \
-  Table<S, Cell>{cpu::isa::padded_width<S>, cpu::isa::pack<S>,                               \
-                 cpu::isa::scratch_per_row<S, Cell>, cpu::isa::forward_rows<S, Cell>,        \
-                 cpu::isa::backward_rows<S, Cell>}
+  Table<S, Cell>{cpu::isa::padded_width<S>,           cpu::isa::pack<S>,                     \
+                 cpu::isa::scratch_per_row<S, Cell>,  cpu::isa::forward_rows<S, Cell>,       \
+                 cpu::isa::backward_rows<S, Cell>,    cpu::isa::forward_columns<S, Cell>,    \
+                 cpu::isa::project_columns<S, Cell>,  cpu::isa::backward_columns<S, Cell>,   \
+                 cpu::isa::carry_columns<S, Cell>}
 
 template <typename S, typename Cell>
 Table<S, Cell> kernels(Isa isa) {
@@ -73,8 +86,56 @@ at::Tensor packed(const Table<S, Cell>& k, const std::array<at::Tensor, 2>& w, i
   const int64_t Jp = blocks * k.padded_width(J);
   at::Tensor out = at::empty({D, K, Jp}, w[0].options());
   for (int64_t d = 0; d < D; ++d)
-    k.pack(w[d].data_ptr<S>(), sk, sc, K, J, blocks, out.data_ptr<S>() + d * K * Jp);
+    k.pack(w[d].data_ptr<S>(), sk, sc, K, J, blocks, J, out.data_ptr<S>() + d * K * Jp);
   return out;
+}
+
+// The column-split loops (recurrence_cpu_kernels.h): where W_hh of a
+// direction passes this many bytes, the threads split units instead of rows,
+// so that each reads its slice of the weights and not all of them every
+// step. About a core's share of L2 here (1 MB on the development machine).
+constexpr int64_t kColumnSplitBytes = 512 * 1024;
+
+// Threads for the column-split loops, or 1 where they do not pay.
+int64_t column_threads(int64_t weight_bytes) {
+  if (weight_bytes <= kColumnSplitBytes || at::in_parallel_region()) return 1;
+  return at::get_num_threads();
+}
+
+// The slices [begin, begin + size) of `units` columns for `parts` threads,
+// each starting on a whole vector of `lanes`: parts + 1 boundaries.
+std::vector<int64_t> slices(int64_t units, int64_t parts, int64_t lanes) {
+  const int64_t step = (units + parts * lanes - 1) / (parts * lanes) * lanes;
+  std::vector<int64_t> b(parts + 1);
+  for (int64_t i = 0; i <= parts; ++i) b[i] = std::min(units, i * step);
+  return b;
+}
+
+// Per direction and slice, b's columns [c0, c1) of every block packed as
+// pack() does: b[k][blk * bs + j] = w[d][k * sk + (blk * bs + c0 + j) * sc].
+template <typename S, typename Cell>
+std::vector<at::Tensor> packed_slices(const Table<S, Cell>& k, const std::array<at::Tensor, 2>& w,
+                                      int64_t D, int64_t sk, int64_t sc, int64_t K, int64_t bs,
+                                      int64_t blocks, const std::vector<int64_t>& b) {
+  std::vector<at::Tensor> out;
+  if (!w[0].defined()) return out;
+  for (int64_t d = 0; d < D; ++d) {
+    for (size_t i = 0; i + 1 < b.size(); ++i) {
+      const int64_t J = b[i + 1] - b[i];
+      at::Tensor t = at::empty({K, blocks * k.padded_width(std::max<int64_t>(J, 1))}, w[0].options());
+      if (J > 0) k.pack(w[d].data_ptr<S>() + b[i] * sc, sk, sc, K, J, blocks, bs, t.data_ptr<S>());
+      out.push_back(t);
+    }
+  }
+  return out;
+}
+
+// Runs fn(tid) on `threads` OpenMP threads at once; fn's barriers
+// (#pragma omp barrier) hold them together between phases.
+template <typename Fn>
+void on_threads(int64_t threads, const Fn& fn) {
+#pragma omp parallel num_threads(threads)
+  { fn(static_cast<int64_t>(omp_get_thread_num())); }
 }
 
 const void* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
@@ -135,15 +196,73 @@ const S* direction(const at::Tensor& packed, int64_t d) {
   return packed.defined() ? packed.data_ptr<S>() + d * packed.size(1) * packed.size(2) : nullptr;
 }
 
+// The column-split forward of every direction on `nt` threads.
+template <typename S, typename Cell>
+void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
+                          const ForwardLoop& a, const at::Tensor& bu, int64_t nt) {
+  constexpr int64_t G = Cell::kGates;
+  const int64_t D = p.D, T = p.T, N = p.N, H = p.H, P = p.P, lanes = k.padded_width(1);
+  const int64_t Hp = k.padded_width(H), Pp = k.padded_width(P);
+  const bool proj = a.w_hr[0].defined();
+  const std::vector<int64_t> ub = slices(H, nt, lanes), pb = slices(P, nt, lanes);
+  // W_hh^T's columns are W_hh's rows, per gate block of H; W_hr^T's, W_hr's.
+  const auto wf = packed_slices(k, a.w_hh, D, 1, P, P, H, G, ub);
+  const auto wr = packed_slices(k, a.w_hr, D, 1, H, H, P, 1, pb);
+  const auto opt = a.u.options();
+  at::Tensor state = at::zeros({D, 2, N, Pp}, opt), cs = at::zeros({D, N, Hp}, opt);
+  at::Tensor m = proj ? at::zeros({N, Hp}, opt) : at::Tensor();
+  at::Tensor gates = at::zeros({nt, N, G * k.padded_width(ub[1] - ub[0])}, opt);
+  at::Tensor tmp = at::zeros({nt, N, k.padded_width(pb[1] - pb[0])}, opt);
+  S* st = state.data_ptr<S>();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t n = 0; n < N; ++n) {
+      std::memcpy(st + (d * 2 * N + n) * Pp, p.h0 + (d * N + n) * P, sizeof(S) * P);
+      if (Cell::kCellState)
+        std::memcpy(cs.data_ptr<S>() + (d * N + n) * Hp, p.c0 + (d * N + n) * H, sizeof(S) * H);
+    }
+  on_threads(nt, [&](int64_t tid) {
+    const int64_t j0 = ub[tid], nu = ub[tid + 1] - j0, k0 = pb[tid], np = pb[tid + 1] - k0;
+    for (int64_t d = 0; d < D; ++d) {
+      S* sd = st + d * 2 * N * Pp;
+      S* csd = cs.data_ptr<S>() + d * N * Hp;
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = d == 0 ? s : T - 1 - s;
+        const S* prev = sd + (s & 1) * N * Pp;
+        S* next = sd + ((s + 1) & 1) * N * Pp;
+        if (nu > 0)
+          k.forward_columns(p, d, t, j0, nu, wf[d * nt + tid].template data_ptr<S>(),
+                            bu.data_ptr<S>() + d * bu.size(1), prev, next, csd,
+                            proj ? m.data_ptr<S>() : nullptr,
+                            gates.data_ptr<S>() + tid * gates.size(1) * gates.size(2));
+        if (proj) {
+#pragma omp barrier
+          if (np > 0)
+            k.project_columns(p, d, t, k0, np, wr[d * nt + tid].template data_ptr<S>(),
+                              m.data_ptr<S>(), prev, next,
+                              tmp.data_ptr<S>() + tid * tmp.size(1) * tmp.size(2));
+        }
+#pragma omp barrier
+      }
+    }
+  });
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t n = 0; n < N; ++n) {
+      std::memcpy(p.hn + (d * N + n) * P, st + ((d * 2 + (T & 1)) * N + n) * Pp, sizeof(S) * P);
+      if (Cell::kCellState)
+        std::memcpy(p.cn + (d * N + n) * H, cs.data_ptr<S>() + (d * N + n) * Hp, sizeof(S) * H);
+    }
+}
+
 template <typename S, typename Cell>
 void forward_typed(const ForwardLoop& a) {
   const Table<S, Cell> k = kernels<S, Cell>(current_isa());
   const int64_t D = a.u.size(0), T = a.u.size(1), N = a.u.size(2), H = a.u.size(3) / Cell::kGates;
   const int64_t P = a.h0.size(2);
   const bool proj = a.w_hr[0].defined();
+  const bool columns = column_threads(Cell::kGates * H * P * static_cast<int64_t>(sizeof(S))) > 1;
   // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_hr (P, H) as W_hr^T.
-  const at::Tensor wf = packed(k, a.w_hh, D, 1, P, P, H, Cell::kGates);
-  const at::Tensor wr = packed(k, a.w_hr, D, 1, H, H, P, 1);
+  const at::Tensor wf = columns ? at::Tensor() : packed(k, a.w_hh, D, 1, P, P, H, Cell::kGates);
+  const at::Tensor wr = columns ? at::Tensor() : packed(k, a.w_hr, D, 1, H, H, P, 1);
   ForwardParams<S> p;
   p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
   p.u = a.u.data_ptr<S>();
@@ -160,11 +279,66 @@ void forward_typed(const ForwardLoop& a) {
   p.hn = a.hn.data_ptr<S>();
   p.cn = a.cn.defined() ? a.cn.data_ptr<S>() : nullptr;
   p.saved = a.saved.defined() ? a.saved.data_ptr<S>() : nullptr;
+  const int64_t nt = column_threads(Cell::kGates * H * P * static_cast<int64_t>(sizeof(S)));
+  if (nt > 1) return forward_columns_loop(k, p, a, bu, nt);
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.u.options(),
               [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
                 k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wr, d),
                                bu.data_ptr<S>() + d * bu.size(1), scratch);
               });
+}
+
+// The column-split backward of every direction on `nt` threads.
+template <typename S, typename Cell>
+void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
+                           const BackwardLoop& a, int64_t nt) {
+  const int64_t D = p.D, T = p.T, N = p.N, H = p.H, P = p.P, GH = Cell::kGates * H;
+  const int64_t lanes = k.padded_width(1), Hp = k.padded_width(H), Pp = k.padded_width(P);
+  const bool proj = a.w_hr[0].defined();
+  const std::vector<int64_t> ub = slices(H, nt, lanes), pb = slices(P, nt, lanes);
+  // The carry's slice is W_hh's columns [k0, k0 + np); the projection's W_hr's
+  // columns [j0, j0 + nu), both as stored.
+  const auto wb = packed_slices(k, a.w_hh, D, P, 1, GH, P, 1, pb);
+  const auto wr = packed_slices(k, a.w_hr, D, H, 1, P, H, 1, ub);
+  const auto opt = a.dgh.options();
+  at::Tensor dh = at::zeros({D, 2, N, Pp}, opt), dc = at::zeros({D, N, Hp}, opt);
+  at::Tensor gp = at::zeros({nt, N, Pp}, opt);
+  at::Tensor gm = at::zeros({nt, N, k.padded_width(ub[1] - ub[0])}, opt);
+  at::Tensor tmp = at::zeros({nt, N, k.padded_width(pb[1] - pb[0])}, opt);
+  S* dhp = dh.data_ptr<S>();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t n = 0; n < N; ++n) {
+      if (p.dhn) std::memcpy(dhp + (d * 2 * N + n) * Pp, p.dhn + (d * N + n) * P, sizeof(S) * P);
+      if (Cell::kCellState && p.dcn)
+        std::memcpy(dc.data_ptr<S>() + (d * N + n) * Hp, p.dcn + (d * N + n) * H, sizeof(S) * H);
+    }
+  on_threads(nt, [&](int64_t tid) {
+    const int64_t j0 = ub[tid], nu = ub[tid + 1] - j0, k0 = pb[tid], np = pb[tid + 1] - k0;
+    for (int64_t d = 0; d < D; ++d) {
+      S* dhd = dhp + d * 2 * N * Pp;
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = d == 0 ? T - 1 - s : s;
+        const S* cur = dhd + (s & 1) * N * Pp;
+        S* next = dhd + ((s + 1) & 1) * N * Pp;
+        if (nu > 0 || (proj && j0 == 0))
+          k.backward_columns(p, d, t, j0, nu, proj ? wr[d * nt + tid].template data_ptr<S>() : nullptr,
+                             cur, next, dc.data_ptr<S>() + d * N * Hp,
+                             gp.data_ptr<S>() + tid * N * Pp,
+                             gm.data_ptr<S>() + tid * gm.size(1) * gm.size(2));
+#pragma omp barrier
+        if (np > 0)
+          k.carry_columns(p, d, t, k0, np, wb[d * nt + tid].template data_ptr<S>(), cur, next,
+                          tmp.data_ptr<S>() + tid * tmp.size(1) * tmp.size(2));
+#pragma omp barrier
+      }
+    }
+  });
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t n = 0; n < N; ++n) {
+      std::memcpy(p.dh0 + (d * N + n) * P, dhp + ((d * 2 + (T & 1)) * N + n) * Pp, sizeof(S) * P);
+      if (Cell::kCellState)
+        std::memcpy(p.dc0 + (d * N + n) * H, dc.data_ptr<S>() + (d * N + n) * Hp, sizeof(S) * H);
+    }
 }
 
 template <typename S, typename Cell>
@@ -173,9 +347,10 @@ void backward_typed(const BackwardLoop& a) {
   const int64_t D = a.dgh.size(0), T = a.dgh.size(1), N = a.dgh.size(2);
   const int64_t GH = a.dgh.size(3), H = GH / Cell::kGates, P = a.h0.size(2);
   const bool proj = a.w_hr[0].defined();
+  const int64_t nt = column_threads(GH * P * static_cast<int64_t>(sizeof(S)));
   // W_hh (G*H, P) and W_hr (P, H) as stored.
-  const at::Tensor wb = packed(k, a.w_hh, D, P, 1, GH, P, 1);
-  const at::Tensor wr = packed(k, a.w_hr, D, H, 1, P, H, 1);
+  const at::Tensor wb = nt > 1 ? at::Tensor() : packed(k, a.w_hh, D, P, 1, GH, P, 1);
+  const at::Tensor wr = nt > 1 ? at::Tensor() : packed(k, a.w_hr, D, H, 1, P, H, 1);
   BackwardParams<S> p;
   p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
   p.dy = a.dy.data_ptr<S>();
@@ -192,6 +367,7 @@ void backward_typed(const BackwardLoop& a) {
   p.dhr = a.dhr.defined() ? a.dhr.data_ptr<S>() : nullptr;
   p.dh0 = a.dh0.data_ptr<S>();
   p.dc0 = a.dc0.defined() ? a.dc0.data_ptr<S>() : nullptr;
+  if (nt > 1) return backward_columns_loop(k, p, a, nt);
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.dgh.options(),
               [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
                 k.backward_rows(p, d, n0, n1, direction<S>(wb, d), direction<S>(wr, d), scratch);

@@ -16,11 +16,12 @@
   /* Columns of J padded to whole vectors of this instruction set. */                       \
   template <typename S>                                                                       \
   int64_t padded_width(int64_t J);                                                            \
-  /* Packs b (K x blocks*J), b[k][c] = src[k * sk + c * sc], for the time loops: each */     \
-  /* block of J columns padded to padded_width(J); K * blocks * padded_width(J) elements. */ \
+  /* Packs b (K x blocks*J), b[k][c] = src[k * sk + (blk * bs + j) * sc] for column j of */   \
+  /* block blk, for the time loops: each block of J columns padded to padded_width(J); */     \
+  /* K * blocks * padded_width(J) elements. */                                                \
   template <typename S>                                                                       \
   void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks,      \
-            S* out);                                                                          \
+            int64_t bs, S* out);                                                              \
   /* Scratch elements per row of a block, forward or backward. */                            \
   template <typename S, typename Cell>                                                        \
   int64_t scratch_per_row(int64_t H, int64_t P, bool proj);                                   \
@@ -34,6 +35,21 @@
   template <typename S, typename Cell>                                                        \
   void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,           \
                      const S* wb, const S* wr, S* scratch);                                   \
+  /* One thread's share of a step of the column-split loops (recurrence_cpu_kernels.h). */   \
+  template <typename S, typename Cell>                                                        \
+  void forward_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0,          \
+                       int64_t nu, const S* wf, const S* bu, const S* prev, S* next, S* cs,  \
+                       S* m, S* gates);                                                       \
+  template <typename S, typename Cell>                                                        \
+  void project_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t k0,          \
+                       int64_t np, const S* wr, const S* m, const S* prev, S* next, S* tmp); \
+  template <typename S, typename Cell>                                                        \
+  void backward_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t j0,        \
+                        int64_t nu, const S* wr, const S* dh, S* dh_next, S* dc, S* gp,      \
+                        S* gm);                                                               \
+  template <typename S, typename Cell>                                                        \
+  void carry_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0,           \
+                     int64_t np, const S* wb, const S* dh, S* dh_next, S* tmp);               \
   }                                                                                           \
   }                                                                                           \
   }

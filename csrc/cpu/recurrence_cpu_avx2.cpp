@@ -23,6 +23,13 @@ namespace avx2 {
 typedef double vd __attribute__((vector_size(32)));
 typedef float vf __attribute__((vector_size(32)));
 inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd4_u10avx2((__m256d)x); }
+// p / q through a 12-bit reciprocal and one Newton step (about 2^-22
+// relative).
+inline vf divide(vf p, vf q) {
+  vf r = (vf)_mm256_rcp_ps((__m256)q);
+  r = r * (2.f - q * r);
+  return p * r;
+}
 inline vd exp_vec(vd x) { return (vd)Sleef_expd4_u10avx2((__m256d)x); }
 inline vf exp_vec(vf x) { return (vf)Sleef_expf8_u10avx2((__m256)x); }
 

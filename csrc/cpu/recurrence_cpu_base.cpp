@@ -20,6 +20,7 @@ inline vd exp_vec(vd x) {
   for (int i = 0; i < 2; ++i) x[i] = std::exp(x[i]);
   return x;
 }
+inline vf divide(vf p, vf q) { return p / q; }
 inline vf exp_vec(vf x) {
   for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
   return x;

@@ -5,8 +5,10 @@
 // target`, having defined
 //   FASTRNN_CPU_ISA    the namespace these kernels land in (avx512, avx2, base)
 //   FASTRNN_VEC_BYTES  the width of one vector register in bytes
-// and, in that namespace, the vector functions exp_vec (float and double)
-// and tanh_vec (double) on GCC vectors of FASTRNN_VEC_BYTES bytes. Nothing
+// and, in that namespace, the vector functions exp_vec (float and double),
+// tanh_vec (double) and divide (float: p / q, or p times a refined
+// reciprocal of q where the instruction set has one) on GCC vectors of
+// FASTRNN_VEC_BYTES bytes. Nothing
 // here may use a template from the standard library: an out-of-line copy
 // compiled for AVX-512 could be picked by the linker for every caller.
 //
@@ -41,9 +43,11 @@ struct VecOf<double> {
 // tanh for float: a 13/6-degree rational approximation, accurate to a few
 // ulp, evaluated in vector registers (the C library's tanhf costs about 20
 // times more per element here). The input is clamped to [-c, c], where the
-// approximation reaches exactly +-1, which also maps +-inf to +-1; NaN fails
-// every comparison and so passes through the clamp and the quotient as NaN.
-// Below |x| = 4e-4, tanh(x) rounds to x itself.
+// approximation reaches +-1 (to within the quotient's rounding), which also
+// maps +-inf there; NaN fails every comparison and so passes through the
+// clamp and the quotient as NaN. Below |x| = 4e-4, tanh(x) rounds to x
+// itself. The quotient is the instruction set's divide(): a vector division
+// costs as much as the rest together on some processors.
 template <typename V>
 inline V tanh_rational(V x) {
   const V c = V{} + 7.99881172180175781f;
@@ -61,7 +65,7 @@ inline V tanh_rational(V x) {
   q = q * x2 + 2.26843463243900e-03f;
   q = q * x2 + 4.89352518554385e-03f;
   const V ax = x < 0 ? -x : x;
-  return ax < 4e-4f ? x : p / q;
+  return ax < 4e-4f ? x : divide(p, q);
 }
 
 // The cells' math on vectors of units (cells.h): float's tanh is the
@@ -74,9 +78,15 @@ struct VecMath {
     if constexpr (sizeof(S) == 4) return tanh_rational(x);
     else return tanh_vec(x);
   }
-  // 1 / (1 + exp(-x)): exp(inf) = inf gives 0 at -inf, exp(-inf) = 0 gives 1
-  // at inf, and NaN stays NaN.
-  static inline V sigmoid(V x) { return S(1) / (S(1) + exp_vec(-x)); }
+  // float: 1/2 + tanh(x/2)/2 with the rational tanh, in registers (a
+  // library exp and a division cost about twice as much); its error is a
+  // few ulp of 1 near saturation, far below what float32 resolves in the
+  // cells' sums. double: 1 / (1 + exp(-x)). Both give 0 at -inf, 1 at inf
+  // and keep NaN.
+  static inline V sigmoid(V x) {
+    if constexpr (sizeof(S) == 4) return S(0.5) + S(0.5) * tanh_rational(S(0.5) * x);
+    else return S(1) / (S(1) + exp_vec(-x));
+  }
   // `x < 0 ? 0 : x` keeps NaN, as torch.relu does.
   static inline V relu(V x) { return x < S(0) ? V{} : x; }
   // torch's threshold_backward: zero where the output is <= 0.
@@ -127,12 +137,13 @@ struct Kernels {
   // Packs b (K x Gb*J) into column panels, each K x width and contiguous.
   // The columns come in Gb blocks of J (the gates of a W_hh^T), each block
   // zero-padded to padded(J) so that every block starts on a whole vector:
-  // out holds K * Gb * padded(J). b[k][col] is src[k * sk + col * sc], so
-  // the same routine packs a matrix or its transpose. A step then reads its
-  // weights in order instead of at a stride, which maps a whole column of a
-  // large b onto a few cache sets.
+  // out holds K * Gb * padded(J). Column j of block blk is column blk * bs + j
+  // of the source (bs = J for a whole matrix, H for a slice of units), and
+  // b[k][col] is src[k * sk + col * sc], so the same routine packs a matrix
+  // or its transpose. A step then reads its weights in order instead of at a
+  // stride, which maps a whole column of a large b onto a few cache sets.
   static void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t Gb,
-                   S* out) {
+                   int64_t bs, S* out) {
     const int64_t Jb = padded(J), Jp = Gb * Jb;
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
@@ -140,7 +151,7 @@ struct Kernels {
       for (int64_t k = 0; k < K; ++k) {
         for (int64_t c = 0; c < w; ++c) {
           const int64_t col = j0 + c, blk = col / Jb, j = col - blk * Jb;
-          panel[k * w + c] = j < J ? src[k * sk + (blk * J + j) * sc] : S(0);
+          panel[k * w + c] = j < J ? src[k * sk + (blk * bs + j) * sc] : S(0);
         }
       }
     }
@@ -281,33 +292,57 @@ struct Kernels {
     return fwd > bwd ? fwd : bwd;
   }
 
-  // The forward step of row r's H units: hw (G blocks of padded(H)) from the
-  // GEMM, u and saved (G*H and Ws wide) in global memory, the input bias bu
-  // (G blocks of padded(H)), h_prev and c in scratch rows of padded(H); the
-  // new state into h (padded) and, unless null, into out (H wide).
-  static void forward_units(int64_t H, const S* u, const S* bu, const S* hw, const S* const* bh,
-                            const S* h_prev, S* c, S* h, S* out, S* saved) {
-    const int64_t Hp = padded(H);
-    for (int64_t j = 0; j < H; j += W) {
-      const int64_t n = H - j < W ? H - j : W;
-      V uv[G], hwv[G], bhv[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
-      for (int g = 0; g < G; ++g) {
-        uv[g] = load_n(u + g * H + j, n) + load(bu + g * Hp + j);
-        hwv[g] = load(hw + g * Hp + j);
-        bhv[g] = Cell::kHiddenBias && bh[0] != nullptr ? load_n(bh[0] + g * H + j, n) : V{};
-      }
-      const V hp = Cell::kPrevState ? load(h_prev + j) : V{};
-      V cv = Cell::kCellState ? load(c + j) : V{};
-      V hv;
-      Cell::template forward<M, V>(uv, hwv, bhv, hp, cv, hv, sv);
-      store(h + j, hv);
-      if (out != nullptr) store_n(out + j, hv, n);
-      for (int k = 0; k < Cell::kSaved; ++k) store_n(saved + k * H + j, sv[k], n);
-      if constexpr (Cell::kCellState) {
-        store(c + j, cv);
-        store_n(saved + Cell::kSaved * H + j, cv, n);
-      }
+  // The first n lanes at p: a whole vector where kFull (known at compile
+  // time, so that the loop over whole vectors has no branches).
+  template <bool kFull>
+  static inline V load_part(const S* p, int64_t n) {
+    if constexpr (kFull) return load(p);
+    else return load_n(p, n);
+  }
+  template <bool kFull>
+  static inline void store_part(S* p, V v, int64_t n) {
+    if constexpr (kFull) store(p, v);
+    else store_n(p, v, n);
+  }
+
+  template <bool kFull>
+  static inline void forward_chunk(int64_t j, int64_t n, int64_t ld, const S* u, const S* bu,
+                                   int64_t bu_ld, const S* hw, int64_t hw_ld, const S* bh,
+                                   const S* h_prev, S* c, S* h, S* out, S* saved) {
+    V uv[G], hwv[G], bhv[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      uv[g] = load_part<kFull>(u + g * ld + j, n) + load(bu + g * bu_ld + j);
+      hwv[g] = load(hw + g * hw_ld + j);
+      bhv[g] = Cell::kHiddenBias && bh != nullptr ? load_part<kFull>(bh + g * ld + j, n) : V{};
     }
+    const V hp = Cell::kPrevState ? load(h_prev + j) : V{};
+    V cv = Cell::kCellState ? load(c + j) : V{};
+    V hv;
+    Cell::template forward<M, V>(uv, hwv, bhv, hp, cv, hv, sv);
+    store(h + j, hv);
+    if (out != nullptr) store_part<kFull>(out + j, hv, n);
+#pragma GCC unroll 4
+    for (int k = 0; k < Cell::kSaved; ++k) store_part<kFull>(saved + k * ld + j, sv[k], n);
+    if constexpr (Cell::kCellState) {
+      store(c + j, cv);
+      store_part<kFull>(saved + Cell::kSaved * ld + j, cv, n);
+    }
+  }
+
+  // The forward step of one row's units [0, units) (pointers at the first):
+  // hw from the GEMM and bu, the bias added to u, gate blocks hw_ld and
+  // bu_ld apart in scratch; u, saved and bh (kHiddenBias, or null) gate
+  // blocks ld apart in global memory; h_prev and c in scratch rows. The new
+  // state into h (whole vectors) and, unless null, into out (units wide).
+  static void forward_units(int64_t units, int64_t ld, const S* u, const S* bu, int64_t bu_ld,
+                            const S* hw, int64_t hw_ld, const S* bh, const S* h_prev, S* c, S* h,
+                            S* out, S* saved) {
+    int64_t j = 0;
+    for (; j + W <= units; j += W)
+      forward_chunk<true>(j, W, ld, u, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
+    if (j < units)
+      forward_chunk<false>(j, units - j, ld, u, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
   }
 
   // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
@@ -324,7 +359,6 @@ struct Kernels {
     S* gates = next + R * Pp;        // (R, G*Hp) h_prev W_hh^T
     S* cs = gates + R * G * Hp;      // (R, Hp) the cell state (kCellState)
     S* m = cs + (Cell::kCellState ? R * Hp : 0);  // (R, Hp) the cell's output (projections)
-    const S* bh[1] = {p.b_hh[d]};
     for (int64_t r = 0; r < R; ++r) {
       std::memcpy(prev + r * Pp, p.h0 + (d * N + n0 + r) * P, sizeof(S) * P);
       if (Cell::kCellState) std::memcpy(cs + r * Hp, p.c0 + (d * N + n0 + r) * H, sizeof(S) * H);
@@ -340,9 +374,9 @@ struct Kernels {
         gemm(R, G * Hp, P, prev, Pp, wf, gates, G * Hp);
         for (int64_t r = 0; r < R; ++r) {
           if (row_active(p.lengths, n0 + r, t)) {
-            forward_units(H, u + r * GH, bu, gates + r * G * Hp, bh, prev + r * Pp, cs + r * Hp,
-                          proj ? m + r * Hp : next + r * Pp, proj ? nullptr : out + r * DP,
-                          saved + r * Ws);
+            forward_units(H, H, u + r * GH, bu, Hp, gates + r * G * Hp, Hp, p.b_hh[d],
+                          prev + r * Pp, cs + r * Hp, proj ? m + r * Hp : next + r * Pp,
+                          proj ? nullptr : out + r * DP, saved + r * Ws);
           } else {
             std::memset(out + r * DP, 0, sizeof(S) * P);
             if (Ws) std::memset(saved + r * Ws, 0, sizeof(S) * Ws);
@@ -368,32 +402,44 @@ struct Kernels {
     }
   }
 
-  // The backward step of row r's H units at step t: gh (dL/dh', padded
-  // scratch or, for Elman, dy + dh summed here), the forward's y, saved and
-  // the states around the step; dgh, dgi (G*H wide) out, dc (padded scratch)
-  // updated, the part of dL/dh_prev outside W_hh into dh_prev (padded).
-  static void backward_units(int64_t H, const S* gh, const S* dy, const S* y, const S* saved,
-                             const S* h_prev, const S* c_prev, S* dc, S* dgh, S* dgi,
-                             S* dh_prev) {
-    for (int64_t j = 0; j < H; j += W) {
-      const int64_t n = H - j < W ? H - j : W;
-      const V g = dy != nullptr ? load_n(dy + j, n) + load(gh + j) : load(gh + j);
-      const V h = y != nullptr ? load_n(y + j, n) : V{};
-      V sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
-      for (int k = 0; k < Cell::kSaved; ++k) sv[k] = load_n(saved + k * H + j, n);
-      const V c = Cell::kCellState ? load_n(saved + Cell::kSaved * H + j, n) : V{};
-      const V cp = Cell::kCellState ? load_n(c_prev + j, n) : V{};
-      const V hp = Cell::kPrevState ? load_n(h_prev + j, n) : V{};
-      V dcv = Cell::kCellState ? load(dc + j) : V{};
-      V dghv[G], dgiv[G], dhp{};
-      Cell::template backward<M, V>(g, h, sv, hp, cp, c, dcv, dghv, dgiv, dhp);
-      for (int k = 0; k < G; ++k) {
-        store_n(dgh + k * H + j, dghv[k], n);
-        if (Cell::kHiddenBias) store_n(dgi + k * H + j, dgiv[k], n);
-      }
-      if (Cell::kCellState) store(dc + j, dcv);
-      if (Cell::kPrevState) store(dh_prev + j, dhp);
+  template <bool kFull>
+  static inline void backward_chunk(int64_t j, int64_t n, int64_t ld, const S* gh, const S* dy,
+                                    const S* y, const S* saved, const S* h_prev,
+                                    const S* c_prev, S* dc, S* dgh, S* dgi, S* dh_prev) {
+    const V g = dy != nullptr ? load_part<kFull>(dy + j, n) + load(gh + j) : load(gh + j);
+    const V h = y != nullptr ? load_part<kFull>(y + j, n) : V{};
+    V sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
+#pragma GCC unroll 4
+    for (int k = 0; k < Cell::kSaved; ++k) sv[k] = load_part<kFull>(saved + k * ld + j, n);
+    const V c = Cell::kCellState ? load_part<kFull>(saved + Cell::kSaved * ld + j, n) : V{};
+    const V cp = Cell::kCellState ? load_part<kFull>(c_prev + j, n) : V{};
+    const V hp = Cell::kPrevState ? load_part<kFull>(h_prev + j, n) : V{};
+    V dcv = Cell::kCellState ? load(dc + j) : V{};
+    V dghv[G], dgiv[G], dhp{};
+    Cell::template backward<M, V>(g, h, sv, hp, cp, c, dcv, dghv, dgiv, dhp);
+#pragma GCC unroll 4
+    for (int k = 0; k < G; ++k) {
+      store_part<kFull>(dgh + k * ld + j, dghv[k], n);
+      if (Cell::kHiddenBias) store_part<kFull>(dgi + k * ld + j, dgiv[k], n);
     }
+    if (Cell::kCellState) store(dc + j, dcv);
+    if (Cell::kPrevState) store(dh_prev + j, dhp);
+  }
+
+  // The backward step of one row's units [0, units) at a step: gh (dL/dh',
+  // scratch; plus dy where dy is not null), the forward's y, saved and the
+  // states around the step (saved, dgh, dgi gate blocks ld apart); dgh, dgi
+  // out, dc (scratch) updated, the part of dL/dh_prev outside W_hh into
+  // dh_prev (scratch, whole vectors).
+  static void backward_units(int64_t units, int64_t ld, const S* gh, const S* dy, const S* y,
+                             const S* saved, const S* h_prev, const S* c_prev, S* dc, S* dgh,
+                             S* dgi, S* dh_prev) {
+    int64_t j = 0;
+    for (; j + W <= units; j += W)
+      backward_chunk<true>(j, W, ld, gh, dy, y, saved, h_prev, c_prev, dc, dgh, dgi, dh_prev);
+    if (j < units)
+      backward_chunk<false>(j, units - j, ld, gh, dy, y, saved, h_prev, c_prev, dc, dgh, dgi,
+                            dh_prev);
   }
 
   // Rows [n0, n1) of direction d, all T steps in the reverse order of the
@@ -453,7 +499,7 @@ struct Kernels {
                           : q >= 0 ? p.saved + ((d * T + q) * N + n) * Ws + Cell::kSaved * H
                                    : p.c0 + (d * N + n) * H;
         const int64_t o = (t * N + n) * DP + d * P;  // row n of step t in y and dy
-        backward_units(H, proj ? dm + r * Hp : dh + r * Pp, proj ? nullptr : p.dy + o,
+        backward_units(H, H, proj ? dm + r * Hp : dh + r * Pp, proj ? nullptr : p.dy + o,
                        proj ? nullptr : p.y + o, Ws ? p.saved + ((d * T + t) * N + n) * Ws : nullptr,
                        h_prev, c_prev, dc + r * Hp, dgh + r * GH,
                        dgi ? dgi + r * GH : nullptr, dh_next + r * Pp);
@@ -470,6 +516,143 @@ struct Kernels {
     for (int64_t r = 0; r < R; ++r) {
       std::memcpy(p.dh0 + (d * N + n0 + r) * P, dh + r * Pp, sizeof(S) * P);
       if (Cell::kCellState) std::memcpy(p.dc0 + (d * N + n0 + r) * H, dc + r * Hp, sizeof(S) * H);
+    }
+  }
+};
+
+// The column-split time loops: where W_hh is too large to sit in one
+// core's cache, every thread takes a slice of the units of all rows (and a
+// slice of the state's columns for the GEMMs that produce it), so that each
+// thread reads its slice of the weights, not all of them, every step; the
+// threads meet at a barrier between phases (recurrence_cpu.cpp). Slices
+// start on whole vectors, so that no thread's vector stores reach into
+// another's columns.
+template <typename S, typename Cell>
+struct Columns {
+  using Kn = Kernels<S, Cell>;
+  using V = typename Kn::V;
+  static constexpr int G = Cell::kGates;
+
+  // One thread's share of forward step t, units [j0, j0 + nu) of every row.
+  // wf: its slice of W_hh^T packed (P x G blocks of padded(nu)); bu (G
+  // blocks of padded(H)); prev (N, Pp) the state before the step; next, cs
+  // and m (rows of Pp, Hp and Hp): it writes their columns [j0, j0 + nu);
+  // gates (N, G * padded(nu)) its own scratch.
+  static void forward(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
+                      const S* wf, const S* bu, const S* prev, S* next, S* cs, S* m, S* gates) {
+    const int64_t N = p.N, H = p.H, P = p.P, DP = p.D * P, GH = G * H, Ws = saved_width<Cell>(H);
+    const int64_t Hp = Kn::padded(H), Pp = Kn::padded(P), nup = Kn::padded(nu);
+    const bool proj = m != nullptr;
+    Kn::gemm(N, G * nup, P, prev, Pp, wf, gates, G * nup);
+    for (int64_t n = 0; n < N; ++n) {
+      const S* u = p.u + ((d * p.T + t) * N + n) * GH + j0;
+      S* out = p.y + (t * N + n) * DP + d * P + j0;
+      S* saved = Ws ? p.saved + ((d * p.T + t) * N + n) * Ws + j0 : nullptr;
+      if (row_active(p.lengths, n, t)) {
+        Kn::forward_units(nu, H, u, bu + j0, Hp, gates + n * G * nup, nup,
+                          p.b_hh[d] ? p.b_hh[d] + j0 : nullptr, prev + n * Pp + j0,
+                          cs + n * Hp + j0, proj ? m + n * Hp + j0 : next + n * Pp + j0,
+                          proj ? nullptr : out, saved);
+        continue;
+      }
+      for (int64_t k = 0; k < Cell::kSaved + (Cell::kCellState ? 1 : 0); ++k)
+        std::memset(saved + k * H, 0, sizeof(S) * nu);
+      if (proj) {
+        std::memset(m + n * Hp + j0, 0, sizeof(S) * nu);
+      } else {
+        std::memcpy(next + n * Pp + j0, prev + n * Pp + j0, sizeof(S) * nu);
+        std::memset(out, 0, sizeof(S) * nu);
+      }
+    }
+  }
+
+  // With projections, after a barrier: columns [k0, k0 + np) of the new
+  // state, m W_hr^T, and of the output. wr: W_hr^T's slice packed (H x
+  // padded(np)); tmp (N, padded(np)) the thread's own.
+  static void project(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t k0, int64_t np,
+                      const S* wr, const S* m, const S* prev, S* next, S* tmp) {
+    const int64_t N = p.N, P = p.P, DP = p.D * P, Hp = Kn::padded(p.H), Pp = Kn::padded(P);
+    const int64_t npp = Kn::padded(np);
+    Kn::gemm(N, npp, p.H, m, Hp, wr, tmp, npp);
+    for (int64_t n = 0; n < N; ++n) {
+      S* out = p.y + (t * N + n) * DP + d * P + k0;
+      if (row_active(p.lengths, n, t)) {
+        std::memcpy(next + n * Pp + k0, tmp + n * npp, sizeof(S) * np);
+        std::memcpy(out, tmp + n * npp, sizeof(S) * np);
+      } else {
+        std::memcpy(next + n * Pp + k0, prev + n * Pp + k0, sizeof(S) * np);
+        std::memset(out, 0, sizeof(S) * np);
+      }
+    }
+  }
+
+  // One thread's share of backward step t, phase 1: the cell's backward step
+  // for units [j0, j0 + nu) of every row (dgh, dgi, dc, and the part of
+  // dL/dh_prev outside W_hh into dh_next's columns). dh (N, Pp) dL/dh of the
+  // state after the step. With projections (wr: W_hr's slice packed, P x
+  // padded(nu)), dL/dh' (gp, N x Pp) first, which thread j0 == 0 also keeps
+  // in p.dhr, and gm = gp W_hr (N x padded(nu)), both the thread's own.
+  static void backward(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
+                       const S* wr, const S* dh, S* dh_next, S* dc, S* gp, S* gm) {
+    const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * P, GH = G * H;
+    const int64_t Ws = saved_width<Cell>(H), Hp = Kn::padded(H), Pp = Kn::padded(P);
+    const int64_t nup = Kn::padded(nu);
+    const bool proj = wr != nullptr;
+    if (proj) {
+      for (int64_t n = 0; n < N; ++n) {
+        S* g = gp + n * Pp;
+        if (row_active(p.lengths, n, t)) {
+          const S* dy = p.dy + (t * N + n) * DP + d * P;
+          for (int64_t k = 0; k < P; ++k) g[k] = dy[k] + dh[n * Pp + k];
+        } else {
+          std::memset(g, 0, sizeof(S) * P);
+        }
+        if (j0 == 0) std::memcpy(p.dhr + ((d * T + t) * N + n) * P, g, sizeof(S) * P);
+      }
+      Kn::gemm(N, nup, P, gp, Pp, wr, gm, nup);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      S* dgh = p.dgh + ((d * T + t) * N + n) * GH + j0;
+      S* dgi = Cell::kHiddenBias ? p.dgi + ((d * T + t) * N + n) * GH + j0 : nullptr;
+      if (!row_active(p.lengths, n, t)) {
+        for (int g = 0; g < G; ++g) {
+          std::memset(dgh + g * H, 0, sizeof(S) * nu);
+          if (dgi) std::memset(dgi + g * H, 0, sizeof(S) * nu);
+        }
+        continue;
+      }
+      const int64_t q = prev_step(p.lengths, n, t, d, T);
+      const S* h_prev = q >= 0 ? p.y + (q * N + n) * DP + d * P : p.h0 + (d * N + n) * P;
+      const S* c_prev = !Cell::kCellState ? nullptr
+                        : q >= 0 ? p.saved + ((d * T + q) * N + n) * Ws + Cell::kSaved * H
+                                 : p.c0 + (d * N + n) * H;
+      const int64_t o = (t * N + n) * DP + d * P + j0;
+      Kn::backward_units(nu, H, proj ? gm + n * nup : dh + n * Pp + j0,
+                         proj ? nullptr : p.dy + o, proj ? nullptr : p.y + o,
+                         Ws ? p.saved + ((d * T + t) * N + n) * Ws + j0 : nullptr,
+                         h_prev + j0, c_prev ? c_prev + j0 : nullptr, dc + n * Hp + j0, dgh, dgi,
+                         dh_next + n * Pp + j0);
+    }
+  }
+
+  // Phase 2, after a barrier: columns [k0, k0 + np) of dL/dh_prev, dgh W_hh
+  // (added to phase 1's part outside W_hh for kPrevState cells) for active
+  // rows, dh for the others. wb: W_hh's slice packed (G*H x padded(np));
+  // tmp (N, padded(np)) the thread's own.
+  static void carry(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0, int64_t np,
+                    const S* wb, const S* dh, S* dh_next, S* tmp) {
+    const int64_t N = p.N, GH = G * p.H, Pp = Kn::padded(p.P), npp = Kn::padded(np);
+    Kn::gemm(N, npp, GH, p.dgh + ((d * p.T + t) * N) * GH, GH, wb, tmp, npp);
+    for (int64_t n = 0; n < N; ++n) {
+      S* dst = dh_next + n * Pp + k0;
+      const S* src = tmp + n * npp;
+      if (!row_active(p.lengths, n, t)) {
+        std::memcpy(dst, dh + n * Pp + k0, sizeof(S) * np);
+      } else if (Cell::kPrevState) {
+        for (int64_t k = 0; k < np; ++k) dst[k] += src[k];
+      } else {
+        std::memcpy(dst, src, sizeof(S) * np);
+      }
     }
   }
 };
@@ -492,13 +675,38 @@ void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1
 }
 
 template <typename S>
-void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks, S* out) {
-  Kernels<S, ElmanTanh>::pack(src, sk, sc, K, J, blocks, out);
+void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks, int64_t bs,
+          S* out) {
+  Kernels<S, ElmanTanh>::pack(src, sk, sc, K, J, blocks, bs, out);
 }
 
 template <typename S, typename Cell>
 int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
   return Kernels<S, Cell>::scratch_per_row(H, P, proj);
+}
+
+template <typename S, typename Cell>
+void forward_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
+                     const S* wf, const S* bu, const S* prev, S* next, S* cs, S* m, S* gates) {
+  Columns<S, Cell>::forward(p, d, t, j0, nu, wf, bu, prev, next, cs, m, gates);
+}
+
+template <typename S, typename Cell>
+void project_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t k0, int64_t np,
+                     const S* wr, const S* m, const S* prev, S* next, S* tmp) {
+  Columns<S, Cell>::project(p, d, t, k0, np, wr, m, prev, next, tmp);
+}
+
+template <typename S, typename Cell>
+void backward_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
+                      const S* wr, const S* dh, S* dh_next, S* dc, S* gp, S* gm) {
+  Columns<S, Cell>::backward(p, d, t, j0, nu, wr, dh, dh_next, dc, gp, gm);
+}
+
+template <typename S, typename Cell>
+void carry_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0, int64_t np,
+                   const S* wb, const S* dh, S* dh_next, S* tmp) {
+  Columns<S, Cell>::carry(p, d, t, k0, np, wb, dh, dh_next, tmp);
 }
 
 }  // namespace FASTRNN_CPU_ISA
@@ -512,10 +720,18 @@ int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
                                       const S*, const S*, const S*, S*);                       \
   template void backward_rows<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t,    \
                                        const S*, const S*, S*);                                \
-  template int64_t scratch_per_row<S, Cell>(int64_t, int64_t, bool);
+  template int64_t scratch_per_row<S, Cell>(int64_t, int64_t, bool);                          \
+  template void forward_columns<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,   \
+                                         int64_t, const S*, const S*, const S*, S*, S*, S*, S*); \
+  template void project_columns<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,   \
+                                         int64_t, const S*, const S*, const S*, S*, S*);        \
+  template void backward_columns<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t, \
+                                          int64_t, const S*, const S*, S*, S*, S*, S*);         \
+  template void carry_columns<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t,    \
+                                       int64_t, const S*, const S*, S*, S*);
 #define FASTRNN_CPU_INSTANTIATE(S)                                                             \
   template int64_t padded_width<S>(int64_t);                                                   \
-  template void pack<S>(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, S*);            \
+  template void pack<S>(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*);   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanTanh)                                                   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanRelu)                                                   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, Lstm)                                                        \
