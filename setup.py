@@ -1,24 +1,52 @@
 """Build of fastrnn's C++/CUDA extension, fastrnn._C.
 
+The extension is built against the torch it will run with, so that torch must
+be importable here: install torch first, then `pip install --no-build-isolation .`
+(pip's default isolated build environment has no torch, and gets a message
+saying so rather than a build against some other torch).
+
 FASTRNN_CUDA=1 forces the CUDA variant, FASTRNN_CUDA=0 the CPU-only one; by
 default CUDA is built when the installed torch has CUDA and an nvcc is found.
 Nothing here asks for a visible GPU: the toolkit is found from nvcc's real
-location and the architectures come from TORCH_CUDA_ARCH_LIST (default
-"8.0;9.0").
-FASTRNN_SANITIZE=1 builds with AddressSanitizer and UBSan (`make sanitize`).
+location. The architectures come from TORCH_CUDA_ARCH_LIST; by default the
+visible GPU's, or else 8.0, 9.0 and the newer ones this nvcc knows (10.0,
+12.0), with PTX for the newest.
+FASTRNN_SANITIZE=address (or thread) builds with AddressSanitizer and UBSan
+(or ThreadSanitizer): `make sanitize`, `make tsan`. FASTRNN_LINEINFO=1 keeps
+source lines in the device code (compute-sanitizer, profilers).
 FASTRNN_NO_EXT=1 installs the Python package alone (used by the Makefile, which
 builds the extension in place with `setup.py build_ext --inplace`).
+
+A build writes fastrnn/_build_info.py beside the extension: the torch, CUDA,
+architectures and CPU instruction sets it was built for, which `import
+fastrnn` checks against the running torch and `python -m fastrnn.info` prints.
 """
 
 import glob
 import os
+import platform
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+NO_TORCH = """
+fastrnn builds its C++/CUDA extension against the torch it will run with, and
+no torch can be imported in this build environment ({error}).
+
+pip builds in an isolated environment by default, which has no torch (and
+would not be yours if it had). Install torch first, then build in your own
+environment:
+
+    pip install --no-build-isolation .            (from a checkout)
+    pip install --no-build-isolation fastrnn-*.tar.gz
+
+See the README, "Install".
+"""
 
 
 def _toolkit_root(nvcc):
@@ -53,9 +81,7 @@ def _find_cuda_home():
     return None
 
 
-def _want_cuda(cuda_home):
-    import torch
-
+def _want_cuda(torch, cuda_home):
     forced = os.environ.get("FASTRNN_CUDA")
     if forced is not None:
         want = forced.strip().lower() not in ("0", "false", "no", "off", "")
@@ -68,31 +94,87 @@ def _want_cuda(cuda_home):
     return torch.version.cuda is not None and cuda_home is not None
 
 
-def _wheel_cuda_includes():
+def _wheel_cuda_includes(torch):
     """Headers of torch's nvidia wheels (cuBLAS, cuSPARSE, ...) that ATen's CUDA headers include."""
-    import torch
-
     site = os.path.dirname(os.path.dirname(torch.__file__))
     dirs = glob.glob(os.path.join(site, "nvidia", "*", "include"))
     wanted = ("cublas_v2.h", "cusparse.h")
     return sorted(d for d in dirs if any(os.path.isfile(os.path.join(d, h)) for h in wanted))
 
 
+def _nvcc_archs(cuda_home):
+    """The virtual architectures this nvcc compiles for, as numbers (90, 100, ...)."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {int(m) for m in re.findall(r"compute_(\d+)", out)}
+
+
+def _default_archs(torch, cuda_home):
+    """The visible GPU's architecture, or else 8.0, 9.0 and the newer ones
+    this nvcc knows, with PTX for the newest (so that a newer GPU still gets
+    code, through the driver's JIT)."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        return f"{major}.{minor}"
+    known = _nvcc_archs(cuda_home)
+    archs = ["8.0", "9.0"] + [a for a in ("10.0", "12.0") if int(float(a) * 10) in known]
+    archs[-1] += "+PTX"
+    return ";".join(archs)
+
+
+def _cpu_isas():
+    return ("avx512", "avx2", "base") if platform.machine() in ("x86_64", "AMD64") else ("base",)
+
+
+def _version():
+    """fastrnn/_version.py's, the one place the version is written."""
+    with open(os.path.join(ROOT, "fastrnn", "_version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def _build_info(torch, use_cuda):
+    """The text of fastrnn/_build_info.py."""
+    fields = {
+        "version": _version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda": use_cuda,
+        "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if use_cuda else None,
+        "cpu_isas": _cpu_isas(),
+        "sanitize": os.environ.get("FASTRNN_SANITIZE", ""),
+    }
+    lines = ['"""What fastrnn._C beside this file was built for: written by setup.py,',
+             'read by fastrnn._ops (the torch check at import) and fastrnn.info."""', ""]
+    lines += [f"{k} = {v!r}" for k, v in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
 def extensions():
     if os.environ.get("FASTRNN_NO_EXT"):
         return [], {}
+    try:
+        import torch
+    except ImportError as exc:
+        if any(cmd in sys.argv for cmd in ("sdist", "egg_info", "dist_info")):
+            return [], {}  # metadata and source archives need no torch
+        sys.exit(NO_TORCH.format(error=exc))
     cuda_home = _find_cuda_home()
     if cuda_home:
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
         os.environ["CUDA_HOME"] = cuda_home
-    use_cuda = _want_cuda(cuda_home)
+    use_cuda = _want_cuda(torch, cuda_home)
     from torch.utils import cpp_extension as ce
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # at::parallel_for is a header template over OpenMP: without -fopenmp it
     # runs on one thread. The runtime is the libgomp torch already loads.
-    cxx = ["-O3", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
+    # -g0: the platform's default flags ask for host debug information,
+    # two thirds of the library's size.
+    cxx = ["-O3", "-g0", "-fno-math-errno", "-fopenmp", "-Wno-psabi"]
     link = ["-fopenmp"]
     sanitize = os.environ.get("FASTRNN_SANITIZE", "")
     if sanitize:
@@ -109,33 +191,39 @@ def extensions():
         cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fopenmp", "-Wno-psabi"] + san
         link = link + san
     include_dirs = [os.path.join(ROOT, "csrc")]
-    if not use_cuda:
-        return [
-            ce.CppExtension(
-                "fastrnn._C",
-                sources,
-                include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx},
-                extra_link_args=link,
-            )
-        ], {"cmdclass": {"build_ext": ce.BuildExtension}}
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    class BuildExt(ce.BuildExtension):
+        """torch's build, then _build_info.py beside each extension built."""
+
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                folder = os.path.dirname(self.get_ext_fullpath(ext.name))
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, "_build_info.py"), "w") as f:
+                    f.write(_build_info(torch, use_cuda))
+
+    cmdclass = {"build_ext": BuildExt}
+    if not use_cuda:
+        return [ce.CppExtension("fastrnn._C", sources, include_dirs=include_dirs,
+                                extra_compile_args={"cxx": cxx}, extra_link_args=link)], \
+            {"cmdclass": cmdclass}
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_archs(torch, cuda_home))
     if not os.path.isfile(os.path.join(cuda_home, "include", "cublas_v2.h")):
-        include_dirs += _wheel_cuda_includes()
+        include_dirs += _wheel_cuda_includes(torch)
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
-    return [
-        ce.CUDAExtension(
-            "fastrnn._C",
-            sources,
-            include_dirs=include_dirs,
-            define_macros=[("FASTRNN_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=link,
-        )
-    ], {"cmdclass": {"build_ext": ce.BuildExtension}}
+    nvcc = ["-O3", "--expt-relaxed-constexpr"]
+    if os.environ.get("FASTRNN_LINEINFO"):
+        # Source lines in device code, for compute-sanitizer and profilers
+        # (bench/gpu_check.sh); a fifth more of a library that is mostly
+        # device code.
+        nvcc.append("-lineinfo")
+    return [ce.CUDAExtension("fastrnn._C", sources, include_dirs=include_dirs,
+                             define_macros=[("FASTRNN_WITH_CUDA", "1")],
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                             extra_link_args=link)], {"cmdclass": cmdclass}
 
 
 ext_modules, extra = extensions()

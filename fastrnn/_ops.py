@@ -27,6 +27,7 @@ direction, weight_ih (G*H, C_l), weight_hh (G*H, P), with biases bias_ih
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -35,21 +36,61 @@ import torch
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _built_for():
+    """fastrnn/_build_info.py, which the build wrote beside the extension, or
+    None (an extension built some other way, or none)."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None
+    return _build_info
+
+
+def _torch_mismatch(info):
+    """What differs between the torch the extension was built for and this
+    one, with what to do about it; None where nothing does."""
+    if info is None or (info.torch, info.torch_cuda) == (torch.__version__, torch.version.cuda):
+        return None
+    return (f"fastrnn's extension was built for PyTorch {info.torch} with CUDA {info.torch_cuda}, "
+            f"and this is PyTorch {torch.__version__} with CUDA {torch.version.cuda}: rebuild it "
+            "against this torch, in this environment, with `pip install --no-build-isolation .` "
+            "(from a checkout or an unpacked source archive)")
+
+
 def _load():
-    """(the extension module or None, why it is None)."""
+    """(the extension module or None, why it is None, a torch mismatch)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    mismatch = _torch_mismatch(_built_for())
     if importlib.util.find_spec("fastrnn._C") is None:
         return None, (f"no compiled extension fastrnn._C next to {here}: build it with "
                       "`python setup.py build_ext --inplace`, or install fastrnn with "
-                      "`pip install --no-build-isolation .` into this environment")
+                      "`pip install --no-build-isolation .` into this environment"), None
     try:
         from . import _C
     except ImportError as exc:
-        return None, f"fastrnn._C failed to load: {exc}"
-    return _C, None
+        why = f"fastrnn._C failed to load ({exc})"
+        return None, f"{why}; {mismatch}" if mismatch else why, None
+    return _C, None, mismatch
 
 
-_C, _EXTENSION_ERROR = _load()
+_C, _EXTENSION_ERROR, _MISMATCH = _load()
+_warned_missing = False
+
+
+def warn_missing_extension(stacklevel=2):
+    """Warns, once a process, that the fused kernels are not available and why."""
+    global _warned_missing
+    if not _warned_missing:
+        _warned_missing = True
+        warnings.warn(f"fastrnn's compiled extension is not available: {_EXTENSION_ERROR}. "
+                      "fastrnn's layers run through torch.nn's implementation.",
+                      RuntimeWarning, stacklevel=stacklevel + 1)
+
+
+if _C is None:
+    warn_missing_extension(stacklevel=3)
+elif _MISMATCH:
+    warnings.warn(_MISMATCH, RuntimeWarning, stacklevel=2)
 
 
 def available():

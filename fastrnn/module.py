@@ -3,7 +3,7 @@ torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU with fused recurrences."""
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Optional, Tuple, Union
 
 import torch
@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _ops, backend as _backend
+
+_log = logging.getLogger("fastrnn")
 
 _DTYPE_NAMES = {
     torch.float32: "Float",
@@ -20,21 +22,6 @@ _DTYPE_NAMES = {
     torch.int64: "Long",
     torch.int32: "Int",
 }
-
-_warned_missing_extension = False
-
-
-def _warn_missing_extension():
-    global _warned_missing_extension
-    if not _warned_missing_extension:
-        _warned_missing_extension = True
-        warnings.warn(
-            f"fastrnn's compiled extension is not available ({_ops.extension_error()}); "
-            "fastrnn's layers run through torch.nn's implementation",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
 
 def _exporting_to_onnx():
     # torch.onnx.is_in_onnx_export() costs a microsecond; either exporter
@@ -78,7 +65,7 @@ class _FusedBase(nn.RNNBase):
         self.last_path = None
         self.last_cuda_path = None
         if not _ops.available() and _backend.resolve(backend) != "torch":
-            _warn_missing_extension()
+            _ops.warn_missing_extension(stacklevel=4)
 
     def extra_repr(self):
         s = super().extra_repr()
@@ -125,7 +112,7 @@ class _FusedBase(nn.RNNBase):
                     "backend='torch'"
                 )
             if not torch.compiler.is_compiling():
-                _warn_missing_extension()
+                _ops.warn_missing_extension(stacklevel=5)
             return False
         if name == "fused":
             return True
@@ -138,9 +125,24 @@ class _FusedBase(nn.RNNBase):
         if not self._fused_applies(data):
             self.__dict__["last_path"] = "torch"
             self.__dict__["last_cuda_path"] = None
-            return type(self)._torch_forward(self, input, hx)
-        self.__dict__["last_path"] = "fused"
-        return self._fused_forward(input, hx)
+            out = type(self)._torch_forward(self, input, hx)
+        else:
+            self.__dict__["last_path"] = "fused"
+            out = self._fused_forward(input, hx)
+        if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
+            self._log_kernel(data)
+        return out
+
+    def _log_kernel(self, data):
+        if self.last_path == "torch":
+            _log.debug("fastrnn.%s: torch.nn's implementation (backend %r, %s tensors)",
+                       type(self).__name__, _backend.resolve(self.backend), data.device.type)
+        elif data.is_cuda:
+            _log.debug("fastrnn.%s: fused CUDA kernels, %s path", type(self).__name__,
+                       self.last_cuda_path)
+        else:
+            _log.debug("fastrnn.%s: fused CPU kernels (%s)", type(self).__name__,
+                       _ops._C.cpu_isa())
 
     def _weights(self):
         # Looked up on every call, as torch.nn does: functional_call swaps
@@ -488,3 +490,55 @@ class LSTM(_FusedBase):
         if not is_batched:
             return output, (h_n.squeeze(1), c_n.squeeze(1))
         return output, (h_n, c_n)
+
+
+_FUSED = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
+_COPIED = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+           "_state_dict_hooks", "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
+           "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _fused_twin(layer, backend):
+    """The fastrnn layer of a torch.nn.RNN, LSTM or GRU: the same options and
+    training mode, its very Parameter objects (so that an optimizer built on
+    the model still holds them), its hooks."""
+    cls = _FUSED[type(layer)]
+    kw = dict(num_layers=layer.num_layers, bias=layer.bias, batch_first=layer.batch_first,
+              dropout=layer.dropout, bidirectional=layer.bidirectional, device="meta",
+              backend=backend)
+    if cls is RNN:
+        kw["nonlinearity"] = layer.nonlinearity
+    if cls is LSTM:
+        kw["proj_size"] = layer.proj_size
+    twin = cls(layer.input_size, layer.hidden_size, **kw)
+    for name in layer._flat_weights_names:
+        setattr(twin, name, getattr(layer, name))
+    twin._init_flat_weights()
+    twin.train(layer.training)
+    for attr in _COPIED:
+        if attr in layer.__dict__:
+            twin.__dict__[attr] = layer.__dict__[attr]
+    return twin
+
+
+def replace_rnn(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Swaps every torch.nn.RNN, LSTM and GRU in ``model`` for the fastrnn
+    layer with the same options, weights (the same Parameter objects), device,
+    dtype and training mode, in place, and returns the model (the new layer
+    where ``model`` itself is one). Subclasses of the torch.nn layers are left
+    alone: their forward may differ. ``backend`` as for :class:`fastrnn.RNN`.
+
+    >>> model = fastrnn.replace_rnn(model)
+    >>> with fastrnn.use_backend("fused"):
+    ...     y = model(x)      # the fused kernels, on the CPU too
+    """
+    if backend is not None:
+        _backend._check(backend)
+    if type(model) in _FUSED:
+        return _fused_twin(model, backend)
+    for name, child in list(model.named_children()):
+        if type(child) in _FUSED:
+            setattr(model, name, _fused_twin(child, backend))
+        else:
+            replace_rnn(child, backend)
+    return model

@@ -265,11 +265,11 @@ def test_default_backend_and_use_backend():
 def test_missing_extension(monkeypatch):
     """Without the extension, backend='fused' raises with the real cause, and
     'auto' warns once with it and runs torch.nn's implementation."""
-    from fastrnn import _ops, module
+    from fastrnn import _ops
 
     monkeypatch.setattr(_ops, "_C", None)
     monkeypatch.setattr(_ops, "_EXTENSION_ERROR", "fastrnn._C failed to load: undefined symbol: xyz")
-    monkeypatch.setattr(module, "_warned_missing_extension", False)
+    monkeypatch.setattr(_ops, "_warned_missing", False)
     x = torch.randn(5, 2, 3)
     with pytest.warns(RuntimeWarning, match="undefined symbol: xyz"):
         fused = fastrnn.RNN(3, 4, backend="fused")
