@@ -10,6 +10,10 @@ DEPS := ninja pybind11 setuptools wheel numpy pytest pytest-benchmark hypothesis
 	onnx onnxscript onnxruntime
 READY := $(VENV)/.fastrnn-ready
 
+# The package's Python files beside an extension built elsewhere, all but the
+# record of what that extension was built for.
+copy_py = for f in fastrnn/*.py; do [ "$$(basename $$f)" = _build_info.py ] || cp $$f $(1)/fastrnn/; done
+
 .PHONY: venv build test bench bench-pytest sanitize tsan compat clean
 
 venv: $(READY)
@@ -27,7 +31,7 @@ test: build
 	$(PY) -m pytest tests
 
 bench: build
-	$(PY) -m fastrnn.bench
+	$(PY) -m fastrnn.bench $(ARGS)
 
 bench-pytest: build
 	$(PY) -m pytest bench
@@ -41,7 +45,7 @@ SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-na
 	PYTHONPATH=$(SAN_DIR)
 sanitize: $(READY)
 	FASTRNN_SANITIZE=address TORCH_CUDA_ARCH_LIST=9.0 $(PY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp build/sanitize-tmp
-	cp fastrnn/*.py $(SAN_DIR)/fastrnn/
+	$(call copy_py,$(SAN_DIR))
 	$(SAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(SAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
 	$(SAN_ENV) $(PY) -P -m pytest tests -q -p no:cacheprovider -o pythonpath=$(SAN_DIR) \
 		-k "not compile and not ddp and not export and not trace and not onnx and not jit_script"
@@ -56,7 +60,7 @@ TSAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" TSAN_OPTIONS=halt_o
 	OMP_NUM_THREADS=1 PYTHONPATH=$(TSAN_DIR)
 tsan: $(READY)
 	FASTRNN_SANITIZE=thread TORCH_CUDA_ARCH_LIST=9.0 $(PY) setup.py -q build_ext --build-lib $(TSAN_DIR) --build-temp build/tsan-tmp
-	cp fastrnn/*.py $(TSAN_DIR)/fastrnn/
+	$(call copy_py,$(TSAN_DIR))
 	$(TSAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(TSAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
 	$(TSAN_ENV) $(PY) -P -m pytest tests/test_cuda_emulation.py -q -p no:cacheprovider -o pythonpath=$(TSAN_DIR) \
 		-k "$(TSAN_TESTS)"
@@ -79,7 +83,7 @@ $(COMPAT_READY): Makefile
 
 compat: $(COMPAT_READY)
 	$(COMPAT_PY) setup.py -q build_ext --build-lib $(COMPAT_DIR) --build-temp build/compat-tmp
-	cp fastrnn/*.py $(COMPAT_DIR)/fastrnn/
+	$(call copy_py,$(COMPAT_DIR))
 	PYTHONPATH=$(COMPAT_DIR) $(COMPAT_PY) -P -c "import fastrnn, torch; \
 		assert '$(COMPAT_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__; \
 		print('torch', torch.__version__, 'extension', fastrnn._ops._C.__file__)"

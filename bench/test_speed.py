@@ -1,24 +1,21 @@
-"""pytest-benchmark suite: nn.RNN and fastrnn side by side, one group per shape.
+"""pytest-benchmark suite: torch.nn and fastrnn side by side, one group per
+cell, mode and shape (the shapes of `python -m fastrnn.bench`).
 
     pytest bench/                                  # CPU, or CUDA when present
     pytest bench/ --benchmark-json=out.json        # then: pytest-benchmark compare
-    pytest bench/ -k "forward_backward and H64"
+    pytest bench/ -k "forward_backward and lstm and H64"
 
 Not part of `make test`: timings are reported, never asserted.
 """
 
 import pytest
 import torch
-from torch import nn
 
 import fastrnn
+from fastrnn.bench import CELLS, layer_classes, named_shapes
 
 DEVICE = "cuda" if torch.cuda.is_available() and fastrnn.cuda_built() else "cpu"
-if DEVICE == "cuda":
-    SHAPES = [(9, 16, 1, 2, 5), (64, 64, 1, 8, 512), (64, 256, 1, 64, 512), (512, 1024, 1, 64, 512)]
-else:
-    SHAPES = [(9, 16, 1, 2, 5), (9, 16, 3, 2, 100), (32, 64, 1, 8, 256), (64, 256, 2, 32, 128),
-              (256, 1024, 1, 16, 64)]
+SHAPES = named_shapes(DEVICE)
 
 
 def shape_id(s):
@@ -30,22 +27,29 @@ def sync():
         torch.cuda.synchronize()
 
 
-@pytest.fixture(scope="module", params=SHAPES, ids=shape_id)
+def outputs(cell, out):
+    y, h = out
+    return [y, *h] if cell == "lstm" else [y, h]
+
+
+@pytest.fixture(scope="module", params=[(c, s) for c in CELLS for s in SHAPES],
+                ids=lambda p: f"{p[0]}-{shape_id(p[1])}")
 def case(request):
-    C, H, L, N, T = request.param
+    cell, (C, H, L, N, T) = request.param
     torch.manual_seed(0)
-    ref = nn.RNN(C, H, L, device=DEVICE)
-    ours = fastrnn.RNN(C, H, L, device=DEVICE, backend="fused")
+    ref_cls, fused_cls = layer_classes(cell)
+    ref = ref_cls(C, H, L, device=DEVICE)
+    ours = fused_cls(C, H, L, device=DEVICE, backend="fused")
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(T, N, C, device=DEVICE, requires_grad=True)
-    return request.param, {"nn.RNN": ref, "fastrnn": ours}, x
+    return request.param, {"torch.nn": ref, "fastrnn": ours}, x
 
 
-@pytest.mark.parametrize("impl", ["nn.RNN", "fastrnn"])
+@pytest.mark.parametrize("impl", ["torch.nn", "fastrnn"])
 def test_forward(benchmark, case, impl):
-    shape, modules, x = case
+    (cell, shape), modules, x = case
     m = modules[impl]
-    benchmark.group = f"forward {shape_id(shape)} {DEVICE}"
+    benchmark.group = f"forward {cell} {shape_id(shape)} {DEVICE}"
 
     def run():
         with torch.no_grad():
@@ -57,15 +61,14 @@ def test_forward(benchmark, case, impl):
         assert m.last_path == "fused"
 
 
-@pytest.mark.parametrize("impl", ["nn.RNN", "fastrnn"])
+@pytest.mark.parametrize("impl", ["torch.nn", "fastrnn"])
 def test_forward_backward(benchmark, case, impl):
-    shape, modules, x = case
+    (cell, shape), modules, x = case
     m = modules[impl]
-    benchmark.group = f"forward_backward {shape_id(shape)} {DEVICE}"
+    benchmark.group = f"forward_backward {cell} {shape_id(shape)} {DEVICE}"
 
     def run():
-        y, h = m(x)
-        (y.sum() + h.sum()).backward()
+        sum(t.sum() for t in outputs(cell, m(x))).backward()
         sync()
 
     benchmark(run)

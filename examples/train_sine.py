@@ -1,7 +1,8 @@
-"""Next-step prediction of noisy sine waves, trained with nn.RNN and with
-fastrnn.RNN from the same seed; prints both loss curves and the time taken.
+"""Next-step prediction of noisy sine waves, trained with a torch.nn layer
+and, from the same seed, with that model after fastrnn.replace_rnn; prints
+both loss curves and the time taken.
 
-    python examples/train_sine.py [--epochs 30] [--backend fused]
+    python examples/train_sine.py [--cell rnn|lstm|gru] [--epochs 30] [--backend fused]
 """
 
 import argparse
@@ -23,10 +24,13 @@ def make_data(n, steps, generator):
     return (clean + 0.05 * torch.randn(clean.shape, generator=generator)).unsqueeze(-1)
 
 
+LAYERS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
+
+
 class Predictor(nn.Module):
-    def __init__(self, rnn_cls, hidden, **kw):
+    def __init__(self, cell, hidden):
         super().__init__()
-        self.rnn = rnn_cls(1, hidden, num_layers=2, batch_first=True, **kw)
+        self.rnn = LAYERS[cell](1, hidden, num_layers=2, batch_first=True)
         self.head = nn.Linear(hidden, 1)
 
     def forward(self, x):
@@ -34,9 +38,13 @@ class Predictor(nn.Module):
         return self.head(y)
 
 
-def train(rnn_cls, data, args, **kw):
+def train(data, args, backend=None):
+    """Trains the model from args.seed: as built (torch.nn), or with its
+    recurrent layer swapped for fastrnn's (same weights) with `backend`."""
     torch.manual_seed(args.seed)
-    model = Predictor(rnn_cls, args.hidden, **kw)
+    model = Predictor(args.cell, args.hidden)
+    if backend is not None:
+        fastrnn.replace_rnn(model, backend=backend)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     x, target = data[:, :-1], data[:, 1:]
     losses = []
@@ -49,11 +57,12 @@ def train(rnn_cls, data, args, **kw):
             opt.step()
         with torch.no_grad():
             losses.append(nn.functional.mse_loss(model(x), target).item())
-    return losses, time.perf_counter() - start
+    return losses, time.perf_counter() - start, model
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cell", default="rnn", choices=list(LAYERS))
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--sequences", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
@@ -64,13 +73,15 @@ def main(argv=None):
     p.add_argument("--backend", default="fused", choices=["auto", "fused", "torch"])
     args = p.parse_args(argv)
     data = make_data(args.sequences, args.steps, torch.Generator().manual_seed(args.seed))
-    ref, t_ref = train(nn.RNN, data, args)
-    ours, t_ours = train(fastrnn.RNN, data, args, backend=args.backend)
-    print(f"{'epoch':>5} {'nn.RNN':>10} {'fastrnn':>10}")
+    ref, t_ref, _ = train(data, args)
+    ours, t_ours, model = train(data, args, backend=args.backend)
+    name = LAYERS[args.cell].__name__
+    print(f"{'epoch':>5} {'nn.' + name:>10} {'fastrnn':>10}")
     for i, (a, b) in enumerate(zip(ref, ours)):
         print(f"{i + 1:>5} {a:>10.5f} {b:>10.5f}")
-    print(f"time: nn.RNN {t_ref:.2f} s, fastrnn ({args.backend}) {t_ours:.2f} s")
-    return ref, ours
+    print(f"time: nn.{name} {t_ref:.2f} s, fastrnn.{name} ({args.backend}: {model.rnn.last_path}) "
+          f"{t_ours:.2f} s")
+    return ref, ours, model
 
 
 if __name__ == "__main__":

@@ -59,3 +59,24 @@ plain = nn.RNN(9, 16, batch_first=True)
 plain.load_state_dict(model.rnn.state_dict())
 torch.testing.assert_close(plain(x)[0], model.rnn(x)[0])
 print("nn.RNN with the same state_dict gives the same output")
+
+# LSTM and GRU the same way: torch.nn's arguments, state conventions and
+# parameter names; the LSTM's state is the pair (h, c).
+lstm = fastrnn.LSTM(9, 16, num_layers=2, batch_first=True, backend="fused")
+y, (h_n, c_n) = lstm(x)
+print("LSTM output", tuple(y.shape), "h_n", tuple(h_n.shape), "c_n", tuple(c_n.shape))
+gru = fastrnn.GRU(9, 16, bidirectional=True, batch_first=True, backend="fused")
+y, h_n = gru(x)
+print("GRU output", tuple(y.shape), "h_n", tuple(h_n.shape))
+
+# A model written with torch.nn layers: replace_rnn swaps each for fastrnn's,
+# keeping its Parameters, and use_backend chooses the kernels for every
+# fastrnn layer inside the block.
+net = nn.Sequential(nn.LSTM(9, 16, batch_first=True))
+before = net(x)[0]
+fastrnn.replace_rnn(net)
+with fastrnn.use_backend("fused"):
+    after = net(x)[0]
+torch.testing.assert_close(after, before)
+print(f"replace_rnn: {type(net[0]).__module__}.{type(net[0]).__name__}, ran {net[0].last_path}, "
+      "same output as the nn.LSTM it replaced")

@@ -1,26 +1,32 @@
-"""Is fastrnn correct and faster than nn.RNN here? `python -m fastrnn.bench`.
+"""Is fastrnn correct and faster than torch.nn here? `python -m fastrnn.bench`.
 
-For every shape it builds nn.RNN and fastrnn.RNN (fused backend) with the
-same weights and reports
-  - correctness: the largest absolute difference of output, h_n and every
-    gradient between the two;
-  - time of no-grad forward and of forward+backward: medians over repeated
-    calls with the interquartile range, the two sides interleaved call by call
-    so that drift of the machine falls on both, after a warm-up, with CUDA
-    synchronised around every call;
-  - the speed ratio (nn.RNN's median over fastrnn's);
+For every cell (RNN, LSTM, GRU) and shape it builds the torch.nn layer and
+the fastrnn layer (fused backend) with the same weights and reports
+  - correctness: the largest absolute difference of output, final states and
+    every gradient between the two;
+  - time of a no-grad forward and of a forward+backward: medians over
+    repeated calls with the interquartile range, the two sides interleaved
+    call by call so that drift of the machine falls on both, after a
+    warm-up, with CUDA synchronised around every call;
+  - the speed ratio (torch.nn's median over fastrnn's) and its range (the
+    ratio of the quartiles, worst case to best case);
   - memory: the bytes each side keeps for backward (every saved storage
     once) and, on CUDA, the peak of allocated memory over one forward+backward.
-It writes a table, a JSON file with every figure and the environment, and a
-plot of speed ratio against hidden size.
+A row whose interquartile range exceeds --noise of its median on either side
+is measured again (--retries times), the least noisy measurement kept, and
+one that stays noisy is marked in the table and named in a warning.
+It writes a table, a JSON file with every figure, the environment, the
+fastrnn version, the git commit and the arguments, and a plot of the ratios
+against hidden size (needs matplotlib: `pip install fastrnn[bench]`).
 """
 
 import argparse
-import copy
+import datetime
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -29,88 +35,134 @@ from torch import nn
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
+CELLS = ("rnn", "lstm", "gru")
 
-# The named shapes: (input, hidden, layers, batch, steps). The first is the
-# seed notebook's; the others are the sizes the project's speed goals name.
-CPU_SHAPES = [(9, 16, 1, 2, 5), (9, 16, 3, 2, 100), (32, 64, 1, 8, 256), (64, 256, 2, 32, 128),
-              (256, 1024, 1, 16, 64)]
-GPU_SHAPES = [(9, 16, 1, 2, 5), (64, 256, 1, 64, 512), (512, 1024, 1, 64, 512)]
-CPU_GRID = dict(hidden=[16, 64, 256, 1024], batch=[1, 8, 64], steps=[128], layers=[1])
-GPU_GRID = dict(hidden=[64, 256, 512, 1024], batch=[1, 8, 64], steps=[512], layers=[1])
-QUICK_GRID = dict(hidden=[16, 64, 256], batch=[1, 8], steps=[32], layers=[1])
+# The named shapes, (input, hidden, layers, batch, steps), also the shapes of
+# the pytest-benchmark suite (bench/test_speed.py). The first is the seed
+# notebook's; the others are the sizes the project's speed goals name.
+NAMED_SHAPES = {
+    "cpu": [(9, 16, 1, 2, 5), (9, 16, 3, 2, 100), (32, 64, 1, 8, 256), (64, 256, 2, 32, 128),
+            (256, 1024, 1, 16, 64)],
+    "cuda": [(9, 16, 1, 2, 5), (64, 64, 1, 8, 512), (64, 256, 1, 64, 512), (512, 1024, 1, 64, 512)],
+}
+GRIDS = {
+    "cpu": dict(hidden=[16, 64, 256, 1024], batch=[1, 8, 64], steps=[128], layers=[1]),
+    "cuda": dict(hidden=[64, 256, 512, 1024], batch=[1, 8, 64], steps=[512], layers=[1]),
+    "quick": dict(hidden=[16, 64, 256], batch=[1, 8], steps=[32], layers=[1]),
+}
 
 
-def positive_ints(text):
+def named_shapes(device):
+    """The named shapes for 'cpu' or 'cuda'."""
+    return list(NAMED_SHAPES["cuda" if device == "cuda" else "cpu"])
+
+
+def layer_classes(cell):
+    """(torch.nn class, fastrnn class) of a cell name."""
+    import fastrnn
+
+    return {"rnn": (nn.RNN, fastrnn.RNN), "lstm": (nn.LSTM, fastrnn.LSTM),
+            "gru": (nn.GRU, fastrnn.GRU)}[cell]
+
+
+def _ints(text):
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+        values = []
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
     return values
 
 
+def _cells(text):
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in CELLS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected cells among {','.join(CELLS)}, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m fastrnn.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--cell", type=_cells, default=list(CELLS),
+                   help="cells to compare, comma-separated (default: rnn,lstm,gru)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--cuda-path", choices=["auto", "persistent", "cluster", "grid", "step"],
                    default="auto", help="force the CUDA time loop's path (default: chosen per call); "
                    "shapes the forced path cannot run are skipped")
-    p.add_argument("--hidden", type=positive_ints, help="hidden sizes, e.g. 16,64,256")
-    p.add_argument("--batch", type=positive_ints, help="batch sizes")
-    p.add_argument("--steps", type=positive_ints, help="sequence lengths")
-    p.add_argument("--layers", type=positive_ints, help="numbers of layers")
-    p.add_argument("--input-size", type=positive_ints, default=[32], help="input features (one value)")
+    p.add_argument("--hidden", type=_ints, help="hidden sizes, e.g. 16,64,256")
+    p.add_argument("--batch", type=_ints, help="batch sizes")
+    p.add_argument("--steps", type=_ints, help="sequence lengths")
+    p.add_argument("--layers", type=_ints, help="numbers of layers")
+    p.add_argument("--input-size", type=_ints, default=[32], help="input features (one value)")
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--no-named", action="store_true", help="skip the named shapes, run the grid only")
-    p.add_argument("--quick", action="store_true", help="a small grid that finishes in under a minute on CPU")
+    p.add_argument("--quick", action="store_true",
+                   help="a small grid that finishes in about a minute on CPU")
     p.add_argument("--min-reps", type=int, default=5, help="timed calls per side at least")
     p.add_argument("--seconds", type=float, default=1.0, help="timing budget per side and mode")
+    p.add_argument("--noise", type=float, default=0.2,
+                   help="interquartile range over median above which a row is measured again "
+                   "(default 0.2)")
+    p.add_argument("--retries", type=int, default=2, help="re-measurements of a noisy row (default 2)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
     p.add_argument("--json", default="bench-results/bench.json", help="path of the JSON report ('' for none)")
-    p.add_argument("--plot", default="bench-results/speedup.png", help="path of the PNG plot ('' for none)")
+    p.add_argument("--plot", default="bench-results/speedup.png",
+                   help="path of the PNG plot ('' for none; needs matplotlib)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--emulate-cuda", action="store_true",
+                   help="the CUDA kernels through their CPU emulator, on CPU tensors: checks the "
+                   "benchmark's and bench/gpu_check.sh's logic without a GPU (the times mean nothing)")
     args = p.parse_args(argv)
+    args.argv = list(argv)
+    if args.emulate_cuda:
+        if args.device == "cuda":
+            p.error("--emulate-cuda: runs on CPU tensors, not with --device cuda")
+        args.device = "cpu"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here")
-    if args.device == "cpu" and args.cuda_path != "auto":
-        p.error("--cuda-path: applies to --device cuda only")
-    if args.device == "cpu" and args.dtype in ("float16", "bfloat16"):
-        p.error(f"--dtype {args.dtype}: the fused CPU kernel takes float32 and float64")
+    if args.device == "cpu" and args.cuda_path != "auto" and not args.emulate_cuda:
+        p.error("--cuda-path: applies to --device cuda (or --emulate-cuda) only")
     if len(args.input_size) != 1:
         p.error("--input-size takes one value")
     if args.min_reps < 1:
         p.error("--min-reps must be at least 1")
     if args.seconds <= 0:
         p.error("--seconds must be positive")
+    if args.noise <= 0:
+        p.error("--noise must be positive")
+    if args.retries < 0:
+        p.error("--retries must be at least 0")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
     from . import _ops
 
     if not _ops.available():
-        p.error(f"fastrnn's extension is not built ({_ops.EXTENSION_ERROR}); run `make build`")
-    if args.device == "cuda" and not _ops.cuda_built():
-        p.error("--device cuda: fastrnn was built without CUDA (rebuild with FASTRNN_CUDA=1)")
+        p.error(f"fastrnn's extension is not available ({_ops.extension_error()}); "
+                "build it with `make build` or `pip install --no-build-isolation .`")
+    if (args.device == "cuda" or args.emulate_cuda) and not _ops.cuda_built():
+        p.error("--device cuda, --emulate-cuda: fastrnn was built without CUDA (rebuild with FASTRNN_CUDA=1)")
     return args
 
 
 def shapes(args):
     """(input, hidden, layers, batch, steps, in_grid) for every case."""
-    gpu = args.device == "cuda"
-    grid = dict(QUICK_GRID if args.quick else (GPU_GRID if gpu else CPU_GRID))
+    grid = dict(GRIDS["quick" if args.quick else args.device])
+    explicit = False
     for key in ("hidden", "batch", "steps", "layers"):
         if getattr(args, key):
             grid[key] = getattr(args, key)
+            explicit = True
     out = []
-    explicit = any(getattr(args, k) for k in ("hidden", "batch", "steps", "layers"))
     if not (args.no_named or args.quick or explicit):
-        out += [(*s, False) for s in (GPU_SHAPES if gpu else CPU_SHAPES)]
+        out += [(*s, False) for s in named_shapes(args.device)]
     elif args.quick and not args.no_named:
-        out.append((9, 16, 1, 2, 5, False))
+        out.append((*named_shapes(args.device)[0], False))
     for layers in grid["layers"]:
         for steps in grid["steps"]:
             for hidden in grid["hidden"]:
@@ -149,23 +201,61 @@ def saved_bytes(fn):
 
 
 def summary(samples):
+    """Median and quartiles (ms) of timings in seconds, and the interquartile
+    range relative to the median."""
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return {"median_ms": statistics.median(samples) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
-            "reps": len(samples)}
+    median = statistics.median(samples)
+    return {"median_ms": median * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
+            "spread": (q[2] - q[0]) / median if median > 0 else 0.0, "reps": len(samples)}
 
 
-def measure(args, shape):
+def compare(torch_samples, fused_samples):
+    """The statistics of one mode: each side's summary, the ratio of medians
+    and its range from the quartiles (torch's Q1 over fastrnn's Q3 to
+    torch's Q3 over fastrnn's Q1)."""
+    t, f = summary(torch_samples), summary(fused_samples)
+    return {"torch": t, "fastrnn": f, "speedup": t["median_ms"] / f["median_ms"],
+            "speedup_low": t["q1_ms"] / f["q3_ms"], "speedup_high": t["q3_ms"] / f["q1_ms"]}
+
+
+BLOCK_S = 0.005
+
+
+def _repeat(fn, number):
+    if number == 1:
+        return fn
+
+    def run():
+        for _ in range(number):
+            fn()
+    return run
+
+
+def _spread(row):
+    return max(row[mode][side]["spread"] for mode in ("forward", "forward_backward")
+               for side in ("torch", "fastrnn"))
+
+
+def _outputs(cell, out):
+    """[output, final state(s)] of a layer's return value."""
+    y, h = out
+    return [y, *h] if cell == "lstm" else [y, h]
+
+
+def measure(args, cell, shape):
     import fastrnn
 
     C, H, L, N, T, _ = shape
     device, dtype = args.device, DTYPES[args.dtype]
     torch.manual_seed(0)
-    ref = nn.RNN(C, H, L, bidirectional=args.bidirectional, device=device, dtype=dtype)
-    ours = fastrnn.RNN(C, H, L, bidirectional=args.bidirectional, device=device, dtype=dtype,
-                       backend="fused")
+    ref_cls, fused_cls = layer_classes(cell)
+    ref = ref_cls(C, H, L, bidirectional=args.bidirectional, device=device, dtype=dtype)
+    ours = fused_cls(C, H, L, bidirectional=args.bidirectional, device=device, dtype=dtype,
+                     backend="fused")
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(T, N, C, device=device, dtype=dtype, requires_grad=True)
-    gy = torch.randn(T, N, (2 if args.bidirectional else 1) * H, device=device, dtype=dtype)
+    probe = _outputs(cell, ref(x))
+    grads = [torch.randn_like(t) for t in probe]
 
     def fwd(m):
         def run():
@@ -175,48 +265,65 @@ def measure(args, shape):
 
     def fwd_bwd(m):
         def run():
-            y, h = m(x)
-            torch.autograd.backward([y, h], [gy, torch.ones_like(h)])
+            torch.autograd.backward(_outputs(cell, m(x)), grads)
         return run
 
     # Correctness first: the same call on both sides, every gradient.
     results = {}
-    for name, m in (("torch", ref), ("fastrnn", ours)):
+    names = ["output", "h_n", "c_n"] if cell == "lstm" else ["output", "h_n"]
+    for side, m in (("torch", ref), ("fastrnn", ours)):
         x.grad = None
         m.zero_grad(set_to_none=True)
-        y, h = m(x)
-        torch.autograd.backward([y, h], [gy, torch.ones_like(h)])
-        results[name] = [("output", y.detach()), ("h_n", h.detach()), ("grad_input", x.grad.clone())]
-        results[name] += [(f"grad_{n}", p.grad.clone()) for n, p in m.named_parameters()]
-    assert ours.last_path == "fused"
-    from . import _ops
+        outs = _outputs(cell, m(x))
+        torch.autograd.backward(outs, grads)
+        results[side] = [(n, t.detach()) for n, t in zip(names, outs)] + [("grad_input", x.grad.clone())]
+        results[side] += [(f"grad_{n}", p.grad.clone()) for n, p in m.named_parameters()]
+    if ours.last_path != "fused":
+        raise RuntimeError(f"fastrnn.{cell.upper()} ran {ours.last_path!r}, not the fused kernel")
+    cuda_path = fastrnn.last_cuda_path() if device == "cuda" or args.emulate_cuda else None
+    errors = {k: (a.double() - b.double()).abs().max().item()
+              for (k, a), (_, b) in zip(results["torch"], results["fastrnn"])}
 
-    cuda_path = _ops._C.last_cuda_path() if device == "cuda" else None
-    errors = {k: (a - b).abs().max().item() for (k, a), (_, b) in zip(results["torch"], results["fastrnn"])}
-
-    timer = Timer(device)
-    row = {"input": C, "hidden": H, "layers": L, "batch": N, "steps": T, "grid": shape[5],
+    row = {"cell": cell, "input": C, "hidden": H, "layers": L, "batch": N, "steps": T, "grid": shape[5],
            "bidirectional": args.bidirectional, "dtype": args.dtype, "max_abs_error": errors,
            "cuda_path": cuda_path}
-    for mode, make in (("forward", fwd), ("forward_backward", fwd_bwd)):
-        sides = {"torch": make(ref), "fastrnn": make(ours)}
-        for fn in sides.values():  # warm-up
-            fn()
-            fn()
-        samples = {"torch": [], "fastrnn": []}
-        start = time.perf_counter()
-        i = 0
-        while i < args.min_reps or time.perf_counter() - start < 2 * args.seconds:
-            order = ("torch", "fastrnn") if i % 2 == 0 else ("fastrnn", "torch")
-            for side in order:
-                samples[side].append(timer(sides[side]))
-            i += 1
-            if i >= 1000:
-                break
-        stats = {side: summary(s) for side, s in samples.items()}
-        stats["speedup"] = stats["torch"]["median_ms"] / stats["fastrnn"]["median_ms"]
-        row[mode] = stats
+    timer = Timer(device)
+    best = None
+    for attempt in range(args.retries + 1):
+        timed = {}
+        for mode, make in (("forward", fwd), ("forward_backward", fwd_bwd)):
+            sides = {"torch": make(ref), "fastrnn": make(ours)}
+            for fn in sides.values():  # warm-up
+                fn()
+                fn()
+            # Calls shorter than BLOCK_S are timed in blocks of several, a
+            # sample being a block's time over its calls (as
+            # torch.utils.benchmark's blocked_autorange does): a timer's and
+            # the scheduler's jitter then weigh on no sample alone.
+            number = {side: max(1, min(1000, int(BLOCK_S / max(timer(fn), 1e-7))))
+                      for side, fn in sides.items()}
+            sides = {side: _repeat(fn, number[side]) for side, fn in sides.items()}
+            samples = {"torch": [], "fastrnn": []}
+            start = time.perf_counter()
+            i = 0
+            while i < args.min_reps or time.perf_counter() - start < 2 * args.seconds:
+                order = ("torch", "fastrnn") if i % 2 == 0 else ("fastrnn", "torch")
+                for side in order:
+                    samples[side].append(timer(sides[side]) / number[side])
+                i += 1
+                if i >= 1000:
+                    break
+            timed[mode] = compare(samples["torch"], samples["fastrnn"])
+        if best is None or _spread(timed) < _spread(best):
+            best = timed
+        if _spread(best) <= args.noise:
+            break
+    row.update(best)
+    row["measurements"] = attempt + 1
+    row["noisy"] = _spread(best) > args.noise
     row["saved_bytes"] = {"torch": saved_bytes(lambda: ref(x)), "fastrnn": saved_bytes(lambda: ours(x))}
+    if args.emulate_cuda:
+        row["peak_bytes"] = {"torch": 0, "fastrnn": 0}  # no device memory to count
     if device == "cuda":
         peaks = {}
         for side, m in (("torch", ref), ("fastrnn", ours)):
@@ -230,13 +337,31 @@ def measure(args, shape):
     return row
 
 
-def environment(args):
-    from . import _ops
+def git_commit():
+    """The commit of the checkout this package runs from ('+dirty' with
+    uncommitted changes to tracked files), or None outside one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
-    env = {"torch": torch.__version__, "python": platform.python_version(),
+
+def environment(args):
+    import fastrnn
+
+    env = {"fastrnn": fastrnn.__version__, "git_commit": git_commit(),
+           "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "python": platform.python_version(),
            "platform": platform.platform(), "processor": _cpu_name(),
            "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
-           "cpu_isa": _ops._C.cpu_isa(), "cuda": torch.version.cuda}
+           "cpu_isa": fastrnn.cpu_isa(), "cuda": torch.version.cuda}
     if args.device == "cuda":
         env["device_name"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()
@@ -254,12 +379,14 @@ def _cpu_name():
     return platform.processor()
 
 
-def table(rows):
-    """The report's table; on CUDA it adds the fused forward's time per step
+def table(rows, noise=0.2):
+    """The report's table. `spread`: the largest interquartile range over
+    median of the row's four timings; `~` marks a row above `noise` after
+    its re-measurements. On CUDA it adds the fused forward's time per step
     (per layer), the peak memory of a forward+backward and the path taken."""
     cuda = any(r.get("cuda_path") for r in rows)
-    head = (f"{'shape (C,H,L,N,T)':<24}{'max err':>9}  {'fwd torch ms':>13}{'fwd fused ms':>13}{'x':>7}"
-            f"  {'f+b torch ms':>13}{'f+b fused ms':>13}{'x':>7}  {'saved MB t/f':>14}"
+    head = (f"{'cell (C,H,L,N,T)':<26}{'max err':>9}  {'fwd torch ms':>13}{'fwd fused ms':>13}{'x':>8}"
+            f"  {'f+b torch ms':>13}{'f+b fused ms':>13}{'x':>8}{'spread':>8}  {'saved MB t/f':>14}"
             + (f"  {'us/step':>8}  {'peak MB t/f':>14}  {'path':<10}" if cuda else ""))
     lines = [head, "-" * len(head)]
 
@@ -270,12 +397,14 @@ def table(rows):
         return f"{pair['torch'] / 2**20:.1f}/{pair['fastrnn'] / 2**20:.1f}"
 
     for r in rows:
-        shape = f"({r['input']},{r['hidden']},{r['layers']},{r['batch']},{r['steps']})"
+        shape = f"{r.get('cell', 'rnn')} ({r['input']},{r['hidden']},{r['layers']},{r['batch']},{r['steps']})"
         err = max(r["max_abs_error"].values())
         f, fb = r["forward"], r["forward_backward"]
-        line = (f"{shape:<24}{err:>9.1e}  {cell(f['torch']):>13}{cell(f['fastrnn']):>13}"
-                f"{f['speedup']:>6.1f}x  {cell(fb['torch']):>13}{cell(fb['fastrnn']):>13}"
-                f"{fb['speedup']:>6.1f}x  {megabytes(r['saved_bytes']):>14}")
+        spread = _spread(r)
+        mark = "~" if spread > noise else " "
+        line = (f"{shape:<26}{err:>9.1e}  {cell(f['torch']):>13}{cell(f['fastrnn']):>13}"
+                f"{f['speedup']:>6.1f}x{mark}  {cell(fb['torch']):>13}{cell(fb['fastrnn']):>13}"
+                f"{fb['speedup']:>6.1f}x{mark}{spread:>7.0%}  {megabytes(r['saved_bytes']):>14}")
         if cuda:
             per_step = f["fastrnn"]["median_ms"] * 1e3 / (r["steps"] * r["layers"])
             line += f"  {per_step:>8.2f}  {megabytes(r['peak_bytes']):>14}  {r['cuda_path']:<10}"
@@ -283,31 +412,70 @@ def table(rows):
     return "\n".join(lines)
 
 
+def noise_warning(rows, noise):
+    """A warning naming the rows whose spread stayed above `noise`, or None."""
+    noisy = [r for r in rows if _spread(r) > noise]
+    if not noisy:
+        return None
+    names = ", ".join(f"{r.get('cell', 'rnn')} ({r['input']},{r['hidden']},{r['layers']},{r['batch']},"
+                      f"{r['steps']}) {_spread(r):.0%}" for r in noisy)
+    return (f"warning: {len(noisy)} of {len(rows)} rows (marked ~) kept an interquartile range above "
+            f"{noise:.0%} of the median after re-measuring: {names}. The machine was busy; their "
+            "ratios are uncertain (the JSON has each ratio's range). Re-run them alone, e.g. with "
+            "--hidden/--batch/--steps.")
+
+
 def plot(rows, path, env):
+    """Speed-up against hidden size, one panel per cell and mode, a line per
+    batch size, error bars from the quartiles. False when there is no grid
+    row to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
 
     grid = [r for r in rows if r["grid"]]
     if not grid:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, mode, title in ((axes[0], "forward", "forward (no grad)"),
-                            (axes[1], "forward_backward", "forward + backward")):
-        for batch in sorted({r["batch"] for r in grid}):
-            pts = sorted((r["hidden"], r[mode]["speedup"]) for r in grid if r["batch"] == batch)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {batch}")
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("hidden size")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("speed-up over nn.RNN (median)")
-    axes[1].legend()
+    cells = [c for c in CELLS if any(r.get("cell", "rnn") == c for r in grid)]
+    fig, axes = plt.subplots(2, len(cells), figsize=(4.6 * len(cells) + 1, 7.6), squeeze=False,
+                             sharey=True)
+    hidden = sorted({r["hidden"] for r in grid})
+    multi = len({(r["steps"], r["layers"]) for r in grid}) > 1
+    for col, cell in enumerate(cells):
+        for row_i, (mode, title) in enumerate((("forward", "forward (no grad)"),
+                                               ("forward_backward", "forward + backward"))):
+            ax = axes[row_i][col]
+            series = sorted({(r["batch"], r["steps"], r["layers"]) for r in grid if r.get("cell", "rnn") == cell})
+            for batch, steps, layers in series:
+                pts = sorted((r["hidden"], r[mode]) for r in grid if r.get("cell", "rnn") == cell
+                             and (r["batch"], r["steps"], r["layers"]) == (batch, steps, layers))
+                xs = [p[0] for p in pts]
+                ys = [p[1]["speedup"] for p in pts]
+                err = [[y - p[1]["speedup_low"] for y, p in zip(ys, pts)],
+                       [p[1]["speedup_high"] - y for y, p in zip(ys, pts)]]
+                label = f"batch {batch}" + (f", T {steps}, L {layers}" if multi else "")
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(hidden)
+            ax.set_xticklabels([str(h) for h in hidden])
+            ax.minorticks_off()
+            ax.yaxis.set_major_locator(FixedLocator([0.25, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+            ax.set_xlabel("hidden size")
+            ax.set_title(f"{cell.upper()}: {title}")
+            ax.grid(True, which="major", alpha=0.3)
+        axes[0][col].legend(fontsize=8)
+    for row_i in range(2):
+        axes[row_i][0].set_ylabel("speed-up over torch.nn (median, IQR bars)")
     where = env.get("device_name") or env["processor"]
-    fig.suptitle(f"fastrnn vs nn.RNN, {env['dtype']}, {where}, {env['threads']} threads")
+    steps = ",".join(str(s) for s in sorted({r["steps"] for r in grid}))
+    inputs = ",".join(str(c) for c in sorted({r["input"] for r in grid}))
+    fig.suptitle(f"fastrnn {env['fastrnn']} vs torch.nn, {env['dtype']}, {steps} steps, input size "
+                 f"{inputs}\n{where}, {env['threads']} threads")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -315,39 +483,69 @@ def plot(rows, path, env):
     return True
 
 
+def _progress(items, disable, total):
+    """tqdm's progress bar when tqdm is installed, else a line per item."""
+    if disable:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def lines():
+            for i, item in enumerate(items):
+                print(f"[{i + 1}/{total}] {item[0]} {item[1][:5]}", file=sys.stderr, flush=True)
+                yield item
+        return lines()
+    return tqdm(items, unit="shape", file=sys.stderr, total=total)
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(args)
-    cases = shapes(args)
-    print(f"fastrnn.bench: {len(cases)} shapes on {env.get('device_name', env['processor'])}, "
-          f"{args.dtype}, torch {env['torch']}, {env['threads']} threads, CPU kernels {env['cpu_isa']}",
-          flush=True)
-    from tqdm import tqdm
+    cases = [(cell, shape) for cell in args.cell for shape in shapes(args)]
+    if args.emulate_cuda:
+        print("fastrnn.bench: --emulate-cuda: the CUDA kernels' emulator on CPU tensors; "
+              "the times mean nothing", flush=True)
+    print(f"fastrnn.bench: {len(cases)} cases ({','.join(args.cell)}) on "
+          f"{env.get('device_name', env['processor'])}, {args.dtype}, fastrnn {env['fastrnn']}, "
+          f"torch {env['torch']}, {env['threads']} threads, CPU kernels {env['cpu_isa']}", flush=True)
+    import fastrnn
 
-    if args.device == "cuda":
-        from . import _ops
-
-        _ops._C.set_cuda_path(args.cuda_path)
     rows = []
-    for shape in tqdm(cases, disable=args.no_progress, unit="shape", file=sys.stderr):
-        try:
-            rows.append(measure(args, shape))
-        except RuntimeError as e:
-            if "path was forced" not in str(e):
-                raise
-            print(f"skipped {shape[:5]}: {e}".splitlines()[0], flush=True)
-    print(table(rows))
-    print("max err: largest |difference| from nn.RNN over output, h_n and every gradient; "
-          "times: medians; x: nn.RNN's median over fastrnn's")
+    cuda = args.device == "cuda" or args.emulate_cuda
+    with fastrnn.kernels(cuda_path=args.cuda_path if cuda else None,
+                         emulate_cuda=True if args.emulate_cuda else None):
+        for cell, shape in _progress(cases, args.no_progress, len(cases)):
+            try:
+                rows.append(measure(args, cell, shape))
+            except RuntimeError as e:
+                if "path was forced" not in str(e):
+                    raise
+                print(f"skipped {cell} {shape[:5]}: {e}".splitlines()[0], flush=True)
+    print(table(rows, args.noise))
+    print("max err: largest |difference| from torch.nn over the output, final states and every "
+          "gradient; times: medians; x: torch.nn's median over fastrnn's; spread: the largest "
+          "interquartile range over median of the row's timings")
+    warning = noise_warning(rows, args.noise)
+    if warning:
+        print(warning, flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        arguments = {k: v for k, v in vars(args).items() if k != "argv"}
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "results": rows}, f, indent=1)
+            json.dump({"fastrnn": env["fastrnn"], "git_commit": env["git_commit"],
+                       "timestamp": env["timestamp"], "argv": args.argv, "arguments": arguments,
+                       "environment": env, "results": rows}, f, indent=1)
         print(f"wrote {args.json}")
-    if args.plot and plot(rows, args.plot, env):
-        print(f"wrote {args.plot}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install matplotlib, or fastrnn[bench])")
+        else:
+            if plot(rows, args.plot, env):
+                print(f"wrote {args.plot}")
     return 0
 
 

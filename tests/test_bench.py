@@ -1,43 +1,152 @@
 """The benchmark report (`make bench`): a tiny run writes a table, JSON and
-plot whose figures are consistent, and bad options end with exit status 2."""
+plot whose figures are consistent, noisy rows are measured again and named,
+the optional dependencies are optional, and bad options end with exit
+status 2."""
 
 import json
+import sys
 
 import pytest
 
+import fastrnn
 from fastrnn import _ops, bench
 
 pytestmark = pytest.mark.skipif(not _ops.available(), reason="needs the extension")
 
+TINY = ["--device", "cpu", "--hidden", "8", "--batch", "1,3", "--steps", "4", "--seconds", "0.01",
+        "--min-reps", "3", "--no-progress"]
+
 
 def test_tiny_report(tmp_path, capsys):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
-    status = bench.main(["--device", "cpu", "--hidden", "8", "--batch", "1,3", "--steps", "4",
-                         "--seconds", "0.01", "--min-reps", "3", "--no-progress",
-                         "--json", str(out_json), "--plot", str(out_png)])
+    status = bench.main(TINY + ["--json", str(out_json), "--plot", str(out_png)])
     assert status == 0
     report = json.loads(out_json.read_text())
     rows = report["results"]
-    assert [(r["hidden"], r["batch"], r["steps"]) for r in rows] == [(8, 1, 4), (8, 3, 4)]
+    assert [(r["cell"], r["hidden"], r["batch"], r["steps"]) for r in rows] == [
+        (c, 8, n, 4) for c in ("rnn", "lstm", "gru") for n in (1, 3)]
     for r in rows:
         assert r["cuda_path"] is None
         assert max(r["max_abs_error"].values()) < 1e-5
-        assert set(r["max_abs_error"]) >= {"output", "h_n", "grad_input", "grad_weight_hh_l0"}
+        states = {"h_n", "c_n"} if r["cell"] == "lstm" else {"h_n"}
+        assert set(r["max_abs_error"]) >= {"output", "grad_input", "grad_weight_hh_l0"} | states
         for mode in ("forward", "forward_backward"):
             t, f = r[mode]["torch"], r[mode]["fastrnn"]
             assert t["reps"] >= 3 and f["reps"] >= 3
             assert t["q1_ms"] <= t["median_ms"] <= t["q3_ms"]
             assert r[mode]["speedup"] == pytest.approx(t["median_ms"] / f["median_ms"])
+            assert r[mode]["speedup_low"] <= r[mode]["speedup"] <= r[mode]["speedup_high"]
+        assert 1 <= r["measurements"] <= 3
+        assert r["noisy"] == (bench._spread(r) > 0.2)
+    assert report["fastrnn"] == fastrnn.__version__
+    assert report["argv"] == TINY + ["--json", str(out_json), "--plot", str(out_png)]
+    assert report["arguments"]["cell"] == ["rnn", "lstm", "gru"]
+    assert report["timestamp"].endswith("+00:00")
+    assert report["git_commit"] is None or len(report["git_commit"].split("+")[0]) == 40
     assert report["environment"]["device"] == "cpu"
     assert out_png.stat().st_size > 0
-    assert "(32,8,1,3,4)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rnn (32,8,1,3,4)" in out and "lstm (32,8,1,1,4)" in out and "gru (32,8,1,3,4)" in out
+
+
+def test_one_cell_and_no_optional_dependencies(tmp_path, capsys, monkeypatch):
+    """Without tqdm and matplotlib the report still runs: progress as lines,
+    no plot and a line saying why."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = [a for a in TINY if a != "--no-progress"] + ["--cell", "gru", "--json", "",
+                                                          "--plot", str(tmp_path / "p.png")]
+    assert bench.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "[2/2] gru" in err
+    assert "no plot: matplotlib is not installed" in out
+    assert "gru (32,8,1,1,4)" in out and "rnn (" not in out
+    assert not (tmp_path / "p.png").exists()
+
+
+def _row(cell, spread_torch, spread_fused=0.05):
+    def side(spread):
+        return {"median_ms": 1.0, "q1_ms": 1.0 - spread / 2, "q3_ms": 1.0 + spread / 2, "spread": spread}
+    mode = {"torch": side(spread_torch), "fastrnn": side(spread_fused), "speedup": 1.0}
+    return {"cell": cell, "input": 4, "hidden": 8, "layers": 1, "batch": 2, "steps": 3,
+            "max_abs_error": {"output": 0.0}, "forward": mode, "forward_backward": mode,
+            "saved_bytes": {"torch": 0, "fastrnn": 0}}
+
+
+def test_noisy_rows_are_marked_and_named():
+    """A row whose interquartile range is above --noise of its median on
+    either side is marked ~ in the table and named in the warning; a quiet
+    one is neither."""
+    rows = [_row("rnn", 0.05), _row("lstm", 0.45), _row("gru", 0.05, 0.3)]
+    lines = bench.table(rows, 0.2).splitlines()[2:]
+    assert ["~" in line for line in lines] == [False, True, True]
+    assert lines[1].split()[-2] == "45%"
+    warning = bench.noise_warning(rows, 0.2)
+    assert "2 of 3 rows" in warning and "lstm (4,8,1,2,3) 45%" in warning and "gru (4,8,1,2,3) 30%" in warning
+    assert "rnn (" not in warning
+    assert bench.noise_warning(rows[:1], 0.2) is None
+
+
+def test_compare_gives_the_ratio_and_its_quartile_range():
+    stats = bench.compare([0.9, 1.0, 1.1, 1.0, 1.0], [0.45, 0.5, 0.55, 0.5, 0.5])
+    assert stats["speedup"] == pytest.approx(2.0)
+    assert stats["speedup_low"] == pytest.approx(stats["torch"]["q1_ms"] / stats["fastrnn"]["q3_ms"])
+    assert stats["speedup_high"] == pytest.approx(stats["torch"]["q3_ms"] / stats["fastrnn"]["q1_ms"])
+    assert stats["torch"]["spread"] == pytest.approx((stats["torch"]["q3_ms"] - stats["torch"]["q1_ms"]) / 1e3)
+
+
+def test_noisy_measurement_is_repeated(monkeypatch):
+    """measure() measures again while the spread stays above --noise, up to
+    --retries more times, and keeps the quietest measurement."""
+    spreads = iter([0.9, 0.5, 0.1])
+    calls = []
+
+    def fake_compare(t, f):
+        calls.append(1)
+        s = next(spreads) if len(calls) % 2 else 0.0
+        side = {"median_ms": 1.0, "q1_ms": 1.0, "q3_ms": 1.0, "spread": s, "reps": 3}
+        return {"torch": side, "fastrnn": dict(side, spread=0.0), "speedup": 1.0, "speedup_low": 1.0,
+                "speedup_high": 1.0}
+
+    monkeypatch.setattr(bench, "compare", fake_compare)
+    args = bench.parse_args(TINY + ["--retries", "2", "--cell", "rnn"])
+    row = bench.measure(args, "rnn", (4, 8, 1, 2, 3, True))
+    assert row["measurements"] == 3 and not row["noisy"]
+    assert bench._spread(row) == 0.1
+    spreads = iter([0.9, 0.5, 0.7])
+    calls.clear()
+    row = bench.measure(bench.parse_args(TINY + ["--retries", "1"]), "rnn", (4, 8, 1, 2, 3, True))
+    assert row["measurements"] == 2 and row["noisy"] and bench._spread(row) == 0.5
+
+
+def test_shape_table_is_shared_with_the_pytest_suite():
+    sys.path.insert(0, "bench")
+    try:
+        import test_speed
+    finally:
+        sys.path.remove("bench")
+    assert test_speed.SHAPES == bench.named_shapes(test_speed.DEVICE)
+
+
+@pytest.mark.skipif(not _ops.cuda_built(), reason="needs the CUDA build")
+def test_emulated_cuda_report_names_the_forced_path(tmp_path, capsys):
+    out_json = tmp_path / "e.json"
+    argv = ["--emulate-cuda", "--cuda-path", "grid", "--cell", "rnn", "--hidden", "8", "--batch", "2",
+            "--steps", "3", "--seconds", "0.01", "--min-reps", "1", "--retries", "0", "--no-progress",
+            "--json", str(out_json), "--plot", ""]
+    assert bench.main(argv) == 0
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert row["cuda_path"] == "grid" and max(row["max_abs_error"].values()) < 1e-5
+    assert "the times mean nothing" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--hidden", "0"], "expected comma-separated positive integers"),
-    (["--device", "cpu", "--cuda-path", "grid"], "--cuda-path: applies to --device cuda only"),
-    (["--device", "cpu", "--dtype", "bfloat16"], "the fused CPU kernel takes float32 and float64"),
+    (["--cell", "lstm,elman"], "expected cells among rnn,lstm,gru"),
+    (["--device", "cpu", "--cuda-path", "grid"], "--cuda-path: applies to --device cuda (or --emulate-cuda) only"),
     (["--seconds", "0"], "--seconds must be positive"),
+    (["--noise", "0"], "--noise must be positive"),
+    (["--retries", "-1"], "--retries must be at least 0"),
 ])
 def test_bad_options_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -49,13 +158,15 @@ def test_bad_options_exit_2(argv, message, capsys):
 def test_table_on_cuda_adds_time_per_step_peak_memory_and_path():
     """The table's own arithmetic, on a made-up CUDA row: 0.4 ms for 512
     steps of one layer is 0.78 us a step."""
-    row = {"input": 64, "hidden": 256, "layers": 1, "batch": 64, "steps": 512,
+    row = {"cell": "lstm", "input": 64, "hidden": 256, "layers": 1, "batch": 64, "steps": 512,
            "max_abs_error": {"output": 1e-6},
-           "forward": {"torch": {"median_ms": 2.0}, "fastrnn": {"median_ms": 0.4}, "speedup": 5.0},
-           "forward_backward": {"torch": {"median_ms": 6.0}, "fastrnn": {"median_ms": 1.5},
-                                "speedup": 4.0},
+           "forward": {"torch": {"median_ms": 2.0, "spread": 0.01}, "fastrnn": {"median_ms": 0.4, "spread": 0.02},
+                       "speedup": 5.0},
+           "forward_backward": {"torch": {"median_ms": 6.0, "spread": 0.01},
+                                "fastrnn": {"median_ms": 1.5, "spread": 0.01}, "speedup": 4.0},
            "saved_bytes": {"torch": 2**22, "fastrnn": 2**21},
            "peak_bytes": {"torch": 2**25, "fastrnn": 2**24}, "cuda_path": "cluster"}
     head, _, line = bench.table([row]).splitlines()
     assert "us/step" in head and "peak MB t/f" in head and "path" in head
+    assert line.startswith("lstm (64,256,1,64,512)")
     assert line.split()[-3:] == ["0.78", "32.0/16.0", "cluster"]

@@ -20,12 +20,18 @@ def test_walkthrough_runs():
     assert out.returncode == 0, out.stderr
     assert "nn.RNN with the same state_dict gives the same output" in out.stdout
     assert "weight_hh_l0   (16, 16)" in out.stdout
+    assert "replace_rnn: fastrnn.module.LSTM, ran fused, same output" in out.stdout
 
 
-def test_training_learns_and_matches_nn_rnn(capsys):
+@pytest.mark.parametrize("cell,name", [("rnn", "RNN"), ("lstm", "LSTM"), ("gru", "GRU")])
+def test_training_learns_and_matches_torch_nn(cell, name, capsys):
+    """The example trains the torch.nn model and the same model after
+    fastrnn.replace_rnn (fused kernels, CPU): both learn, to the same loss."""
     train = runpy.run_path(os.path.join(ROOT, "examples", "train_sine.py"))
-    ref, ours = train["main"](["--epochs", "6", "--sequences", "64", "--steps", "30"])
+    ref, ours, model = train["main"](["--cell", cell, "--epochs", "6", "--sequences", "64", "--steps", "30"])
+    assert type(model.rnn).__module__ == "fastrnn.module" and type(model.rnn).__name__ == name
+    assert model.rnn.last_path == "fused"
     assert ours[-1] < 0.5 * ours[0], "the fused model did not learn"
     # Same seed, same data, same math: the curves agree to float32 noise.
     assert ours == pytest.approx(ref, rel=1e-3)
-    assert "time: nn.RNN" in capsys.readouterr().out
+    assert f"time: nn.{name}" in capsys.readouterr().out
