@@ -1,54 +1,194 @@
 #!/usr/bin/env bash
-# One run on a lent GPU machine, about 8 minutes at most: build the CUDA
-# extension in place against the machine's own python3 (no virtualenv, no
-# downloads), run the CUDA tests, the GPU benchmark (every CUDA path forced in
-# turn too), compute-sanitizer (memcheck, racecheck) on small forward and
-# backward calls of every path, and the benchmark in bfloat16. The most
-# telling steps come first, in case the run is cut short.
-# Everything it prints also goes to $OUT/gpu_check.log (bench-results/gpu
-# where OUT is unset), with the benchmark's JSON and plot beside it.
+# The one script a lent GPU machine runs: a verdict on every CUDA path inside
+# a time budget, the most telling steps first.
+#
+#   bench/gpu_check.sh                  # on a GPU machine (its own python3)
+#   GPU_CHECK_DRY=1 bench/gpu_check.sh  # no GPU: the same steps through the
+#                                       # CUDA kernels' CPU emulator, < 5 min
+#
+# Steps, in order: environment; build (sm_90 only, line info for the
+# sanitizers); a smoke run of each CUDA path forced at the largest shape it
+# takes (persistent at its hidden limit, a cluster of 8 at its own, grid and
+# step at hidden 1024), each in its own process under `timeout -k 5 30` and
+# checked against torch.nn in float64; the CUDA tests (parity on CUDA, then
+# tests/test_cuda.py, whose grid-path tests come last); compute-sanitizer
+# memcheck, synccheck and racecheck on small calls of every path and cell
+# plus the near-full-shared-memory configurations; the benchmark in float32,
+# each path forced in turn, and in bfloat16.
+#
+# GPU_CHECK_BUDGET (seconds, default 480) bounds the whole run: each step gets
+# at most what is left, and a step that no longer fits its minimum is
+# reported SKIPPED. Whatever happens (a failed step, a timeout, SIGTERM), an
+# EXIT trap writes the verdict table (step, PASS/FAIL/TIMEOUT/SKIPPED, exit
+# status, seconds; INTERRUPTED for a step cut by a signal) as the last lines of $OUT/gpu_check.log and as
+# $OUT/verdict.json. $OUT (default bench-results/gpu) receives at most 6
+# files: gpu_check.log, verdict.json, bench_float32.json,
+# speedup_float32.png, paths.json, bench_bfloat16.json.
+# Exit status: 0 when every step passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-480}
+DRY=${GPU_CHECK_DRY:-0}
 OUT_DIR=${OUT:-bench-results/gpu}
 mkdir -p "$OUT_DIR"
-exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
+LOG=$OUT_DIR/gpu_check.log
+: >"$LOG"
+WORK=$(mktemp -d)
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export FASTRNN_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-status=0
-step() { echo; echo "=== $* ($(date +%T))"; }
+# A grid-path barrier that waits this long traps with an error instead of
+# hanging (co-residency lost to another process, say).
+export FASTRNN_GRID_TIMEOUT_MS=${FASTRNN_GRID_TIMEOUT_MS:-5000}
 
-step environment
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+NAMES=() STATUSES=() CODES=() SECONDS_TAKEN=()
+CURRENT="" CHILD=""
 
-step build
-timeout 240 $PY setup.py -q build_ext --inplace || { echo "BUILD FAILED"; exit 1; }
+say() { echo "$*" | tee -a "$LOG"; }
 
-step "CUDA tests"
-timeout 180 $PY -m pytest tests -q --maxfail=25 -k "cuda and not emulat" -p no:cacheprovider || status=1
+record() {  # name status code seconds
+  NAMES+=("$1") STATUSES+=("$2") CODES+=("$3") SECONDS_TAKEN+=("$4")
+}
 
-step "benchmark float32"
-timeout 150 $PY -m fastrnn.bench --device cuda --no-progress --seconds 0.3 \
-  --json "$OUT_DIR/bench_float32.json" --plot "$OUT_DIR/speedup_float32.png" || status=1
+# step NAME MAX MIN CMD...: runs CMD under `timeout -k 5 T`, T being MAX or
+# what is left of the budget if less; SKIPPED when T would be under MIN.
+step() {
+  local name=$1 max=$2 min=$3
+  shift 3
+  local left=$((BUDGET - ($(date +%s) - START)))
+  local limit=$((max < left ? max : left))
+  if ((limit < min)); then
+    say "=== $name: SKIPPED (${left}s of the budget left, it needs ${min}s)"
+    record "$name" SKIPPED - 0
+    return
+  fi
+  say ""
+  say "=== $name (limit ${limit}s, $(date +%T))"
+  CURRENT=$name
+  local t0 rc status
+  t0=$(date +%s)
+  # In the background and waited for, so that SIGTERM reaches the trap at
+  # once rather than when the step ends.
+  (timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"; exit "${PIPESTATUS[0]}") &
+  CHILD=$!
+  wait "$CHILD"
+  rc=$?
+  CHILD="" CURRENT=""
+  if ((rc == 124 || rc == 137)); then status=TIMEOUT; elif ((rc != 0)); then status=FAIL; else status=PASS; fi
+  record "$name" "$status" "$rc" $(($(date +%s) - t0))
+  say "=== $name: $status (exit $rc, $(($(date +%s) - t0))s)"
+}
 
-# The same shapes with each path forced, for the thresholds of the automatic
-# choice (cluster up to about 660, grid where it fits the device, step).
-for path in cluster grid step; do
-  step "paths: $path forced, float32"
-  timeout 75 $PY -m fastrnn.bench --device cuda --no-progress --no-named --cuda-path $path \
-    --hidden 256,512,1024 --batch 1,8,64 --steps 512 --seconds 0.1 --min-reps 3 \
-    --json "$OUT_DIR/paths_$path.json" --plot "" || status=1
+finish() {
+  local code=$?
+  trap - EXIT INT TERM
+  if [[ -n $CHILD ]]; then
+    # Interrupted mid-step: stop the step (timeout passes the signal on to
+    # its command's process group) and record it.
+    pkill -TERM -P "$CHILD" 2>/dev/null
+    wait "$CHILD" 2>/dev/null
+  fi
+  if [[ -n $CURRENT ]]; then record "$CURRENT" INTERRUPTED "$code" -; fi
+  # The forced-path benchmarks, one JSON file of them all.
+  if compgen -G "$WORK/paths_*.json" >/dev/null; then
+    "$PY" - "$OUT_DIR/paths.json" "$WORK"/paths_*.json <<'EOF' 2>/dev/null
+import json, os, sys
+out = {os.path.basename(p)[6:-5]: json.load(open(p)) for p in sys.argv[2:]}
+json.dump(out, open(sys.argv[1], "w"), indent=1)
+EOF
+  fi
+  rm -rf "$WORK"
+  local verdict=PASS i
+  for i in "${!NAMES[@]}"; do
+    case ${STATUSES[$i]} in
+      PASS) ;;
+      SKIPPED) [[ $verdict == PASS ]] && verdict=INCOMPLETE ;;
+      *) verdict=FAIL ;;
+    esac
+  done
+  local elapsed=$(($(date +%s) - START))
+  {
+    echo ""
+    echo "=== verdict: $verdict ($([[ $DRY == 1 ]] && echo "dry run, emulator" || echo GPU), ${elapsed}s of ${BUDGET}s)"
+    printf '%-34s %-11s %5s %6s\n' step status exit seconds
+    for i in "${!NAMES[@]}"; do
+      printf '%-34s %-11s %5s %6s\n' "${NAMES[$i]}" "${STATUSES[$i]}" "${CODES[$i]}" "${SECONDS_TAKEN[$i]}"
+    done
+  } | tee -a "$LOG"
+  {
+    printf '{"verdict": "%s", "dry_run": %s, "budget_s": %s, "elapsed_s": %s, "steps": [' \
+      "$verdict" "$([[ $DRY == 1 ]] && echo true || echo false)" "$BUDGET" "$elapsed"
+    for i in "${!NAMES[@]}"; do
+      local secs=${SECONDS_TAKEN[$i]} exit_code=${CODES[$i]}
+      [[ $secs == - ]] && secs=null
+      [[ $exit_code == - ]] && exit_code=null
+      printf '%s{"step": "%s", "status": "%s", "exit": %s, "seconds": %s}' \
+        "$([[ $i == 0 ]] || echo ", ")" "${NAMES[$i]}" "${STATUSES[$i]}" "$exit_code" "$secs"
+    done
+    printf ']}\n'
+  } >"$OUT_DIR/verdict.json"
+  [[ $verdict == PASS ]] && exit 0 || exit 1
+}
+trap finish EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+if [[ $DRY == 1 ]]; then
+  # The same steps on CPU tensors through the emulator of an H100/H200,
+  # shapes and repetitions cut to fit a few minutes on two cores.
+  EMU=(--emulate)
+  BENCH=("$PY" -m fastrnn.bench --emulate-cuda --no-progress --hidden 16,32 --batch 2 --steps 4
+         --seconds 0.02 --min-reps 2 --retries 0)
+  step environment 30 5 "$PY" -c "import torch, fastrnn; print('dry run: no GPU, the emulator;', 'torch', torch.__version__, 'fastrnn', fastrnn.__version__)"
+  step build 600 10 "$PY" setup.py -q build_ext --inplace
+  TESTS=("$PY" -m pytest tests/test_cuda_emulation.py -q -p no:cacheprovider
+         -k "cluster_of_eight or grid_groups or grid_barrier or forced_shape or one_wave or automatic_path")
+  SANITIZE=("$PY" bench/sanitize_cases.py --emulate --quick)
+  MEMCHECK=("${SANITIZE[@]}" --full-smem=persistent)
+  SYNCCHECK=("${SANITIZE[@]}")
+  RACECHECK=("${SANITIZE[@]}" --full-smem=persistent)
+else
+  EMU=()
+  BENCH=("$PY" -m fastrnn.bench --device cuda --no-progress)
+  step environment 30 5 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv && \
+    $PY -c \"import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())\""
+  step "build (sm_90)" 240 60 env FASTRNN_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 FASTRNN_LINEINFO=1 \
+    MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py -q build_ext --inplace
+  TESTS=("$PY" -m pytest tests/test_parity.py tests/test_cuda.py -q -p no:cacheprovider -k cuda --maxfail=20)
+  SAN=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --error-exitcode 3)
+  MEMCHECK=("${SAN[@]}" --tool memcheck "$PY" bench/sanitize_cases.py --full-smem)
+  SYNCCHECK=("${SAN[@]}" --tool synccheck "$PY" bench/sanitize_cases.py)
+  RACECHECK=("${SAN[@]}" --tool racecheck "$PY" bench/sanitize_cases.py --full-smem)
+fi
+
+for path in persistent cluster grid step; do
+  step "smoke: $path" 30 10 "$PY" bench/gpu_smoke.py "$path" "${EMU[@]}"
 done
-
-step "compute-sanitizer memcheck"
-timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 $PY bench/sanitize_cases.py || status=1
-step "compute-sanitizer racecheck"
-timeout 90 compute-sanitizer --tool racecheck --error-exitcode 3 $PY bench/sanitize_cases.py || status=1
-
-step "benchmark bfloat16"
-timeout 90 $PY -m fastrnn.bench --device cuda --dtype bfloat16 --no-progress --no-named --seconds 0.2 \
-  --json "$OUT_DIR/bench_bfloat16.json" --plot "$OUT_DIR/speedup_bfloat16.png" || status=1
-
-step "done: status $status"
-exit $status
+step "CUDA tests" 150 30 "${TESTS[@]}"
+step "compute-sanitizer memcheck" 90 30 "${MEMCHECK[@]}"
+step "compute-sanitizer synccheck" 60 20 "${SYNCCHECK[@]}"
+step "compute-sanitizer racecheck" 90 30 "${RACECHECK[@]}"
+if [[ $DRY == 1 ]]; then
+  step "benchmark float32" 60 10 "${BENCH[@]}" --cell rnn --json "$OUT_DIR/bench_float32.json" \
+    --plot "$OUT_DIR/speedup_float32.png"
+else
+  step "benchmark float32" 120 30 "${BENCH[@]}" --seconds 0.2 --json "$OUT_DIR/bench_float32.json" \
+    --plot "$OUT_DIR/speedup_float32.png"
+fi
+# The same shapes with each path forced: the thresholds of the automatic choice.
+for path in persistent cluster grid step; do
+  if [[ $DRY == 1 ]]; then
+    step "benchmark: $path forced" 30 5 "${BENCH[@]}" --cell rnn --no-named --cuda-path "$path" \
+      --json "$WORK/paths_$path.json" --plot ""
+  else
+    step "benchmark: $path forced" 45 10 "${BENCH[@]}" --cell rnn,lstm --no-named --cuda-path "$path" \
+      --hidden 64,256,1024 --batch 8,64 --steps 512 --seconds 0.1 --min-reps 3 --retries 0 \
+      --json "$WORK/paths_$path.json" --plot ""
+  fi
+done
+if [[ $DRY == 1 ]]; then
+  step "benchmark bfloat16" 30 5 "${BENCH[@]}" --cell gru --dtype bfloat16 --json "$OUT_DIR/bench_bfloat16.json" --plot ""
+else
+  step "benchmark bfloat16" 60 15 "${BENCH[@]}" --dtype bfloat16 --no-named --seconds 0.1 --retries 0 \
+    --json "$OUT_DIR/bench_bfloat16.json" --plot ""
+fi

@@ -1,0 +1,90 @@
+"""bench/gpu_check.sh, the script a lent GPU machine runs, tested here
+through its dry run (GPU_CHECK_DRY=1: every step on the CUDA kernels' CPU
+emulator): every step passes within the budget, and the verdict table and
+JSON are written whatever happens (steps that no longer fit, SIGTERM)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import fastrnn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
+
+pytestmark = [
+    pytest.mark.skipif(not fastrnn.cuda_built(), reason="the emulator comes with the CUDA build"),
+    # The dry run rebuilds in place and imports the checkout: not under the
+    # side builds of make sanitize, tsan and compat.
+    pytest.mark.skipif(bool(os.environ.get("PYTHONPATH", "").strip()) and "build/" in os.environ["PYTHONPATH"],
+                       reason="runs against the in-place build only"),
+]
+
+
+def dry_run(out, budget=480, wait=True):
+    env = dict(os.environ, GPU_CHECK_DRY="1", OUT=str(out), PYTHON=sys.executable,
+               GPU_CHECK_BUDGET=str(budget))
+    proc = subprocess.Popen(["bash", SCRIPT], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if wait:
+        proc.communicate(timeout=budget + 120)
+    return proc
+
+
+def verdict(out):
+    return json.loads((out / "verdict.json").read_text())
+
+
+def test_dry_run_passes_every_step_within_five_minutes(tmp_path):
+    start = time.monotonic()
+    proc = dry_run(tmp_path)
+    elapsed = time.monotonic() - start
+    v = verdict(tmp_path)
+    failed = [s for s in v["steps"] if s["status"] != "PASS"]
+    assert proc.returncode == 0 and v["verdict"] == "PASS", failed
+    assert [s["step"] for s in v["steps"]] == [
+        "environment", "build", "smoke: persistent", "smoke: cluster", "smoke: grid", "smoke: step",
+        "CUDA tests", "compute-sanitizer memcheck", "compute-sanitizer synccheck",
+        "compute-sanitizer racecheck", "benchmark float32", "benchmark: persistent forced",
+        "benchmark: cluster forced", "benchmark: grid forced", "benchmark: step forced",
+        "benchmark bfloat16"]
+    assert v["dry_run"] is True and v["elapsed_s"] <= 300 and elapsed < 330
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["bench_bfloat16.json", "bench_float32.json", "gpu_check.log", "paths.json",
+                     "speedup_float32.png", "verdict.json"]
+    paths = json.loads((tmp_path / "paths.json").read_text())
+    assert {name: {r["cuda_path"] for r in report["results"]} for name, report in paths.items()} == {
+        p: {p} for p in ("persistent", "cluster", "grid", "step")}
+    log = (tmp_path / "gpu_check.log").read_text().splitlines()
+    table = log[log.index(next(line for line in log if line.startswith("=== verdict: PASS"))):]
+    assert len(table) == 2 + len(v["steps"])
+    assert all(line.split()[-3] == "PASS" for line in table[2:])
+    # Each smoke run compared the forced path with torch.nn, cell by cell.
+    assert sum("worst relative error" in line and line.endswith(" s") and " ok " in line for line in log) == 12
+
+
+def test_steps_that_do_not_fit_the_budget_are_skipped(tmp_path):
+    proc = dry_run(tmp_path, budget=3)
+    v = verdict(tmp_path)
+    assert proc.returncode == 1 and v["verdict"] == "INCOMPLETE"
+    assert {s["status"] for s in v["steps"]} == {"SKIPPED"} and len(v["steps"]) == 16
+    assert "=== verdict: INCOMPLETE" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_sigterm_mid_step_still_writes_the_verdict(tmp_path):
+    proc = dry_run(tmp_path, wait=False)
+    log = tmp_path / "gpu_check.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "=== smoke: persistent (" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    v = verdict(tmp_path)
+    assert proc.returncode == 1 and v["verdict"] == "FAIL"
+    assert v["steps"][-1]["step"] == "smoke: persistent" and v["steps"][-1]["status"] == "INTERRUPTED"
+    assert [s["status"] for s in v["steps"][:2]] == ["PASS", "PASS"]
