@@ -36,6 +36,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <type_traits>
 #endif
 
 #include "cells.h"
@@ -890,9 +891,30 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, const Geometry
 // group's counter with release order and waits, with acquire order, until
 // all `size` have; the block barriers around it hold the block's other
 // threads on either side. The device and the emulator run this same code,
-// on cuda::atomic_ref and std::atomic_ref. A wait past b.timeout_ns (the
+// on cuda::atomic_ref and HostAtomicRef. A wait past b.timeout_ns (the
 // group's blocks not all resident: another process or an NCCL kernel holding
 // multiprocessors) stops the launch with an error instead of hanging.
+#if !defined(__CUDA_ARCH__)
+// std::atomic_ref's interface for the emulator, on the __atomic builtins so
+// that it builds as C++17 (torch before 2.13 compiles extensions as C++17).
+// ThreadSanitizer instruments the builtins with the orderings given. The
+// order is a type, so that it stays a constant at any optimisation level.
+template <int Order>
+using HostOrder = std::integral_constant<int, Order>;
+struct HostAtomicRef {
+  unsigned int* p;
+  explicit HostAtomicRef(unsigned int& v) : p(&v) {}
+  template <int Order>
+  unsigned int fetch_add(unsigned int v, HostOrder<Order>) {
+    return __atomic_fetch_add(p, v, Order);
+  }
+  template <int Order>
+  unsigned int load(HostOrder<Order>) const {
+    return __atomic_load_n(p, Order);
+  }
+};
+#endif
+
 FASTRNN_HD int64_t clock_ns() {
 #if defined(__CUDA_ARCH__)
   uint64_t t;
@@ -915,9 +937,9 @@ FASTRNN_HD void group_barrier(const Block& b, int64_t s) {
     constexpr auto release = ::cuda::memory_order_release;
     constexpr auto acquire = ::cuda::memory_order_acquire;
 #else
-    std::atomic_ref<unsigned int> counter(*b.counter);
-    constexpr auto release = std::memory_order_release;
-    constexpr auto acquire = std::memory_order_acquire;
+    HostAtomicRef counter(*b.counter);
+    constexpr HostOrder<__ATOMIC_RELEASE> release{};
+    constexpr HostOrder<__ATOMIC_ACQUIRE> acquire{};
 #endif
     counter.fetch_add(1u, release);
     const int64_t start = clock_ns();

@@ -62,7 +62,7 @@ struct Kernels {
 // or grid group (and as many whole groups as fit a budget of threads) at
 // once, __syncthreads and cluster barriers as host barriers, shuffles
 // through a per-warp exchange, the grid path's own barrier code on
-// std::atomic_ref. An error a body raises (b.fail) stops every thread of the
+// the __atomic builtins. An error a body raises (b.fail) stops every thread of the
 // launch and comes back as an exception.
 template <typename Cell, typename T>
 struct Emulator {
