@@ -53,7 +53,7 @@ sanitize: $(READY)
 # The CUDA kernels' emulator under ThreadSanitizer, which models the C++
 # memory model (weaker than x86's): the grid path's barrier and exchange,
 # the clusters' and every block's synchronisation run concurrently on
-# std::atomic_ref and host barriers, and a missing release or acquire is a
+# host atomics and host barriers, and a missing release or acquire is a
 # reported race. One torch thread: OpenMP is not instrumented.
 TSAN_DIR := build/tsan
 TSAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" TSAN_OPTIONS=halt_on_error=1:exitcode=66 \
