@@ -39,6 +39,8 @@ bench-pytest: build
 # The extension built with AddressSanitizer and UBSan into build/sanitize
 # (device code for sm_90 only: it never runs here), and the CPU tests and the
 # CUDA kernels' emulator tests run against it; any report fails the run.
+# --capture=sys: pytest captures Python's output only, so that a report the
+# sanitizer writes to file descriptor 2 before it ends the process is seen.
 SAN_DIR := build/sanitize
 SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
@@ -47,7 +49,7 @@ sanitize: $(READY)
 	FASTRNN_SANITIZE=address TORCH_CUDA_ARCH_LIST=9.0 $(PY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp build/sanitize-tmp
 	$(call copy_py,$(SAN_DIR))
 	$(SAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(SAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
-	$(SAN_ENV) $(PY) -P -m pytest tests -q -p no:cacheprovider -o pythonpath=$(SAN_DIR) \
+	$(SAN_ENV) $(PY) -P -m pytest tests -q --capture=sys -p no:cacheprovider -o pythonpath=$(SAN_DIR) \
 		-k "not compile and not ddp and not export and not trace and not onnx and not jit_script"
 
 # The CUDA kernels' emulator under ThreadSanitizer, which models the C++
@@ -62,7 +64,7 @@ tsan: $(READY)
 	FASTRNN_SANITIZE=thread TORCH_CUDA_ARCH_LIST=9.0 $(PY) setup.py -q build_ext --build-lib $(TSAN_DIR) --build-temp build/tsan-tmp
 	$(call copy_py,$(TSAN_DIR))
 	$(TSAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(TSAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
-	$(TSAN_ENV) $(PY) -P -m pytest tests/test_cuda_emulation.py -q -p no:cacheprovider -o pythonpath=$(TSAN_DIR) \
+	$(TSAN_ENV) $(PY) -P -m pytest tests/test_cuda_emulation.py -q --capture=sys -p no:cacheprovider -o pythonpath=$(TSAN_DIR) \
 		-k "$(TSAN_TESTS)"
 # Every path's barriers and exchanges (several-row blocks, clusters, grid
 # groups, the barrier's timeout), with lengths, without the step path (cuBLAS).
