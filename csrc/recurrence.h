@@ -14,10 +14,15 @@
 
 namespace fastrnn {
 
-// One layer's forward time loop: reads u, the weights, h0 (and c0), writes
-// y, hn (and cn, saved). Every tensor contiguous, of the input's dtype.
+// One layer's forward time loop: reads x, the weights, h0 (and c0), writes
+// y, hn (and cn, saved). Every tensor contiguous, of the input's dtype. The
+// stack gives x and W_ih; a loop that wants the input term apart computes
+// u = x W_ih^T with input_term(); the CPU kernels of cells whose gates add
+// it to the hidden term compute it in the recurrent GEMM instead.
 struct ForwardLoop {
-  at::Tensor u;                      // (D, T, N, G*H) x W_ih^T, biases not added
+  at::Tensor x;                      // (T, N, C) the layer's input
+  std::array<at::Tensor, 2> w_ih;    // per direction (G*H, C)
+  at::Tensor u;                      // (D, T, N, G*H) x W_ih^T, biases not added; or undefined
   std::array<at::Tensor, 2> w_hh;    // per direction (G*H, P)
   std::array<at::Tensor, 2> b_ih;    // per direction (G*H), or undefined without biases
   std::array<at::Tensor, 2> b_hh;    // per direction (G*H), or undefined without biases
@@ -66,6 +71,9 @@ void forward_recurrence(CellKind cell, const ForwardLoop& a);
 void backward_recurrence(CellKind cell, const BackwardLoop& a);
 
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a);
+
+// u = x W_ih^T of every direction, (D, T, N, G*H): one GEMM a direction.
+at::Tensor input_term(const ForwardLoop& a);
 void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a);
 
 // The instruction set the CPU kernels run with: "avx512", "avx2" or "base".

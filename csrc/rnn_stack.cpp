@@ -100,18 +100,12 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
   if (cell_state) r.c_n = at::empty({s.L * s.D, s.N, s.H}, opt);
   r.hidden_states = at::empty({s.L - 1, s.T, s.N, s.DP()}, opt);
   r.workspace = at::empty({s.L, s.D, s.T, s.N, s.Ws}, opt);
-  const int64_t GH = s.G * s.H;
   for (int64_t l = 0; l < s.L; ++l) {
-    const Tensor in = layer_input(x, r.hidden_states, mask, l).reshape({s.T * s.N, s.in_size(l)});
-    // The input term without biases, which the time loop adds: one GEMM a
-    // direction and no pass over u for them.
-    Tensor u = at::empty({s.D, s.T * s.N, GH}, opt);  // (D, T*N, G*H)
-    for (int64_t d = 0; d < s.D; ++d) {
-      Tensor u_d = u[d];
-      at::mm_out(u_d, in, cell_weights(weights, s, l, d).w_ih.t());
-    }
+    // The time loop computes the input term (input_term(), or in its GEMM)
+    // and adds the biases.
     ForwardLoop a;
-    a.u = u.view({s.D, s.T, s.N, GH});
+    a.x = layer_input(x, r.hidden_states, mask, l).contiguous();
+    a.w_ih = per_direction(weights, s, l, &CellWeights::w_ih);
     a.w_hh = per_direction(weights, s, l, &CellWeights::w_hh);
     if (s.biases) {
       a.b_ih = per_direction(weights, s, l, &CellWeights::b_ih);

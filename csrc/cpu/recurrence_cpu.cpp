@@ -46,11 +46,11 @@ struct Table {
   void (*pack)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   int64_t (*scratch_per_row)(int64_t, int64_t, bool);
   void (*forward_rows)(const ForwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
-                       const S*, S*);
+                       const S*, const S*, S*);
   void (*backward_rows)(const BackwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
                         S*);
   void (*forward_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
-                          const S*, const S*, S*, S*, S*, S*);
+                          const S*, const S*, const S*, S*, S*, S*, S*);
   void (*project_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
                           const S*, const S*, S*, S*);
   void (*backward_columns)(const BackwardParams<S>&, int64_t, int64_t, int64_t, int64_t,
@@ -177,7 +177,7 @@ void run_rows(int64_t D, int64_t N, int64_t per_row, int64_t work_per_row,
 // biases and in the padding.
 template <typename S, typename Cell>
 at::Tensor input_bias(const ForwardLoop& a, int64_t D, int64_t H, int64_t Hp) {
-  at::Tensor bu = at::zeros({D, Cell::kGates * Hp}, a.u.options());
+  at::Tensor bu = at::zeros({D, Cell::kGates * Hp}, a.h0.options());
   if (!a.b_ih[0].defined()) return bu;
   for (int64_t d = 0; d < D; ++d) {
     const S* bi = a.b_ih[d].data_ptr<S>();
@@ -205,10 +205,13 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
   const int64_t Hp = k.padded_width(H), Pp = k.padded_width(P);
   const bool proj = a.w_hr[0].defined();
   const std::vector<int64_t> ub = slices(H, nt, lanes), pb = slices(P, nt, lanes);
-  // W_hh^T's columns are W_hh's rows, per gate block of H; W_hr^T's, W_hr's.
+  // W_hh^T's columns are W_hh's rows, per gate block of H; W_ih^T's and
+  // W_hr^T's, W_ih's and W_hr's.
   const auto wf = packed_slices(k, a.w_hh, D, 1, P, P, H, G, ub);
+  const auto wi =
+      p.u ? std::vector<at::Tensor>() : packed_slices(k, a.w_ih, D, 1, p.C, p.C, H, G, ub);
   const auto wr = packed_slices(k, a.w_hr, D, 1, H, H, P, 1, pb);
-  const auto opt = a.u.options();
+  const auto opt = a.h0.options();
   at::Tensor state = at::zeros({D, 2, N, Pp}, opt), cs = at::zeros({D, N, Hp}, opt);
   at::Tensor m = proj ? at::zeros({N, Hp}, opt) : at::Tensor();
   at::Tensor gates = at::zeros({nt, N, G * k.padded_width(ub[1] - ub[0])}, opt);
@@ -231,6 +234,7 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
         S* next = sd + ((s + 1) & 1) * N * Pp;
         if (nu > 0)
           k.forward_columns(p, d, t, j0, nu, wf[d * nt + tid].template data_ptr<S>(),
+                            wi.empty() ? nullptr : wi[d * nt + tid].template data_ptr<S>(),
                             bu.data_ptr<S>() + d * bu.size(1), prev, next, csd,
                             proj ? m.data_ptr<S>() : nullptr,
                             gates.data_ptr<S>() + tid * gates.size(1) * gates.size(2));
@@ -253,19 +257,35 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
     }
 }
 
+// Whether the kernels compute x W_ih^T in the recurrent GEMM's accumulators
+// (u undefined) rather than read it from u: for cells whose gates add the
+// input term to the hidden one. It saves the pass over u through memory,
+// which costs more than the multiply-adds themselves.
+template <typename Cell>
+constexpr bool kInputInLoop = !Cell::kHiddenBias;
+
 template <typename S, typename Cell>
 void forward_typed(const ForwardLoop& a) {
   const Table<S, Cell> k = kernels<S, Cell>(current_isa());
-  const int64_t D = a.u.size(0), T = a.u.size(1), N = a.u.size(2), H = a.u.size(3) / Cell::kGates;
-  const int64_t P = a.h0.size(2);
+  const int64_t D = a.h0.size(0), T = a.y.size(0), N = a.y.size(1), P = a.h0.size(2);
+  const int64_t H = a.w_hh[0].size(0) / Cell::kGates;
+  const bool in_loop = !a.u.defined();
+  const int64_t C = in_loop ? a.x.size(2) : 0;
   const bool proj = a.w_hr[0].defined();
-  const bool columns = column_threads(Cell::kGates * H * P * static_cast<int64_t>(sizeof(S))) > 1;
-  // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_hr (P, H) as W_hr^T.
+  // What a step reads of the weights, W_hh and (in the loop) W_ih.
+  const int64_t weight_bytes = Cell::kGates * H * (P + C) * static_cast<int64_t>(sizeof(S));
+  const bool columns = column_threads(weight_bytes) > 1;
+  // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_ih (G*H, C) alike;
+  // W_hr (P, H) as W_hr^T.
   const at::Tensor wf = columns ? at::Tensor() : packed(k, a.w_hh, D, 1, P, P, H, Cell::kGates);
+  const at::Tensor wi =
+      columns || !in_loop ? at::Tensor() : packed(k, a.w_ih, D, 1, C, C, H, Cell::kGates);
   const at::Tensor wr = columns ? at::Tensor() : packed(k, a.w_hr, D, 1, H, H, P, 1);
   ForwardParams<S> p;
   p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
-  p.u = a.u.data_ptr<S>();
+  p.u = in_loop ? nullptr : a.u.data_ptr<S>();
+  p.x = in_loop ? a.x.data_ptr<S>() : nullptr;
+  p.C = C;
   for (int64_t d = 0; d < 2; ++d) {
     p.w_hh[d] = p.w_hr[d] = p.b_ih[d] = nullptr;
     // kHiddenBias cells add b_hh inside the cell; bu carries the rest.
@@ -279,12 +299,12 @@ void forward_typed(const ForwardLoop& a) {
   p.hn = a.hn.data_ptr<S>();
   p.cn = a.cn.defined() ? a.cn.data_ptr<S>() : nullptr;
   p.saved = a.saved.defined() ? a.saved.data_ptr<S>() : nullptr;
-  const int64_t nt = column_threads(Cell::kGates * H * P * static_cast<int64_t>(sizeof(S)));
+  const int64_t nt = column_threads(weight_bytes);
   if (nt > 1) return forward_columns_loop(k, p, a, bu, nt);
-  run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.u.options(),
-              [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
-                k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wr, d),
-                               bu.data_ptr<S>() + d * bu.size(1), scratch);
+  run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * (P + C),
+              a.h0.options(), [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
+                k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wi, d),
+                               direction<S>(wr, d), bu.data_ptr<S>() + d * bu.size(1), scratch);
               });
 }
 
@@ -411,10 +431,11 @@ bool set_cpu_isa(const std::string& name) {
 }
 
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
-  if (half_type(a.u.scalar_type())) {
-    ForwardLoop f{to_float(a.u), to_float(a.w_hh), to_float(a.b_ih), to_float(a.b_hh), to_float(a.w_hr),
-                  to_float(a.h0), to_float(a.c0), a.lengths, to_float(a.y), to_float(a.hn),
-                  to_float(a.cn), to_float(a.saved)};
+  if (half_type(a.h0.scalar_type())) {
+    ForwardLoop f{to_float(a.x), to_float(a.w_ih), to_float(a.u), to_float(a.w_hh),
+                  to_float(a.b_ih), to_float(a.b_hh), to_float(a.w_hr), to_float(a.h0),
+                  to_float(a.c0), a.lengths, to_float(a.y), to_float(a.hn), to_float(a.cn),
+                  to_float(a.saved)};
     forward_recurrence_cpu(cell, f);
     copy_back(a.y, f.y);
     copy_back(a.hn, f.hn);
@@ -424,8 +445,12 @@ void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
   }
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
-    AT_DISPATCH_FLOATING_TYPES(a.u.scalar_type(), "fastrnn_forward_cpu",
-                               [&] { forward_typed<scalar_t, Cell>(a); });
+    AT_DISPATCH_FLOATING_TYPES(a.h0.scalar_type(), "fastrnn_forward_cpu", [&] {
+      if (kInputInLoop<Cell> || a.u.defined()) return forward_typed<scalar_t, Cell>(a);
+      ForwardLoop b = a;
+      b.u = input_term(a);
+      forward_typed<scalar_t, Cell>(b);
+    });
   });
 }
 

@@ -25,12 +25,12 @@
   /* Scratch elements per row of a block, forward or backward. */                            \
   template <typename S, typename Cell>                                                        \
   int64_t scratch_per_row(int64_t H, int64_t P, bool proj);                                   \
-  /* Rows [n0, n1) of direction d. wf: W_hh^T packed in G blocks of H; wr: W_hr^T */         \
-  /* packed, or null without projections; bu: the bias added to u, G blocks of */            \
-  /* padded_width(H). */                                                                      \
+  /* Rows [n0, n1) of direction d. wf: W_hh^T packed in G blocks of H; wi: W_ih^T */         \
+  /* packed alike where p.x replaces p.u; wr: W_hr^T packed, or null without */              \
+  /* projections; bu: the bias added to u, G blocks of padded_width(H). */                   \
   template <typename S, typename Cell>                                                        \
   void forward_rows(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,             \
-                    const S* wf, const S* wr, const S* bu, S* scratch);                       \
+                    const S* wf, const S* wi, const S* wr, const S* bu, S* scratch);          \
   /* wb: W_hh packed; wr: W_hr packed, or null. */                                           \
   template <typename S, typename Cell>                                                        \
   void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,           \
@@ -38,8 +38,8 @@
   /* One thread's share of a step of the column-split loops (recurrence_cpu_kernels.h). */   \
   template <typename S, typename Cell>                                                        \
   void forward_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0,          \
-                       int64_t nu, const S* wf, const S* bu, const S* prev, S* next, S* cs,  \
-                       S* m, S* gates);                                                       \
+                       int64_t nu, const S* wf, const S* wi, const S* bu, const S* prev,     \
+                       S* next, S* cs, S* m, S* gates);                                       \
   template <typename S, typename Cell>                                                        \
   void project_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t k0,          \
                        int64_t np, const S* wr, const S* m, const S* prev, S* next, S* tmp); \

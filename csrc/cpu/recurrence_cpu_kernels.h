@@ -12,8 +12,10 @@
 // here may use a template from the standard library: an out-of-line copy
 // compiled for AVX-512 could be picked by the linker for every caller.
 //
-// One step of a block of rows is a small GEMM (rows x P times P x G*H)
-// followed by the cell's pointwise step, vectorised across units; the block
+// One step of a block of rows is a small GEMM (rows x P times P x G*H, and
+// for cells whose gates add the input term to the hidden one, rows x C times
+// C x G*H for x W_ih^T in the same accumulators) followed by the cell's
+// pointwise step, vectorised across units; the block
 // of rows is carried through all T steps, so a thread touches only its own
 // rows and no step needs a barrier. The caller packs the weights once (pack)
 // and gives each call the scratch scratch_elements() asks for: nothing here
@@ -169,8 +171,21 @@ struct Kernels {
     int64_t ldo = 0;
     const S* b = nullptr;  // the input bias of the block's columns
     Epilogue shifted(int64_t r, int64_t j) const {
-      return u ? Epilogue{u + r * ldu + j, ldu, out + r * ldo + j, ldo, b + j} : *this;
+      if (out == nullptr) return *this;
+      return Epilogue{u ? u + r * ldu + j : nullptr, ldu, out + r * ldo + j, ldo, b + j};
     }
+  };
+
+  // One operand of a GEMM: a (R x K, rows lda apart) times a K x Jp matrix
+  // packed by pack(), whose column panel j0 starts at packed + j0 * K. K may
+  // be 0: no operand.
+  struct Operand {
+    const S* a = nullptr;
+    int64_t lda = 0;
+    const S* packed = nullptr;
+    int64_t K = 0;
+    Operand rows_from(int64_t r) const { return K ? Operand{a + r * lda, lda, packed, K} : *this; }
+    const S* panel(int64_t j0) const { return packed + j0 * K; }
   };
 
   static inline V fused_step(V acc, V u) {
@@ -179,17 +194,10 @@ struct Kernels {
     return h;
   }
 
-  // c (R x JV*W) = a (R x K) panel (K x JV*W); the accumulators stay in
-  // registers. kFused: the caller guarantees its JV*W columns all lie inside
-  // u and out.
-  template <int R, int JV, Mode MODE>
-  static inline void block(int64_t K, const S* a, int64_t lda, const S* panel, S* c,
-                           int64_t ldc, const Epilogue& e) {
-    V acc[R][JV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < JV; ++v) acc[r][v] = V{};
+  // acc (R x JV*W) += a (R x K) panel (K x JV*W).
+  template <int R, int JV>
+  static inline __attribute__((always_inline)) void madd(V (&acc)[R][JV], int64_t K, const S* a,
+                                                         int64_t lda, const S* panel) {
     for (int64_t k = 0; k < K; ++k) {
       V bv[JV];
 #pragma GCC unroll 4
@@ -201,18 +209,35 @@ struct Kernels {
         for (int v = 0; v < JV; ++v) acc[r][v] += ar * bv[v];
       }
     }
+  }
+
+  // c (R x JV*W) = x-operand times its panel j0, then plus the h-operand's
+  // (always in that order); the accumulators stay in registers. kFused: the
+  // caller guarantees its JV*W columns all lie inside u (or u is null) and
+  // out.
+  template <int R, int JV, Mode MODE>
+  static inline void block(const Operand& x, const Operand& h, int64_t j0, S* c, int64_t ldc,
+                           const Epilogue& e) {
+    V acc[R][JV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < JV; ++v) acc[r][v] = V{};
+    madd<R, JV>(acc, x.K, x.a, x.lda, x.panel(j0));
+    madd<R, JV>(acc, h.K, h.a, h.lda, h.panel(j0));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
       for (int v = 0; v < JV; ++v) {
-        V x = acc[r][v];
+        V val = acc[r][v];
         if constexpr (MODE == kFused) {
-          x = fused_step(x, load(e.u + r * e.ldu + v * W) + load(e.b + v * W));
-          store(e.out + r * e.ldo + v * W, x);
+          const V ub = load(e.b + v * W);
+          val = fused_step(val, e.u ? load(e.u + r * e.ldu + v * W) + ub : ub);
+          store(e.out + r * e.ldo + v * W, val);
         } else if constexpr (MODE == kAccumulate) {
-          x += load(c + r * ldc + v * W);
+          val += load(c + r * ldc + v * W);
         }
-        store(c + r * ldc + v * W, x);
+        store(c + r * ldc + v * W, val);
       }
     }
   }
@@ -220,61 +245,69 @@ struct Kernels {
   // Rows in blocks of RB, then halves of it: a block of one row has too few
   // independent accumulators to hide the multiply-add latency, so the
   // remainder of a few rows is worth keeping together.
+  // Columns [j0, j0 + JV*W) of R rows (c and e at column j0).
   template <int JV, Mode MODE>
-  static inline void rows(int64_t R, int64_t K, const S* a, int64_t lda, const S* panel, S* c,
+  static inline void rows(int64_t R, const Operand& x, const Operand& h, int64_t j0, S* c,
                           int64_t ldc, const Epilogue& e) {
     int64_t r = 0;
     for (; r + RB <= R; r += RB)
-      block<RB, JV, MODE>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
+      block<RB, JV, MODE>(x.rows_from(r), h.rows_from(r), j0, c + r * ldc, ldc, e.shifted(r, 0));
     if (RB > 4 && r + 4 <= R) {
-      block<4, JV, MODE>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
+      block<4, JV, MODE>(x.rows_from(r), h.rows_from(r), j0, c + r * ldc, ldc, e.shifted(r, 0));
       r += 4;
     }
     if (r + 2 <= R) {
-      block<2, JV, MODE>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
+      block<2, JV, MODE>(x.rows_from(r), h.rows_from(r), j0, c + r * ldc, ldc, e.shifted(r, 0));
       r += 2;
     }
-    if (r < R) block<1, JV, MODE>(K, a + r * lda, lda, panel, c + r * ldc, ldc, e.shifted(r, 0));
+    if (r < R)
+      block<1, JV, MODE>(x.rows_from(r), h.rows_from(r), j0, c + r * ldc, ldc, e.shifted(r, 0));
   }
 
   template <Mode MODE>
-  static inline void panel_rows(int64_t w, int64_t R, int64_t K, const S* a, int64_t lda,
-                                const S* panel, S* c, int64_t ldc, const Epilogue& e) {
-    if (w == 2 * W) rows<2, MODE>(R, K, a, lda, panel, c, ldc, e);
-    else rows<1, MODE>(R, K, a, lda, panel, c, ldc, e);
+  static inline void panel_rows(int64_t w, int64_t R, const Operand& x, const Operand& h,
+                                int64_t j0, S* c, int64_t ldc, const Epilogue& e) {
+    if (w == 2 * W) rows<2, MODE>(R, x, h, j0, c, ldc, e);
+    else rows<1, MODE>(R, x, h, j0, c, ldc, e);
   }
 
-  // c (R x Jp) = a (R x K) b (K x Jp), or c += a b (accumulate), b packed by
-  // pack() into Jp columns. The sum over k runs in the same order for every
-  // element, so no result depends on where its row or column falls.
-  static void gemm(int64_t R, int64_t Jp, int64_t K, const S* a, int64_t lda, const S* packed,
-                   S* c, int64_t ldc, bool accumulate = false) {
+  // c (R x Jp) = x.a x.b + h.a h.b, or c += that (accumulate), both b packed
+  // by pack() into Jp columns. The sums run in the same order for every
+  // element (x's k, then h's), so no result depends on where its row or
+  // column falls.
+  static void gemm(int64_t R, int64_t Jp, const Operand& x, const Operand& h, S* c, int64_t ldc,
+                   bool accumulate = false) {
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
-      if (accumulate) panel_rows<kAccumulate>(w, R, K, a, lda, packed + j0 * K, c + j0, ldc, {});
-      else panel_rows<kStore>(w, R, K, a, lda, packed + j0 * K, c + j0, ldc, {});
+      if (accumulate) panel_rows<kAccumulate>(w, R, x, h, j0, c + j0, ldc, {});
+      else panel_rows<kStore>(w, R, x, h, j0, c + j0, ldc, {});
     }
   }
+  // c (R x Jp) = a (R x K) b (K x Jp), or c += a b.
+  static void gemm(int64_t R, int64_t Jp, int64_t K, const S* a, int64_t lda, const S* packed,
+                   S* c, int64_t ldc, bool accumulate = false) {
+    gemm(R, Jp, Operand{}, Operand{a, lda, packed, K}, c, ldc, accumulate);
+  }
 
-  // The fusable cell's step (kFusable): c (R x padded(H)) = cell(u + bu + a
-  // b) and out = the same on the H real columns, in registers for every
-  // panel that lies inside them and element by element for the last.
-  static void gemm_fused(int64_t R, int64_t H, int64_t K, const S* a, int64_t lda,
-                         const S* packed, S* c, int64_t ldc, const S* u, int64_t ldu, S* out,
-                         int64_t ldo, const S* bu) {
+  // The fusable cell's step (kFusable): c (R x padded(H)) = cell(u + bu + x
+  // W_ih^T + h W_hh^T) (u null: none) and out = the same on the H real
+  // columns, in registers for every panel that lies inside them and element
+  // by element for the last.
+  static void gemm_fused(int64_t R, int64_t H, const Operand& x, const Operand& hw, S* c,
+                         int64_t ldc, const S* u, int64_t ldu, S* out, int64_t ldo, const S* bu) {
     const int64_t Jp = padded(H);
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
-      const S* panel = packed + j0 * K;
       if (j0 + w <= H) {
-        panel_rows<kFused>(w, R, K, a, lda, panel, c + j0, ldc,
-                           Epilogue{u + j0, ldu, out + j0, ldo, bu + j0});
+        panel_rows<kFused>(w, R, x, hw, j0, c + j0, ldc,
+                           Epilogue{u ? u + j0 : nullptr, ldu, out + j0, ldo, bu + j0});
       } else {
-        panel_rows<kStore>(w, R, K, a, lda, panel, c + j0, ldc, {});
+        panel_rows<kStore>(w, R, x, hw, j0, c + j0, ldc, {});
         for (int64_t r = 0; r < R; ++r) {
           for (int64_t j = j0; j < H; j += W) {
             const int64_t n = H - j < W ? H - j : W;
-            const V h = fused_step(load(c + r * ldc + j), load_n(u + r * ldu + j, n) + load(bu + j));
+            const V ub = load(bu + j);
+            const V h = fused_step(load(c + r * ldc + j), u ? load_n(u + r * ldu + j, n) + ub : ub);
             store(c + r * ldc + j, h);
             store_n(out + r * ldo + j, h, n);
           }
@@ -312,7 +345,8 @@ struct Kernels {
     V uv[G], hwv[G], bhv[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
-      uv[g] = load_part<kFull>(u + g * ld + j, n) + load(bu + g * bu_ld + j);
+      uv[g] = u != nullptr ? load_part<kFull>(u + g * ld + j, n) + load(bu + g * bu_ld + j)
+                           : load(bu + g * bu_ld + j);
       hwv[g] = load(hw + g * hw_ld + j);
       bhv[g] = Cell::kHiddenBias && bh != nullptr ? load_part<kFull>(bh + g * ld + j, n) : V{};
     }
@@ -332,7 +366,8 @@ struct Kernels {
 
   // The forward step of one row's units [0, units) (pointers at the first):
   // hw from the GEMM and bu, the bias added to u, gate blocks hw_ld and
-  // bu_ld apart in scratch; u, saved and bh (kHiddenBias, or null) gate
+  // bu_ld apart in scratch; u (null where the GEMM added x W_ih^T to hw),
+  // saved and bh (kHiddenBias, or null) gate
   // blocks ld apart in global memory; h_prev and c in scratch rows. The new
   // state into h (whole vectors) and, unless null, into out (units wide).
   static void forward_units(int64_t units, int64_t ld, const S* u, const S* bu, int64_t bu_ld,
@@ -346,11 +381,12 @@ struct Kernels {
   }
 
   // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
-  // packed (P x G blocks of padded(H)); wr: W_hr^T packed (H x padded(P)), or
-  // null without projections; bu: the bias added to u, G blocks of
-  // padded(H).
+  // packed (P x G blocks of padded(H)); wi: W_ih^T packed (C x G blocks of
+  // padded(H)) where p.x is given instead of p.u; wr: W_hr^T packed (H x
+  // padded(P)), or null without projections; bu: the bias added to u, G
+  // blocks of padded(H).
   static void forward(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
-                      const S* wr, const S* bu, S* scratch) {
+                      const S* wi, const S* wr, const S* bu, S* scratch) {
     const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * p.P, R = n1 - n0;
     const int64_t Hp = padded(H), Pp = padded(P), GH = G * H, Ws = saved_width<Cell>(H);
     const bool proj = wr != nullptr;
@@ -365,16 +401,19 @@ struct Kernels {
     }
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? s : T - 1 - s;
-      const S* u = p.u + ((d * T + t) * N + n0) * GH;                  // (R, G*H)
+      // (R, G*H) the input term, or x (R, C) and W_ih^T for the GEMM
+      const S* u = p.u ? p.u + ((d * T + t) * N + n0) * GH : nullptr;
+      const Operand x = p.u ? Operand{} : Operand{p.x + (t * N + n0) * p.C, p.C, wi, p.C};
+      const Operand hw{prev, Pp, wf, P};
       S* out = p.y + (t * N + n0) * DP + d * P;                         // (R, P), row stride D*P
       S* saved = Ws ? p.saved + ((d * T + t) * N + n0) * Ws : nullptr;  // (R, Ws)
       if (kFusable && p.lengths == nullptr) {
-        gemm_fused(R, H, P, prev, Pp, wf, next, Pp, u, GH, out, DP, bu);
+        gemm_fused(R, H, x, hw, next, Pp, u, GH, out, DP, bu);
       } else {
-        gemm(R, G * Hp, P, prev, Pp, wf, gates, G * Hp);
+        gemm(R, G * Hp, x, hw, gates, G * Hp);
         for (int64_t r = 0; r < R; ++r) {
           if (row_active(p.lengths, n0 + r, t)) {
-            forward_units(H, H, u + r * GH, bu, Hp, gates + r * G * Hp, Hp, p.b_hh[d],
+            forward_units(H, H, u ? u + r * GH : nullptr, bu, Hp, gates + r * G * Hp, Hp, p.b_hh[d],
                           prev + r * Pp, cs + r * Hp, proj ? m + r * Hp : next + r * Pp,
                           proj ? nullptr : out + r * DP, saved + r * Ws);
           } else {
@@ -534,18 +573,22 @@ struct Columns {
   static constexpr int G = Cell::kGates;
 
   // One thread's share of forward step t, units [j0, j0 + nu) of every row.
-  // wf: its slice of W_hh^T packed (P x G blocks of padded(nu)); bu (G
+  // wf: its slice of W_hh^T packed (P x G blocks of padded(nu)); wi: the
+  // same of W_ih^T (C x ...) where p.x is given instead of p.u; bu (G
   // blocks of padded(H)); prev (N, Pp) the state before the step; next, cs
   // and m (rows of Pp, Hp and Hp): it writes their columns [j0, j0 + nu);
   // gates (N, G * padded(nu)) its own scratch.
   static void forward(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
-                      const S* wf, const S* bu, const S* prev, S* next, S* cs, S* m, S* gates) {
+                      const S* wf, const S* wi, const S* bu, const S* prev, S* next, S* cs, S* m,
+                      S* gates) {
+    using Operand = typename Kn::Operand;
     const int64_t N = p.N, H = p.H, P = p.P, DP = p.D * P, GH = G * H, Ws = saved_width<Cell>(H);
     const int64_t Hp = Kn::padded(H), Pp = Kn::padded(P), nup = Kn::padded(nu);
     const bool proj = m != nullptr;
-    Kn::gemm(N, G * nup, P, prev, Pp, wf, gates, G * nup);
+    const Operand x = p.u ? Operand{} : Operand{p.x + t * N * p.C, p.C, wi, p.C};
+    Kn::gemm(N, G * nup, x, Operand{prev, Pp, wf, P}, gates, G * nup);
     for (int64_t n = 0; n < N; ++n) {
-      const S* u = p.u + ((d * p.T + t) * N + n) * GH + j0;
+      const S* u = p.u ? p.u + ((d * p.T + t) * N + n) * GH + j0 : nullptr;
       S* out = p.y + (t * N + n) * DP + d * P + j0;
       S* saved = Ws ? p.saved + ((d * p.T + t) * N + n) * Ws + j0 : nullptr;
       if (row_active(p.lengths, n, t)) {
@@ -664,8 +707,8 @@ int64_t padded_width(int64_t J) {
 
 template <typename S, typename Cell>
 void forward_rows(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
-                  const S* wr, const S* bu, S* scratch) {
-  Kernels<S, Cell>::forward(p, d, n0, n1, wf, wr, bu, scratch);
+                  const S* wi, const S* wr, const S* bu, S* scratch) {
+  Kernels<S, Cell>::forward(p, d, n0, n1, wf, wi, wr, bu, scratch);
 }
 
 template <typename S, typename Cell>
@@ -687,8 +730,9 @@ int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
 
 template <typename S, typename Cell>
 void forward_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
-                     const S* wf, const S* bu, const S* prev, S* next, S* cs, S* m, S* gates) {
-  Columns<S, Cell>::forward(p, d, t, j0, nu, wf, bu, prev, next, cs, m, gates);
+                     const S* wf, const S* wi, const S* bu, const S* prev, S* next, S* cs, S* m,
+                     S* gates) {
+  Columns<S, Cell>::forward(p, d, t, j0, nu, wf, wi, bu, prev, next, cs, m, gates);
 }
 
 template <typename S, typename Cell>
@@ -717,12 +761,13 @@ void carry_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0,
 // the end of each instruction set's file.
 #define FASTRNN_CPU_INSTANTIATE_CELL(S, Cell)                                                  \
   template void forward_rows<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,      \
-                                      const S*, const S*, const S*, S*);                       \
+                                      const S*, const S*, const S*, const S*, S*);             \
   template void backward_rows<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t,    \
                                        const S*, const S*, S*);                                \
   template int64_t scratch_per_row<S, Cell>(int64_t, int64_t, bool);                          \
   template void forward_columns<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,   \
-                                         int64_t, const S*, const S*, const S*, S*, S*, S*, S*); \
+                                         int64_t, const S*, const S*, const S*, const S*, S*,  \
+                                         S*, S*, S*);                                           \
   template void project_columns<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,   \
                                          int64_t, const S*, const S*, const S*, S*, S*);        \
   template void backward_columns<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t, \
