@@ -481,6 +481,18 @@ struct Kernels {
                             dh_prev);
   }
 
+  // The states row n of direction d started step t from: h (P wide) from
+  // y or h0, and c (H wide, kCellState cells; else null) from saved or c0.
+  static void prev_states(const BackwardParams<S>& p, int64_t d, int64_t n, int64_t t,
+                          const S*& h_prev, const S*& c_prev) {
+    const int64_t T = p.T, N = p.N, H = p.H, P = p.P, Ws = saved_width<Cell>(H);
+    const int64_t q = prev_step(p.lengths, n, t, d, T);
+    h_prev = q >= 0 ? p.y + (q * N + n) * p.D * P + d * P : p.h0 + (d * N + n) * P;
+    c_prev = !Cell::kCellState ? nullptr
+             : q >= 0          ? p.saved + ((d * T + q) * N + n) * Ws + Cell::kSaved * H
+                               : p.c0 + (d * N + n) * H;
+  }
+
   // Rows [n0, n1) of direction d, all T steps in the reverse order of the
   // forward. wb: W_hh of this direction packed (G*H x padded(P)); wr: W_hr
   // packed (P x padded(H)), or null without projections.
@@ -532,11 +544,8 @@ struct Kernels {
           if (dgi) std::memset(dgi + r * GH, 0, sizeof(S) * GH);
           continue;
         }
-        const int64_t q = prev_step(p.lengths, n, t, d, T);
-        const S* h_prev = q >= 0 ? p.y + (q * N + n) * DP + d * P : p.h0 + (d * N + n) * P;
-        const S* c_prev = !Cell::kCellState ? nullptr
-                          : q >= 0 ? p.saved + ((d * T + q) * N + n) * Ws + Cell::kSaved * H
-                                   : p.c0 + (d * N + n) * H;
+        const S *h_prev, *c_prev;
+        prev_states(p, d, n, t, h_prev, c_prev);
         const int64_t o = (t * N + n) * DP + d * P;  // row n of step t in y and dy
         backward_units(H, H, proj ? dm + r * Hp : dh + r * Pp, proj ? nullptr : p.dy + o,
                        proj ? nullptr : p.y + o, Ws ? p.saved + ((d * T + t) * N + n) * Ws : nullptr,
@@ -664,11 +673,8 @@ struct Columns {
         }
         continue;
       }
-      const int64_t q = prev_step(p.lengths, n, t, d, T);
-      const S* h_prev = q >= 0 ? p.y + (q * N + n) * DP + d * P : p.h0 + (d * N + n) * P;
-      const S* c_prev = !Cell::kCellState ? nullptr
-                        : q >= 0 ? p.saved + ((d * T + q) * N + n) * Ws + Cell::kSaved * H
-                                 : p.c0 + (d * N + n) * H;
+      const S *h_prev, *c_prev;
+      Kn::prev_states(p, d, n, t, h_prev, c_prev);
       const int64_t o = (t * N + n) * DP + d * P + j0;
       Kn::backward_units(nu, H, proj ? gm + n * nup : dh + n * Pp + j0,
                          proj ? nullptr : p.dy + o, proj ? nullptr : p.y + o,
