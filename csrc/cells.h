@@ -36,6 +36,9 @@
 //            kHiddenBias cells, for the others it is dgh
 //   dh_prev  out: dL/dh_prev outside W_hh (kPrevState cells only)
 //
+// The last kInputApart gates use their input term apart from the hidden
+// one (GRU's n: tanh(u + r (hw + bh))); the others only add them (u + hw).
+//
 // A cell with kProjections may multiply its output by W_hr (LSTM's
 // proj_size); output(saved, c) recovers the output before W_hr from what
 // the step kept, for W_hr's gradient.
@@ -66,7 +69,7 @@ struct Elman {
   static constexpr bool kHiddenBias = false;
   static constexpr bool kPrevState = false;
   static constexpr bool kProjections = false;
-
+  static constexpr int kInputApart = 0;
   template <class M, class V>
   static FASTRNN_HD void forward(const V* u, const V* hw, const V* /*bh*/, const V& /*h_prev*/,
                                  V& /*c*/, V& h, V* /*saved*/) {
@@ -93,7 +96,7 @@ struct Lstm {
   static constexpr bool kHiddenBias = false;
   static constexpr bool kPrevState = false;
   static constexpr bool kProjections = true;
-
+  static constexpr int kInputApart = 0;
   template <class M, class V>
   static FASTRNN_HD void forward(const V* u, const V* hw, const V* /*bh*/, const V& /*h_prev*/,
                                  V& c, V& h, V* saved) {
@@ -138,7 +141,7 @@ struct Gru {
   static constexpr bool kHiddenBias = true;
   static constexpr bool kPrevState = true;
   static constexpr bool kProjections = false;
-
+  static constexpr int kInputApart = 1;
   template <class M, class V>
   static FASTRNN_HD void forward(const V* u, const V* hw, const V* bh, const V& h_prev, V& /*c*/,
                                  V& h, V* saved) {

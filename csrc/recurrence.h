@@ -16,9 +16,8 @@ namespace fastrnn {
 
 // One layer's forward time loop: reads x, the weights, h0 (and c0), writes
 // y, hn (and cn, saved). Every tensor contiguous, of the input's dtype. The
-// stack gives x and W_ih; a loop that wants the input term apart computes
-// u = x W_ih^T with input_term(); the CPU kernels of cells whose gates add
-// it to the hidden term compute it in the recurrent GEMM instead.
+// stack gives x and W_ih; the CUDA loops get u = x W_ih^T computed by
+// input_term() first, the CPU kernels compute it in their recurrent GEMM.
 struct ForwardLoop {
   at::Tensor x;                      // (T, N, C) the layer's input
   std::array<at::Tensor, 2> w_ih;    // per direction (G*H, C)

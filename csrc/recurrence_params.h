@@ -29,10 +29,9 @@ namespace fastrnn {
 template <typename scalar_t>
 struct ForwardParams {
   int64_t T, N, H, P, D;
-  const scalar_t* u;          // (D, T, N, G*H) x W_ih^T, contiguous; or nullptr where the
-                              // CPU kernels compute it from x themselves
-  const scalar_t* x = nullptr;  // (T, N, C) the layer's input, where u is nullptr
-  int64_t C = 0;              // its width
+  const scalar_t* u;          // (D, T, N, G*H) x W_ih^T, contiguous (CUDA)
+  const scalar_t* x = nullptr;  // (T, N, C) the layer's input, contiguous (CPU: its kernels
+  int64_t C = 0;                // compute x W_ih^T in the recurrent GEMM)
   const scalar_t* w_hh[2];    // per direction (G*H, P): w_hh[d][g*H + j][k] weighs h[k] into gate g of unit j
   const scalar_t* b_ih[2];    // per direction (G*H), or nullptr without biases: added to u
   const scalar_t* b_hh[2];    // per direction (G*H), or nullptr: added to u too, but by

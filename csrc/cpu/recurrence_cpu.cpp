@@ -208,13 +208,13 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
   // W_hh^T's columns are W_hh's rows, per gate block of H; W_ih^T's and
   // W_hr^T's, W_ih's and W_hr's.
   const auto wf = packed_slices(k, a.w_hh, D, 1, P, P, H, G, ub);
-  const auto wi =
-      p.u ? std::vector<at::Tensor>() : packed_slices(k, a.w_ih, D, 1, p.C, p.C, H, G, ub);
+  const auto wi = packed_slices(k, a.w_ih, D, 1, p.C, p.C, H, G, ub);
   const auto wr = packed_slices(k, a.w_hr, D, 1, H, H, P, 1, pb);
   const auto opt = a.h0.options();
   at::Tensor state = at::zeros({D, 2, N, Pp}, opt), cs = at::zeros({D, N, Hp}, opt);
   at::Tensor m = proj ? at::zeros({N, Hp}, opt) : at::Tensor();
-  at::Tensor gates = at::zeros({nt, N, G * k.padded_width(ub[1] - ub[0])}, opt);
+  at::Tensor gates =
+      at::zeros({nt, N, (G + Cell::kInputApart) * k.padded_width(ub[1] - ub[0])}, opt);
   at::Tensor tmp = at::zeros({nt, N, k.padded_width(pb[1] - pb[0])}, opt);
   S* st = state.data_ptr<S>();
   for (int64_t d = 0; d < D; ++d)
@@ -234,7 +234,7 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
         S* next = sd + ((s + 1) & 1) * N * Pp;
         if (nu > 0)
           k.forward_columns(p, d, t, j0, nu, wf[d * nt + tid].template data_ptr<S>(),
-                            wi.empty() ? nullptr : wi[d * nt + tid].template data_ptr<S>(),
+                            wi[d * nt + tid].template data_ptr<S>(),
                             bu.data_ptr<S>() + d * bu.size(1), prev, next, csd,
                             proj ? m.data_ptr<S>() : nullptr,
                             gates.data_ptr<S>() + tid * gates.size(1) * gates.size(2));
@@ -257,34 +257,27 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
     }
 }
 
-// Whether the kernels compute x W_ih^T in the recurrent GEMM's accumulators
-// (u undefined) rather than read it from u: for cells whose gates add the
-// input term to the hidden one. It saves the pass over u through memory,
-// which costs more than the multiply-adds themselves.
-template <typename Cell>
-constexpr bool kInputInLoop = !Cell::kHiddenBias;
-
+// The kernels compute the input term x W_ih^T themselves, step by step in
+// the recurrent GEMM: a pass over a precomputed u through memory costs more
+// than the multiply-adds.
 template <typename S, typename Cell>
 void forward_typed(const ForwardLoop& a) {
   const Table<S, Cell> k = kernels<S, Cell>(current_isa());
   const int64_t D = a.h0.size(0), T = a.y.size(0), N = a.y.size(1), P = a.h0.size(2);
-  const int64_t H = a.w_hh[0].size(0) / Cell::kGates;
-  const bool in_loop = !a.u.defined();
-  const int64_t C = in_loop ? a.x.size(2) : 0;
+  const int64_t H = a.w_hh[0].size(0) / Cell::kGates, C = a.x.size(2);
   const bool proj = a.w_hr[0].defined();
-  // What a step reads of the weights, W_hh and (in the loop) W_ih.
+  // What a step reads of the weights: W_ih and W_hh.
   const int64_t weight_bytes = Cell::kGates * H * (P + C) * static_cast<int64_t>(sizeof(S));
   const bool columns = column_threads(weight_bytes) > 1;
   // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_ih (G*H, C) alike;
   // W_hr (P, H) as W_hr^T.
   const at::Tensor wf = columns ? at::Tensor() : packed(k, a.w_hh, D, 1, P, P, H, Cell::kGates);
-  const at::Tensor wi =
-      columns || !in_loop ? at::Tensor() : packed(k, a.w_ih, D, 1, C, C, H, Cell::kGates);
+  const at::Tensor wi = columns ? at::Tensor() : packed(k, a.w_ih, D, 1, C, C, H, Cell::kGates);
   const at::Tensor wr = columns ? at::Tensor() : packed(k, a.w_hr, D, 1, H, H, P, 1);
   ForwardParams<S> p;
   p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
-  p.u = in_loop ? nullptr : a.u.data_ptr<S>();
-  p.x = in_loop ? a.x.data_ptr<S>() : nullptr;
+  p.u = nullptr;
+  p.x = a.x.data_ptr<S>();
   p.C = C;
   for (int64_t d = 0; d < 2; ++d) {
     p.w_hh[d] = p.w_hr[d] = p.b_ih[d] = nullptr;
@@ -432,7 +425,7 @@ bool set_cpu_isa(const std::string& name) {
 
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
   if (half_type(a.h0.scalar_type())) {
-    ForwardLoop f{to_float(a.x), to_float(a.w_ih), to_float(a.u), to_float(a.w_hh),
+    ForwardLoop f{to_float(a.x), to_float(a.w_ih), at::Tensor(), to_float(a.w_hh),
                   to_float(a.b_ih), to_float(a.b_hh), to_float(a.w_hr), to_float(a.h0),
                   to_float(a.c0), a.lengths, to_float(a.y), to_float(a.hn), to_float(a.cn),
                   to_float(a.saved)};
@@ -445,12 +438,8 @@ void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
   }
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
-    AT_DISPATCH_FLOATING_TYPES(a.h0.scalar_type(), "fastrnn_forward_cpu", [&] {
-      if (kInputInLoop<Cell> || a.u.defined()) return forward_typed<scalar_t, Cell>(a);
-      ForwardLoop b = a;
-      b.u = input_term(a);
-      forward_typed<scalar_t, Cell>(b);
-    });
+    AT_DISPATCH_FLOATING_TYPES(a.h0.scalar_type(), "fastrnn_forward_cpu",
+                               [&] { forward_typed<scalar_t, Cell>(a); });
   });
 }
 

@@ -12,10 +12,10 @@
 // here may use a template from the standard library: an out-of-line copy
 // compiled for AVX-512 could be picked by the linker for every caller.
 //
-// One step of a block of rows is a small GEMM (rows x P times P x G*H, and
-// for cells whose gates add the input term to the hidden one, rows x C times
-// C x G*H for x W_ih^T in the same accumulators) followed by the cell's
-// pointwise step, vectorised across units; the block
+// One step of a block of rows is a small GEMM (rows x C times C x G*H for
+// the input term x W_ih^T, and rows x P times P x G*H for h W_hh^T, summed in
+// the same accumulators except for the gates a cell takes apart) followed by
+// the cell's pointwise step, vectorised across units; the block
 // of rows is carried through all T steps, so a thread touches only its own
 // rows and no step needs a barrier. The caller packs the weights once (pack)
 // and gives each call the scratch scratch_elements() asks for: nothing here
@@ -161,18 +161,15 @@ struct Kernels {
 
   // What a GEMM does with its result: store it in c (kStore), add it to c
   // (kAccumulate), or store the fused cell step of it (kFused: h =
-  // cell(u + acc) into c and into out; pointers at the block's first row
+  // cell(acc + b) into c and into out; pointers at the block's first row
   // and column).
   enum Mode { kStore, kAccumulate, kFused };
   struct Epilogue {
-    const S* u = nullptr;
-    int64_t ldu = 0;
     S* out = nullptr;
     int64_t ldo = 0;
     const S* b = nullptr;  // the input bias of the block's columns
     Epilogue shifted(int64_t r, int64_t j) const {
-      if (out == nullptr) return *this;
-      return Epilogue{u ? u + r * ldu + j : nullptr, ldu, out + r * ldo + j, ldo, b + j};
+      return out ? Epilogue{out + r * ldo + j, ldo, b + j} : *this;
     }
   };
 
@@ -186,6 +183,10 @@ struct Kernels {
     int64_t K = 0;
     Operand rows_from(int64_t r) const { return K ? Operand{a + r * lda, lda, packed, K} : *this; }
     const S* panel(int64_t j0) const { return packed + j0 * K; }
+    // The columns from gate block b on, blocks Jb wide.
+    Operand from_block(int64_t b, int64_t Jb) const {
+      return K ? Operand{a, lda, packed + b * Jb * K, K} : *this;
+    }
   };
 
   static inline V fused_step(V acc, V u) {
@@ -213,8 +214,7 @@ struct Kernels {
 
   // c (R x JV*W) = x-operand times its panel j0, then plus the h-operand's
   // (always in that order); the accumulators stay in registers. kFused: the
-  // caller guarantees its JV*W columns all lie inside u (or u is null) and
-  // out.
+  // caller guarantees its JV*W columns all lie inside out.
   template <int R, int JV, Mode MODE>
   static inline void block(const Operand& x, const Operand& h, int64_t j0, S* c, int64_t ldc,
                            const Epilogue& e) {
@@ -231,8 +231,7 @@ struct Kernels {
       for (int v = 0; v < JV; ++v) {
         V val = acc[r][v];
         if constexpr (MODE == kFused) {
-          const V ub = load(e.b + v * W);
-          val = fused_step(val, e.u ? load(e.u + r * e.ldu + v * W) + ub : ub);
+          val = fused_step(val, load(e.b + v * W));
           store(e.out + r * e.ldo + v * W, val);
         } else if constexpr (MODE == kAccumulate) {
           val += load(c + r * ldc + v * W);
@@ -289,25 +288,22 @@ struct Kernels {
     gemm(R, Jp, Operand{}, Operand{a, lda, packed, K}, c, ldc, accumulate);
   }
 
-  // The fusable cell's step (kFusable): c (R x padded(H)) = cell(u + bu + x
-  // W_ih^T + h W_hh^T) (u null: none) and out = the same on the H real
-  // columns, in registers for every panel that lies inside them and element
-  // by element for the last.
+  // The fusable cell's step (kFusable): c (R x padded(H)) = cell(x W_ih^T +
+  // h W_hh^T + bu) and out = the same on the H real columns, in registers for
+  // every panel that lies inside them and element by element for the last.
   static void gemm_fused(int64_t R, int64_t H, const Operand& x, const Operand& hw, S* c,
-                         int64_t ldc, const S* u, int64_t ldu, S* out, int64_t ldo, const S* bu) {
+                         int64_t ldc, S* out, int64_t ldo, const S* bu) {
     const int64_t Jp = padded(H);
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
       if (j0 + w <= H) {
-        panel_rows<kFused>(w, R, x, hw, j0, c + j0, ldc,
-                           Epilogue{u ? u + j0 : nullptr, ldu, out + j0, ldo, bu + j0});
+        panel_rows<kFused>(w, R, x, hw, j0, c + j0, ldc, Epilogue{out + j0, ldo, bu + j0});
       } else {
         panel_rows<kStore>(w, R, x, hw, j0, c + j0, ldc, {});
         for (int64_t r = 0; r < R; ++r) {
           for (int64_t j = j0; j < H; j += W) {
             const int64_t n = H - j < W ? H - j : W;
-            const V ub = load(bu + j);
-            const V h = fused_step(load(c + r * ldc + j), u ? load_n(u + r * ldu + j, n) + ub : ub);
+            const V h = fused_step(load(c + r * ldc + j), load(bu + j));
             store(c + r * ldc + j, h);
             store_n(out + r * ldo + j, h, n);
           }
@@ -316,11 +312,29 @@ struct Kernels {
     }
   }
 
+  // The last kApart gates take their input term apart from the hidden one
+  // (GRU's n); the others add them.
+  static constexpr int kApart = Cell::kInputApart;
+
+  // The gate pre-activations of a step, G + kApart blocks of Jb columns
+  // (rows ldg apart): x W_ih^T + h W_hh^T for the first G - kApart gates,
+  // h W_hh^T alone for the others, then their x W_ih^T in blocks G onwards.
+  // x and h packed in G blocks of Jb.
+  static void step_gemm(int64_t R, int64_t Jb, const Operand& x, const Operand& h, S* gates,
+                        int64_t ldg) {
+    constexpr int kAdd = G - kApart;
+    gemm(R, kAdd * Jb, x, h, gates, ldg);
+    if constexpr (kApart > 0) {
+      gemm(R, kApart * Jb, Operand{}, h.from_block(kAdd, Jb), gates + kAdd * Jb, ldg);
+      gemm(R, kApart * Jb, x.from_block(kAdd, Jb), Operand{}, gates + G * Jb, ldg);
+    }
+  }
+
   // Elements of scratch each block of rows needs per row, forward and
   // backward, for H units, state width P and projections or not.
   static int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
     const int64_t Hp = padded(H), Pp = padded(P);
-    const int64_t fwd = 2 * Pp + G * Hp + (Cell::kCellState ? Hp : 0) + (proj ? Hp : 0);
+    const int64_t fwd = 2 * Pp + (G + kApart) * Hp + (Cell::kCellState ? Hp : 0) + (proj ? Hp : 0);
     const int64_t bwd = 2 * Pp + (Cell::kCellState ? Hp : 0) + (proj ? Pp + Hp : 0);
     return fwd > bwd ? fwd : bwd;
   }
@@ -339,14 +353,15 @@ struct Kernels {
   }
 
   template <bool kFull>
-  static inline void forward_chunk(int64_t j, int64_t n, int64_t ld, const S* u, const S* bu,
-                                   int64_t bu_ld, const S* hw, int64_t hw_ld, const S* bh,
-                                   const S* h_prev, S* c, S* h, S* out, S* saved) {
+  static inline void forward_chunk(int64_t j, int64_t n, int64_t ld, const S* bu, int64_t bu_ld,
+                                   const S* hw, int64_t hw_ld, const S* bh, const S* h_prev,
+                                   S* c, S* h, S* out, S* saved) {
     V uv[G], hwv[G], bhv[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
-      uv[g] = u != nullptr ? load_part<kFull>(u + g * ld + j, n) + load(bu + g * bu_ld + j)
-                           : load(bu + g * bu_ld + j);
+      // The input term of an apart gate g sits in block g + kApart.
+      uv[g] = g >= G - kApart ? load(hw + (g + kApart) * hw_ld + j) + load(bu + g * bu_ld + j)
+                              : load(bu + g * bu_ld + j);
       hwv[g] = load(hw + g * hw_ld + j);
       bhv[g] = Cell::kHiddenBias && bh != nullptr ? load_part<kFull>(bh + g * ld + j, n) : V{};
     }
@@ -365,35 +380,35 @@ struct Kernels {
   }
 
   // The forward step of one row's units [0, units) (pointers at the first):
-  // hw from the GEMM and bu, the bias added to u, gate blocks hw_ld and
-  // bu_ld apart in scratch; u (null where the GEMM added x W_ih^T to hw),
-  // saved and bh (kHiddenBias, or null) gate
-  // blocks ld apart in global memory; h_prev and c in scratch rows. The new
-  // state into h (whole vectors) and, unless null, into out (units wide).
-  static void forward_units(int64_t units, int64_t ld, const S* u, const S* bu, int64_t bu_ld,
-                            const S* hw, int64_t hw_ld, const S* bh, const S* h_prev, S* c, S* h,
-                            S* out, S* saved) {
+  // hw, the step_gemm() blocks, and bu, the bias added to the input term,
+  // gate blocks hw_ld and bu_ld apart in scratch; saved and bh (kHiddenBias,
+  // or null) gate blocks ld apart in global memory; h_prev and c in scratch
+  // rows. The new state into h (whole vectors) and, unless null, into out
+  // (units wide).
+  static void forward_units(int64_t units, int64_t ld, const S* bu, int64_t bu_ld, const S* hw,
+                            int64_t hw_ld, const S* bh, const S* h_prev, S* c, S* h, S* out,
+                            S* saved) {
     int64_t j = 0;
     for (; j + W <= units; j += W)
-      forward_chunk<true>(j, W, ld, u, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
+      forward_chunk<true>(j, W, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
     if (j < units)
-      forward_chunk<false>(j, units - j, ld, u, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
+      forward_chunk<false>(j, units - j, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
   }
 
   // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
-  // packed (P x G blocks of padded(H)); wi: W_ih^T packed (C x G blocks of
-  // padded(H)) where p.x is given instead of p.u; wr: W_hr^T packed (H x
-  // padded(P)), or null without projections; bu: the bias added to u, G
-  // blocks of padded(H).
+  // packed (P x G blocks of padded(H)); wi: W_ih^T alike (C x ...); wr: W_hr^T
+  // packed (H x padded(P)), or null without projections; bu: the bias added
+  // to the input term, G blocks of padded(H).
   static void forward(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
                       const S* wi, const S* wr, const S* bu, S* scratch) {
     const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * p.P, R = n1 - n0;
-    const int64_t Hp = padded(H), Pp = padded(P), GH = G * H, Ws = saved_width<Cell>(H);
+    const int64_t Hp = padded(H), Pp = padded(P), Ws = saved_width<Cell>(H);
     const bool proj = wr != nullptr;
     S* prev = scratch;               // (R, Pp) state before the step
     S* next = prev + R * Pp;         // (R, Pp) state after it
-    S* gates = next + R * Pp;        // (R, G*Hp) h_prev W_hh^T
-    S* cs = gates + R * G * Hp;      // (R, Hp) the cell state (kCellState)
+    S* gates = next + R * Pp;        // (R, (G+kApart)*Hp) step_gemm()
+    const int64_t ldg = (G + kApart) * Hp;
+    S* cs = gates + R * ldg;         // (R, Hp) the cell state (kCellState)
     S* m = cs + (Cell::kCellState ? R * Hp : 0);  // (R, Hp) the cell's output (projections)
     for (int64_t r = 0; r < R; ++r) {
       std::memcpy(prev + r * Pp, p.h0 + (d * N + n0 + r) * P, sizeof(S) * P);
@@ -401,19 +416,17 @@ struct Kernels {
     }
     for (int64_t s = 0; s < T; ++s) {
       const int64_t t = d == 0 ? s : T - 1 - s;
-      // (R, G*H) the input term, or x (R, C) and W_ih^T for the GEMM
-      const S* u = p.u ? p.u + ((d * T + t) * N + n0) * GH : nullptr;
-      const Operand x = p.u ? Operand{} : Operand{p.x + (t * N + n0) * p.C, p.C, wi, p.C};
+      const Operand x{p.x + (t * N + n0) * p.C, p.C, wi, p.C};  // (R, C) of step t
       const Operand hw{prev, Pp, wf, P};
       S* out = p.y + (t * N + n0) * DP + d * P;                         // (R, P), row stride D*P
       S* saved = Ws ? p.saved + ((d * T + t) * N + n0) * Ws : nullptr;  // (R, Ws)
       if (kFusable && p.lengths == nullptr) {
-        gemm_fused(R, H, x, hw, next, Pp, u, GH, out, DP, bu);
+        gemm_fused(R, H, x, hw, next, Pp, out, DP, bu);
       } else {
-        gemm(R, G * Hp, x, hw, gates, G * Hp);
+        step_gemm(R, Hp, x, hw, gates, ldg);
         for (int64_t r = 0; r < R; ++r) {
           if (row_active(p.lengths, n0 + r, t)) {
-            forward_units(H, H, u ? u + r * GH : nullptr, bu, Hp, gates + r * G * Hp, Hp, p.b_hh[d],
+            forward_units(H, H, bu, Hp, gates + r * ldg, Hp, p.b_hh[d],
                           prev + r * Pp, cs + r * Hp, proj ? m + r * Hp : next + r * Pp,
                           proj ? nullptr : out + r * DP, saved + r * Ws);
           } else {
@@ -583,25 +596,25 @@ struct Columns {
 
   // One thread's share of forward step t, units [j0, j0 + nu) of every row.
   // wf: its slice of W_hh^T packed (P x G blocks of padded(nu)); wi: the
-  // same of W_ih^T (C x ...) where p.x is given instead of p.u; bu (G
+  // same of W_ih^T (C x ...); bu (G
   // blocks of padded(H)); prev (N, Pp) the state before the step; next, cs
   // and m (rows of Pp, Hp and Hp): it writes their columns [j0, j0 + nu);
-  // gates (N, G * padded(nu)) its own scratch.
+  // gates (N, (G + kApart) * padded(nu)) its own scratch.
   static void forward(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
                       const S* wf, const S* wi, const S* bu, const S* prev, S* next, S* cs, S* m,
                       S* gates) {
     using Operand = typename Kn::Operand;
-    const int64_t N = p.N, H = p.H, P = p.P, DP = p.D * P, GH = G * H, Ws = saved_width<Cell>(H);
+    const int64_t N = p.N, H = p.H, P = p.P, DP = p.D * P, Ws = saved_width<Cell>(H);
     const int64_t Hp = Kn::padded(H), Pp = Kn::padded(P), nup = Kn::padded(nu);
     const bool proj = m != nullptr;
-    const Operand x = p.u ? Operand{} : Operand{p.x + t * N * p.C, p.C, wi, p.C};
-    Kn::gemm(N, G * nup, x, Operand{prev, Pp, wf, P}, gates, G * nup);
+    const int64_t ldg = (G + Kn::kApart) * nup;
+    Kn::step_gemm(N, nup, Operand{p.x + t * N * p.C, p.C, wi, p.C}, Operand{prev, Pp, wf, P}, gates,
+                  ldg);
     for (int64_t n = 0; n < N; ++n) {
-      const S* u = p.u ? p.u + ((d * p.T + t) * N + n) * GH + j0 : nullptr;
       S* out = p.y + (t * N + n) * DP + d * P + j0;
       S* saved = Ws ? p.saved + ((d * p.T + t) * N + n) * Ws + j0 : nullptr;
       if (row_active(p.lengths, n, t)) {
-        Kn::forward_units(nu, H, u, bu + j0, Hp, gates + n * G * nup, nup,
+        Kn::forward_units(nu, H, bu + j0, Hp, gates + n * ldg, nup,
                           p.b_hh[d] ? p.b_hh[d] + j0 : nullptr, prev + n * Pp + j0,
                           cs + n * Hp + j0, proj ? m + n * Hp + j0 : next + n * Pp + j0,
                           proj ? nullptr : out, saved);
