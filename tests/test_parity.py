@@ -176,8 +176,9 @@ def test_nonfinite_propagates_like_torch(cell, options):
     torch.testing.assert_close(y[finite], y_ref[finite], **TOL[torch.float64])
 
 
-# Sizes where W_hh of a direction passes 512 KB in float32, so that two
-# threads split units rather than rows (recurrence_cpu.cpp).
+# Sizes where the weights of a direction pass 512 KB in float32, so that two
+# threads split units rather than rows at these small batches
+# (recurrence_cpu.cpp).
 COLUMN_SPLIT = [
     pytest.param("rnn", 400, dict(nonlinearity="tanh"), id="rnn_tanh"),
     pytest.param("lstm", 200, dict(), id="lstm"),
@@ -215,6 +216,26 @@ def test_column_split_gives_the_row_loops_bits(cell, hidden, options):
         one = run(ours, x)
         torch.set_num_threads(2)
         two = run(ours, x)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip([one[0], *one[1], *one[2]], [two[0], *two[1], *two[2]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cell,hidden,options", COLUMN_SPLIT)
+def test_large_weights_at_a_large_batch_split_rows(cell, hidden, options):
+    """The same weights at a batch that gives each of two threads 16 rows or
+    more: the threads split rows again (recurrence_cpu.cpp), and match
+    torch.nn and one thread's bits."""
+    ref, ours = pair(5, hidden, cell, dtype=torch.float64, bidirectional=True, **options)
+    x = leaf(3, 17, 5, dtype=torch.float64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        compare(ref, ours, x, initial_state(ref, 17, dtype=torch.float64))
+        two = run(ours, x)
+        torch.set_num_threads(1)
+        one = run(ours, x)
     finally:
         torch.set_num_threads(before)
     for a, b in zip([one[0], *one[1], *one[2]], [two[0], *two[1], *two[2]]):
