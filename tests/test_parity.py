@@ -1,6 +1,7 @@
 """fastrnn's layers (fused kernels) against torch.nn's with the same weights:
 outputs, final states and every gradient, over the options each takes."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -136,22 +137,36 @@ def test_cpu_kernel_variants(cpu_isa, cell, options, dtype, hidden):
     compare(ref, ours, x, initial_state(ref, 11, dtype=dtype))
 
 
+@contextlib.contextmanager
+def num_threads(n):
+    """torch's intra-op threads set to n inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def on_threads(n, module, x):
+    """run() with n threads."""
+    with num_threads(n):
+        return run(module, x)
+
+
+def assert_same_bits(one, other):
+    """Two run() results equal bit for bit: output, final states, gradients."""
+    for a, b in zip([one[0], *one[1], *one[2]], [other[0], *other[1], *other[2]]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_threads_give_identical_bits(cell, options, threads):
     """Rows never interact, so splitting them between threads changes nothing."""
     _, ours = pair(8, 32, cell, num_layers=2, bidirectional=True, **options)
     x = leaf(50, 9, 8)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run(ours, x)
-        torch.set_num_threads(threads)
-        many = run(ours, x)
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip([one[0], *one[1], *one[2]], [many[0], *many[1], *many[2]]):
-        assert torch.equal(a, b)
+    assert_same_bits(on_threads(1, ours, x), on_threads(threads, ours, x))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -196,12 +211,8 @@ def test_column_split_loops_match_torch_nn(cell, hidden, options, dtype):
     p = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
     packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
                             p.unsorted_indices)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with num_threads(2):
         compare(ref, ours, packed, initial_state(ref, len(lengths), dtype=dtype))
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("cell,hidden,options", COLUMN_SPLIT)
@@ -210,16 +221,7 @@ def test_column_split_gives_the_row_loops_bits(cell, hidden, options):
     split the work: two threads (units split) give one thread's bits."""
     _, ours = pair(5, hidden, cell, num_layers=2, bidirectional=True, **options)
     x = leaf(6, 3, 5)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run(ours, x)
-        torch.set_num_threads(2)
-        two = run(ours, x)
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip([one[0], *one[1], *one[2]], [two[0], *two[1], *two[2]]):
-        assert torch.equal(a, b)
+    assert_same_bits(on_threads(1, ours, x), on_threads(2, ours, x))
 
 
 @pytest.mark.parametrize("cell,hidden,options", COLUMN_SPLIT)
@@ -229,14 +231,6 @@ def test_large_weights_at_a_large_batch_split_rows(cell, hidden, options):
     torch.nn and one thread's bits."""
     ref, ours = pair(5, hidden, cell, dtype=torch.float64, bidirectional=True, **options)
     x = leaf(3, 17, 5, dtype=torch.float64)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with num_threads(2):
         compare(ref, ours, x, initial_state(ref, 17, dtype=torch.float64))
-        two = run(ours, x)
-        torch.set_num_threads(1)
-        one = run(ours, x)
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip([one[0], *one[1], *one[2]], [two[0], *two[1], *two[2]]):
-        assert torch.equal(a, b)
+    assert_same_bits(on_threads(1, ours, x), on_threads(2, ours, x))
