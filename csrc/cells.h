@@ -70,6 +70,7 @@ struct Elman {
   static constexpr bool kPrevState = false;
   static constexpr bool kProjections = false;
   static constexpr int kInputApart = 0;
+
   template <class M, class V>
   static FASTRNN_HD void forward(const V* u, const V* hw, const V* /*bh*/, const V& /*h_prev*/,
                                  V& /*c*/, V& h, V* /*saved*/) {
@@ -97,6 +98,7 @@ struct Lstm {
   static constexpr bool kPrevState = false;
   static constexpr bool kProjections = true;
   static constexpr int kInputApart = 0;
+
   template <class M, class V>
   static FASTRNN_HD void forward(const V* u, const V* hw, const V* /*bh*/, const V& /*h_prev*/,
                                  V& c, V& h, V* saved) {
@@ -142,6 +144,7 @@ struct Gru {
   static constexpr bool kPrevState = true;
   static constexpr bool kProjections = false;
   static constexpr int kInputApart = 1;
+
   template <class M, class V>
   static FASTRNN_HD void forward(const V* u, const V* hw, const V* bh, const V& h_prev, V& /*c*/,
                                  V& h, V* saved) {
