@@ -133,6 +133,10 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     const Tensor& hs = out[lstm ? 3 : 2];
     const Tensor workspace = out.size() > 3 ? out.back() : Tensor();
     ctx->mark_non_differentiable(out.size() > 3 ? variable_list{hs, workspace} : variable_list{hs});
+    // An output the loss does not reach gets no gradient, rather than one
+    // of zeros: backward takes each as optional, and zero-filling the
+    // workspace (the largest output) would cost as much as a layer's step.
+    ctx->set_materialize_grads(false);
     std::vector<Tensor> saved = {input, hx, cx.value_or(Tensor()), out[0], hs, workspace,
                                  lengths.value_or(Tensor()), mask.value_or(Tensor())};
     saved.insert(saved.end(), weights.begin(), weights.end());

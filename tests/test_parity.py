@@ -91,6 +91,43 @@ def test_input_that_needs_no_gradient(cell, options, device, packed):
     assert got[2][0] is None and all(g is not None for g in got[2][1:])
 
 
+def _grads_of_part(module, x, hx, part, create_graph):
+    """Gradients of x, the initial states and the parameters under a loss on
+    one of the layer's results only: 0 the output, 1 h_n, 2 c_n."""
+    out, h = module(x, hx)
+    y = out.data if isinstance(out, PackedSequence) else out
+    results = [y, *(h if isinstance(h, tuple) else (h,))]
+    target = results[part]
+    loss = (target * torch.linspace(-1, 1, target.numel(), dtype=target.dtype,
+                                    device=target.device).view_as(target)).sum()
+    data = x.data if isinstance(x, PackedSequence) else x
+    leaves = [data, *(hx if isinstance(hx, tuple) else (hx,)), *module.parameters()]
+    return torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cell,options", CELLS)
+def test_loss_on_one_result_only(cell, options, device, packed, create_graph):
+    """A loss that reaches only the output, only h_n or only c_n leaves the
+    other results without a gradient: the backward must take them as zero."""
+    ref, ours = pair(C, H, cell, device=device, dtype=torch.float64, num_layers=2,
+                     bidirectional=True, **options)
+    x = leaf(T, N, C, device=device, dtype=torch.float64)
+    if packed:
+        x = pack_padded_sequence(x, torch.tensor([7, 2, 5]), enforce_sorted=False)
+    hx = initial_state(ref, N, device, torch.float64)
+    for part in range(3 if cell == "lstm" else 2):
+        expected = _grads_of_part(ref, x, hx, part, create_graph)
+        got = _grads_of_part(ours, x, hx, part, create_graph)
+        assert ours.last_path == "fused"
+        for e, g in zip(expected, got):
+            assert (e is None) == (g is None)
+            if e is not None:
+                torch.testing.assert_close(g, e, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_zero_batch(cell, options, device):
