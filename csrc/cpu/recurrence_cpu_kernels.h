@@ -147,13 +147,29 @@ struct Kernels {
   static void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t Gb,
                    int64_t bs, S* out) {
     const int64_t Jb = padded(J), Jp = Gb * Jb;
+    int64_t from[2 * W];  // a panel column's offset in src, or -1 in the padding
     for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
+      for (int64_t c = 0; c < w; ++c) {
+        const int64_t blk = (j0 + c) / Jb, j = j0 + c - blk * Jb;
+        from[c] = j < J ? (blk * bs + j) * sc : -1;
+      }
       S* panel = out + j0 * K;
-      for (int64_t k = 0; k < K; ++k) {
+      // Along whichever of src's strides is 1: down a column where src is
+      // the transpose, along a row otherwise.
+      if (sk == 1) {
         for (int64_t c = 0; c < w; ++c) {
-          const int64_t col = j0 + c, blk = col / Jb, j = col - blk * Jb;
-          panel[k * w + c] = j < J ? src[k * sk + (blk * bs + j) * sc] : S(0);
+          if (from[c] < 0) {
+            for (int64_t k = 0; k < K; ++k) panel[k * w + c] = S(0);
+          } else {
+            const S* col = src + from[c];
+            for (int64_t k = 0; k < K; ++k) panel[k * w + c] = col[k];
+          }
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const S* row = src + k * sk;
+          for (int64_t c = 0; c < w; ++c) panel[k * w + c] = from[c] < 0 ? S(0) : row[from[c]];
         }
       }
     }
