@@ -122,20 +122,29 @@ std::vector<int64_t> slices(int64_t units, int64_t parts, int64_t lanes) {
 
 // Per direction and slice, b's columns [c0, c1) of every block packed as
 // pack() does: b[k][blk * bs + j] = w[d][k * sk + (blk * bs + c0 + j) * sc].
+// The slices are packed in parallel, one a thread: the loops that use them
+// run where the weights are large and the batch small, so that packing on
+// one thread would cost about as much as a step of every row.
 template <typename S, typename Cell>
 std::vector<at::Tensor> packed_slices(const Table<S, Cell>& k, const std::array<at::Tensor, 2>& w,
                                       int64_t D, int64_t sk, int64_t sc, int64_t K, int64_t bs,
                                       int64_t blocks, const std::vector<int64_t>& b) {
   std::vector<at::Tensor> out;
   if (!w[0].defined()) return out;
+  const int64_t parts = static_cast<int64_t>(b.size()) - 1;
   for (int64_t d = 0; d < D; ++d) {
-    for (size_t i = 0; i + 1 < b.size(); ++i) {
-      const int64_t J = b[i + 1] - b[i];
-      at::Tensor t = at::empty({K, blocks * k.padded_width(std::max<int64_t>(J, 1))}, w[0].options());
-      if (J > 0) k.pack(w[d].data_ptr<S>() + b[i] * sc, sk, sc, K, J, blocks, bs, t.data_ptr<S>());
-      out.push_back(t);
+    for (int64_t i = 0; i < parts; ++i) {
+      const int64_t J = std::max<int64_t>(b[i + 1] - b[i], 1);
+      out.push_back(at::empty({K, blocks * k.padded_width(J)}, w[0].options()));
     }
   }
+  at::parallel_for(0, D * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t d = x / parts, i = x % parts, J = b[i + 1] - b[i];
+      if (J > 0) k.pack(w[d].data_ptr<S>() + b[i] * sc, sk, sc, K, J, blocks, bs,
+                        out[x].data_ptr<S>());
+    }
+  });
   return out;
 }
 
