@@ -68,18 +68,40 @@ Tensor projection_input(const Stack& s, const Tensor& ws_d) {
   });
 }
 
-// The state before each step of direction d, (T, N, P), contiguous: the
-// output of the step before it in d's order, and h0_d (N, P) at each row's
-// first step. Direction 0 starts every row at step 0; direction 1 at T - 1,
-// or where first_step (T, N, 1) says with lengths. Past a row's end it is
-// whatever: the gradients it meets there are zero.
-Tensor states_before(const Tensor& out_d, const Tensor& h0_d, int64_t d, const Tensor& first_step) {
-  const int64_t T = out_d.size(0);
+// W_hh's gradient of direction d: the sum over steps of dgh_t^T times the
+// state before step t. That state is the output of the step before it in
+// d's order, and h0_d (N, P) at each row's first step. Direction 0 starts
+// every row at step 0; direction 1 at T - 1, or where first_step (T, N, 1)
+// says with lengths. Past a row's end it is whatever: the gradients it meets
+// there are zero. Without lengths, two GEMMs on views (h0's rows and the
+// output's) rather than one on a copy of every state.
+Tensor hidden_weight_grad(const Tensor& dgh_flat, const Tensor& out_d, const Tensor& h0_d,
+                          int64_t d, const Tensor& first_step) {
+  const int64_t T = out_d.size(0), N = out_d.size(1), P = out_d.size(2);
+  if (T == 1) return at::mm(dgh_flat.t(), h0_d);
   const Tensor h0_step = h0_d.unsqueeze(0);
-  if (T == 1) return h0_step.contiguous();
-  if (d == 0) return at::cat({h0_step, out_d.narrow(0, 0, T - 1)});
-  const Tensor shifted = at::cat({out_d.narrow(0, 1, T - 1), h0_step});
-  return first_step.defined() ? at::where(first_step, h0_step, shifted) : shifted;
+  if (d == 1 && first_step.defined()) {
+    const Tensor shifted = at::cat({out_d.narrow(0, 1, T - 1), h0_step});
+    return at::mm(dgh_flat.t(), at::where(first_step, h0_step, shifted).view({T * N, P}));
+  }
+  // Direction 0: h0 before step 0, y_{t-1} before t; direction 1: h0
+  // before T - 1, y_{t+1} before t.
+  const int64_t first = d == 0 ? 0 : (T - 1) * N, rest = d == 0 ? N : 0;
+  Tensor g = at::mm(dgh_flat.narrow(0, first, N).t(), h0_d);
+  const Tensor before = out_d.narrow(0, d == 0 ? 0 : 1, T - 1).reshape({(T - 1) * N, P});
+  return g.addmm_(dgh_flat.narrow(0, rest, (T - 1) * N).t(), before);
+}
+
+// b_hh's gradient where the cell keeps it apart from b_ih (kHiddenBias):
+// dgh's sum over rows. In the gates that add the input and hidden terms,
+// dgh is dgi, whose sum b_ih's gradient already holds; only the gates that
+// take their input term apart need a sum of their own.
+Tensor hidden_bias_grad(const Tensor& dgh_flat, const Tensor& input_bias_grad, const Stack& s) {
+  const int64_t apart = with_cell(s.cell, [](auto cell) { return decltype(cell)::kInputApart; });
+  const int64_t added = (s.G - apart) * s.H;
+  if (added == 0) return dgh_flat.sum(0);
+  return at::cat({input_bias_grad.narrow(0, 0, added),
+                  dgh_flat.narrow(1, added, apart * s.H).sum(0)});
 }
 
 }  // namespace
@@ -207,12 +229,12 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
       const Tensor dgh_flat = dgh_d.view({TN, GH});
       const Tensor dgi_flat = dgi_all[d].view({TN, GH});
       r.grad_weights[k] = at::mm(dgi_flat.t(), in);
-      // dW_hh = sum over steps of dgh_t^T h_prev(t), in one GEMM.
-      const Tensor hp = states_before(part(out, 2, d * s.P, s.P), h0[l * s.D + d], d, first_step);
-      r.grad_weights[k + 1] = at::mm(dgh_flat.t(), hp.view({TN, s.P}));
+      r.grad_weights[k + 1] =
+          hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P), h0[l * s.D + d], d, first_step);
       if (s.biases) {
         r.grad_weights[k + 2] = dgi_flat.sum(0);
-        r.grad_weights[k + 3] = split_grad ? dgh_flat.sum(0) : r.grad_weights[k + 2].clone();
+        r.grad_weights[k + 3] = split_grad ? hidden_bias_grad(dgh_flat, r.grad_weights[k + 2], s)
+                                           : r.grad_weights[k + 2].clone();
       }
       if (s.proj) {
         r.grad_weights[k + (s.biases ? 4 : 2)] =
