@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from helpers import CELLS, DEVICES, TOL, compare, initial_state, leaf, pair, run
+from helpers import CELLS, DEVICES, TOL, compare, initial_state, leaf, pair, run, states
 
 T, N, C, H = 7, 3, 5, 6
 
@@ -96,12 +96,12 @@ def _grads_of_part(module, x, hx, part, create_graph):
     one of the layer's results only: 0 the output, 1 h_n, 2 c_n."""
     out, h = module(x, hx)
     y = out.data if isinstance(out, PackedSequence) else out
-    results = [y, *(h if isinstance(h, tuple) else (h,))]
+    results = [y, *states(h)]
     target = results[part]
     loss = (target * torch.linspace(-1, 1, target.numel(), dtype=target.dtype,
                                     device=target.device).view_as(target)).sum()
     data = x.data if isinstance(x, PackedSequence) else x
-    leaves = [data, *(hx if isinstance(hx, tuple) else (hx,)), *module.parameters()]
+    leaves = [data, *states(hx), *module.parameters()]
     return torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
 
 
