@@ -79,8 +79,8 @@ Tensor hidden_weight_grad(const Tensor& dgh_flat, const Tensor& out_d, const Ten
                           int64_t d, const Tensor& first_step) {
   const int64_t T = out_d.size(0), N = out_d.size(1), P = out_d.size(2);
   if (T == 1) return at::mm(dgh_flat.t(), h0_d);
-  const Tensor h0_step = h0_d.unsqueeze(0);
   if (d == 1 && first_step.defined()) {
+    const Tensor h0_step = h0_d.unsqueeze(0);
     const Tensor shifted = at::cat({out_d.narrow(0, 1, T - 1), h0_step});
     return at::mm(dgh_flat.t(), at::where(first_step, h0_step, shifted).view({T * N, P}));
   }
@@ -99,7 +99,6 @@ Tensor hidden_weight_grad(const Tensor& dgh_flat, const Tensor& out_d, const Ten
 Tensor hidden_bias_grad(const Tensor& dgh_flat, const Tensor& input_bias_grad, const Stack& s) {
   const int64_t apart = with_cell(s.cell, [](auto cell) { return decltype(cell)::kInputApart; });
   const int64_t added = (s.G - apart) * s.H;
-  if (added == 0) return dgh_flat.sum(0);
   return at::cat({input_bias_grad.narrow(0, 0, added),
                   dgh_flat.narrow(1, added, apart * s.H).sum(0)});
 }
