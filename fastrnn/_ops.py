@@ -108,6 +108,17 @@ def extension_error():
     return _EXTENSION_ERROR
 
 
+def _check_devices(input, hx, cx, weights, lengths=None, dropout_mask=None):
+    """The C++ ops' device checks (csrc/rnn_args.cpp), in the meta kernel too:
+    the dispatcher picks the meta kernel when any argument is on the meta
+    device, and that kernel must not hand a CPU caller empty CPU tensors."""
+    named = [("hx", hx), ("cx", cx), ("lengths", lengths), ("dropout_mask", dropout_mask)]
+    named += [(f"weights[{i}]", w) for i, w in enumerate(weights)]
+    for name, t in named:
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{name} must be on the input's device {input.device}, got {t.device}")
+
+
 def _fake_outputs(input, hx, num_layers, bidirectional, width, cx=None, saved=0):
     """output (T, N, D*P), h_n (L*D, N, P), [c_n (L*D, N, H)], hidden_states
     (L-1, T, N, D*P), [workspace (L, D, T, N, saved*H)] for P = hx's width."""
@@ -133,17 +144,20 @@ def _fake_grads(input, hx, weights, cx=None):
 
 def _fake_forward(input, hx, weights, lengths, dropout_mask, num_layers, bidirectional,
                   has_biases, relu):
+    _check_devices(input, hx, None, weights, lengths, dropout_mask)
     return _fake_outputs(input, hx, num_layers, bidirectional, hx.shape[2])
 
 
 def _fake_backward(input, hx, weights, lengths, dropout_mask, output, hidden_states,
                    grad_output, grad_hn, num_layers, bidirectional, has_biases, relu,
                    input_grad=True):
+    _check_devices(input, hx, None, weights, lengths, dropout_mask)
     return _fake_grads(input, hx, weights)
 
 
 def _fake_lstm_forward(input, hx, cx, weights, lengths, dropout_mask, num_layers, bidirectional,
                        has_biases, has_projections):
+    _check_devices(input, hx, cx, weights, lengths, dropout_mask)
     # An LSTM step keeps its gates i, f, g, o and its state c.
     return _fake_outputs(input, hx, num_layers, bidirectional, cx.shape[2], cx=cx, saved=5)
 
@@ -151,11 +165,13 @@ def _fake_lstm_forward(input, hx, cx, weights, lengths, dropout_mask, num_layers
 def _fake_lstm_backward(input, hx, cx, weights, lengths, dropout_mask, output, hidden_states,
                         workspace, grad_output, grad_hn, grad_cn, num_layers, bidirectional,
                         has_biases, has_projections, input_grad=True):
+    _check_devices(input, hx, cx, weights, lengths, dropout_mask)
     return _fake_grads(input, hx, weights, cx=cx)
 
 
 def _fake_gru_forward(input, hx, weights, lengths, dropout_mask, num_layers, bidirectional,
                       has_biases):
+    _check_devices(input, hx, None, weights, lengths, dropout_mask)
     # A GRU step keeps r, z, n and h_prev W_hn^T + b_hn.
     return _fake_outputs(input, hx, num_layers, bidirectional, hx.shape[2], saved=4)
 
@@ -163,6 +179,7 @@ def _fake_gru_forward(input, hx, weights, lengths, dropout_mask, num_layers, bid
 def _fake_gru_backward(input, hx, weights, lengths, dropout_mask, output, hidden_states, workspace,
                        grad_output, grad_hn, num_layers, bidirectional, has_biases,
                        input_grad=True):
+    _check_devices(input, hx, None, weights, lengths, dropout_mask)
     return _fake_grads(input, hx, weights)
 
 

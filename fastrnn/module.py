@@ -150,25 +150,79 @@ class _FusedBase(nn.RNNBase):
         # is computed on each access.
         return [getattr(self, name) for name in self._flat_weights_names]
 
-    def _dropout_mask(self, x, width):
-        """(L-1, T, N, D*width) keep-masks scaled by 1/(1-p), or None."""
+    def _dropout_mask(self, x, width, rows=None):
+        """(L-1, T, N, D*width) keep-masks scaled by 1/(1-p), or None.
+
+        torch.nn's draws, one for one: it calls dropout on each layer's output
+        but the last, as it holds it, (T, N, D*width) or, for packed input,
+        the packed rows (sum of lengths, D*width); so one bernoulli tensor of
+        that shape per layer, in layer order, then the packed rows scattered
+        to their padded places (``rows``). At p = 1 torch.nn multiplies by
+        zero without drawing, so the generator is left as it was."""
         if not (self.training and self.dropout > 0 and self.num_layers > 1):
             return None
         T, N = x.shape[0], x.shape[1]
         D = 2 if self.bidirectional else 1
+        drops = self.num_layers - 1
+        if self.dropout >= 1:
+            return x.new_zeros((drops, T, N, D * width))
         keep = 1.0 - self.dropout
-        mask = torch.empty(self.num_layers - 1, T, N, D * width, dtype=x.dtype,
-                           device=x.device).bernoulli_(keep)
-        return mask / keep if keep > 0 else mask
+        shape = (T * N if rows is None else rows.numel(), D * width)
+        mask = torch.stack([x.new_empty(shape).bernoulli_(keep) for _ in range(drops)])
+        if rows is not None:
+            mask = mask.new_zeros((drops, T * N, D * width)).index_copy_(1, rows, mask)
+        return mask.div_(keep).view(drops, T, N, D * width)
+
+    def _check_devices(self, x, states, weights):
+        # What torch.nn's implementation checks before it runs (RNN.cpp's
+        # check_attributes): every state, then every weight, on the input's
+        # device. The fused op's meta kernel would otherwise answer a call
+        # with one meta tensor among CPU ones.
+        for kind, tensors in (("hidden", states), ("parameter", weights)):
+            for t in tensors:
+                if t.device != x.device:
+                    raise RuntimeError(
+                        f"Input and {kind} tensors are not at the same device, found input "
+                        f"tensor at {x.device} and {kind} tensor at {t.device}")
 
     def _check_state_dtype(self, state, weight):
         # What torch.nn's first matrix product of a state with weight_hh raises
         # (under autocast the op casts them, as torch.nn's cuDNN path does).
-        if state.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+        # (torch.nn's meta kernels let the dtypes differ.)
+        if (state.dtype != weight.dtype and not torch._C._is_any_autocast_enabled()
+                and not state.is_meta):
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "
                 f"{_dtype_name(state.dtype)} and {_dtype_name(weight.dtype)}"
             )
+
+    def _check_lstm_state_dtypes(self, x, h0, c0, weight):
+        """(h0, c0) as the fused LSTM takes them, or torch.nn.LSTM's error.
+
+        On the CPU, for the dtypes oneDNN takes, nn.LSTM runs oneDNN, which
+        rejects any state whose dtype is not the input's with a message of its
+        own; that message comes first here, then what is wrong. Elsewhere a
+        mismatched h_0 fails nn's first matrix product, and a c_0 that the
+        weights' dtype holds exactly is promoted in nn's arithmetic, which
+        casting it reproduces bit for bit."""
+        if (torch._C._is_any_autocast_enabled() or (h0.dtype == weight.dtype == c0.dtype)
+                or x.is_meta):
+            return h0, c0
+        if _nn_lstm_runs_onednn(x):
+            why = ("get_mkldnn_dtype: unsupported data type"
+                   if any(s.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+                          for s in (h0, c0))
+                   else "could not create a primitive descriptor for the LSTM forward propagation "
+                        "primitive. Run workload with environment variable ONEDNN_VERBOSE=all to "
+                        "get additional diagnostic information.")
+            raise RuntimeError(
+                f"{why} (h_0 is {_dtype_name(h0.dtype)}, c_0 {_dtype_name(c0.dtype)} and the "
+                f"weights {_dtype_name(weight.dtype)}: the states must have the weights' dtype)")
+        self._check_state_dtype(h0, weight)
+        if torch.promote_types(c0.dtype, weight.dtype) == weight.dtype and c0.dtype.is_floating_point:
+            return h0, c0.to(weight.dtype)
+        self._check_state_dtype(c0, weight)
+        return h0, c0
 
     def _record_cuda_path(self, x):
         if not torch.compiler.is_compiling():
@@ -276,10 +330,11 @@ def _fused_single_state(layer, input, hx, name, tensor_word, op, flags):
         layer, input, hx, name, tensor_word)
     _check_steps(x)
     weights = layer._weights()
+    layer._check_devices(x, (hx,), weights)
     layer._check_state_dtype(hx, weights[0])
     out = layer._call(
         op, x, weights,
-        (x, hx, weights, lengths, layer._dropout_mask(x, layer.hidden_size), layer.num_layers,
+        (x, hx, weights, lengths, layer._dropout_mask(x, layer.hidden_size, rows), layer.num_layers,
          layer.bidirectional, layer.bias, *flags),
         x.shape[0] * x.shape[1], x.shape[1])
     h_n = out[1]
@@ -288,6 +343,18 @@ def _fused_single_state(layer, input, hx, name, tensor_word, op, flags):
     if packing is not None:
         return output, layer.permute_hidden(h_n, packing[2])
     return output, (h_n if is_batched else h_n.squeeze(1))
+
+
+def _nn_lstm_runs_onednn(x):
+    """Whether nn.LSTM runs oneDNN for this input (RNN.cpp's use_mkldnn)."""
+    if not (x.device.type == "cpu" and x.numel() and torch._C._get_mkldnn_enabled()):
+        return False
+    if x.dtype == torch.float32:
+        return True
+    if x.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return (x.dtype == torch.float16 and not torch.is_grad_enabled()
+            and torch.ops.mkldnn._is_mkldnn_fp16_supported())
 
 
 def _check_steps(x):
@@ -476,11 +543,11 @@ class LSTM(_FusedBase):
         _check_steps(x)
         weights = self._weights()
         h0, c0 = hx
-        self._check_state_dtype(h0, weights[0])
-        self._check_state_dtype(c0, weights[0])
+        self._check_devices(x, hx, weights)
+        h0, c0 = self._check_lstm_state_dtypes(x, h0, c0, weights[0])
         output, h_n, c_n, _, _ = self._call(
             torch.ops.fastrnn.lstm_forward, x, weights,
-            (x, h0, c0, weights, lengths, self._dropout_mask(x, real_hidden_size),
+            (x, h0, c0, weights, lengths, self._dropout_mask(x, real_hidden_size, rows),
              self.num_layers, self.bidirectional, self.bias, self.proj_size > 0),
             x.shape[0] * x.shape[1], x.shape[1])
         self._record_cuda_path(x)
