@@ -4,6 +4,7 @@ torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU with fused recurrences."""
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Optional, Tuple, Union
 
 import torch
@@ -125,7 +126,10 @@ class _FusedBase(nn.RNNBase):
         if not self._fused_applies(data):
             self.__dict__["last_path"] = "torch"
             self.__dict__["last_cuda_path"] = None
-            out = type(self)._torch_forward(self, input, hx)
+            if self.mode == "LSTM" and data.device.type == "cpu" and torch.compiler.is_compiling():
+                out = _torch_lstm_outside_the_graph(self, input, hx)
+            else:
+                out = type(self)._torch_forward(self, input, hx)
         else:
             self.__dict__["last_path"] = "fused"
             out = self._fused_forward(input, hx)
@@ -269,6 +273,27 @@ class _FusedBase(nn.RNNBase):
         except RuntimeError:
             self._raise_torch_shape_error(weights, rows_ih, rows_hh)
             raise
+
+
+_OUTSIDE_REASON = ("torch.nn's LSTM on the CPU (oneDNN) runs outside the compiled graph, as "
+                   "torch.nn.LSTM does; backend='fused' compiles into one graph")
+
+
+def _disable_compile(fn):
+    try:
+        return torch.compiler.disable(fn, reason=_OUTSIDE_REASON)
+    except TypeError:  # torch before 2.8 takes no reason
+        return torch.compiler.disable(fn)
+
+
+@_disable_compile
+def _torch_lstm_outside_the_graph(layer, input, hx):
+    """nn.LSTM's forward, run eagerly where torch.compile meets it: on the CPU
+    it calls oneDNN's LSTM op, which inductor fails to compile (an
+    `aten.mkldnn_rnn_layer` argument that is not a Tensor), and dynamo never
+    traces nn.LSTM itself for that reason. So a compiled model breaks its
+    graph here, as it would at the torch.nn layer."""
+    return nn.LSTM.forward(layer, input, hx)
 
 
 def _prepare_rnn_gru(layer, input, hx, name, tensor_word):
@@ -588,12 +613,78 @@ def _fused_twin(layer, backend):
     return twin
 
 
-def replace_rnn(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+class _Rebased(type):
+    """The metaclass of a torch.nn layer subclass rebased onto fastrnn's
+    layer: the subclass's own methods first, then fastrnn's layer, then the
+    torch.nn layer and the rest, so that a ``super().forward`` in the
+    subclass reaches the fused forward, and ``isinstance(layer, nn.LSTM)``
+    still holds."""
+
+    def mro(cls):
+        order = super().mro()
+        base = cls.__dict__["_fastrnn_torch_class"]
+        fused = [k for k in _FUSED[base].__mro__ if k not in order]
+        at = order.index(base)
+        return order[:at] + fused + order[at:]
+
+
+_REBASED = {}
+
+
+def _rebased_class(cls):
+    """The rebased twin of a subclass ``cls`` of nn.RNN, nn.LSTM or nn.GRU
+    (one per class, made on first use)."""
+    if cls not in _REBASED:
+        base = next(k for k in cls.__mro__ if k in _FUSED)
+        namespace = {"_fastrnn_torch_class": base, "_fastrnn_original": cls,
+                     "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                     "__reduce_ex__": _reduce_rebased}
+        _REBASED[cls] = _Rebased(cls.__name__, (cls,), namespace)
+    return _REBASED[cls]
+
+
+def _reduce_rebased(self, protocol):
+    # Pickled as its original class, which can be imported, and rebased again.
+    return _new_rebased, (type(self)._fastrnn_original,), self.__getstate__()
+
+
+def _new_rebased(cls):
+    return object.__new__(_rebased_class(cls))
+
+
+def _rebase(layer, backend):
+    """Rebases a subclass instance in place: same object, parameters, hooks
+    and attributes; only its class changes."""
+    layer.__class__ = _rebased_class(type(layer))
+    layer.__dict__.update(backend=backend, last_path=None, last_cuda_path=None)
+    return layer
+
+
+def _rnn_kind(module):
+    """'layer' for a torch.nn.RNN, LSTM or GRU, 'subclass' for a subclass of
+    one (not yet rebased), else None."""
+    if type(module) in _FUSED:
+        return "layer"
+    if isinstance(module, tuple(_FUSED)) and not isinstance(type(module), _Rebased):
+        return "subclass"
+    return None
+
+
+def replace_rnn(model: nn.Module, backend: Optional[str] = None, *,
+                subclasses: bool = False) -> nn.Module:
     """Swaps every torch.nn.RNN, LSTM and GRU in ``model`` for the fastrnn
     layer with the same options, weights (the same Parameter objects), device,
-    dtype and training mode, in place, and returns the model (the new layer
-    where ``model`` itself is one). Subclasses of the torch.nn layers are left
-    alone: their forward may differ. ``backend`` as for :class:`fastrnn.RNN`.
+    dtype, hooks and training mode, in place, and returns the model (the new
+    layer where ``model`` itself is one). ``backend`` as for
+    :class:`fastrnn.RNN`.
+
+    A subclass of a torch.nn layer (one that adds methods, or whose forward
+    calls ``super().forward``) is left alone unless ``subclasses=True``: then
+    it is rebased in place, its own methods first and fastrnn's layer in
+    place of the torch.nn layer beneath them, so that its parent's forward is
+    the fused one (it stays an instance of its class and of the torch.nn
+    layer). A subclass that computes its forward without its parent's gets
+    nothing from this. Layers left alone are named in a warning.
 
     >>> model = fastrnn.replace_rnn(model)
     >>> with fastrnn.use_backend("fused"):
@@ -601,11 +692,54 @@ def replace_rnn(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     """
     if backend is not None:
         _backend._check(backend)
-    if type(model) in _FUSED:
-        return _fused_twin(model, backend)
-    for name, child in list(model.named_children()):
-        if type(child) in _FUSED:
-            setattr(model, name, _fused_twin(child, backend))
-        else:
-            replace_rnn(child, backend)
+    swapped, left = [], []
+    model = _replace(model, "", backend, subclasses, swapped, left)
+    if left:
+        names = ", ".join(f"{name or '(the model)'} ({type(m).__module__}.{type(m).__qualname__})"
+                          for name, m in left)
+        warnings.warn(
+            f"fastrnn.replace_rnn swapped {len(swapped)} layer(s) and left {len(left)} alone, "
+            f"subclasses of torch.nn's layers: {names}. replace_rnn(model, subclasses=True) "
+            "rebases them onto fastrnn's layers.", UserWarning, stacklevel=2)
+    _log.info("fastrnn.replace_rnn: %d layer(s) swapped%s", len(swapped),
+              f" ({', '.join(n or '(the model)' for n in swapped)})" if swapped else "")
+    return model
+
+
+def _replace(module, name, backend, subclasses, swapped, left):
+    kind = _rnn_kind(module)
+    if kind == "layer":
+        swapped.append(name)
+        return _fused_twin(module, backend)
+    if kind == "subclass":
+        if not subclasses:
+            left.append((name, module))
+            return module
+        swapped.append(name)
+        return _rebase(module, backend)
+    for child_name, child in list(module.named_children()):
+        new = _replace(child, f"{name}.{child_name}" if name else child_name, backend, subclasses,
+                       swapped, left)
+        if new is not child:
+            setattr(module, child_name, new)
+    return module
+
+
+def restore_rnn(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`replace_rnn`: every fastrnn.RNN, LSTM and GRU in
+    ``model`` becomes the torch.nn layer with the same options, Parameter
+    objects, hooks and training mode, and every rebased subclass its own
+    class again; in place, returning the model (the torch.nn layer where
+    ``model`` itself is a fastrnn layer)."""
+    if isinstance(type(model), _Rebased):
+        model.__class__ = type(model)._fastrnn_original
+        for key in ("backend", "last_path", "last_cuda_path"):
+            model.__dict__.pop(key, None)
+        return model
+    if type(model) in (RNN, LSTM, GRU):
+        return model._torch_twin()
+    for child_name, child in list(model.named_children()):
+        new = restore_rnn(child)
+        if new is not child:
+            setattr(model, child_name, new)
     return model

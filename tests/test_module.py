@@ -470,3 +470,38 @@ def test_parametrized_weight_is_recomputed_every_call(cell):
         with torch.no_grad():
             m.parametrizations.weight_hh_l0.original.mul_(2.0)
     torch.testing.assert_close(ours(x)[0], ref(x)[0])
+
+
+class _Converted(nn.Module):
+    """A model as users write it, with torch.nn layers, before replace_rnn."""
+
+    def __init__(self, cell, **kw):
+        super().__init__()
+        self.rnn = LAYERS[cell][0](3, 8, 2, batch_first=True, **kw)
+        self.head = nn.Linear(kw.get("proj_size", 0) or 8, 1)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y).sum()
+
+
+@pytest.mark.parametrize("cell,options,backend", [
+    ("lstm", {}, None), ("lstm", dict(proj_size=2), None), ("lstm", {}, "torch"),
+    ("gru", {}, None), ("rnn", {}, None), ("lstm", {}, "fused"), ("gru", {}, "fused")])
+def test_compile_after_replace_rnn_runs_every_backend(cell, options, backend):
+    """replace_rnn, then torch.compile with inductor, training: the compiled
+    model's loss and gradients are the eager ones with every backend; on the
+    CPU the default and 'torch' run torch.nn's implementation (the LSTM's,
+    oneDNN, outside the graph, as torch.nn.LSTM is), 'fused' the kernel in
+    one graph."""
+    torch._dynamo.reset()
+    model = fastrnn.replace_rnn(_Converted(cell, **options), backend=backend)
+    x = torch.randn(4, 6, 3)
+    eager_loss = model(x)
+    eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
+    compiled = torch.compile(model, fullgraph=backend == "fused")
+    loss = compiled(x)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, eager_loss)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -93,7 +94,9 @@ def test_replace_rnn_swaps_every_layer_in_place_keeping_its_parameters():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     expected = model(x)
-    assert fastrnn.replace_rnn(model) is model
+    with pytest.warns(UserWarning, match=r"swapped 3 layer\(s\) and left 1 alone.*custom "
+                      r"\(test_packaging.Custom\).*subclasses=True"):
+        assert fastrnn.replace_rnn(model) is model
     assert type(model.enc) is fastrnn.LSTM and model.enc.proj_size == 4
     assert type(model.mid[0]) is fastrnn.GRU
     assert type(model.rnn) is fastrnn.RNN and model.rnn.nonlinearity == "relu"
@@ -107,6 +110,92 @@ def test_replace_rnn_swaps_every_layer_in_place_keeping_its_parameters():
         got = model(x)
     assert model.enc.last_path == model.rnn.last_path == "fused"
     torch.testing.assert_close(got, expected)
+
+
+class Mixin:
+    def describe(self):
+        return f"{type(self).__name__} of {self.hidden_size}"
+
+
+class SubLSTM(Mixin, nn.LSTM):
+    """As libraries write them (pytorch-forecasting's LSTM, say): methods of
+    their own, and a forward that calls the parent's."""
+
+    def forward(self, x, hx=None, scale=2.0):
+        out, state = super().forward(x, hx)
+        return out * scale, state
+
+
+class SubGRU(nn.GRU):
+    pass
+
+
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = SubLSTM(3, 5, 2, bidirectional=True)
+        self.dec = SubGRU(10, 4)
+        self.plain = nn.RNN(4, 4)
+
+    def forward(self, x):
+        y, _ = self.enc(x)
+        y, _ = self.dec(y)
+        return self.plain(y)[0]
+
+
+def test_replace_rnn_rebases_subclasses_on_request(monkeypatch, tmp_path):
+    """subclasses=True: each subclass is rebased in place onto fastrnn's
+    layer (same object, Parameters and methods), its super().forward is the
+    fused one, and it still saves, loads and copies; restore_rnn undoes it."""
+    import copy
+
+    model = Wrapped().double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    expected = model(x)
+    enc, params = model.enc, list(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastrnn.replace_rnn(model, backend="fused", subclasses=True)
+    assert model.enc is enc and list(model.parameters()) == params
+    assert isinstance(enc, SubLSTM) and isinstance(enc, nn.LSTM) and isinstance(enc, fastrnn.LSTM)
+    assert isinstance(model.dec, fastrnn.GRU) and type(model.plain) is fastrnn.RNN
+    assert enc.describe() == "SubLSTM of 5" and enc.backend == "fused"
+
+    def broken(*a, **k):
+        raise AssertionError("torch.nn's forward was called")
+
+    monkeypatch.setattr(nn.LSTM, "forward", broken)
+    monkeypatch.setattr(nn.GRU, "forward", broken)
+    torch.testing.assert_close(model(x), expected)
+    assert enc.last_path == model.dec.last_path == "fused"
+    torch.save(model, tmp_path / "m.pt")
+    for other in (torch.load(tmp_path / "m.pt", weights_only=False), copy.deepcopy(model)):
+        assert isinstance(other.enc, SubLSTM) and isinstance(other.enc, fastrnn.LSTM)
+        torch.testing.assert_close(other(x), expected)
+    monkeypatch.undo()
+    assert fastrnn.restore_rnn(model) is model
+    assert type(model.enc) is SubLSTM and type(model.dec) is SubGRU and type(model.plain) is nn.RNN
+    assert "backend" not in model.enc.__dict__ and list(model.parameters()) == params
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_restore_rnn_gives_back_torch_nn_layers_with_their_parameters():
+    model = Model().double().eval()
+    params = dict(model.named_parameters())
+    hook_calls = []
+    model.enc.register_forward_hook(lambda m, i, o: hook_calls.append(type(m)))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    expected = model(x)
+    fastrnn.replace_rnn(model, backend="fused")
+    assert fastrnn.restore_rnn(model) is model
+    assert (type(model.enc), type(model.mid[0]), type(model.rnn)) == (nn.LSTM, nn.GRU, nn.RNN)
+    assert not model.enc.training and model.enc.proj_size == 4
+    for name, p in model.named_parameters():
+        assert p is params[name]
+    torch.testing.assert_close(model(x), expected)
+    assert hook_calls == [nn.LSTM, nn.LSTM], "the hook moves with the layer, both ways"
+    layer = fastrnn.GRU(3, 4, backend="fused")
+    assert type(fastrnn.restore_rnn(layer)) is nn.GRU
 
 
 def test_replace_rnn_of_a_layer_returns_its_twin_with_hooks():
