@@ -101,13 +101,16 @@ def parse_args(argv):
     p.add_argument("--bidirectional", action="store_true")
     p.add_argument("--no-named", action="store_true", help="skip the named shapes, run the grid only")
     p.add_argument("--quick", action="store_true",
-                   help="a small grid that finishes in about a minute on CPU")
+                   help="a small grid, shorter timing (--seconds 0.2, --retries 1 unless given): "
+                   "about a minute on a quiet 2-core CPU")
     p.add_argument("--min-reps", type=int, default=5, help="timed calls per side at least")
-    p.add_argument("--seconds", type=float, default=1.0, help="timing budget per side and mode")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="timing budget per side and mode (default 1.0, 0.2 with --quick)")
     p.add_argument("--noise", type=float, default=0.2,
                    help="interquartile range over median above which a row is measured again "
                    "(default 0.2)")
-    p.add_argument("--retries", type=int, default=2, help="re-measurements of a noisy row (default 2)")
+    p.add_argument("--retries", type=int, default=None,
+                   help="re-measurements of a noisy row (default 2, 1 with --quick)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
     p.add_argument("--json", default="bench-results/bench.json", help="path of the JSON report ('' for none)")
     p.add_argument("--plot", default="bench-results/speedup.png",
@@ -118,6 +121,10 @@ def parse_args(argv):
                    "benchmark's and bench/gpu_check.sh's logic without a GPU (the times mean nothing)")
     args = p.parse_args(argv)
     args.argv = list(argv)
+    if args.seconds is None:
+        args.seconds = 0.2 if args.quick else 1.0
+    if args.retries is None:
+        args.retries = 1 if args.quick else 2
     if args.emulate_cuda:
         if args.device == "cuda":
             p.error("--emulate-cuda: runs on CPU tensors, not with --device cuda")
@@ -425,10 +432,24 @@ def noise_warning(rows, noise):
             "--hidden/--batch/--steps.")
 
 
-def plot(rows, path, env):
+def plot(rows, path, env, noise=0.2):
+    """Writes the plot of :func:`figure` to ``path``; False when there is no
+    grid row to plot."""
+    fig = figure(rows, env, noise)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def figure(rows, env, noise=0.2):
     """Speed-up against hidden size, one panel per cell and mode, a line per
-    batch size, error bars from the quartiles. False when there is no grid
-    row to plot."""
+    batch size, error bars from the quartiles, noisy rows ringed and marked
+    ~ as in the table; None when there is no grid row to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -437,11 +458,18 @@ def plot(rows, path, env):
 
     grid = [r for r in rows if r["grid"]]
     if not grid:
-        return False
+        return None
     cells = [c for c in CELLS if any(r.get("cell", "rnn") == c for r in grid)]
     fig, axes = plt.subplots(2, len(cells), figsize=(4.6 * len(cells) + 1, 7.6), squeeze=False,
                              sharey=True)
     hidden = sorted({r["hidden"] for r in grid})
+    # 1-2-5 ticks over every ratio's range, the highest included: no point
+    # sits past the last labelled tick.
+    lows = [r[m]["speedup_low"] for r in grid for m in ("forward", "forward_backward")]
+    highs = [r[m]["speedup_high"] for r in grid for m in ("forward", "forward_backward")]
+    yticks = [k * 10.0 ** e for e in range(-3, 6) for k in (1, 2, 5)]
+    yticks = [t for t in yticks if min(lows + [1.0]) / 2.5 <= t <= max(highs + [1.0]) * 2.5]
+    flagged = [[False] * len(cells) for _ in range(2)]
     multi = len({(r["steps"], r["layers"]) for r in grid}) > 1
     for col, cell in enumerate(cells):
         for row_i, (mode, title) in enumerate((("forward", "forward (no grad)"),
@@ -449,7 +477,8 @@ def plot(rows, path, env):
             ax = axes[row_i][col]
             series = sorted({(r["batch"], r["steps"], r["layers"]) for r in grid if r.get("cell", "rnn") == cell})
             for batch, steps, layers in series:
-                pts = sorted((r["hidden"], r[mode]) for r in grid if r.get("cell", "rnn") == cell
+                pts = sorted((r["hidden"], r[mode], r.get("noisy", False)) for r in grid
+                             if r.get("cell", "rnn") == cell
                              and (r["batch"], r["steps"], r["layers"]) == (batch, steps, layers))
                 xs = [p[0] for p in pts]
                 ys = [p[1]["speedup"] for p in pts]
@@ -457,18 +486,31 @@ def plot(rows, path, env):
                        [p[1]["speedup_high"] - y for y, p in zip(ys, pts)]]
                 label = f"batch {batch}" + (f", T {steps}, L {layers}" if multi else "")
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+                noisy = [(x, y) for x, y, p in zip(xs, ys, pts) if p[2]]
+                if noisy:
+                    # Marked as the table marks them: their ratios are uncertain.
+                    ax.scatter([p[0] for p in noisy], [p[1] for p in noisy], s=160,
+                               facecolors="none", edgecolors="red", linewidths=1.5, zorder=5,
+                               label=None if flagged[row_i][col] else "~ noisy (IQR > "
+                               f"{noise:.0%})")
+                    for x, y in noisy:
+                        ax.annotate("~", (x, y), textcoords="offset points", xytext=(7, 5),
+                                    color="red", fontsize=12, fontweight="bold")
+                    flagged[row_i][col] = True
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(hidden)
             ax.set_xticklabels([str(h) for h in hidden])
             ax.minorticks_off()
-            ax.yaxis.set_major_locator(FixedLocator([0.25, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+            ax.yaxis.set_major_locator(FixedLocator(yticks))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
             ax.set_xlabel("hidden size")
             ax.set_title(f"{cell.upper()}: {title}")
             ax.grid(True, which="major", alpha=0.3)
         axes[0][col].legend(fontsize=8)
+        if flagged[1][col]:
+            axes[1][col].legend(fontsize=8)
     for row_i in range(2):
         axes[row_i][0].set_ylabel("speed-up over torch.nn (median, IQR bars)")
     where = env.get("device_name") or env["processor"]
@@ -477,10 +519,7 @@ def plot(rows, path, env):
     fig.suptitle(f"fastrnn {env['fastrnn']} vs torch.nn, {env['dtype']}, {steps} steps, input size "
                  f"{inputs}\n{where}, {env['threads']} threads")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def _progress(items, disable, total):
@@ -544,7 +583,7 @@ def main(argv=None):
         except ImportError:
             print("no plot: matplotlib is not installed (pip install matplotlib, or fastrnn[bench])")
         else:
-            if plot(rows, args.plot, env):
+            if plot(rows, args.plot, env, args.noise):
                 print(f"wrote {args.plot}")
     return 0
 

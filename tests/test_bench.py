@@ -170,3 +170,37 @@ def test_table_on_cuda_adds_time_per_step_peak_memory_and_path():
     assert "us/step" in head and "peak MB t/f" in head and "path" in head
     assert line.startswith("lstm (64,256,1,64,512)")
     assert line.split()[-3:] == ["0.78", "32.0/16.0", "cluster"]
+
+
+def _made_up(cell, hidden, batch, speedup, noisy):
+    mode = {"speedup": speedup, "speedup_low": speedup * 0.8, "speedup_high": speedup * 1.25}
+    return {"cell": cell, "hidden": hidden, "batch": batch, "steps": 128, "layers": 1, "input": 32,
+            "grid": True, "noisy": noisy, "forward": dict(mode), "forward_backward": dict(mode)}
+
+
+def test_plot_labels_every_ratio_and_marks_noisy_rows():
+    """A ratio of 400x lies under a labelled tick, and a noisy row is ringed
+    and marked ~ in each of its panels, as the table marks it."""
+    import matplotlib.pyplot as plt
+
+    rows = [_made_up("rnn", 16, 8, 3.0, False), _made_up("rnn", 64, 8, 400.0, True),
+            _made_up("gru", 16, 8, 0.7, False), _made_up("gru", 64, 8, 2.0, False)]
+    env = {"fastrnn": "x", "dtype": "float32", "processor": "cpu", "threads": 2}
+    fig = bench.figure(rows, env)
+    try:
+        rnn_axes = [ax for ax in fig.axes if ax.get_title().startswith("RNN")]
+        gru_axes = [ax for ax in fig.axes if ax.get_title().startswith("GRU")]
+        assert len(rnn_axes) == len(gru_axes) == 2
+        for ax in fig.axes:
+            ticks = ax.yaxis.get_major_locator().tick_values(*ax.get_ylim())
+            assert max(ticks) >= 400 * 1.25 and min(ticks) <= 0.7 * 0.8
+        for ax in rnn_axes:
+            assert [t.get_text() for t in ax.texts] == ["~"]
+            rings = [c for c in ax.collections if c.get_offsets().shape[0] == 1
+                     and tuple(c.get_edgecolor()[0][:3]) == (1.0, 0.0, 0.0)]
+            assert len(rings) == 1 and tuple(rings[0].get_offsets()[0]) == (64.0, 400.0)
+            assert any("noisy" in t.get_text() for t in ax.get_legend().get_texts())
+        for ax in gru_axes:
+            assert not ax.texts
+    finally:
+        plt.close(fig)
