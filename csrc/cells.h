@@ -49,6 +49,9 @@
 // M::S, the scalar type of literals.
 #pragma once
 
+#include <stdexcept>
+#include <string>
+
 #if defined(__CUDACC__)
 #define FASTRNN_HD __host__ __device__ __forceinline__
 #else
@@ -176,16 +179,17 @@ struct Gru {
   }
 };
 
-// Calls fn(Cell{}) with the cell of `kind`.
+// Calls fn(Cell{}) with the cell of `kind`; a kind with no cell (a value
+// cast from a bad integer) is an error, never some cell's arithmetic.
 template <typename Fn>
 decltype(auto) with_cell(CellKind kind, const Fn& fn) {
   switch (kind) {
+    case CellKind::rnn_tanh: return fn(ElmanTanh{});
     case CellKind::rnn_relu: return fn(ElmanRelu{});
     case CellKind::lstm: return fn(Lstm{});
     case CellKind::gru: return fn(Gru{});
-    case CellKind::rnn_tanh:
-    default: return fn(ElmanTanh{});
   }
+  throw std::invalid_argument("fastrnn: unknown cell kind " + std::to_string(static_cast<int>(kind)));
 }
 
 }  // namespace fastrnn

@@ -8,7 +8,7 @@ def pytest_report_header(config):
     from fastrnn import _ops
 
     if not _ops.available():
-        return f"fastrnn extension: NOT BUILT ({_ops.EXTENSION_ERROR})"
+        return f"fastrnn extension: NOT BUILT ({_ops.extension_error()})"
     return (
         f"fastrnn extension: {_ops._C.__file__}, cuda_built={_ops.cuda_built()}, "
         f"cpu_isa={_ops._C.cpu_isa()}, "
@@ -22,7 +22,7 @@ def _extension_is_built():
     # extension is a failure, not a skip.
     from fastrnn import _ops
 
-    assert _ops.available(), f"fastrnn's extension failed to load: {_ops.EXTENSION_ERROR}"
+    assert _ops.available(), f"fastrnn's extension failed to load: {_ops.extension_error()}"
 
 
 @pytest.fixture(autouse=True)

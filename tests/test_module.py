@@ -287,6 +287,18 @@ def test_missing_extension(monkeypatch):
     assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
 
 
+def test_test_header_names_why_the_extension_is_missing(monkeypatch):
+    """The test run's header (tests/conftest.py) says why the extension did
+    not load, rather than failing on its own."""
+    import conftest
+    from fastrnn import _ops
+
+    monkeypatch.setattr(_ops, "_C", None)
+    monkeypatch.setattr(_ops, "_EXTENSION_ERROR", "fastrnn._C failed to load: undefined symbol: xyz")
+    assert conftest.pytest_report_header(None) == (
+        "fastrnn extension: NOT BUILT (fastrnn._C failed to load: undefined symbol: xyz)")
+
+
 @pytest.mark.parametrize("cell", list(LAYERS))
 def test_pickle_deepcopy_and_conversions_keep_backend(cell):
     ours = LAYERS[cell][1](3, 4, 2, backend="fused")

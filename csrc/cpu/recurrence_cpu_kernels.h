@@ -18,7 +18,7 @@
 // the cell's pointwise step, vectorised across units; the block
 // of rows is carried through all T steps, so a thread touches only its own
 // rows and no step needs a barrier. The caller packs the weights once (pack)
-// and gives each call the scratch scratch_elements() asks for: nothing here
+// and gives each call the scratch scratch_per_row() asks for: nothing here
 // allocates.
 
 #include <cstdint>
