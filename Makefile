@@ -14,7 +14,7 @@ READY := $(VENV)/.fastrnn-ready
 # record of what that extension was built for.
 copy_py = for f in fastrnn/*.py; do [ "$$(basename $$f)" = _build_info.py ] || cp $$f $(1)/fastrnn/; done
 
-.PHONY: venv build test bench bench-pytest sanitize tsan compat clean
+.PHONY: venv build test test-deep bench bench-pytest sanitize tsan compat clean
 
 venv: $(READY)
 
@@ -27,8 +27,14 @@ $(READY): Makefile pyproject.toml
 build: $(READY)
 	$(PY) setup.py -q build_ext --inplace
 
+# make test: every test but those marked deep (pyproject.toml's addopts);
+# make test-deep: those, the rest of each option product and the GPU check's
+# dry run (CI runs both).
 test: build
 	$(PY) -m pytest tests
+
+test-deep: build
+	$(PY) -m pytest tests -m deep
 
 bench: build
 	$(PY) -m fastrnn.bench $(ARGS)

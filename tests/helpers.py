@@ -2,6 +2,7 @@
 side, and a runner that gives every output and gradient of a layer call."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -145,3 +146,41 @@ def compare(ref, ours, x, hx=None):
 
 def leaf(*shape, device="cpu", dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, dtype=dtype, device=device) * scale).requires_grad_()
+
+
+def _values_and_id(value):
+    """A factor's value as (values, id): a pytest.param gives its values and
+    id; a plain value is one value, named as pytest would name it."""
+    if isinstance(value, type(pytest.param(None))):
+        return tuple(value.values), value.id
+    if isinstance(value, torch.dtype):
+        return (value,), str(value).replace("torch.", "")
+    return (value,), str(value)
+
+
+def pairwise(names, *factors):
+    """pytest parameters for the product of `factors` (lists of values or of
+    pytest.param) under the comma-separated `names`: a covering subset, which
+    holds every pair of values of every two factors at least once (chosen
+    greedily, the same every run), runs in `make test`; the rest of the
+    product is marked `deep` and runs in `make test-deep`. A kernel bug that
+    shows in one option or where two meet fails both. Keep the cell out of
+    the factors (a parametrize of its own), so that every cell meets every
+    pair: breaking the reverse direction's h0 in the CPU kernel fails one
+    case of every cell this way, and three of five cells with the cell as a
+    factor."""
+    product = list(itertools.product(*(range(len(f)) for f in factors)))
+    pairs = lambda c: {(i, c[i], j, c[j]) for i in range(len(c)) for j in range(i + 1, len(c))}
+    uncovered = set().union(*(pairs(c) for c in product))
+    chosen = set()
+    while uncovered:
+        best = max(product, key=lambda c: len(pairs(c) & uncovered))
+        chosen.add(best)
+        uncovered -= pairs(best)
+    params = []
+    for combo in product:
+        parts = [_values_and_id(factors[k][i]) for k, i in enumerate(combo)]
+        values = tuple(v for vs, _ in parts for v in vs)
+        params.append(pytest.param(*values, id="-".join(i for _, i in parts),
+                                   marks=() if combo in chosen else pytest.mark.deep))
+    return pytest.mark.parametrize(names, params)

@@ -12,7 +12,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from helpers import CELLS, compare, initial_state, leaf, pair
+from helpers import CELLS, compare, initial_state, leaf, pair, pairwise
 
 pytestmark = pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
 
@@ -32,10 +32,8 @@ def packed_input(T, lengths, C, dtype=torch.float64):
                           p.unsorted_indices)
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("hidden", [1, 7, 33])
-@pytest.mark.parametrize("bidirectional", [False, True])
+@pairwise("bidirectional,hidden,dtype,path", [False, True], [1, 7, 33],
+          [torch.float64, torch.float32], PATHS)
 @pytest.mark.parametrize("cell,options", KERNEL_CELLS)
 def test_every_path_matches_torch_nn(cell, options, path, dtype, hidden, bidirectional):
     ref, ours = pair(4, hidden, cell, dtype=dtype, num_layers=2, bidirectional=bidirectional,
@@ -68,7 +66,10 @@ def test_blocks_of_several_rows(cell, options, path, blocks):
         assert fastrnn.last_cuda_path() == path
 
 
-@pytest.mark.parametrize("cell,hidden", [("rnn", 480), ("lstm", 300), ("gru", 300)])
+# (The cluster code is the same for every cell; the emulator takes 10-15 s for
+# each of these, so make test runs the Elman one, make test-deep all three.)
+@pytest.mark.parametrize("cell,hidden", [("rnn", 480), pytest.param("lstm", 300, marks=pytest.mark.deep),
+                                         pytest.param("gru", 300, marks=pytest.mark.deep)])
 def test_cluster_of_eight(cell, hidden):
     """W_hh fits neither one block (227 KB) nor a cluster of four, so eight
     members each hold an eighth of the units; their dot products are split

@@ -43,6 +43,8 @@ def verdict(out):
     return json.loads((out / "verdict.json").read_text())
 
 
+# Three minutes on a quiet machine: in make test-deep, which CI runs.
+@pytest.mark.deep
 def test_dry_run_passes_every_step(tmp_path):
     proc = dry_run(tmp_path)
     v = verdict(tmp_path)

@@ -2,29 +2,22 @@
 outputs, final states and every gradient, over the options each takes."""
 
 import contextlib
-import itertools
 
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from helpers import CELLS, DEVICES, TOL, compare, initial_state, leaf, pair, run, states
+from helpers import CELLS, DEVICES, TOL, compare, initial_state, leaf, pair, pairwise, run, states
 
 T, N, C, H = 7, 3, 5, 6
 
-GRID = list(itertools.product(
-    [True, False],          # bias
-    [1, 2, 3],              # num_layers
-    [False, True],          # bidirectional
-    [False, True],          # batch_first
-))
-
-
+# Every cell, and of the options a set that holds every pair of values.
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no_h0"])
-@pytest.mark.parametrize("bias,num_layers,bidirectional,batch_first", GRID)
+@pairwise("bias,num_layers,bidirectional,batch_first,with_h0,dtype",
+          [True, False], [1, 2, 3], [False, True], [False, True],
+          [pytest.param(True, id="h0"), pytest.param(False, id="no_h0")],
+          [torch.float32, torch.float64])
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_batched(cell, options, device, dtype, with_h0, bias, num_layers, bidirectional,
                  batch_first):
