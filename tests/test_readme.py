@@ -1,0 +1,32 @@
+"""The README's Python blocks run as written, one after the other in a
+fresh interpreter, and print what their comments say."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python_blocks(path):
+    text = open(path).read()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def expected_prints(code):
+    """The output each `print(...)  # expected` line's comment promises."""
+    return [m.group(1).strip().replace("'", "")
+            for m in re.finditer(r"^print\(.*\)\s+#\s*(.+)$", code, flags=re.M)]
+
+
+def test_readme_python_blocks_run_and_print_what_they_say(tmp_path):
+    blocks = python_blocks(os.path.join(ROOT, "README.md"))
+    assert len(blocks) >= 3
+    code = "\n".join(blocks)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert out.returncode == 0, out.stderr
+    promised = expected_prints(code)
+    assert promised == ["fused", "GRU fused", "True fused"]
+    assert out.stdout.splitlines() == promised
