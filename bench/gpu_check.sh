@@ -10,9 +10,10 @@
 #
 # Steps, in order: environment; build (sm_90 only, line info for the
 # sanitizers); a smoke run of each CUDA path forced at the largest shape it
-# takes (persistent at its hidden limit, a cluster of 8 at its own, grid and
-# step at hidden 1024), each in its own process under `timeout -k 5 30` and
-# checked against torch.nn in float64; the CUDA tests (parity on CUDA, then
+# takes, per cell, forward and backward (hidden up to 1024, a cluster of 8;
+# bench/gpu_smoke.py; the dry run checks the launches of those very shapes),
+# each in its own process under `timeout -k 5 30` and checked against
+# torch.nn in float64; the CUDA tests (parity on CUDA, then
 # tests/test_cuda.py, whose grid-path tests come last); compute-sanitizer
 # memcheck, synccheck and racecheck on small calls of every path and cell
 # plus the near-full-shared-memory configurations; the benchmark in float32,

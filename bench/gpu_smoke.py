@@ -3,15 +3,23 @@
     python bench/gpu_smoke.py PATH            # persistent, cluster, grid or step
     python bench/gpu_smoke.py PATH --emulate  # no GPU: the emulator, on CPU tensors
 
-For each cell (RNN, LSTM, GRU), float32: the persistent path at the largest
-hidden size one block holds, a cluster of 8 at its own limit (2 under the emulator), the grid and
-the step paths at hidden 1024 (the grid's group size chosen; under the
-emulator hidden 256 and small steps and batch). Forward and backward run once each; the
-output, final states and every gradient are compared with the torch.nn layer
-in float64 on the same weights, by ||fastrnn - torch|| / ||torch||, and the
-path that ran must be the one forced. Prints one line per cell; exits 1 on
-any mismatch. bench/gpu_check.sh runs each path in its own process under a
-timeout, so that a hang in one path costs only its own step.
+For each cell (RNN, LSTM, GRU), float32, the GPU run's shape is the largest
+hidden size (at most 1024) that the path chooser, on its H100/H200 model,
+launches the forced path for, forward and backward, at 64 steps and batch 8
+(a cluster of 8 for the cluster path): the same search for every path and
+cell, since each has limits of its own (the LSTM's grid backward stops short
+of 1024). Forward and backward run once each; the output, final states and
+every gradient are compared with the torch.nn layer in float64 on the same
+weights, by ||fastrnn - torch|| / ||torch||, and the path that ran must be
+the one forced. A cell that fails, or raises, is a FAIL line, and the next
+cell still runs.
+
+Under the emulator the same GPU shapes are found and their launches checked
+(forward and backward), then the numbers are checked at shapes the emulator
+runs in seconds (3 steps, batch 2; the grid and step paths at hidden 256, a
+cluster of 2). Prints one line per cell and check; exits 1 on any failure.
+bench/gpu_check.sh runs each path in its own process under a timeout, so
+that a hang in one path costs only its own step.
 """
 
 import sys
@@ -23,27 +31,39 @@ import fastrnn
 from fastrnn.bench import layer_classes
 
 PATHS = ("persistent", "cluster", "grid", "step")
+CELLS = ("rnn", "lstm", "gru")
 TOLERANCE = 1e-4  # float32 sums of 1024 products, over the steps
+GPU_STEPS, GPU_BATCH = 64, 8
+# A cluster of 8 on the GPU; of 2 under the emulator, whose cluster of 8 at
+# hidden 664 takes most of a minute on two cores. 0: the chooser picks.
+GPU_BLOCKS = {"cluster": 8}
+EMULATOR_BLOCKS = {"cluster": 2}
 
 
-def largest_hidden(cell, path, blocks, emulate):
-    """The largest hidden size (a multiple of 8, at most 1024) the chooser
-    gives this path on an H100/H200, forward and backward; the grid and step
-    paths at 1024 (256 under the emulator, whose grid at 1024 takes minutes)."""
-    if path in ("grid", "step"):
-        return 256 if emulate else 1024
+def refusal(cell, path, blocks, hidden, steps, batch):
+    """Why the path chooser (H100/H200 model) does not launch `path` for
+    this shape, forward or backward; "" when it does, both ways."""
     kind = {"rnn": 0, "lstm": 2, "gru": 3}[cell]
+    for forward in (True, False):
+        why = fastrnn._ops._C.choose_emulated_launch(kind, forward, steps, batch, hidden, hidden, 1,
+                                                     4, False, path, blocks)[2]
+        if why:
+            return f"{'forward' if forward else 'backward'}: {why}"
+    return ""
 
-    def takes(hidden):
-        return all(fastrnn._ops._C.choose_emulated_launch(kind, forward, 8, 8, hidden, hidden, 1, 4, False,
-                                                          path, blocks)[2] == ""
-                   for forward in (True, False))
 
-    lo, hi = 0, 1032
+def largest_hidden(cell, path, blocks, steps, batch, limit=1024):
+    """The largest hidden size (a multiple of 8, at most `limit`) whose
+    launch the chooser makes for the forced path, both ways; 0 for none."""
+    lo, hi = 0, limit + 8
     while hi - lo > 8:
         mid = (lo + hi) // 16 * 8
-        lo, hi = (mid, hi) if takes(mid) else (lo, mid)
+        lo, hi = (mid, hi) if not refusal(cell, path, blocks, mid, steps, batch) else (lo, mid)
     return lo
+
+
+def gpu_hidden(cell, path):
+    return largest_hidden(cell, path, GPU_BLOCKS.get(path, 0), GPU_STEPS, GPU_BATCH)
 
 
 def outputs(cell, out):
@@ -51,8 +71,7 @@ def outputs(cell, out):
     return [y, *h] if cell == "lstm" else [y, h]
 
 
-def check(cell, path, blocks, device, steps, batch):
-    hidden = largest_hidden(cell, path, blocks, device == "cpu")
+def check(cell, path, hidden, device, steps, batch):
     torch.manual_seed(0)
     ref_cls, fused_cls = layer_classes(cell)
     ref = ref_cls(64, hidden, device=device, dtype=torch.float64)
@@ -79,15 +98,30 @@ def main(argv):
     if not argv or argv[0] not in PATHS:
         sys.exit(f"usage: python bench/gpu_smoke.py {{{','.join(PATHS)}}} [--emulate]")
     path, emulate = argv[0], "--emulate" in argv
-    # A cluster of 8 on the GPU; of 2 under the emulator, whose cluster of 8
-    # at hidden 664 takes most of a minute on two cores.
-    blocks = (2 if emulate else 8) if path == "cluster" else 0
-    device, steps, batch = ("cpu", 3, 2) if emulate else ("cuda", 64, 8)
+    blocks = (EMULATOR_BLOCKS if emulate else GPU_BLOCKS).get(path, 0)
+    device, steps, batch = ("cpu", 3, 2) if emulate else ("cuda", GPU_STEPS, GPU_BATCH)
     failed = False
     with fastrnn.kernels(cuda_path=path, blocks=blocks, emulate_cuda=True if emulate else None):
-        for cell in ("rnn", "lstm", "gru"):
+        for cell in CELLS:
             start = time.perf_counter()
-            ok, line = check(cell, path, blocks, device, steps, batch)
+            hidden = gpu_hidden(cell, path)
+            if hidden == 0:
+                why = refusal(cell, path, GPU_BLOCKS.get(path, 0), 8, GPU_STEPS, GPU_BATCH)
+                print(f"{path:<10} {cell:<5} no GPU shape: the chooser refuses even hidden 8 ({why})  FAIL",
+                      flush=True)
+                failed = True
+                continue
+            if emulate:
+                # The GPU run's very shape, as far as the chooser goes.
+                print(f"{path:<10} {cell:<5} GPU shape hidden {hidden} (T {GPU_STEPS}, N {GPU_BATCH}): "
+                      "launched forward and backward  ok", flush=True)
+                limit = 256 if path in ("grid", "step") else 1024
+                hidden = largest_hidden(cell, path, blocks, 8, 8, limit)
+            try:
+                ok, line = check(cell, path, hidden, device, steps, batch)
+            except Exception as exc:  # a raise is this cell's failure, not the run's end
+                ok, line = False, f"{cell:<5} hidden {hidden:>4}  raised {type(exc).__name__}: " \
+                                  f"{str(exc).splitlines()[0]}  FAIL"
             print(f"{path:<10} {line}  {time.perf_counter() - start:.1f} s", flush=True)
             failed |= not ok
     return 1 if failed else 0

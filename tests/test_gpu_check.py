@@ -91,3 +91,46 @@ def test_sigterm_mid_step_still_writes_the_verdict(tmp_path):
     assert proc.returncode == 1 and v["verdict"] == "FAIL"
     assert v["steps"][-1]["step"] == "smoke: persistent" and v["steps"][-1]["status"] == "INTERRUPTED"
     assert [s["status"] for s in v["steps"][:2]] == ["PASS", "PASS"]
+
+
+def _smoke():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import gpu_smoke
+    finally:
+        sys.path.pop(0)
+    return gpu_smoke
+
+
+def test_smoke_shapes_are_ones_the_gpu_run_can_launch():
+    """Each path's smoke shape, per cell, is one the chooser launches both
+    ways at the GPU run's steps and batch: the LSTM's grid backward has no
+    launch at hidden 1024, batch 8, so its shape stops short of it."""
+    smoke = _smoke()
+    for path in smoke.PATHS:
+        for cell in smoke.CELLS:
+            hidden = smoke.gpu_hidden(cell, path)
+            assert hidden >= 64, (path, cell)
+            blocks = smoke.GPU_BLOCKS.get(path, 0)
+            assert smoke.refusal(cell, path, blocks, hidden, smoke.GPU_STEPS, smoke.GPU_BATCH) == ""
+            if hidden < 1024:
+                assert smoke.refusal(cell, path, blocks, hidden + 8, smoke.GPU_STEPS, smoke.GPU_BATCH)
+    assert smoke.refusal("lstm", "grid", 0, 1024, 64, 8).startswith("backward: ")
+    assert smoke.gpu_hidden("lstm", "grid") < 1024 == smoke.gpu_hidden("rnn", "grid")
+
+
+def test_smoke_goes_on_to_the_next_cell_after_a_raise(monkeypatch, capsys):
+    smoke = _smoke()
+    real = smoke.check
+
+    def check(cell, *args):
+        if cell == "rnn":
+            raise RuntimeError("fastrnn: the grid CUDA path was forced, but ...")
+        return real(cell, *args)
+
+    monkeypatch.setattr(smoke, "check", check)
+    assert smoke.main(["step", "--emulate"]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if "worst relative error" in line
+             or "raised" in line]
+    assert len(lines) == 3 and "raised RuntimeError: fastrnn: the grid CUDA path was forced" in lines[0]
+    assert lines[0].split()[-3] == "FAIL" and all(" ok " in line for line in lines[1:])
