@@ -21,15 +21,19 @@
 #
 # GPU_CHECK_BUDGET (seconds, default 480; 3600 for the dry run) bounds the
 # whole run: each step gets at most what is left, and a step that no longer
-# fits its minimum is reported SKIPPED. Whatever happens (a failed step, a timeout, SIGTERM), an
-# EXIT trap writes the verdict table (step, PASS/FAIL/TIMEOUT/SKIPPED, exit
-# status, seconds; INTERRUPTED for a step cut by a signal) as the last lines of $OUT/gpu_check.log and as
+# fits its minimum is reported SKIPPED; the steps before the benchmark leave
+# it GPU_CHECK_BENCH_RESERVE seconds (30% of the budget). A step that runs
+# out of its own limit is TIMEOUT (a failure), one that runs out of the
+# budget BUDGET (an incomplete run). Whatever happens (a failed step, a
+# timeout, SIGTERM), an EXIT trap writes the verdict table (step, PASS, FAIL,
+# TIMEOUT, BUDGET or SKIPPED, exit status, seconds; INTERRUPTED for a step
+# cut by a signal) as the last lines of $OUT/gpu_check.log and as
 # $OUT/verdict.json. $OUT (default bench-results/gpu) receives at most 6
 # files: gpu_check.log, verdict.json, bench_float32.json,
 # speedup_float32.png, paths.json, bench_bfloat16.json.
 # Exit status: 0 when every step passed, 1 otherwise.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 START=$(date +%s)
 DRY=${GPU_CHECK_DRY:-0}
 BUDGET=${GPU_CHECK_BUDGET:-$( ((DRY == 1)) && echo 3600 || echo 480)}
@@ -44,6 +48,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # hanging (co-residency lost to another process, say).
 export FASTRNN_GRID_TIMEOUT_MS=${FASTRNN_GRID_TIMEOUT_MS:-5000}
 
+# The benchmark's share of the budget: the steps before it see the budget
+# less this much, so that a slow build or test step cannot leave the run
+# without any benchmark figures.
+BENCH_RESERVE=${GPU_CHECK_BENCH_RESERVE:-$((BUDGET * 3 / 10))}
+RESERVED=$BENCH_RESERVE
 NAMES=() STATUSES=() CODES=() SECONDS_TAKEN=()
 CURRENT="" CHILD=""
 
@@ -58,12 +67,17 @@ record() {  # name status code seconds
 step() {
   local name=$1 max=$2 min=$3
   shift 3
-  local left=$((BUDGET - ($(date +%s) - START)))
+  local left=$((BUDGET - ($(date +%s) - START) - RESERVED))
   # The dry run measures nothing: a step's own limit is for the GPU, and on
   # a loaded machine the emulator may take many times as long, so there only
   # the budget bounds a step.
   ((DRY == 1)) && max=$left
   local limit=$((max < left ? max : left))
+  # A step whose limit is what is left of the budget, not its own, and that
+  # runs out of it was cut by the budget: BUDGET, an incomplete run, not a
+  # failed one.
+  local cut_status=TIMEOUT
+  ((limit == left)) && cut_status=BUDGET
   if ((limit < min)); then
     say "=== $name: SKIPPED (${left}s of the budget left, it needs ${min}s)"
     record "$name" SKIPPED - 0
@@ -81,7 +95,7 @@ step() {
   wait "$CHILD"
   rc=$?
   CHILD="" CURRENT=""
-  if ((rc == 124 || rc == 137)); then status=TIMEOUT; elif ((rc != 0)); then status=FAIL; else status=PASS; fi
+  if ((rc == 124 || rc == 137)); then status=$cut_status; elif ((rc != 0)); then status=FAIL; else status=PASS; fi
   record "$name" "$status" "$rc" $(($(date +%s) - t0))
   say "=== $name: $status (exit $rc, $(($(date +%s) - t0))s)"
 }
@@ -109,7 +123,7 @@ EOF
   for i in "${!NAMES[@]}"; do
     case ${STATUSES[$i]} in
       PASS) ;;
-      SKIPPED) [[ $verdict == PASS ]] && verdict=INCOMPLETE ;;
+      SKIPPED | BUDGET) [[ $verdict == PASS ]] && verdict=INCOMPLETE ;;
       *) verdict=FAIL ;;
     esac
   done
@@ -136,6 +150,9 @@ EOF
   } >"$OUT_DIR/verdict.json"
   [[ $verdict == PASS ]] && exit 0 || exit 1
 }
+# GPU_CHECK_LIB=1: sourced for its functions only (the tests of step and
+# finish).
+[[ ${GPU_CHECK_LIB:-0} == 1 ]] && return 0
 trap finish EXIT
 trap 'exit 143' TERM
 trap 'exit 130' INT
@@ -175,6 +192,7 @@ step "CUDA tests" 150 30 "${TESTS[@]}"
 step "compute-sanitizer memcheck" 90 30 "${MEMCHECK[@]}"
 step "compute-sanitizer synccheck" 60 20 "${SYNCCHECK[@]}"
 step "compute-sanitizer racecheck" 90 30 "${RACECHECK[@]}"
+RESERVED=0  # the benchmark's turn: the whole of what is left
 if [[ $DRY == 1 ]]; then
   step "benchmark float32" 60 10 "${BENCH[@]}" --cell rnn --json "$OUT_DIR/bench_float32.json" \
     --plot "$OUT_DIR/speedup_float32.png"

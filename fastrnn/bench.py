@@ -537,6 +537,23 @@ def _progress(items, disable, total):
     return tqdm(items, unit="shape", file=sys.stderr, total=total)
 
 
+def write_json(args, env, rows, complete):
+    """The JSON report of the rows so far (none without --json), written
+    whole to a temporary file and renamed over the report, so that a reader
+    never sees half a file; `complete` False while rows are to come."""
+    if not args.json:
+        return False
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    arguments = {k: v for k, v in vars(args).items() if k != "argv"}
+    tmp = f"{args.json}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"fastrnn": env["fastrnn"], "git_commit": env["git_commit"],
+                   "timestamp": env["timestamp"], "argv": args.argv, "arguments": arguments,
+                   "environment": env, "complete": complete, "results": rows}, f, indent=1)
+    os.replace(tmp, args.json)
+    return True
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -562,6 +579,10 @@ def main(argv=None):
                 if "path was forced" not in str(e):
                     raise
                 print(f"skipped {cell} {shape[:5]}: {e}".splitlines()[0], flush=True)
+                continue
+            # Row by row: a run cut short (a time limit, a signal) leaves
+            # every row measured so far, marked incomplete.
+            write_json(args, env, rows, complete=False)
     print(table(rows, args.noise))
     print("max err: largest |difference| from torch.nn over the output, final states and every "
           "gradient; times: medians; x: torch.nn's median over fastrnn's; spread: the largest "
@@ -569,13 +590,7 @@ def main(argv=None):
     warning = noise_warning(rows, args.noise)
     if warning:
         print(warning, flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        arguments = {k: v for k, v in vars(args).items() if k != "argv"}
-        with open(args.json, "w") as f:
-            json.dump({"fastrnn": env["fastrnn"], "git_commit": env["git_commit"],
-                       "timestamp": env["timestamp"], "argv": args.argv, "arguments": arguments,
-                       "environment": env, "results": rows}, f, indent=1)
+    if write_json(args, env, rows, complete=True):
         print(f"wrote {args.json}")
     if args.plot:
         try:

@@ -38,7 +38,7 @@ def test_tiny_report(tmp_path, capsys):
             assert r[mode]["speedup_low"] <= r[mode]["speedup"] <= r[mode]["speedup_high"]
         assert 1 <= r["measurements"] <= 3
         assert r["noisy"] == (bench._spread(r) > 0.2)
-    assert report["fastrnn"] == fastrnn.__version__
+    assert report["fastrnn"] == fastrnn.__version__ and report["complete"] is True
     assert report["argv"] == TINY + ["--json", str(out_json), "--plot", str(out_png)]
     assert report["arguments"]["cell"] == ["rnn", "lstm", "gru"]
     assert report["timestamp"].endswith("+00:00")
@@ -204,3 +204,25 @@ def test_plot_labels_every_ratio_and_marks_noisy_rows():
             assert not ax.texts
     finally:
         plt.close(fig)
+
+
+def test_json_is_written_row_by_row(tmp_path, monkeypatch):
+    """A run cut short after its first row leaves that row in the JSON,
+    marked incomplete; a whole run is marked complete."""
+    out_json = tmp_path / "b.json"
+    real = bench.measure
+    calls = []
+
+    def measure(*a):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run cut short
+        return real(*a)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(TINY + ["--cell", "gru", "--json", str(out_json), "--plot", ""])
+    report = json.loads(out_json.read_text())
+    assert report["complete"] is False
+    assert [(r["cell"], r["batch"]) for r in report["results"]] == [("gru", 1)]
+    assert not (tmp_path / "b.json.tmp").exists()

@@ -8,6 +8,7 @@ reaches."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,3 +135,37 @@ def test_smoke_goes_on_to_the_next_cell_after_a_raise(monkeypatch, capsys):
              or "raised" in line]
     assert len(lines) == 3 and "raised RuntimeError: fastrnn: the grid CUDA path was forced" in lines[0]
     assert lines[0].split()[-3] == "FAIL" and all(" ok " in line for line in lines[1:])
+
+
+def _steps(tmp_path, *steps):
+    """Runs gpu_check.sh's step() on `steps` ((name, max, min, command)) with
+    a budget of 100 s of which 90 are the benchmark's, then its finish()."""
+    lines = [f"GPU_CHECK_LIB=1 OUT={tmp_path} GPU_CHECK_BUDGET=100 GPU_CHECK_BENCH_RESERVE=90 "
+             f"source {SCRIPT}"]
+    for name, most, least, command in steps:
+        if name == "RESERVED=0":
+            lines.append(name)
+            continue
+        lines.append(f"step '{name}' {most} {least} {command}")
+    lines.append("finish")
+    proc = subprocess.run(["bash", "-c", "\n".join(lines)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    return proc, verdict(tmp_path)
+
+
+def test_a_step_cut_by_the_budget_makes_the_run_incomplete_not_failed(tmp_path):
+    """Before the benchmark a step sees the budget less the benchmark's
+    share; one that runs out of the budget rather than its own limit is
+    BUDGET, and the verdict INCOMPLETE."""
+    proc, v = _steps(tmp_path, ("tests", 60, 1, "sleep 300"))
+    assert proc.returncode == 1 and v["verdict"] == "INCOMPLETE", proc.stdout + proc.stderr
+    assert [(s["step"], s["status"], s["exit"]) for s in v["steps"]] == [("tests", "BUDGET", 124)]
+    limit = int(re.search(r"=== tests \(limit (\d+)s", proc.stdout).group(1))
+    assert limit <= 10, "the budget less the benchmark's share, not the step's own 60 s"
+
+
+def test_a_step_past_its_own_limit_fails_the_run(tmp_path):
+    proc, v = _steps(tmp_path, ("RESERVED=0", 0, 0, ""), ("smoke", 1, 1, "sleep 300"),
+                     ("benchmark", 30, 1, "true"))
+    assert proc.returncode == 1 and v["verdict"] == "FAIL"
+    assert [(s["step"], s["status"]) for s in v["steps"]] == [("smoke", "TIMEOUT"), ("benchmark", "PASS")]
