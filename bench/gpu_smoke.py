@@ -10,8 +10,8 @@ launches the forced path for, forward and backward, at 64 steps and batch 8
 cell, since each has limits of its own (the LSTM's grid backward stops short
 of 1024). Forward and backward run once each; the output, final states and
 every gradient are compared with the torch.nn layer in float64 on the same
-weights, by ||fastrnn - torch|| / ||torch||, and the path that ran must be
-the one forced. A cell that fails, or raises, is a FAIL line, and the next
+weights, by ||fastrnn - torch|| / ||torch||, and the paths that ran, forward
+and backward, must be the one forced. A cell that fails, or raises, is a FAIL line, and the next
 cell still runs.
 
 Under the emulator the same GPU shapes are found and their launches checked
@@ -86,10 +86,12 @@ def check(cell, path, hidden, device, steps, batch):
         torch.autograd.backward(outs, grads)
         results.append([t.detach().double() for t in outs] + [xi.grad.double()]
                        + [p.grad.double() for p in m.parameters()])
-    ran = fastrnn.last_cuda_path()
+    # The forward's path on this thread; the backward's wherever autograd ran it.
+    ran, ran_backward = fastrnn.last_cuda_path(), fastrnn.last_cuda_path(backward=True)
     worst = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(*results))
     finite = all(torch.isfinite(a).all().item() for a in results[1])
-    ok = finite and worst < TOLERANCE and ran == path
+    ok = finite and worst < TOLERANCE and ran == ran_backward == path
+    ran = ran if ran == ran_backward else f"{ran}/{ran_backward}"
     return ok, f"{cell:<5} hidden {hidden:>4}  ran {ran:<10} worst relative error {worst:.2e}  " \
                f"{'ok' if ok else 'FAIL'}"
 

@@ -195,6 +195,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_path", &fastrnn::cuda_path, "The forced CUDA path and blocks: (name, blocks)");
   m.def("last_cuda_path", &fastrnn::last_cuda_path,
         "The path the last CUDA time loop on this thread took");
+  m.def("last_cuda_backward_path", &fastrnn::last_cuda_backward_path,
+        "The path the last CUDA backward time loop took, on any thread");
   m.def("set_cuda_emulation", &fastrnn::set_cuda_emulation,
         "Run the CUDA kernels on CPU threads for CPU tensors (tests only)");
   m.def("cuda_emulation", &fastrnn::cuda_emulation, "Whether CUDA emulation is on");

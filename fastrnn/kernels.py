@@ -54,9 +54,13 @@ def cuda_path():
     return tuple(_cuda_extension().cuda_path())
 
 
-def last_cuda_path() -> str:
+def last_cuda_path(backward: bool = False) -> str:
     """The path the last CUDA time loop on this thread took ('persistent',
-    'cluster', 'grid' or 'step'), or 'none' before the first."""
+    'cluster', 'grid' or 'step'), or 'none' before the first. With
+    ``backward=True``, the path the last backward time loop took, on any
+    thread: autograd runs a CUDA backward on a thread of its own."""
+    if backward:
+        return _cuda_extension().last_cuda_backward_path()
     return _cuda_extension().last_cuda_path()
 
 

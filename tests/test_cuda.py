@@ -42,6 +42,7 @@ def check_path(path, cell, options, hidden, lengths):
         x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
     compare(ref, ours, x)
     assert fastrnn.last_cuda_path() == path
+    assert fastrnn.last_cuda_path(backward=True) == path  # on autograd's thread
     assert ours.last_cuda_path == path
 
 
@@ -193,7 +194,7 @@ def test_zz_grid_path_at_hidden_1024():
     ref, ours = pair(16, 1024, device="cuda")
     with fastrnn.kernels(cuda_path="grid"):
         compare(ref, ours, leaf(20, 3, 16, device="cuda"))
-        assert fastrnn.last_cuda_path() == "grid"
+        assert fastrnn.last_cuda_path() == fastrnn.last_cuda_path(backward=True) == "grid"
 
 
 @pytest.mark.parametrize("cell,options", KERNEL_CELLS)

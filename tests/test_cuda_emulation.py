@@ -40,7 +40,7 @@ def test_every_path_matches_torch_nn(cell, options, path, dtype, hidden, bidirec
                      **options)
     with emulated(path):
         compare(ref, ours, leaf(6, 3, 4, dtype=dtype), initial_state(ref, 3, dtype=dtype))
-        assert fastrnn.last_cuda_path() == path
+        assert fastrnn.last_cuda_path() == fastrnn.last_cuda_path(backward=True) == path
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -234,3 +234,26 @@ def test_choice_follows_the_problem():
     assert choose(0, True, 64, 4096, 512, 512, 2, 4, False, "auto", 0)[0] == "step"
     # Projections: the step path.
     assert choose(2, True, 64, 8, 64, 32, 1, 4, True, "auto", 0)[0] == "step"
+
+
+def test_backward_path_is_seen_from_any_thread():
+    """autograd runs a CUDA backward on a thread of its own: the backward's
+    path is recorded for every thread to read, the forward's per thread."""
+    import threading
+
+    ref, ours = pair(4, 8, "gru", dtype=torch.float64)
+    done = []
+
+    def train_step():
+        with emulated("grid"):
+            compare(ref, ours, leaf(5, 2, 4, dtype=torch.float64))
+            done.append(fastrnn.last_cuda_path())
+
+    with emulated("step"):
+        compare(ref, ours, leaf(5, 2, 4, dtype=torch.float64))
+    worker = threading.Thread(target=train_step)
+    worker.start()
+    worker.join()
+    assert done == ["grid"]
+    assert fastrnn.last_cuda_path() == "step"  # this thread's forward
+    assert fastrnn.last_cuda_path(backward=True) == "grid"  # the worker's backward

@@ -36,6 +36,13 @@ std::atomic<int64_t> forced_blocks{0};
 std::atomic<bool> emulation{false};
 std::atomic<int64_t> grid_timeout_ns{int64_t{10} * 1000 * 1000 * 1000};
 thread_local std::string last_path = "none";
+std::mutex last_backward_mu;
+std::string last_backward = "none";
+
+void record_backward(Path path) {
+  std::lock_guard<std::mutex> lock(last_backward_mu);
+  last_backward = cuda::path_name(path);
+}
 
 template <typename S>
 struct CudaType {
@@ -303,9 +310,11 @@ void backward_typed(const BackwardLoop& a) {
       single_kernel<Cell, T>(l, p, on_device, acc, GH,
                              cuda::SmemLayout<Cell, T>::backward(H, 1, 1, 1).Ms)) {
     last_path = cuda::path_name(l.path);
+    record_backward(l.path);
     return;
   }
   last_path = cuda::path_name(Path::step);
+  record_backward(Path::step);
   const at::ScalarType acc_t = acc_type(a.dgh.scalar_type());
   const at::Tensor w = stacked(a.w_hh, D, false, acc_t);                  // (D, G*H, P)
   const at::Tensor wr = proj ? stacked(a.w_hr, D, false, acc_t) : at::Tensor();  // (D, P, H)
@@ -380,6 +389,11 @@ std::tuple<std::string, int64_t> cuda_path() {
 }
 
 std::string last_cuda_path() { return last_path; }
+
+std::string last_cuda_backward_path() {
+  std::lock_guard<std::mutex> lock(last_backward_mu);
+  return last_backward;
+}
 
 void set_cuda_emulation(bool on) { emulation.store(on); }
 

@@ -20,6 +20,9 @@ std::tuple<std::string, int64_t> cuda_path();
 // The path the last CUDA time loop on this thread took: "persistent",
 // "cluster", "grid", "step", or "none" before the first.
 std::string last_cuda_path();
+// The path the last backward time loop took, on any thread: autograd runs a
+// CUDA backward on a thread of its own, where last_cuda_path() cannot see it.
+std::string last_cuda_backward_path();
 
 // CPU tensors go to the CUDA kernels' emulator while this is on (tests only).
 void set_cuda_emulation(bool on);
