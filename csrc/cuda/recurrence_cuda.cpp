@@ -165,10 +165,16 @@ at::Tensor stacked(const std::array<at::Tensor, 2>& w, int64_t D, bool transpose
 
 // Whether a single-kernel launch ran: false where the device refused a
 // cooperative launch (its blocks do not all fit at once now), which leaves
-// the call to the step path; any other error raises.
+// the call to the step path under 'auto'; a forced path raises instead, as
+// every forced path that cannot run a call does. Any other error raises.
 bool launched(cudaError_t err) {
   if (err == cudaErrorCooperativeLaunchTooLarge) {
-    (void)cudaGetLastError();  // not sticky: clear it and take the step path
+    (void)cudaGetLastError();  // not sticky: clear it
+    TORCH_CHECK(static_cast<Path>(forced_path.load(std::memory_order_relaxed)) == Path::automatic,
+                "fastrnn: the grid CUDA path was forced, but the device refused its cooperative "
+                "launch: its blocks do not all fit on the device at once now (beside another "
+                "process's kernels, say); fastrnn.set_cuda_path('auto') lets such a call take "
+                "the step path");
     return false;
   }
   C10_CUDA_CHECK(err);
