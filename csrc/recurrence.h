@@ -80,5 +80,10 @@ const char* cpu_isa();
 // Forces an instruction set ("auto" for the best); returns false when this
 // processor lacks it.
 bool set_cpu_isa(const std::string& name);
+// The float32 multiply-add rate of `threads` threads (one per core), lane
+// multiply-adds a second, with the instruction set the kernels run: the
+// best of `trials` runs of a probe of twelve independent FMA chains taking
+// about `seconds` each. The benchmark's roofline.
+double cpu_fma_rate(double seconds, int64_t threads, int64_t trials);
 
 }  // namespace fastrnn

@@ -210,6 +210,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_built") = false;
 #endif
   m.def("cpu_isa", &fastrnn::cpu_isa, "The instruction set the CPU kernels run with");
+  m.def("cpu_fma_rate", &fastrnn::cpu_fma_rate, pybind11::arg("seconds") = 0.1,
+        pybind11::arg("threads") = 1, pybind11::arg("trials") = 3,
+        "Lane multiply-adds a second of float32 FMAs on `threads` threads, with the kernels' "
+        "instruction set (best of `trials`)");
   m.def("set_cpu_isa", &fastrnn::set_cpu_isa,
         "Force the CPU kernels' instruction set ('avx512', 'avx2', 'base' or 'auto'); "
         "returns False when this processor lacks it");

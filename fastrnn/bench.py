@@ -112,6 +112,11 @@ def parse_args(argv):
     p.add_argument("--retries", type=int, default=None,
                    help="re-measurements of a noisy row (default 2, 1 with --quick)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    p.add_argument("--roofline", action="store_true",
+                   help="CPU: measure this machine's float32 multiply-add peak with a probe of "
+                   "twelve FMA chains before and after the rows, and report each side's "
+                   "multiply-adds a second as a percentage of it (CPU runs only; make bench "
+                   "passes it)")
     p.add_argument("--json", default="bench-results/bench.json", help="path of the JSON report ('' for none)")
     p.add_argument("--plot", default="bench-results/speedup.png",
                    help="path of the PNG plot ('' for none; needs matplotlib)")
@@ -147,6 +152,8 @@ def parse_args(argv):
         p.error("--retries must be at least 0")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
+    # The roofline is the CPU's: on CUDA (or the emulator) it is left out.
+    args.roofline = args.roofline and args.device == "cpu" and not args.emulate_cuda
     from . import _ops
 
     if not _ops.available():
@@ -386,15 +393,53 @@ def _cpu_name():
     return platform.processor()
 
 
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+def forward_macs(cell, C, H, L, N, T, D):
+    """The multiply-adds of a forward: per layer, direction, step and row,
+    G*H outputs of the input and hidden-state products (C or D*H inputs,
+    and H)."""
+    return sum(D * T * N * GATES[cell] * H * ((C if layer == 0 else D * H) + H)
+               for layer in range(L))
+
+
+def fma_peak(threads):
+    """This machine's float32 multiply-add rate now, lane FMAs a second, on
+    `threads` threads with the kernels' instruction set (best of three)."""
+    from . import _ops
+
+    return _ops._C.cpu_fma_rate(0.1, threads, 3)
+
+
+def add_roofline(rows, peak):
+    """Each row's multiply-adds a second on each side, and the percentage of
+    `peak` (lane FMAs a second): a forward+backward counts three times the
+    forward's multiply-adds (the backward's products are twice the
+    forward's), the usual count."""
+    for r in rows:
+        D = 2 if r.get("bidirectional") else 1
+        macs = forward_macs(r["cell"], r["input"], r["hidden"], r["layers"], r["batch"],
+                            r["steps"], D)
+        r["roofline"] = {"forward_macs": macs, "peak_gmacs": peak / 1e9}
+        for mode, count in (("forward", macs), ("forward_backward", 3 * macs)):
+            r["roofline"][mode] = {
+                side: {"gmacs": count / (r[mode][side]["median_ms"] * 1e-3) / 1e9,
+                       "percent_of_peak": 100 * count / (r[mode][side]["median_ms"] * 1e-3) / peak}
+                for side in ("torch", "fastrnn")}
+
+
 def table(rows, noise=0.2):
     """The report's table. `spread`: the largest interquartile range over
     median of the row's four timings; `~` marks a row above `noise` after
     its re-measurements. On CUDA it adds the fused forward's time per step
     (per layer), the peak memory of a forward+backward and the path taken."""
     cuda = any(r.get("cuda_path") for r in rows)
+    roof = bool(rows) and all("roofline" in r for r in rows)
     head = (f"{'cell (C,H,L,N,T)':<26}{'max err':>9}  {'fwd torch ms':>13}{'fwd fused ms':>13}{'x':>8}"
             f"  {'f+b torch ms':>13}{'f+b fused ms':>13}{'x':>8}{'spread':>8}  {'saved MB t/f':>14}"
-            + (f"  {'us/step':>8}  {'peak MB t/f':>14}  {'path':<10}" if cuda else ""))
+            + (f"  {'us/step':>8}  {'peak MB t/f':>14}  {'path':<10}" if cuda else "")
+            + (f"  {'fwd %pk t/f':>12}  {'f+b %pk t/f':>12}" if roof else ""))
     lines = [head, "-" * len(head)]
 
     def cell(s):
@@ -415,6 +460,11 @@ def table(rows, noise=0.2):
         if cuda:
             per_step = f["fastrnn"]["median_ms"] * 1e3 / (r["steps"] * r["layers"])
             line += f"  {per_step:>8.2f}  {megabytes(r['peak_bytes']):>14}  {r['cuda_path']:<10}"
+        if roof:
+            pct = [f"{r['roofline'][m]['torch']['percent_of_peak']:.0f}/"
+                   f"{r['roofline'][m]['fastrnn']['percent_of_peak']:.0f}"
+                   for m in ("forward", "forward_backward")]
+            line += f"  {pct[0]:>12}  {pct[1]:>12}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -569,6 +619,8 @@ def main(argv=None):
     import fastrnn
 
     rows = []
+    if args.roofline:
+        env["fma_peak_gflops_before"] = fma_peak(env["threads"]) / 1e9
     cuda = args.device == "cuda" or args.emulate_cuda
     with fastrnn.kernels(cuda_path=args.cuda_path if cuda else None,
                          emulate_cuda=True if args.emulate_cuda else None):
@@ -583,6 +635,19 @@ def main(argv=None):
             # Row by row: a run cut short (a time limit, a signal) leaves
             # every row measured so far, marked incomplete.
             write_json(args, env, rows, complete=False)
+    if args.roofline:
+        # The probe before and after the rows, the higher taken: the rows'
+        # percentages are of the same run's peak, on a machine whose rate
+        # moves with its load.
+        env["fma_peak_gflops_after"] = fma_peak(env["threads"]) / 1e9
+        peak = max(env["fma_peak_gflops_before"], env["fma_peak_gflops_after"]) * 1e9
+        add_roofline(rows, peak)
+        print(f"roofline: float32 multiply-add peak {peak / 1e9:.0f} GFMA/s on {env['threads']} "
+              f"thread(s), {env['cpu_isa']} (probe before the rows "
+              f"{env['fma_peak_gflops_before']:.0f}, after {env['fma_peak_gflops_after']:.0f}); "
+              "%pk: each side's multiply-adds a second as a percentage of it (forward+backward "
+              "counted as three forwards)")
+        write_json(args, env, rows, complete=False)
     print(table(rows, args.noise))
     print("max err: largest |difference| from torch.nn over the output, final states and every "
           "gradient; times: medians; x: torch.nn's median over fastrnn's; spread: the largest "

@@ -226,3 +226,37 @@ def test_json_is_written_row_by_row(tmp_path, monkeypatch):
     assert report["complete"] is False
     assert [(r["cell"], r["batch"]) for r in report["results"]] == [("gru", 1)]
     assert not (tmp_path / "b.json.tmp").exists()
+
+
+def test_forward_macs_counts_both_products_of_every_layer():
+    # LSTM, input 32, hidden 64, 2 layers, batch 8, 10 steps, bidirectional:
+    # layer 0 reads 32 + 64 inputs, layer 1 2*64 + 64, for 4*64 outputs.
+    assert bench.forward_macs("lstm", 32, 64, 2, 8, 10, 2) == 2 * 10 * 8 * 4 * 64 * ((32 + 64) + (128 + 64))
+    assert bench.forward_macs("rnn", 9, 16, 1, 2, 5, 1) == 5 * 2 * 16 * (9 + 16)
+
+
+def test_roofline_reports_each_side_against_the_same_runs_peak(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    assert bench.main(TINY + ["--cell", "gru", "--roofline", "--json", str(out_json), "--plot", ""]) == 0
+    report = json.loads(out_json.read_text())
+    env = report["environment"]
+    peak = max(env["fma_peak_gflops_before"], env["fma_peak_gflops_after"])
+    assert peak > 0
+    for r in report["results"]:
+        roof = r["roofline"]
+        assert roof["peak_gmacs"] == pytest.approx(peak)
+        assert roof["forward_macs"] == bench.forward_macs("gru", 32, 8, 1, r["batch"], 4, 1)
+        for mode, count in (("forward", 1), ("forward_backward", 3)):
+            for side in ("torch", "fastrnn"):
+                gmacs = count * roof["forward_macs"] / (r[mode][side]["median_ms"] * 1e-3) / 1e9
+                assert roof[mode][side]["gmacs"] == pytest.approx(gmacs)
+                assert roof[mode][side]["percent_of_peak"] == pytest.approx(100 * gmacs / peak)
+    out = capsys.readouterr().out
+    assert "roofline: float32 multiply-add peak" in out and "fwd %pk t/f" in out
+
+
+def test_roofline_is_left_out_on_cuda_runs():
+    args = bench.parse_args(["--device", "cpu", "--roofline"])
+    assert args.roofline
+    if fastrnn.cuda_built():
+        assert not bench.parse_args(["--emulate-cuda", "--roofline"]).roofline

@@ -441,6 +441,40 @@ bool set_cpu_isa(const std::string& name) {
   return true;
 }
 
+double cpu_fma_rate(double seconds, int64_t threads, int64_t trials) {
+  TORCH_CHECK(seconds > 0 && threads >= 1 && trials >= 1,
+              "cpu_fma_rate: seconds, threads and trials must be positive");
+  int64_t (*probe)(int64_t, float*) = cpu::base::fma_probe_entry;
+#if defined(__x86_64__)
+  if (current_isa() == Isa::avx512) probe = cpu::avx512::fma_probe_entry;
+  if (current_isa() == Isa::avx2) probe = cpu::avx2::fma_probe_entry;
+#endif
+  // Rounds for about `seconds`, from a short calibration.
+  float sink = 0.f;
+  int64_t rounds = 1 << 16;
+  for (;;) {
+    const double t0 = omp_get_wtime();
+    probe(rounds, &sink);
+    const double dt = omp_get_wtime() - t0;
+    if (dt >= seconds / 8 || rounds > (int64_t{1} << 40)) {
+      rounds = std::max<int64_t>(1, static_cast<int64_t>(rounds * seconds / std::max(dt, 1e-9)));
+      break;
+    }
+    rounds *= 4;
+  }
+  double best = 0;
+  std::vector<float> sinks(threads);
+  for (int64_t trial = 0; trial < trials; ++trial) {
+    int64_t done = 0;
+    const double t0 = omp_get_wtime();
+#pragma omp parallel for num_threads(threads) reduction(+ : done) schedule(static, 1)
+    for (int64_t i = 0; i < threads; ++i) done += probe(rounds, &sinks[i]);
+    const double dt = omp_get_wtime() - t0;
+    best = std::max(best, static_cast<double>(done) / dt);
+  }
+  return best;
+}
+
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
   if (half_type(a.h0.scalar_type())) {
     ForwardLoop f{to_float(a.x), to_float(a.w_ih), at::Tensor(), to_float(a.w_hh),

@@ -47,6 +47,8 @@
   void backward_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t j0,        \
                         int64_t nu, const S* wr, const S* dh, S* dh_next, S* dc, S* gp,      \
                         S* gm);                                                               \
+  /* The multiply-add probe of the roofline: lane FMAs done in `rounds`. */                  \
+  int64_t fma_probe_entry(int64_t rounds, float* sink);                                       \
   template <typename S, typename Cell>                                                        \
   void carry_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0,           \
                      int64_t np, const S* wb, const S* dh, S* dh_next, S* tmp);               \

@@ -788,6 +788,31 @@ void carry_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0,
   Columns<S, Cell>::carry(p, d, t, k0, np, wb, dh, dh_next, tmp);
 }
 
+// The multiply-add probe behind the benchmark's roofline: `rounds` times
+// twelve independent chains of float32 vector multiply-adds (a = a * b + c,
+// one fused instruction each with this instruction set's FMA), enough chains
+// to cover the FMA latency on both ports. Returns the lane multiply-adds
+// done; the chains' sum goes to `sink` so that none is optimised away. (Not
+// inline: each instruction set's file includes this header once.)
+int64_t fma_probe_entry(int64_t rounds, float* sink) {
+  typedef VecOf<float>::type V;
+  constexpr int kChains = 12;
+  constexpr int64_t kLanes = sizeof(V) / sizeof(float);
+  V a[kChains];
+  for (int i = 0; i < kChains; ++i) a[i] = V{} + (1.0f + 1e-3f * static_cast<float>(i));
+  const V b = V{} + 0.999999f, c = V{} + 1e-7f;
+  for (int64_t r = 0; r < rounds; ++r) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kChains; ++i) a[i] = a[i] * b + c;
+  }
+  V total = V{};
+  for (int i = 0; i < kChains; ++i) total += a[i];
+  float out = 0.f;
+  for (int64_t k = 0; k < kLanes; ++k) out += total[k];
+  *sink = out;
+  return rounds * kChains * kLanes;
+}
+
 }  // namespace FASTRNN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastrnn
