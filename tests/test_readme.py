@@ -24,8 +24,13 @@ def test_readme_python_blocks_run_and_print_what_they_say(tmp_path):
     blocks = python_blocks(os.path.join(ROOT, "README.md"))
     assert len(blocks) >= 3
     code = "\n".join(blocks)
+    # In a directory of its own, as a user's script; fastrnn from where this
+    # process has it: a build elsewhere on PYTHONPATH first (make sanitize,
+    # make compat, made absolute), then the checkout.
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join(paths + [ROOT]))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                         text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     promised = expected_prints(code)
     assert promised == ["fused", "GRU fused", "True fused"]
