@@ -11,8 +11,8 @@ cell, since each has limits of its own (the LSTM's grid backward stops short
 of 1024). Forward and backward run once each; the output, final states and
 every gradient are compared with the torch.nn layer in float64 on the same
 weights, by ||fastrnn - torch|| / ||torch||, and the paths that ran, forward
-and backward, must be the one forced. A cell that fails, or raises, is a FAIL line, and the next
-cell still runs.
+and backward, must be the one forced. A cell that fails, or raises, is a
+FAIL line, and the next cell still runs.
 
 Under the emulator the same GPU shapes are found and their launches checked
 (forward and backward), then the numbers are checked at shapes the emulator

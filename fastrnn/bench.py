@@ -423,10 +423,9 @@ def add_roofline(rows, peak):
                             r["steps"], D)
         r["roofline"] = {"forward_macs": macs, "peak_gmacs": peak / 1e9}
         for mode, count in (("forward", macs), ("forward_backward", 3 * macs)):
-            r["roofline"][mode] = {
-                side: {"gmacs": count / (r[mode][side]["median_ms"] * 1e-3) / 1e9,
-                       "percent_of_peak": 100 * count / (r[mode][side]["median_ms"] * 1e-3) / peak}
-                for side in ("torch", "fastrnn")}
+            rates = {side: count / (r[mode][side]["median_ms"] * 1e-3) for side in ("torch", "fastrnn")}
+            r["roofline"][mode] = {side: {"gmacs": rate / 1e9, "percent_of_peak": 100 * rate / peak}
+                                   for side, rate in rates.items()}
 
 
 def table(rows, noise=0.2):
