@@ -80,6 +80,10 @@ const char* cpu_isa();
 // Forces an instruction set ("auto" for the best); returns false when this
 // processor lacks it.
 bool set_cpu_isa(const std::string& name);
+// Whether the CPU time loops pack the weights: "auto" (where the call's rows
+// times steps repay it), "always" or "never" (tests and benchmarks).
+void set_cpu_packing(const std::string& name);
+const char* cpu_packing();
 // The float32 multiply-add rate of `threads` threads (one per core), lane
 // multiply-adds a second, with the instruction set the kernels run: the
 // best of `trials` runs of a probe of twelve independent FMA chains taking

@@ -214,6 +214,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("threads") = 1, pybind11::arg("trials") = 3,
         "Lane multiply-adds a second of float32 FMAs on `threads` threads, with the kernels' "
         "instruction set (best of `trials`)");
+  m.def("set_cpu_packing", &fastrnn::set_cpu_packing,
+        "Whether the CPU time loops pack the weights: 'auto' (where the call's rows times steps "
+        "repay it), 'always' or 'never' (tests and benchmarks)");
+  m.def("cpu_packing", &fastrnn::cpu_packing, "The CPU time loops' packing: auto, always, never");
   m.def("set_cpu_isa", &fastrnn::set_cpu_isa,
         "Force the CPU kernels' instruction set ('avx512', 'avx2', 'base' or 'auto'); "
         "returns False when this processor lacks it");

@@ -6,8 +6,15 @@ has. Both can be forced, process-wide, for benchmarks and tests:
 
     fastrnn.set_cuda_path("grid", blocks=3)   # or "persistent", "cluster", "step", "auto"
     fastrnn.set_cpu_isa("avx2")               # or "avx512", "base", "auto"
+    fastrnn.set_cpu_packing("never")          # or "always", "auto"
     with fastrnn.kernels(cuda_path="step", cpu_isa="base"):
         ...                                   # both restored on exit
+
+The CPU time loops pack the weights into panels where a call's rows times
+steps repay it, and read them as stored where they do not (a cell, a call
+of one step): ``set_cpu_packing`` forces either, for tests and benchmarks.
+The choice depends on the shapes only, never on the thread count, so that
+a result's bits do not either.
 
 A forced CUDA path that cannot run a call raises rather than switching.
 ``fastrnn.last_cuda_path()`` says which path the last CUDA call on this
@@ -86,14 +93,31 @@ def set_cpu_isa(name: str) -> None:
                            f"{', '.join(available_cpu_isas())}")
 
 
+CPU_PACKINGS = ("auto", "always", "never")
+
+
+def set_cpu_packing(name: str) -> None:
+    """Whether the CPU time loops pack the weights: 'auto' (where a call's
+    rows times steps repay it), 'always' or 'never'."""
+    if name not in CPU_PACKINGS:
+        raise ValueError(f"Unknown packing '{name}'. Select from {', '.join(map(repr, CPU_PACKINGS))}.")
+    _extension().set_cpu_packing(name)
+
+
+def cpu_packing() -> str:
+    """The CPU time loops' packing: 'auto' unless set."""
+    return _extension().cpu_packing()
+
+
 @contextlib.contextmanager
-def kernels(cuda_path=None, blocks=0, cpu_isa=None, emulate_cuda=None):
-    """Forces the CUDA path (and its blocks), the CPU instruction set and CUDA
-    emulation inside the block, restoring each on exit; None leaves one as
-    it is."""
+def kernels(cuda_path=None, blocks=0, cpu_isa=None, emulate_cuda=None, cpu_packing=None):
+    """Forces the CUDA path (and its blocks), the CPU instruction set, CUDA
+    emulation and the CPU packing inside the block, restoring each on exit;
+    None leaves one as it is."""
     ext = _extension()
     saved_path = ext.cuda_path() if ext.cuda_built else None
     saved_isa = ext.cpu_isa()
+    saved_packing = ext.cpu_packing()
     saved_emulation = ext.cuda_emulation() if ext.cuda_built else None
     try:
         if cuda_path is not None:
@@ -102,9 +126,12 @@ def kernels(cuda_path=None, blocks=0, cpu_isa=None, emulate_cuda=None):
             set_cpu_isa(cpu_isa)
         if emulate_cuda is not None:
             _cuda_extension().set_cuda_emulation(bool(emulate_cuda))
+        if cpu_packing is not None:
+            set_cpu_packing(cpu_packing)
         yield
     finally:
         if saved_path is not None:
             ext.set_cuda_path(*saved_path)
             ext.set_cuda_emulation(saved_emulation)
         ext.set_cpu_isa(saved_isa)
+        ext.set_cpu_packing(saved_packing)

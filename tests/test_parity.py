@@ -13,14 +13,25 @@ from helpers import CELLS, DEVICES, TOL, compare, initial_state, leaf, pair, pai
 T, N, C, H = 7, 3, 5, 6
 
 # Every cell, and of the options a set that holds every pair of values.
+# The CPU kernels read the weights packed into panels, or as stored where a
+# call's rows times steps are few (these tests' shapes, on 'auto'): both.
+PACKINGS = ["always", "never"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pairwise("bias,num_layers,bidirectional,batch_first,with_h0,dtype",
+@pairwise("bias,num_layers,bidirectional,batch_first,with_h0,dtype,packing",
           [True, False], [1, 2, 3], [False, True], [False, True],
           [pytest.param(True, id="h0"), pytest.param(False, id="no_h0")],
-          [torch.float32, torch.float64])
+          [torch.float32, torch.float64], PACKINGS)
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_batched(cell, options, device, dtype, with_h0, bias, num_layers, bidirectional,
-                 batch_first):
+                 batch_first, packing):
+    with fastrnn.kernels(cpu_packing=packing):
+        _batched(cell, options, device, dtype, with_h0, bias, num_layers, bidirectional,
+                 batch_first)
+
+
+def _batched(cell, options, device, dtype, with_h0, bias, num_layers, bidirectional, batch_first):
     ref, ours = pair(C, H, cell, device=device, dtype=dtype, num_layers=num_layers, bias=bias,
                      bidirectional=bidirectional, batch_first=batch_first, **options)
     x = leaf(*((N, T, C) if batch_first else (T, N, C)), device=device, dtype=dtype)
@@ -45,13 +56,20 @@ def test_unbatched(cell, options, device, with_h0, batch_first, bidirectional):
     assert y.shape == (T, D * P) and finals[0].shape == (2 * D, P)
 
 
+@pytest.fixture
+def packing(request):
+    with fastrnn.kernels(cpu_packing=request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("packing", PACKINGS, indirect=True)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 @pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no_h0"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("cell,options", CELLS)
-def test_packed(cell, options, device, dtype, enforce_sorted, with_h0, bidirectional):
+def test_packed(cell, options, device, dtype, enforce_sorted, with_h0, bidirectional, packing):
     ref, ours = pair(C, H, cell, device=device, dtype=dtype, num_layers=2,
                      bidirectional=bidirectional, **options)
     lengths = [7, 7, 4, 2, 1] if enforce_sorted else [3, 7, 1, 7, 5]
@@ -153,13 +171,15 @@ def cpu_isa(request):
         yield request.param
 
 
+@pytest.mark.parametrize("packing", PACKINGS, indirect=True)
 @pytest.mark.parametrize("cpu_isa", _isa_params(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("hidden", [1, 5, 16, 40, 70])
 @pytest.mark.parametrize("cell,options", CELLS)
-def test_cpu_kernel_variants(cpu_isa, cell, options, dtype, hidden):
-    """Every instruction set's kernel, at hidden sizes that exercise every
-    panel width and a batch that exercises every row block and remainder."""
+def test_cpu_kernel_variants(cpu_isa, cell, options, dtype, hidden, packing):
+    """Every instruction set's kernel, packed weights and as stored, at
+    hidden sizes that exercise every panel width and vector remainder and a
+    batch that exercises every row block and remainder."""
     if options.get("proj_size", 0) >= hidden:
         options = dict(options, proj_size=hidden - 1) if hidden > 1 else {}
     ref, ours = pair(4, hidden, cell, dtype=dtype, num_layers=2, bidirectional=True, **options)
@@ -190,9 +210,10 @@ def assert_same_bits(one, other):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("packing", PACKINGS, indirect=True)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cell,options", CELLS)
-def test_threads_give_identical_bits(cell, options, threads):
+def test_threads_give_identical_bits(cell, options, threads, packing):
     """Rows never interact, so splitting them between threads changes nothing."""
     _, ours = pair(8, 32, cell, num_layers=2, bidirectional=True, **options)
     x = leaf(50, 9, 8)

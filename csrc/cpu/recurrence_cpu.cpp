@@ -46,9 +46,9 @@ struct Table {
   void (*pack)(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*);
   int64_t (*scratch_per_row)(int64_t, int64_t, bool);
   void (*forward_rows)(const ForwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
-                       const S*, const S*, S*);
+                       const S*, const S*, S*, bool);
   void (*backward_rows)(const BackwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
-                        S*);
+                        S*, bool);
   void (*forward_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
                           const S*, const S*, const S*, S*, S*, S*, S*);
   void (*project_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
@@ -90,6 +90,25 @@ at::Tensor packed(const Table<S, Cell>& k, const std::array<at::Tensor, 2>& w, i
   return out;
 }
 
+// Whether the time loops pack the weights (Kernels::pack) or read them as
+// they are stored. Packing reads and writes every weight once, which the
+// register blocks repay over many rows and steps and a call of a few does
+// not: a cell, a stream of one step. Measured here (one thread, no-grad
+// forward, input 64, packed / as stored): LSTM hidden 512 at 1 step 1257 /
+// 117 us for batch 1, 1737 / 658 us for batch 16, even at 64 steps of
+// batch 1; hidden 128 even at about 32 rows times steps. Where the weights
+// pass kColumnSplitBytes, the column split on two threads (which packs each
+// thread's slice) wins from about 8 steps on. The choice changes the
+// order of the sums, so it depends on the shapes alone, never on the
+// threads: a result's bits are the same on any number of them.
+constexpr int64_t kUnpackedRowSteps = 32;
+constexpr int64_t kUnpackedLargeSteps = 4;
+
+std::atomic<int>& packing_slot() {
+  static std::atomic<int> slot{0};  // 0 auto, 1 always, 2 never
+  return slot;
+}
+
 // The column-split loops (recurrence_cpu_kernels.h): where the weights a
 // step reads pass this many bytes and the batch is small, the threads split
 // units instead of rows, so that each reads its slice of the weights and
@@ -103,6 +122,14 @@ constexpr int64_t kColumnSplitBytes = 512 * 1024;
 // against 50-54 ms by units, batch 16 and 32 about even, batch 1 and 2 (a
 // thread with one row or none) 30% slower.
 constexpr int64_t kRowSplitRows = 16;
+
+// Whether a direction of T steps of N rows, whose steps read weight_bytes
+// of weights, packs them (above).
+bool packs(int64_t T, int64_t N, int64_t weight_bytes) {
+  const int mode = packing_slot().load(std::memory_order_relaxed);
+  if (mode != 0) return mode == 1;
+  return T * N > kUnpackedRowSteps || (weight_bytes > kColumnSplitBytes && T > kUnpackedLargeSteps);
+}
 
 // Threads for the column-split loops, or 1 where they do not pay.
 int64_t column_threads(int64_t weight_bytes, int64_t rows) {
@@ -286,13 +313,15 @@ void forward_typed(const ForwardLoop& a) {
   const bool proj = a.w_hr[0].defined();
   // What a step reads of the weights: W_ih and W_hh.
   const int64_t weight_bytes = Cell::kGates * H * (P + C) * static_cast<int64_t>(sizeof(S));
-  const int64_t nt = column_threads(weight_bytes, D * N);
+  const bool pack = packs(T, N, weight_bytes);
+  const int64_t nt = pack ? column_threads(weight_bytes, D * N) : 1;
   const bool columns = nt > 1;
   // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_ih (G*H, C) alike;
   // W_hr (P, H) as W_hr^T.
-  const at::Tensor wf = columns ? at::Tensor() : packed(k, a.w_hh, D, 1, P, P, H, Cell::kGates);
-  const at::Tensor wi = columns ? at::Tensor() : packed(k, a.w_ih, D, 1, C, C, H, Cell::kGates);
-  const at::Tensor wr = columns ? at::Tensor() : packed(k, a.w_hr, D, 1, H, H, P, 1);
+  const bool rows_packed = pack && !columns;
+  const at::Tensor wf = rows_packed ? packed(k, a.w_hh, D, 1, P, P, H, Cell::kGates) : at::Tensor();
+  const at::Tensor wi = rows_packed ? packed(k, a.w_ih, D, 1, C, C, H, Cell::kGates) : at::Tensor();
+  const at::Tensor wr = rows_packed ? packed(k, a.w_hr, D, 1, H, H, P, 1) : at::Tensor();
   ForwardParams<S> p;
   p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
   p.u = nullptr;
@@ -314,8 +343,14 @@ void forward_typed(const ForwardLoop& a) {
   if (columns) return forward_columns_loop(k, p, a, bu, nt);
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * (P + C),
               a.h0.options(), [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
-                k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wi, d),
-                               direction<S>(wr, d), bu.data_ptr<S>() + d * bu.size(1), scratch);
+                if (pack)
+                  k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wi, d),
+                                 direction<S>(wr, d), bu.data_ptr<S>() + d * bu.size(1), scratch,
+                                 true);
+                else
+                  k.forward_rows(p, d, n0, n1, a.w_hh[d].data_ptr<S>(), a.w_ih[d].data_ptr<S>(),
+                                 proj ? a.w_hr[d].data_ptr<S>() : nullptr,
+                                 bu.data_ptr<S>() + d * bu.size(1), scratch, false);
               });
 }
 
@@ -378,10 +413,13 @@ void backward_typed(const BackwardLoop& a) {
   const int64_t D = a.dgh.size(0), T = a.dgh.size(1), N = a.dgh.size(2);
   const int64_t GH = a.dgh.size(3), H = GH / Cell::kGates, P = a.h0.size(2);
   const bool proj = a.w_hr[0].defined();
-  const int64_t nt = column_threads(GH * P * static_cast<int64_t>(sizeof(S)), D * N);
+  const int64_t weight_bytes = GH * P * static_cast<int64_t>(sizeof(S));
+  const bool pack = packs(T, N, weight_bytes);
+  const int64_t nt = pack ? column_threads(weight_bytes, D * N) : 1;
   // W_hh (G*H, P) and W_hr (P, H) as stored.
-  const at::Tensor wb = nt > 1 ? at::Tensor() : packed(k, a.w_hh, D, P, 1, GH, P, 1);
-  const at::Tensor wr = nt > 1 ? at::Tensor() : packed(k, a.w_hr, D, H, 1, P, H, 1);
+  const bool rows_packed = pack && nt == 1;
+  const at::Tensor wb = rows_packed ? packed(k, a.w_hh, D, P, 1, GH, P, 1) : at::Tensor();
+  const at::Tensor wr = rows_packed ? packed(k, a.w_hr, D, H, 1, P, H, 1) : at::Tensor();
   BackwardParams<S> p;
   p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
   p.dy = a.dy.data_ptr<S>();
@@ -401,7 +439,12 @@ void backward_typed(const BackwardLoop& a) {
   if (nt > 1) return backward_columns_loop(k, p, a, nt);
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.dgh.options(),
               [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
-                k.backward_rows(p, d, n0, n1, direction<S>(wb, d), direction<S>(wr, d), scratch);
+                if (pack)
+                  k.backward_rows(p, d, n0, n1, direction<S>(wb, d), direction<S>(wr, d), scratch,
+                                  true);
+                else
+                  k.backward_rows(p, d, n0, n1, a.w_hh[d].data_ptr<S>(),
+                                  proj ? a.w_hr[d].data_ptr<S>() : nullptr, scratch, false);
               });
 }
 
@@ -425,6 +468,23 @@ const char* cpu_isa() {
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "base";
+  }
+}
+
+void set_cpu_packing(const std::string& name) {
+  int mode;
+  if (name == "auto") mode = 0;
+  else if (name == "always") mode = 1;
+  else if (name == "never") mode = 2;
+  else TORCH_CHECK(false, "unknown packing '", name, "': expected auto, always or never");
+  packing_slot().store(mode, std::memory_order_relaxed);
+}
+
+const char* cpu_packing() {
+  switch (packing_slot().load(std::memory_order_relaxed)) {
+    case 1: return "always";
+    case 2: return "never";
+    default: return "auto";
   }
 }
 

@@ -27,14 +27,16 @@
   int64_t scratch_per_row(int64_t H, int64_t P, bool proj);                                   \
   /* Rows [n0, n1) of direction d. wf: W_hh^T packed in G blocks of H; wi: W_ih^T */         \
   /* packed alike where p.x replaces p.u; wr: W_hr^T packed, or null without */              \
-  /* projections; bu: the bias added to u, G blocks of padded_width(H). */                   \
+  /* projections; bu: the bias added to u, G blocks of padded_width(H). Unless */            \
+  /* `packed`, wf, wi and wr are W_hh, W_ih and W_hr as stored. */                           \
   template <typename S, typename Cell>                                                        \
   void forward_rows(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,             \
-                    const S* wf, const S* wi, const S* wr, const S* bu, S* scratch);          \
-  /* wb: W_hh packed; wr: W_hr packed, or null. */                                           \
+                    const S* wf, const S* wi, const S* wr, const S* bu, S* scratch,           \
+                    bool packed);                                                             \
+  /* wb: W_hh packed; wr: W_hr packed, or null; unless `packed`, as stored. */               \
   template <typename S, typename Cell>                                                        \
   void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,           \
-                     const S* wb, const S* wr, S* scratch);                                   \
+                     const S* wb, const S* wr, S* scratch, bool packed);                      \
   /* One thread's share of a step of the column-split loops (recurrence_cpu_kernels.h). */   \
   template <typename S, typename Cell>                                                        \
   void forward_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0,          \

@@ -346,6 +346,147 @@ struct Kernels {
     }
   }
 
+  // The GEMMs on weights as they are stored, for a call whose rows times
+  // steps are too few to repay packing (a cell, one step of a stream):
+  // every weight is read once either way, so packing would double what the
+  // call moves. Each sum runs in the same order wherever its row and column
+  // fall (lane k % W of an accumulator, then the lanes in order), so no
+  // result depends on the blocks.
+
+  // One factor of a dot-form GEMM: rows of a (lda apart) against rows of a
+  // weight matrix as stored, each K wide and contiguous. K may be 0: none.
+  struct Rows {
+    const S* a = nullptr;
+    int64_t lda = 0;
+    const S* w = nullptr;
+    int64_t K = 0;
+    Rows rows_from(int64_t r) const { return K ? Rows{a + r * lda, lda, w, K} : *this; }
+    Rows from_row(int64_t i) const { return K ? Rows{a, lda, w + i * K, K} : *this; }
+  };
+
+  static inline S lane_sum(V v) {
+    S s = v[0];
+    for (int64_t l = 1; l < W; ++l) s += v[l];
+    return s;
+  }
+
+  // acc[r][j] += a_r * w_j lane by lane over K, for R rows of a and JR
+  // consecutive rows of w from row i.
+  template <int R, int JR>
+  static inline void dot_madd(V (&acc)[R][JR], const Rows& f, int64_t i) {
+    if (f.K == 0) return;
+    const S* w = f.w + i * f.K;
+    int64_t k = 0;
+    for (; k + W <= f.K; k += W) {
+      V wv[JR];
+#pragma GCC unroll 4
+      for (int j = 0; j < JR; ++j) wv[j] = load(w + j * f.K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const V av = load(f.a + r * f.lda + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < JR; ++j) acc[r][j] += av * wv[j];
+      }
+    }
+    if (k < f.K) {
+      const int64_t n = f.K - k;
+      V wv[JR];
+      for (int j = 0; j < JR; ++j) wv[j] = load_n(w + j * f.K + k, n);
+      for (int r = 0; r < R; ++r) {
+        const V av = load_n(f.a + r * f.lda + k, n);
+        for (int j = 0; j < JR; ++j) acc[r][j] += av * wv[j];
+      }
+    }
+  }
+
+  // c[r][j] = x_r . x.w_(i+j) + h_r . h.w_(i+j) for j < JR.
+  template <int R, int JR>
+  static inline void dot_block(const Rows& x, const Rows& h, int64_t i, S* c, int64_t ldc) {
+    V acc[R][JR];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < JR; ++j) acc[r][j] = V{};
+    dot_madd<R, JR>(acc, x, i);
+    dot_madd<R, JR>(acc, h, i);
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < JR; ++j) c[r * ldc + j] = lane_sum(acc[r][j]);
+  }
+
+  // c[r][blk * Jb + j] = x_r . x.w_(blk*J + j) + h_r . h.w_(blk*J + j) for
+  // Gb blocks of J weight rows; the columns past J of each block are left
+  // as they are.
+  template <int R>
+  static void dot_rows(const Rows& x, const Rows& h, int64_t J, int64_t Gb, int64_t Jb, S* c,
+                       int64_t ldc) {
+    for (int64_t blk = 0; blk < Gb; ++blk) {
+      int64_t j = 0;
+      for (; j + 4 <= J; j += 4) dot_block<R, 4>(x, h, blk * J + j, c + blk * Jb + j, ldc);
+      for (; j < J; ++j) dot_block<R, 1>(x, h, blk * J + j, c + blk * Jb + j, ldc);
+    }
+  }
+
+  static void dot_gemm(int64_t R, const Rows& x, const Rows& h, int64_t J, int64_t Gb, int64_t Jb,
+                       S* c, int64_t ldc) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) dot_rows<4>(x.rows_from(r), h.rows_from(r), J, Gb, Jb, c + r * ldc, ldc);
+    for (; r < R; ++r) dot_rows<1>(x.rows_from(r), h.rows_from(r), J, Gb, Jb, c + r * ldc, ldc);
+  }
+
+  // step_gemm() on weights as stored: x against W_ih's rows, h against
+  // W_hh's.
+  static void step_dot(int64_t R, int64_t Jb, int64_t H, const Rows& x, const Rows& h, S* gates,
+                       int64_t ldg) {
+    constexpr int kAdd = G - kApart;
+    dot_gemm(R, x, h, H, kAdd, Jb, gates, ldg);
+    if constexpr (kApart > 0) {
+      dot_gemm(R, Rows{}, h.from_row(kAdd * H), H, kApart, Jb, gates + kAdd * Jb, ldg);
+      dot_gemm(R, x.from_row(kAdd * H), Rows{}, H, kApart, Jb, gates + G * Jb, ldg);
+    }
+  }
+
+  // c (R x padded(J)) = a (R x K) w (K x J, as stored, rows J apart), or c
+  // += that: the axpy form, whole vectors of columns, the last one partial.
+  template <int R, int JV, bool kFull>
+  static inline void axpy_block(int64_t K, const S* a, int64_t lda, const S* w, int64_t J,
+                                int64_t j0, S* c, int64_t ldc, bool accumulate) {
+    const int64_t n = kFull ? W : J - j0;
+    V acc[R][JV];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < JV; ++v) acc[r][v] = V{};
+    for (int64_t k = 0; k < K; ++k) {
+      V bv[JV];
+#pragma GCC unroll 4
+      for (int v = 0; v < JV; ++v) bv[v] = load_part<kFull>(w + k * J + j0 + v * W, n);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const S ar = a[r * lda + k];
+#pragma GCC unroll 4
+        for (int v = 0; v < JV; ++v) acc[r][v] += ar * bv[v];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < JV; ++v) {
+        V val = acc[r][v];
+        if (accumulate) val += load(c + r * ldc + j0 + v * W);
+        store(c + r * ldc + j0 + v * W, val);
+      }
+  }
+
+  template <int R>
+  static void axpy_rows(int64_t K, const S* a, int64_t lda, const S* w, int64_t J, S* c,
+                        int64_t ldc, bool accumulate) {
+    int64_t j0 = 0;
+    for (; j0 + 4 * W <= J; j0 += 4 * W) axpy_block<R, 4, true>(K, a, lda, w, J, j0, c, ldc, accumulate);
+    for (; j0 + W <= J; j0 += W) axpy_block<R, 1, true>(K, a, lda, w, J, j0, c, ldc, accumulate);
+    if (j0 < J) axpy_block<R, 1, false>(K, a, lda, w, J, j0, c, ldc, accumulate);
+  }
+
+  static void axpy_gemm(int64_t R, int64_t K, const S* a, int64_t lda, const S* w, int64_t J,
+                        S* c, int64_t ldc, bool accumulate = false) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) axpy_rows<4>(K, a + r * lda, lda, w, J, c + r * ldc, ldc, accumulate);
+    for (; r < R; ++r) axpy_rows<1>(K, a + r * lda, lda, w, J, c + r * ldc, ldc, accumulate);
+  }
+
   // Elements of scratch each block of rows needs per row, forward and
   // backward, for H units, state width P and projections or not.
   static int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
@@ -414,9 +555,10 @@ struct Kernels {
   // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
   // packed (P x G blocks of padded(H)); wi: W_ih^T alike (C x ...); wr: W_hr^T
   // packed (H x padded(P)), or null without projections; bu: the bias added
-  // to the input term, G blocks of padded(H).
+  // to the input term, G blocks of padded(H). Unless `packed`, wf, wi and wr
+  // are W_hh, W_ih and W_hr as stored.
   static void forward(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
-                      const S* wi, const S* wr, const S* bu, S* scratch) {
+                      const S* wi, const S* wr, const S* bu, S* scratch, bool packed) {
     const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * p.P, R = n1 - n0;
     const int64_t Hp = padded(H), Pp = padded(P), Ws = saved_width<Cell>(H);
     const bool proj = wr != nullptr;
@@ -436,10 +578,11 @@ struct Kernels {
       const Operand hw{prev, Pp, wf, P};
       S* out = p.y + (t * N + n0) * DP + d * P;                         // (R, P), row stride D*P
       S* saved = Ws ? p.saved + ((d * T + t) * N + n0) * Ws : nullptr;  // (R, Ws)
-      if (kFusable && p.lengths == nullptr) {
+      if (kFusable && p.lengths == nullptr && packed) {
         gemm_fused(R, H, x, hw, next, Pp, out, DP, bu);
       } else {
-        step_gemm(R, Hp, x, hw, gates, ldg);
+        if (packed) step_gemm(R, Hp, x, hw, gates, ldg);
+        else step_dot(R, Hp, H, Rows{x.a, x.lda, wi, p.C}, Rows{prev, Pp, wf, P}, gates, ldg);
         for (int64_t r = 0; r < R; ++r) {
           if (row_active(p.lengths, n0 + r, t)) {
             forward_units(H, H, bu, Hp, gates + r * ldg, Hp, p.b_hh[d],
@@ -451,7 +594,8 @@ struct Kernels {
             if (proj) std::memset(m + r * Hp, 0, sizeof(S) * Hp);
           }
         }
-        if (proj) gemm(R, Pp, H, m, Hp, wr, next, Pp);
+        if (proj && packed) gemm(R, Pp, H, m, Hp, wr, next, Pp);
+        if (proj && !packed) dot_gemm(R, Rows{}, Rows{m, Hp, wr, H}, P, 1, Pp, next, Pp);
         for (int64_t r = 0; r < R; ++r) {
           if (!row_active(p.lengths, n0 + r, t)) {
             std::memcpy(next + r * Pp, prev + r * Pp, sizeof(S) * P);
@@ -524,9 +668,10 @@ struct Kernels {
 
   // Rows [n0, n1) of direction d, all T steps in the reverse order of the
   // forward. wb: W_hh of this direction packed (G*H x padded(P)); wr: W_hr
-  // packed (P x padded(H)), or null without projections.
+  // packed (P x padded(H)), or null without projections; unless `packed`,
+  // W_hh and W_hr as stored.
   static void backward(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,
-                       const S* wb, const S* wr, S* scratch) {
+                       const S* wb, const S* wr, S* scratch, bool packed) {
     const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * p.P, R = n1 - n0;
     const int64_t Hp = padded(H), Pp = padded(P), GH = G * H, Ws = saved_width<Cell>(H);
     const bool proj = wr != nullptr;
@@ -564,7 +709,8 @@ struct Kernels {
           }
           std::memcpy(dhr + r * P, g, sizeof(S) * P);
         }
-        gemm(R, Hp, P, gp, Pp, wr, dm, Hp);
+        if (packed) gemm(R, Hp, P, gp, Pp, wr, dm, Hp);
+        else axpy_gemm(R, P, gp, Pp, wr, H, dm, Hp);
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t n = n0 + r;
@@ -582,7 +728,8 @@ struct Kernels {
                        dgi ? dgi + r * GH : nullptr, dh_next + r * Pp);
       }
       // dh_prev = dgh W_hh, added to the part outside W_hh where the cell has one.
-      gemm(R, Pp, GH, dgh, GH, wb, dh_next, Pp, Cell::kPrevState);
+      if (packed) gemm(R, Pp, GH, dgh, GH, wb, dh_next, Pp, Cell::kPrevState);
+      else axpy_gemm(R, GH, dgh, GH, wb, P, dh_next, Pp, Cell::kPrevState);
       for (int64_t r = 0; r < R; ++r)
         if (!row_active(p.lengths, n0 + r, t))
           std::memcpy(dh_next + r * Pp, dh + r * Pp, sizeof(S) * P);
@@ -742,14 +889,14 @@ int64_t padded_width(int64_t J) {
 
 template <typename S, typename Cell>
 void forward_rows(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
-                  const S* wi, const S* wr, const S* bu, S* scratch) {
-  Kernels<S, Cell>::forward(p, d, n0, n1, wf, wi, wr, bu, scratch);
+                  const S* wi, const S* wr, const S* bu, S* scratch, bool packed) {
+  Kernels<S, Cell>::forward(p, d, n0, n1, wf, wi, wr, bu, scratch, packed);
 }
 
 template <typename S, typename Cell>
 void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wb,
-                   const S* wr, S* scratch) {
-  Kernels<S, Cell>::backward(p, d, n0, n1, wb, wr, scratch);
+                   const S* wr, S* scratch, bool packed) {
+  Kernels<S, Cell>::backward(p, d, n0, n1, wb, wr, scratch, packed);
 }
 
 template <typename S>
@@ -821,9 +968,9 @@ int64_t fma_probe_entry(int64_t rounds, float* sink) {
 // the end of each instruction set's file.
 #define FASTRNN_CPU_INSTANTIATE_CELL(S, Cell)                                                  \
   template void forward_rows<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,      \
-                                      const S*, const S*, const S*, const S*, S*);             \
+                                      const S*, const S*, const S*, const S*, S*, bool);       \
   template void backward_rows<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t,    \
-                                       const S*, const S*, S*);                                \
+                                       const S*, const S*, S*, bool);                          \
   template int64_t scratch_per_row<S, Cell>(int64_t, int64_t, bool);                          \
   template void forward_columns<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,   \
                                          int64_t, const S*, const S*, const S*, const S*, S*,  \
