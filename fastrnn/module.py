@@ -1,5 +1,6 @@
-"""fastrnn.RNN, fastrnn.LSTM and fastrnn.GRU: drop-in replacements for
-torch.nn.RNN, torch.nn.LSTM and torch.nn.GRU with fused recurrences."""
+"""fastrnn.RNN, LSTM and GRU and the cells RNNCell, LSTMCell and GRUCell:
+drop-in replacements for torch.nn's six recurrent layers with fused
+recurrences."""
 
 from __future__ import annotations
 
@@ -51,13 +52,12 @@ def _unpack(data, batch_sizes):
     return x.view(T, N, data.shape[-1]), lengths, rows
 
 
-class _FusedBase(nn.RNNBase):
-    """What the three layers share: the backend, the choice between the fused
-    kernel and torch.nn's implementation, the dropout masks, and nn's errors
-    for weights of the wrong shape."""
+class _Backend:
+    """What fastrnn's layers and cells share: the backend, the choice between
+    the fused kernel and torch.nn's implementation, what ran, and the
+    torch.nn twin that TorchScript takes."""
 
-    _torch_forward = None  # nn.RNN.forward, nn.LSTM.forward or nn.GRU.forward
-    _gates = 1
+    _OWN = ("backend", "last_path", "last_cuda_path")
 
     def _init_backend(self, backend):
         if backend is not None:
@@ -76,29 +76,27 @@ class _FusedBase(nn.RNNBase):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("backend", None)
-        self.__dict__.setdefault("last_path", None)
-        self.__dict__.setdefault("last_cuda_path", None)
+        for key in self._OWN:
+            self.__dict__.setdefault(key, None)
 
     def __prepare_scriptable__(self):
         # torch.jit.script takes the torch.nn layer with the same parameters
         # (shared, not copied): TorchScript cannot call the fused ops' Python
         # wrapper, and torch.compile or torch.export are the routes that keep it.
-        twin = self._torch_twin()
-        return twin
+        return self._torch_twin()
 
     def _torch_twin(self):
-        cls = {"RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN, "LSTM": nn.LSTM, "GRU": nn.GRU}[self.mode]
+        cls = self._torch_class()
         twin = cls.__new__(cls)
         nn.Module.__init__(twin)
         for key, value in self.__dict__.items():
-            if key not in ("_parameters", "_buffers", "_modules", "backend", "last_path",
-                           "last_cuda_path", "training"):
+            if key not in ("_parameters", "_buffers", "_modules", "training") + self._OWN:
                 twin.__dict__[key] = value
         twin.training = self.training
         for name, param in self._parameters.items():
             twin._parameters[name] = param
-        twin._init_flat_weights()
+        if isinstance(twin, nn.RNNBase):
+            twin._init_flat_weights()
         return twin
 
     def _fused_applies(self, data):
@@ -119,23 +117,11 @@ class _FusedBase(nn.RNNBase):
             return True
         return data.is_cuda and _ops.cuda_built() and data.dtype in _ops.DTYPES
 
-    def _run(self, input, hx):
-        data = input.data if isinstance(input, PackedSequence) else input
+    def _ran_torch(self):
         # Plain attributes set through __dict__: nn.Module's __setattr__
         # costs microseconds a call.
-        if not self._fused_applies(data):
-            self.__dict__["last_path"] = "torch"
-            self.__dict__["last_cuda_path"] = None
-            if self.mode == "LSTM" and data.device.type == "cpu" and torch.compiler.is_compiling():
-                out = _torch_lstm_outside_the_graph(self, input, hx)
-            else:
-                out = type(self)._torch_forward(self, input, hx)
-        else:
-            self.__dict__["last_path"] = "fused"
-            out = self._fused_forward(input, hx)
-        if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
-            self._log_kernel(data)
-        return out
+        self.__dict__["last_path"] = "torch"
+        self.__dict__["last_cuda_path"] = None
 
     def _log_kernel(self, data):
         if self.last_path == "torch":
@@ -147,6 +133,39 @@ class _FusedBase(nn.RNNBase):
         else:
             _log.debug("fastrnn.%s: fused CPU kernels (%s)", type(self).__name__,
                        _ops._C.cpu_isa())
+
+    def _record_cuda_path(self, x):
+        if not torch.compiler.is_compiling():
+            # The extension records the path per thread; read it on the
+            # thread that just ran the forward.
+            self.__dict__["last_cuda_path"] = (_ops._C.last_cuda_path()
+                                               if x.is_cuda and _ops.cuda_built() else None)
+
+
+class _FusedBase(_Backend, nn.RNNBase):
+    """What the three layers share besides the backend: the dropout masks,
+    nn's checks and nn's errors for weights of the wrong shape."""
+
+    _torch_forward = None  # nn.RNN.forward, nn.LSTM.forward or nn.GRU.forward
+    _gates = 1
+
+    def _torch_class(self):
+        return {"RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN, "LSTM": nn.LSTM, "GRU": nn.GRU}[self.mode]
+
+    def _run(self, input, hx):
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not self._fused_applies(data):
+            self._ran_torch()
+            if self.mode == "LSTM" and data.device.type == "cpu" and torch.compiler.is_compiling():
+                out = _torch_lstm_outside_the_graph(self, input, hx)
+            else:
+                out = type(self)._torch_forward(self, input, hx)
+        else:
+            self.__dict__["last_path"] = "fused"
+            out = self._fused_forward(input, hx)
+        if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
+            self._log_kernel(data)
+        return out
 
     def _weights(self):
         # Looked up on every call, as torch.nn does: functional_call swaps
@@ -227,13 +246,6 @@ class _FusedBase(nn.RNNBase):
             return h0, c0.to(weight.dtype)
         self._check_state_dtype(c0, weight)
         return h0, c0
-
-    def _record_cuda_path(self, x):
-        if not torch.compiler.is_compiling():
-            # The extension records the path per thread; read it on the
-            # thread that just ran the forward.
-            self.__dict__["last_cuda_path"] = (_ops._C.last_cuda_path()
-                                               if x.is_cuda and _ops.cuda_built() else None)
 
     def _raise_torch_shape_error(self, weights, rows_ih, rows_hh):
         """Raises what torch.nn raises for the first weight of the wrong
@@ -584,17 +596,198 @@ class LSTM(_FusedBase):
         return output, (h_n, c_n)
 
 
-_FUSED = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
+class _FusedCell(_Backend):
+    """What the three cells share: nn's argument handling, the check that
+    the fused op takes the arguments as they are, and one step of the
+    layer's fused op (one layer, one direction, one step: both products,
+    the biases and the cell's step)."""
+
+    _name = ""       # "RNNCell", "LSTMCell", "GRUCell", as nn's messages say
+    _op_name = ""    # the layer op of the same cell
+    _pair = False    # LSTMCell: hx is (h, c)
+    _torch_cell = None  # nn.RNNCell, nn.LSTMCell or nn.GRUCell
+
+    def _torch_class(self):
+        return self._torch_cell
+
+    def _weights(self):
+        # The parameters as they are now: torch.func.functional_call swaps
+        # the entries of _parameters; a parametrized weight is not there
+        # and is computed on access.
+        params = self._parameters
+        names = _CELL_WEIGHTS if self.bias else _CELL_WEIGHTS[:2]
+        try:
+            return [params[name] for name in names]
+        except KeyError:
+            return [getattr(self, name) for name in names]
+
+    def _flags(self):
+        return ()
+
+    def _run(self, input, hx):
+        torch_forward = self._torch_cell.forward
+        if not self._fused_applies(input):
+            self._ran_torch()
+            return torch_forward(self, input, hx)
+        # nn's own checks first, in its order and words.
+        dim = input.dim()
+        if dim != 2 and dim != 1:
+            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {dim}D instead")
+        if hx is not None:
+            states = tuple(hx) if self._pair else (hx,)
+            for i, h in enumerate(states):
+                if h.dim() != 2 and h.dim() != 1:
+                    what = f"hx[{i}]" if self._pair else "hidden"
+                    raise ValueError(
+                        f"{self._name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
+        fused = self._fused_step(input, hx, dim)
+        if fused is None:
+            # What the op does not take (another dtype or device among the
+            # arguments, a shape nn rejects, a nonlinearity it does not know)
+            # runs through nn's own implementation: its result, or its error.
+            self._ran_torch()
+            return torch_forward(self, input, hx)
+        return fused
+
+    def _fused_step(self, input, hx, dim):
+        """The step through the layer's fused op, or None where the op does
+        not take the arguments as they are."""
+        x = input.unsqueeze(0) if dim == 2 else input.reshape(1, 1, -1)
+        n = x.shape[1]
+        if hx is None:
+            zeros = x.new_zeros((1, n, self.hidden_size))
+            states = (zeros, zeros) if self._pair else (zeros,)
+        else:
+            states = tuple(hx) if self._pair else (hx,)
+            if len(states) != (2 if self._pair else 1) or any(h.dim() != dim for h in states):
+                return None
+            states = tuple(h.unsqueeze(0) if dim == 2 else h.reshape(1, 1, -1) for h in states)
+        op = _CELL_OPS.get(self._op_name) or _cell_op(self._op_name)
+        try:
+            out = op(x, *states, self._weights(), None, None, 1, False, self.bias, *self._flags())
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return None
+        self.__dict__["last_path"] = "fused"
+        if x.is_cuda:
+            self._record_cuda_path(x)
+        h_n = out[1][0] if dim == 2 else out[1][0, 0]
+        if self._pair:
+            return h_n, (out[2][0] if dim == 2 else out[2][0, 0])
+        return h_n
+
+
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_CELL_OPS = {}
+
+
+def _cell_op(name):
+    # The op's one overload, looked up once: calling it skips the overload
+    # resolution of torch.ops.fastrnn.<name>.
+    _CELL_OPS[name] = getattr(torch.ops.fastrnn, name).default
+    return _CELL_OPS[name]
+
+
+class RNNCell(_FusedCell, nn.RNNCell):
+    r"""An Elman RNN cell with a fused step, interchangeable with :class:`torch.nn.RNNCell`.
+
+    ``h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)``, ``act`` tanh or relu,
+    for one step of a loop of the caller's. The arguments, parameters
+    (names, shapes, initialisation), ``repr``, ``state_dict``, return value
+    and errors are nn.RNNCell's, and it is an instance of nn.RNNCell;
+    ``backend``, ``last_path`` and ``last_cuda_path`` as for
+    :class:`fastrnn.RNN`. A fused call is one op: the layer's fused op over
+    one step. Where that op does not take the arguments as they are (mixed
+    dtypes or devices, a shape nn rejects), nn.RNNCell's implementation runs,
+    with its result or its error.
+    """
+
+    _name, _op_name, _gates, _torch_cell = "RNNCell", "rnn_forward", 1, nn.RNNCell
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
+                 nonlinearity: str = "tanh", device=None, dtype=None, *,
+                 backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def _flags(self):
+        return (self.nonlinearity == "relu",)
+
+    def _fused_step(self, input, hx, dim):
+        if self.nonlinearity != "tanh" and self.nonlinearity != "relu":
+            return None  # nn raises its error
+        return super()._fused_step(input, hx, dim)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        """One step from ``hx`` (zeros when None): input (N, H_in) or (H_in),
+        hx (N, H) or (H); returns h' like hx, as :class:`torch.nn.RNNCell`."""
+        return self._run(input, hx)
+
+
+class LSTMCell(_FusedCell, nn.LSTMCell):
+    r"""An LSTM cell with a fused step, interchangeable with :class:`torch.nn.LSTMCell`.
+
+    PyTorch's gate order and formulas (i, f, g, o). Everything else as for
+    :class:`fastrnn.RNNCell`; ``hx`` is the pair ``(h, c)`` and the result
+    ``(h', c')``.
+    """
+
+    _name, _op_name, _gates, _pair, _torch_cell = "LSTMCell", "lstm_forward", 4, True, nn.LSTMCell
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def _flags(self):
+        return (False,)  # no projections
+
+    def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
+                ) -> Tuple[Tensor, Tensor]:
+        """One step from ``hx = (h, c)`` (zeros when None); returns ``(h', c')``,
+        as :class:`torch.nn.LSTMCell`."""
+        return self._run(input, hx)
+
+
+class GRUCell(_FusedCell, nn.GRUCell):
+    r"""A GRU cell with a fused step, interchangeable with :class:`torch.nn.GRUCell`.
+
+    PyTorch's gate order and formulas (r, z, n). Everything else as for
+    :class:`fastrnn.RNNCell`.
+    """
+
+    _name, _op_name, _gates, _torch_cell = "GRUCell", "gru_forward", 3, nn.GRUCell
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None, *, backend: Optional[str] = None) -> None:
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self._init_backend(backend)
+
+    def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
+        """One step from ``hx`` (zeros when None); returns h', as
+        :class:`torch.nn.GRUCell`."""
+        return self._run(input, hx)
+
+
+_FUSED = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU, nn.RNNCell: RNNCell, nn.LSTMCell: LSTMCell,
+          nn.GRUCell: GRUCell}
 _COPIED = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
            "_state_dict_hooks", "_load_state_dict_pre_hooks", "_forward_hooks_with_kwargs",
            "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def _fused_twin(layer, backend):
-    """The fastrnn layer of a torch.nn.RNN, LSTM or GRU: the same options and
+    """The fastrnn layer or cell of a torch.nn one: the same options and
     training mode, its very Parameter objects (so that an optimizer built on
     the model still holds them), its hooks."""
     cls = _FUSED[type(layer)]
+    if issubclass(cls, _FusedCell):
+        kw = dict(bias=layer.bias, device="meta", backend=backend)
+        if cls is RNNCell:
+            kw["nonlinearity"] = layer.nonlinearity
+        twin = cls(layer.input_size, layer.hidden_size, **kw)
+        for name in list(twin._parameters):
+            setattr(twin, name, getattr(layer, name))
+        return _copy_state(layer, twin)
     kw = dict(num_layers=layer.num_layers, bias=layer.bias, batch_first=layer.batch_first,
               dropout=layer.dropout, bidirectional=layer.bidirectional, device="meta",
               backend=backend)
@@ -606,6 +799,11 @@ def _fused_twin(layer, backend):
     for name in layer._flat_weights_names:
         setattr(twin, name, getattr(layer, name))
     twin._init_flat_weights()
+    return _copy_state(layer, twin)
+
+
+def _copy_state(layer, twin):
+    """The twin with the layer's training mode and hooks."""
     twin.train(layer.training)
     for attr in _COPIED:
         if attr in layer.__dict__:
@@ -661,22 +859,22 @@ def _rebase(layer, backend):
 
 
 def _rnn_kind(module):
-    """'layer' for a torch.nn.RNN, LSTM or GRU, 'subclass' for a subclass of
+    """'layer' for a torch.nn recurrent layer or cell, 'subclass' for a subclass of
     one (not yet rebased), else None."""
     if type(module) in _FUSED:
         return "layer"
-    if isinstance(module, tuple(_FUSED)) and not isinstance(type(module), _Rebased):
+    if isinstance(module, tuple(_FUSED)) and not isinstance(module, _Backend):
         return "subclass"
     return None
 
 
 def replace_rnn(model: nn.Module, backend: Optional[str] = None, *,
                 subclasses: bool = False) -> nn.Module:
-    """Swaps every torch.nn.RNN, LSTM and GRU in ``model`` for the fastrnn
-    layer with the same options, weights (the same Parameter objects), device,
-    dtype, hooks and training mode, in place, and returns the model (the new
-    layer where ``model`` itself is one). ``backend`` as for
-    :class:`fastrnn.RNN`.
+    """Swaps every torch.nn.RNN, LSTM and GRU, and every RNNCell, LSTMCell and
+    GRUCell, in ``model`` for the fastrnn layer or cell with the same
+    options, weights (the same Parameter objects), device, dtype, hooks and
+    training mode, in place, and returns the model (the new layer where
+    ``model`` itself is one). ``backend`` as for :class:`fastrnn.RNN`.
 
     A subclass of a torch.nn layer (one that adds methods, or whose forward
     calls ``super().forward``) is left alone unless ``subclasses=True``: then
@@ -726,7 +924,7 @@ def _replace(module, name, backend, subclasses, swapped, left):
 
 
 def restore_rnn(model: nn.Module) -> nn.Module:
-    """The inverse of :func:`replace_rnn`: every fastrnn.RNN, LSTM and GRU in
+    """The inverse of :func:`replace_rnn`: every fastrnn layer and cell in
     ``model`` becomes the torch.nn layer with the same options, Parameter
     objects, hooks and training mode, and every rebased subclass its own
     class again; in place, returning the model (the torch.nn layer where
@@ -736,7 +934,7 @@ def restore_rnn(model: nn.Module) -> nn.Module:
         for key in ("backend", "last_path", "last_cuda_path"):
             model.__dict__.pop(key, None)
         return model
-    if type(model) in (RNN, LSTM, GRU):
+    if type(model) in _FUSED.values():
         return model._torch_twin()
     for child_name, child in list(model.named_children()):
         new = restore_rnn(child)

@@ -1,0 +1,380 @@
+"""fastrnn.RNNCell, LSTMCell and GRUCell against torch.nn's cells: one step
+through the fused op, its values and every gradient, nn's constructor,
+parameters and errors, and what people do with a cell (replace_rnn,
+compile, torch.func, TorchScript)."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import fastrnn
+from helpers import CUDA, DEVICES, TOL
+
+# (torch.nn cell, fastrnn cell, constructor options)
+CELL_KINDS = [
+    pytest.param(nn.RNNCell, fastrnn.RNNCell, dict(nonlinearity="tanh"), id="rnn_tanh"),
+    pytest.param(nn.RNNCell, fastrnn.RNNCell, dict(nonlinearity="relu"), id="rnn_relu"),
+    pytest.param(nn.LSTMCell, fastrnn.LSTMCell, dict(), id="lstm"),
+    pytest.param(nn.GRUCell, fastrnn.GRUCell, dict(), id="gru"),
+]
+
+
+def cell_pair(ref_cls, our_cls, options, C=5, H=7, device="cpu", dtype=torch.float32, **kw):
+    ref = ref_cls(C, H, device=device, dtype=dtype, **options, **kw)
+    ours = our_cls(C, H, device=device, dtype=dtype, backend="fused", **options, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def state(cell, n, device="cpu", dtype=torch.float32, unbatched=False):
+    """Random leaves for the cell's hx: h, or (h, c)."""
+    shape = (cell.hidden_size,) if unbatched else (n, cell.hidden_size)
+
+    def one():
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+    return (one(), one()) if isinstance(cell, nn.LSTMCell) else one()
+
+
+def step(cell, x, hx):
+    """The cell's results as a tuple and the gradients of a loss that weighs
+    every element differently, with respect to x, the states and the
+    parameters (None where one gets none)."""
+    out = cell(x, hx)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * torch.linspace(-1, 2, o.numel(), dtype=o.dtype, device=o.device)
+                .view(o.shape)).sum() for o in outs)
+    leaves = [x, *(hx if isinstance(hx, tuple) else (() if hx is None else (hx,)))]
+    leaves += list(cell.parameters())
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return outs, grads
+
+
+def assert_steps_match(ref, ours, x, hx, dtype):
+    expected = step(ref, x, hx)
+    got = step(ours, x, hx)
+    assert ours.last_path == "fused"
+    for a, b in zip([*expected[0], *expected[1]], [*got[0], *got[1]]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert b.shape == a.shape and b.dtype == a.dtype
+            torch.testing.assert_close(b, a, **TOL[dtype])
+
+
+@pytest.mark.parametrize("packing", ["always", "never"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("form", ["batched", "unbatched", "no_hx", "no_hx_unbatched", "wide"])
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_step_matches_torch_nn(ref_cls, our_cls, options, form, bias, dtype, device, packing):
+    """Outputs and every gradient (input, states, all four parameters), for
+    each input form, with the weights packed and as stored; 'wide' has whole
+    vectors and a remainder in every product and every block of rows."""
+    C, H = (37, 40) if form == "wide" else (5, 7)
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=C, H=H, device=device, dtype=dtype,
+                          bias=bias)
+    unbatched = "unbatched" in form
+    n = 9 if form == "wide" else 3
+    x = torch.randn(*((C,) if unbatched else (n, C)), device=device, dtype=dtype).requires_grad_()
+    hx = None if form.startswith("no_hx") else state(ref, n, device, dtype, unbatched)
+    with fastrnn.kernels(cpu_packing=packing):
+        assert_steps_match(ref, ours, x, hx, dtype)
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_many_steps_of_a_loop(ref_cls, our_cls, options):
+    """A loop of the caller's over 20 steps with the state carried, as a
+    decoder runs a cell, backward through all of it."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=4, H=6, dtype=torch.float64)
+    xs = torch.randn(20, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def unroll(cell):
+        hx, outs = None, []
+        for x in xs:
+            hx = cell(x, hx)
+            outs.append(hx[0] if isinstance(hx, tuple) else hx)
+        y = torch.stack(outs)
+        return y, torch.autograd.grad((y * y.detach().sign()).sum(), [xs, *cell.parameters()])
+
+    y_ref, g_ref = unroll(ref)
+    y, g = unroll(ours)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_gradcheck_and_gradgradcheck(ref_cls, our_cls, options):
+    _, ours = cell_pair(ref_cls, our_cls, options, C=3, H=4, dtype=torch.float64)
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    hx = state(ours, 2, dtype=torch.float64)
+    flat = list(hx) if isinstance(hx, tuple) else [hx]
+    params = list(ours.parameters())
+
+    def f(x, *rest):
+        states, weights = rest[:len(flat)], rest[len(flat):]
+        names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+        out = torch.func.functional_call(
+            ours, dict(zip(names, weights)),
+            (x, tuple(states) if len(states) == 2 else states[0]))
+        return out
+
+    inputs = (x, *flat, *[p.detach().requires_grad_() for p in params])
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+    assert ours.last_path == "fused"
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the exception is what is compared
+        return type(exc), str(exc)
+    return None
+
+
+BAD_CALLS = {
+    "input_3d": lambda c, s: (torch.randn(2, 3, 5), s(3)),
+    "input_size": lambda c, s: (torch.randn(3, 4), s(3)),
+    "batch": lambda c, s: (torch.randn(2, 5), s(3)),
+    "hidden_size": lambda c, s: (torch.randn(3, 5), s(3, 6)),
+    "hidden_3d": lambda c, s: (torch.randn(3, 5), s(3, 7, lead=(1,))),
+    "unbatched_input_batched_hx": lambda c, s: (torch.randn(5), s(1)),
+    "batched_input_unbatched_hx": lambda c, s: (torch.randn(1, 5), s(None)),
+    "hx_dtype": lambda c, s: (torch.randn(3, 5), s(3, dtype=torch.float64)),
+    "input_dtype": lambda c, s: (torch.randn(3, 5, dtype=torch.float64), s(3)),
+    "int_input": lambda c, s: (torch.ones(3, 5, dtype=torch.int64), s(3)),
+    "meta_hx": lambda c, s: (torch.randn(3, 5), s(3, device="meta")),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_CALLS))
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_bad_calls_fail_like_torch_nn(ref_cls, our_cls, options, bad):
+    """Every bad call raises torch.nn's exception with its message (or, where
+    torch.nn computes, gives its result)."""
+    ref, ours = cell_pair(ref_cls, our_cls, options)
+    lstm = ref_cls is nn.LSTMCell
+
+    def s(n, width=7, dtype=torch.float32, device="cpu", lead=()):
+        shape = (*lead, width) if n is None else (*lead, n, width)
+        h = torch.randn(*shape, dtype=dtype, device=device)
+        return (h, h.clone()) if lstm else h
+
+    x, hx = BAD_CALLS[bad](ours, s)
+    expected = _error_of(lambda: ref(x, hx))
+    got = _error_of(lambda: ours(x, hx))
+    if expected is None:
+        a, b = ref(x, hx), ours(x, hx)
+        for p, q in zip(a if lstm else (a,), b if lstm else (b,)):
+            assert q.shape == p.shape and q.dtype == p.dtype and q.device == p.device
+            if p.device.type != "meta":
+                torch.testing.assert_close(q, p)
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_lstm_state_pair_errors(ref_cls, our_cls, options):
+    if ref_cls is not nn.LSTMCell:
+        pytest.skip("LSTMCell's pair only")
+    ref, ours = cell_pair(ref_cls, our_cls, options)
+    x, h = torch.randn(3, 5), torch.randn(3, 7)
+    for hx in [(h,), (h, h, h), (h, torch.randn(3, 7, 1)), (h, torch.randn(3, 6))]:
+        assert _error_of(lambda: ours(x, hx)) == _error_of(lambda: ref(x, hx))
+
+
+def test_unknown_nonlinearity_fails_like_torch_nn():
+    ref, ours = nn.RNNCell(3, 4, nonlinearity="gelu"), fastrnn.RNNCell(3, 4, nonlinearity="gelu",
+                                                                       backend="fused")
+    x = torch.randn(2, 3)
+    assert _error_of(lambda: ours(x)) == _error_of(lambda: ref(x))
+    assert _error_of(lambda: ours(x)) is not None
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_constructor_parameters_and_state_dict(ref_cls, our_cls, options):
+    for bias in (True, False):
+        torch.manual_seed(3)
+        ref = ref_cls(5, 7, bias=bias, **options)
+        torch.manual_seed(3)
+        ours = our_cls(5, 7, bias=bias, **options)
+        # nn's initialisation, draw for draw, and its names and shapes.
+        assert [(n, p.shape) for n, p in ours.named_parameters()] == \
+            [(n, p.shape) for n, p in ref.named_parameters()]
+        for p, q in zip(ref.parameters(), ours.parameters()):
+            assert torch.equal(p, q)
+        assert repr(ours) == repr(ref)
+        assert isinstance(ours, ref_cls)
+        assert list(ours.state_dict()) == list(ref.state_dict())
+        ref.load_state_dict(ours.state_dict())
+        ours.load_state_dict(ref.state_dict())
+    ours = our_cls(5, 7, backend="fused", dtype=torch.float64, **options)
+    assert repr(ours).endswith("backend='fused')")
+    assert ours.weight_ih.dtype == torch.float64
+    with pytest.raises(ValueError, match="Unknown backend"):
+        our_cls(5, 7, backend="nope", **options)
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_backends(ref_cls, our_cls, options):
+    """'auto' runs torch.nn's cell on CPU tensors, 'fused' the fused op, and
+    use_backend switches a cell built without one."""
+    _, ours = cell_pair(ref_cls, our_cls, options)
+    ours.backend = None
+    x = torch.randn(2, 5)
+    ours(x)
+    assert ours.last_path == "torch"
+    with fastrnn.use_backend("fused"):
+        ours(x)
+        assert ours.last_path == "fused"
+    ours.backend = "torch"
+    with fastrnn.use_backend("fused"):
+        ours(x)
+        assert ours.last_path == "torch"
+
+
+def test_replace_and_restore_swap_cells():
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNNCell(3, 4, nonlinearity="relu", bias=False)
+            self.lstm = nn.LSTMCell(4, 5)
+            self.gru = nn.GRUCell(5, 6)
+
+        def forward(self, x):
+            h = self.rnn(x)
+            h, _ = self.lstm(h)
+            return self.gru(h)
+
+    model = Decoder()
+    params = list(model.parameters())
+    x = torch.randn(2, 3)
+    expected = model(x)
+    fastrnn.replace_rnn(model, backend="fused")
+    assert [type(m) for m in model.children()] == [fastrnn.RNNCell, fastrnn.LSTMCell,
+                                                   fastrnn.GRUCell]
+    assert model.rnn.nonlinearity == "relu" and model.rnn.bias is False
+    assert all(p is q for p, q in zip(model.parameters(), params))
+    torch.testing.assert_close(model(x), expected)
+    assert all(m.last_path == "fused" for m in model.children())
+    fastrnn.restore_rnn(model)
+    assert [type(m) for m in model.children()] == [nn.RNNCell, nn.LSTMCell, nn.GRUCell]
+    assert all(p is q for p, q in zip(model.parameters(), params))
+
+
+def test_replace_rebases_a_cell_subclass():
+    class Scaled(nn.GRUCell):
+        def forward(self, x, hx=None):
+            return 2 * super().forward(x, hx)
+
+    model = nn.Sequential(Scaled(3, 4))
+    x = torch.randn(2, 3)
+    expected = model(x)
+    with pytest.warns(UserWarning, match="left 1 alone"):
+        fastrnn.replace_rnn(model)
+    fastrnn.replace_rnn(model, backend="fused", subclasses=True)
+    assert isinstance(model[0], Scaled) and isinstance(model[0], fastrnn.GRUCell)
+    torch.testing.assert_close(model(x), expected)
+    assert model[0].last_path == "fused"
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_compile_fullgraph_matches_eager(ref_cls, our_cls, options):
+    _, ours = cell_pair(ref_cls, our_cls, options)
+    x, hx = torch.randn(3, 5), state(ours, 3)
+    expected = ours(x, hx)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    got = compiled(x, hx)
+    for a, b in zip(got if isinstance(got, tuple) else (got,),
+                    expected if isinstance(expected, tuple) else (expected,)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_vmap_and_jacrev(ref_cls, our_cls, options):
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=3, H=4, dtype=torch.float64)
+    xs = torch.randn(6, 2, 3, dtype=torch.float64)
+
+    def first(cell):
+        return lambda x: (lambda o: o[0] if isinstance(o, tuple) else o)(cell(x))
+
+    # (torch.nn's LSTMCell has no batching rule: the reference is a loop.)
+    torch.testing.assert_close(torch.vmap(first(ours))(xs),
+                               torch.stack([first(ref)(x) for x in xs]))
+    torch.testing.assert_close(torch.func.jacrev(first(ours))(xs[0]),
+                               torch.autograd.functional.jacobian(first(ref), xs[0]))
+    assert ours.last_path == "fused"
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_torchscript_and_pickle(ref_cls, our_cls, options):
+    ref, ours = cell_pair(ref_cls, our_cls, options)
+    x = torch.randn(2, 5)
+    scripted = torch.jit.script(ours)
+    out, expected = scripted(x), ref(x)
+    for a, b in zip(out if isinstance(out, tuple) else (out,),
+                    expected if isinstance(expected, tuple) else (expected,)):
+        torch.testing.assert_close(a, b)
+    again = copy.deepcopy(ours)
+    assert type(again) is our_cls and again.backend == "fused"
+    again(x)
+    assert again.last_path == "fused"
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_weight_written_through_data_is_seen(ref_cls, our_cls, options):
+    """Nothing of the weights is kept between calls: a write through .data
+    (which bumps no version counter) shows in the next step."""
+    ref, ours = cell_pair(ref_cls, our_cls, options)
+    x = torch.randn(1, 5)
+    ours(x)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.5)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        p.data.copy_(q)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (ours(x), ref(x)))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_zero_batch(ref_cls, our_cls, options):
+    ref, ours = cell_pair(ref_cls, our_cls, options)
+    x = torch.randn(0, 5)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (ours(x), ref(x)))):
+        assert a.shape == b.shape
+
+
+@CUDA
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_cuda_step_records_its_path(ref_cls, our_cls, options):
+    ref, ours = cell_pair(ref_cls, our_cls, options, device="cuda")
+    ours(torch.randn(3, 5, device="cuda"))
+    assert ours.last_path == "fused"
+    assert ours.last_cuda_path in ("persistent", "cluster", "grid", "step")
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_auto_packing_reads_few_rows_as_stored(cell):
+    """On 'auto' a call of at most 32 rows times steps reads the weights as
+    stored and a larger one packs them: each gives the bits of the layout
+    forced."""
+    layer = {"rnn": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[cell](
+        8, 20, backend="fused")
+
+    def bits(x, packing):
+        with fastrnn.kernels(cpu_packing=packing), torch.no_grad():
+            return layer(x)[0]
+
+    for shape, layout in (((1, 4, 8), "never"), ((4, 8, 8), "never"), ((5, 8, 8), "always")):
+        x = torch.randn(*shape)
+        other = "always" if layout == "never" else "never"
+        assert torch.equal(bits(x, "auto"), bits(x, layout))
+        # The two layouts sum in different orders: the check can tell them apart.
+        assert not torch.equal(bits(x, "auto"), bits(x, other))
