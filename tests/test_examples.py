@@ -35,3 +35,16 @@ def test_training_learns_and_matches_torch_nn(cell, name, capsys):
     # Same seed, same data, same math: the curves agree to float32 noise.
     assert ours == pytest.approx(ref, rel=1e-3)
     assert f"time: nn.{name}" in capsys.readouterr().out
+
+
+def test_cell_sampling_matches_torch_nn(capsys):
+    """The sampling example: the trained model's fused cell gives torch.nn's
+    logits over the same text, and the greedy sample is the learnt text."""
+    sample = runpy.run_path(os.path.join(ROOT, "examples", "sample_chars.py"))
+    losses, text_nn, text_ours, diff, model = sample["main"](["--iters", "120", "--length", "60"])
+    assert type(model.cell).__name__ == "LSTMCell" and type(model.cell).__module__ == "fastrnn.module"
+    assert model.cell.last_path == "fused"
+    assert losses[-1] < 0.2 * losses[0], "the model did not learn"
+    assert diff < 1e-4
+    assert "the quick brown fox" in text_ours
+    assert "time a character" in capsys.readouterr().out
