@@ -37,9 +37,11 @@ test-deep: build
 	$(PY) -m pytest tests -m deep
 
 # --roofline: on the CPU, each row's multiply-adds a second as a percentage
-# of this machine's FMA peak, probed in the same run (ignored on CUDA).
+# of this machine's FMA peak, probed in the same run (ignored on CUDA);
+# --calls: what one small call costs, cells and one-step layers, against
+# torch.nn and ONNX Runtime (CPU).
 bench: build
-	$(PY) -m fastrnn.bench --roofline $(ARGS)
+	$(PY) -m fastrnn.bench --roofline --calls $(ARGS)
 
 bench-pytest: build
 	$(PY) -m pytest bench

@@ -117,6 +117,10 @@ def parse_args(argv):
                    "twelve FMA chains before and after the rows, and report each side's "
                    "multiply-adds a second as a percentage of it (CPU runs only; make bench "
                    "passes it)")
+    p.add_argument("--calls", action="store_true",
+                   help="CPU: after the rows, what one small call costs: torch.nn's cells against "
+                   "fastrnn's, and the layers called one step at a time with ONNX Runtime as a "
+                   "third column (make bench passes it; see fastrnn/bench_calls.py)")
     p.add_argument("--json", default="bench-results/bench.json", help="path of the JSON report ('' for none)")
     p.add_argument("--plot", default="bench-results/speedup.png",
                    help="path of the PNG plot ('' for none; needs matplotlib)")
@@ -586,7 +590,7 @@ def _progress(items, disable, total):
     return tqdm(items, unit="shape", file=sys.stderr, total=total)
 
 
-def write_json(args, env, rows, complete):
+def write_json(args, env, rows, complete, calls=None):
     """The JSON report of the rows so far (none without --json), written
     whole to a temporary file and renamed over the report, so that a reader
     never sees half a file; `complete` False while rows are to come."""
@@ -598,7 +602,8 @@ def write_json(args, env, rows, complete):
     with open(tmp, "w") as f:
         json.dump({"fastrnn": env["fastrnn"], "git_commit": env["git_commit"],
                    "timestamp": env["timestamp"], "argv": args.argv, "arguments": arguments,
-                   "environment": env, "complete": complete, "results": rows}, f, indent=1)
+                   "environment": env, "complete": complete, "results": rows,
+                   "calls": calls or []}, f, indent=1)
     os.replace(tmp, args.json)
     return True
 
@@ -654,7 +659,18 @@ def main(argv=None):
     warning = noise_warning(rows, args.noise)
     if warning:
         print(warning, flush=True)
-    if write_json(args, env, rows, complete=True):
+    calls = None
+    if args.calls and not cuda:
+        from . import bench_calls
+
+        write_json(args, env, rows, complete=False)
+        calls = bench_calls.run(args.cell, seconds=min(args.seconds, 1.0))
+        print(bench_calls.table(calls))
+        print("per call: medians of interleaved blocks of calls, CPU, float32; x: torch.nn's "
+              "median over fastrnn's (fused); cells one step, no-grad, then forward+backward; "
+              "layers one step of batch 1 with the state carried, no-grad, and ONNX Runtime "
+              "running the exported torch.nn layer on the same threads")
+    if write_json(args, env, rows, complete=True, calls=calls):
         print(f"wrote {args.json}")
     if args.plot:
         try:

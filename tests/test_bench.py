@@ -260,3 +260,34 @@ def test_roofline_is_left_out_on_cuda_runs():
     assert args.roofline
     if fastrnn.cuda_built():
         assert not bench.parse_args(["--emulate-cuda", "--roofline"]).roofline
+
+
+def test_calls_report_times_cells_and_one_step_layers(tmp_path, capsys, monkeypatch):
+    """--calls: per-call rows for every cell shape and streamed layer of the
+    chosen cells, each side timed, the ratios consistent, ONNX Runtime's
+    column where it is installed."""
+    from fastrnn import bench_calls
+
+    monkeypatch.setattr(bench_calls, "CELL_SHAPES", [(5, 8, 1), (5, 8, 3)])
+    monkeypatch.setattr(bench_calls, "STREAM_SHAPES", [(5, 8)])
+    out_json = tmp_path / "c.json"
+    assert bench.main(TINY + ["--cell", "lstm,gru", "--calls", "--json", str(out_json),
+                              "--plot", ""]) == 0
+    calls = json.loads(out_json.read_text())["calls"]
+    assert [(r["kind"], r["cell"], r["batch"]) for r in calls] == [
+        ("cell", "lstm", 1), ("cell", "lstm", 3), ("cell", "gru", 1), ("cell", "gru", 3),
+        ("stream", "lstm", 1), ("stream", "gru", 1)]
+    for r in calls:
+        assert r["torch_us"] > 0 and r["fastrnn_us"] > 0
+        assert r["speedup"] == pytest.approx(r["torch_us"] / r["fastrnn_us"])
+        if r["kind"] == "cell":
+            assert r["speedup_fb"] == pytest.approx(r["torch_fb_us"] / r["fastrnn_fb_us"])
+        else:
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                assert "onnxruntime_us" not in r
+            else:
+                assert r["vs_onnxruntime"] == pytest.approx(r["onnxruntime_us"] / r["fastrnn_us"])
+    out = capsys.readouterr().out
+    assert "| LSTMCell 5, 8, batch 3 |" in out and "| GRU 5, 8, one step |" in out
