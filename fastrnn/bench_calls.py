@@ -113,6 +113,9 @@ def _onnx_session(model, x, hx):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # Its threads would otherwise spin after each run, on the cores the
+    # interleaved torch calls are timed on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(f.getvalue(), options, providers=["CPUExecutionProvider"])
     flat = [x, *(hx if isinstance(hx, tuple) else (hx,))]
     feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), flat)}

@@ -33,5 +33,5 @@ def test_readme_python_blocks_run_and_print_what_they_say(tmp_path):
                          text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     promised = expected_prints(code)
-    assert promised == ["fused", "GRU fused", "True fused"]
+    assert promised == ["fused", "GRU fused", "True fused", "torch.Size([4, 16]) fused"]
     assert out.stdout.splitlines() == promised
