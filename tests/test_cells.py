@@ -378,3 +378,18 @@ def test_auto_packing_reads_few_rows_as_stored(cell):
         assert torch.equal(bits(x, "auto"), bits(x, layout))
         # The two layouts sum in different orders: the check can tell them apart.
         assert not torch.equal(bits(x, "auto"), bits(x, other))
+
+
+@pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
+@pytest.mark.parametrize("path", ["persistent", "cluster", "grid", "step"])
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_every_cuda_path_through_the_emulator(ref_cls, our_cls, options, path):
+    """A cell's step is a one-step call of the layer's op, so on CUDA every
+    path can run it: each, through the CUDA kernels' emulator on CPU
+    tensors, forward and backward, against torch.nn's cell."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=4, H=9, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    hx = state(ref, 3, dtype=torch.float64)
+    with fastrnn.kernels(cuda_path=path, emulate_cuda=True):
+        assert_steps_match(ref, ours, x, hx, torch.float64)
+        assert fastrnn.last_cuda_path() == fastrnn.last_cuda_path(backward=True) == path
