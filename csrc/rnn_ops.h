@@ -58,4 +58,14 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> gru_backward(
     const optional<Tensor>& grad_hn, int64_t num_layers, bool bidirectional, bool has_biases,
     bool input_grad);
 
+// One step of a cell (CellKind as an integer): input (N, C) or (C), states
+// (h) or (h, c) like it, or none for zeros; the layer's forward op over one
+// layer, one direction and one step, called through the dispatcher so that
+// autograd, autocast and the transforms' kernels apply; returns the new
+// states shaped as the input came. fastrnn's cells call it from Python in
+// eager mode: one call where the op through torch.ops takes several view
+// ops around it, each a Python call.
+std::vector<Tensor> cell_step(int64_t kind, const Tensor& input, const std::vector<Tensor>& states,
+                              const std::vector<Tensor>& weights, bool has_biases);
+
 }  // namespace fastrnn

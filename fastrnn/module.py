@@ -597,10 +597,11 @@ class LSTM(_FusedBase):
 
 
 class _FusedCell(_Backend):
-    """What the three cells share: nn's argument handling, the check that
-    the fused op takes the arguments as they are, and one step of the
-    layer's fused op (one layer, one direction, one step: both products,
-    the biases and the cell's step)."""
+    """What the three cells share: nn's argument handling and one step of the
+    layer's fused op (one layer, one direction, one step: both products, the
+    biases and the cell's step), through the extension's cell_step in eager
+    mode (one call from Python) and through the op itself under
+    torch.compile; arguments the op refuses go to nn's cell."""
 
     _name = ""       # "RNNCell", "LSTMCell", "GRUCell", as nn's messages say
     _op_name = ""    # the layer op of the same cell
@@ -623,6 +624,9 @@ class _FusedCell(_Backend):
 
     def _flags(self):
         return ()
+
+    def _kind(self):
+        return _CELL_KINDS[self._op_name]
 
     def _run(self, input, hx):
         torch_forward = self._torch_cell.forward
@@ -652,15 +656,35 @@ class _FusedCell(_Backend):
     def _fused_step(self, input, hx, dim):
         """The step through the layer's fused op, or None where the op does
         not take the arguments as they are."""
-        x = input.unsqueeze(0) if dim == 2 else input.reshape(1, 1, -1)
-        n = x.shape[1]
         if hx is None:
-            zeros = x.new_zeros((1, n, self.hidden_size))
-            states = (zeros, zeros) if self._pair else (zeros,)
+            states = ()
         else:
             states = tuple(hx) if self._pair else (hx,)
             if len(states) != (2 if self._pair else 1) or any(h.dim() != dim for h in states):
                 return None
+        if torch.compiler.is_compiling():
+            return self._traced_step(input, states, dim)
+        # Eager: one call into the extension, which shapes the step and calls
+        # the op through the dispatcher (autograd, autocast, vmap and the
+        # other transforms apply there as for the op itself).
+        try:
+            out = _ops._C.cell_step(self._kind(), input, list(states), self._weights(), self.bias)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return None
+        self.__dict__["last_path"] = "fused"
+        if input.is_cuda:
+            self._record_cuda_path(input)
+        return tuple(out) if self._pair else out[0]
+
+    def _traced_step(self, input, states, dim):
+        """_fused_step as torch.compile traces it: the op itself, and the view
+        ops around it in Python."""
+        x = input.unsqueeze(0) if dim == 2 else input.reshape(1, 1, -1)
+        n = x.shape[1]
+        if not states:
+            zeros = x.new_zeros((1, n, self.hidden_size))
+            states = (zeros, zeros) if self._pair else (zeros,)
+        else:
             states = tuple(h.unsqueeze(0) if dim == 2 else h.reshape(1, 1, -1) for h in states)
         op = _CELL_OPS.get(self._op_name) or _cell_op(self._op_name)
         try:
@@ -668,8 +692,6 @@ class _FusedCell(_Backend):
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self.__dict__["last_path"] = "fused"
-        if x.is_cuda:
-            self._record_cuda_path(x)
         h_n = out[1][0] if dim == 2 else out[1][0, 0]
         if self._pair:
             return h_n, (out[2][0] if dim == 2 else out[2][0, 0])
@@ -677,6 +699,8 @@ class _FusedCell(_Backend):
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+# csrc/cells.h's CellKind of each cell's op (RNNCell: 0 tanh, 1 relu).
+_CELL_KINDS = {"rnn_forward": 0, "lstm_forward": 2, "gru_forward": 3}
 _CELL_OPS = {}
 
 
@@ -711,6 +735,9 @@ class RNNCell(_FusedCell, nn.RNNCell):
 
     def _flags(self):
         return (self.nonlinearity == "relu",)
+
+    def _kind(self):
+        return 1 if self.nonlinearity == "relu" else 0
 
     def _fused_step(self, input, hx, dim):
         if self.nonlinearity != "tanh" and self.nonlinearity != "relu":
