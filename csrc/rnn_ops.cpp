@@ -158,7 +158,9 @@ std::vector<Tensor> cell_step(int64_t kind, const Tensor& input, const std::vect
   for (int64_t i = 0; i < width; ++i)
     h[i] = states.empty() ? at::zeros({1, n, weights[1].size(1)}, x.options())
                           : as_step(states[i], batched);
-  auto out = [&](const Tensor& t) { return batched ? t.select(0, 0) : t.select(0, 0).select(0, 0); };
+  // A view of the op's (1, N, H) result whose backward is a view again (a
+  // select's would allocate and fill a zero tensor of the whole).
+  auto out = [&](const Tensor& t) { return batched ? t.view({n, t.size(2)}) : t.view({t.size(2)}); };
   switch (cell) {
     case CellKind::rnn_tanh:
     case CellKind::rnn_relu: {
