@@ -651,7 +651,22 @@ class _FusedCell(_Backend):
             # runs through nn's own implementation: its result, or its error.
             self._ran_torch()
             return torch_forward(self, input, hx)
+        if self._promotes and torch._C._is_any_autocast_enabled():
+            fused = self._promoted(fused, input, hx)
         return fused
+
+    # Under autocast, nn's LSTMCell and GRUCell end their step with the
+    # state they were given (c, or h), which promotes the autocast dtype's
+    # gates back to the state's dtype; nn's RNNCell returns the autocast
+    # dtype. The layers' ops follow the layers instead.
+    _promotes = False
+
+    def _promoted(self, fused, input, hx):
+        given = input if hx is None else (hx[1] if self._pair else hx)
+        outs = fused if self._pair else (fused,)
+        dtype = torch.promote_types(outs[0].dtype, given.dtype)
+        outs = tuple(t.to(dtype) for t in outs)
+        return outs if self._pair else outs[0]
 
     def _fused_step(self, input, hx, dim):
         """The step through the layer's fused op, or None where the op does
@@ -759,6 +774,7 @@ class LSTMCell(_FusedCell, nn.LSTMCell):
     """
 
     _name, _op_name, _gates, _pair, _torch_cell = "LSTMCell", "lstm_forward", 4, True, nn.LSTMCell
+    _promotes = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: Optional[str] = None) -> None:
@@ -783,6 +799,7 @@ class GRUCell(_FusedCell, nn.GRUCell):
     """
 
     _name, _op_name, _gates, _torch_cell = "GRUCell", "gru_forward", 3, nn.GRUCell
+    _promotes = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: Optional[str] = None) -> None:

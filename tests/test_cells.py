@@ -393,3 +393,24 @@ def test_every_cuda_path_through_the_emulator(ref_cls, our_cls, options, path):
     with fastrnn.kernels(cuda_path=path, emulate_cuda=True):
         assert_steps_match(ref, ours, x, hx, torch.float64)
         assert fastrnn.last_cuda_path() == fastrnn.last_cuda_path(backward=True) == path
+
+
+@pytest.mark.parametrize("with_hx", [True, False])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_autocast_gives_torch_nns_dtypes(ref_cls, our_cls, options, device, with_hx):
+    """Under autocast nn's cells return the autocast dtype (RNNCell) or the
+    given state's (LSTMCell, GRUCell, whose last operation meets the state):
+    the same dtypes, values to the autocast dtype's precision."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, device=device)
+    x = torch.randn(3, 5, device=device)
+    hx = state(ref, 3, device) if with_hx else None
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.no_grad(), torch.autocast(device, dtype=dtype):
+        expected, got = ref(x, hx), ours(x, hx)
+    assert ours.last_path == "fused"
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = got if isinstance(got, tuple) else (got,)
+    for a, b in zip(expected, got):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b.float(), a.float(), **TOL[dtype])
