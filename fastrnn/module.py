@@ -162,7 +162,9 @@ class _FusedBase(_Backend, nn.RNNBase):
                 out = type(self)._torch_forward(self, input, hx)
         else:
             self.__dict__["last_path"] = "fused"
-            out = self._fused_forward(input, hx)
+            out = self._plain_forward(input, hx)
+            if out is None:
+                out = self._fused_forward(input, hx)
         if not torch.compiler.is_compiling() and _log.isEnabledFor(logging.DEBUG):
             self._log_kernel(data)
         return out
@@ -195,6 +197,54 @@ class _FusedBase(_Backend, nn.RNNBase):
         if rows is not None:
             mask = mask.new_zeros((drops, T * N, D * width)).index_copy_(1, rows, mask)
         return mask.div_(keep).view(drops, T, N, D * width)
+
+    def _plain_forward(self, input, hx):
+        """The fused forward of the plainest call, the one a stream makes step
+        by step: a padded batch (T, N, C) or (N, T, C) of this layer's
+        width, states of exactly the expected shapes or none, one dtype and
+        device throughout, no autocast, no dropout mask to draw. torch.nn's
+        checks all pass on such a call, so they are skipped; any other call,
+        or one the op refuses, returns None for _fused_forward, which runs
+        nn's argument handling in full."""
+        # A rebased subclass may check or permute its arguments its own way.
+        if not isinstance(input, torch.Tensor) or input.dim() != 3 \
+                or isinstance(type(self), _Rebased) \
+                or (self.training and self.dropout > 0 and self.num_layers > 1) \
+                or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled():
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input
+        T, N, C = x.shape
+        if T == 0 or C != self.input_size:
+            return None
+        lstm = self.mode == "LSTM"
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if lstm and self.proj_size > 0 else self.hidden_size
+        dtype, device = x.dtype, x.device
+        if hx is None:
+            states = [x.new_zeros((self.num_layers * D, N, P))]
+            if lstm:
+                states.append(x.new_zeros((self.num_layers * D, N, self.hidden_size)))
+        else:
+            states = list(hx) if lstm else [hx]
+            shapes = [(self.num_layers * D, N, P), (self.num_layers * D, N, self.hidden_size)]
+            if len(states) != (2 if lstm else 1) or any(
+                    not isinstance(h, torch.Tensor) or h.shape != shape or h.dtype != dtype
+                    or h.device != device for h, shape in zip(states, shapes)):
+                return None
+        weights = self._weights()
+        if any(w.dtype != dtype or w.device != device for w in weights):
+            return None
+        flags = ((self.proj_size > 0,) if lstm else
+                 (self.mode == "RNN_RELU",) if self.mode != "GRU" else ())
+        op = _LAYER_OPS.get(self.mode) or _layer_op(self.mode)
+        try:
+            out = op(x, *states, weights, None, None, self.num_layers, self.bidirectional,
+                     self.bias, *flags)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return None
+        self._record_cuda_path(x)
+        output = out[0].transpose(0, 1) if self.batch_first else out[0]
+        return (output, (out[1], out[2])) if lstm else (output, out[1])
 
     def _check_devices(self, x, states, weights):
         # What torch.nn's implementation checks before it runs (RNN.cpp's
@@ -711,6 +761,16 @@ class _FusedCell(_Backend):
         if self._pair:
             return h_n, (out[2][0] if dim == 2 else out[2][0, 0])
         return h_n
+
+
+_LAYER_OP_NAMES = {"RNN_TANH": "rnn_forward", "RNN_RELU": "rnn_forward", "LSTM": "lstm_forward",
+                   "GRU": "gru_forward"}
+_LAYER_OPS = {}
+
+
+def _layer_op(mode):
+    _LAYER_OPS[mode] = getattr(torch.ops.fastrnn, _LAYER_OP_NAMES[mode]).default
+    return _LAYER_OPS[mode]
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

@@ -1,6 +1,7 @@
 """fastrnn.RNN, LSTM and GRU as drop-ins for torch.nn's: construction,
 parameters, state_dict, repr, backends, errors, dropout and torch.compile."""
 
+import contextlib
 import copy
 import inspect
 import pickle
@@ -517,3 +518,54 @@ def test_compile_after_replace_rnn_runs_every_backend(cell, options, backend):
     torch.testing.assert_close(loss, eager_loss)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_plain_calls_take_the_short_path_with_the_same_results(cell, monkeypatch):
+    """A padded call with states of the expected shapes (or none), one dtype,
+    no autocast and no dropout skips torch.nn's argument handling
+    (_plain_forward) and gives the full path's bits; every other call takes
+    the full path."""
+    from fastrnn import module
+
+    cls = {"rnn": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[cell]
+    layer = cls(3, 5, num_layers=2, bidirectional=True, batch_first=True, backend="fused")
+    short = []
+    plain = module._FusedBase._plain_forward
+
+    def counted(self, input, hx):
+        out = plain(self, input, hx)
+        short.append(out is not None)
+        return out
+
+    monkeypatch.setattr(module._FusedBase, "_plain_forward", counted)
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    h = torch.randn(4, 2, 5)
+    hx = (h, torch.randn(4, 2, 5)) if cell == "lstm" else h
+
+    def results(y, state):
+        states = state if isinstance(state, tuple) else (state,)
+        grads = torch.autograd.grad(y.sum() + sum(s.sum() for s in states), [x, *layer.parameters()])
+        return [y, *states, *grads]
+
+    for state in (hx, None):
+        got = results(*layer(x, state))
+        assert short.pop() is True
+        monkeypatch.setattr(module._FusedBase, "_plain_forward", lambda self, i, h: None)
+        expected = results(*layer(x, state))
+        monkeypatch.setattr(module._FusedBase, "_plain_forward", counted)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+    bad_h = torch.randn(4, 3, 5)
+    others = [
+        (x[0], None),                                                 # unbatched
+        (x.double(), None),                                           # another dtype
+        (x, (bad_h, bad_h) if cell == "lstm" else bad_h),             # states of another batch
+    ]
+    for inp, state in others:
+        with contextlib.suppress(RuntimeError, ValueError):
+            layer(inp, state)
+        assert short.pop() is False
+    layer.dropout = 0.5
+    layer(x, hx)
+    assert short.pop() is False
