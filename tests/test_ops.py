@@ -5,6 +5,7 @@ gradgradcheck, opcheck, and clear errors for malformed arguments."""
 import pytest
 import torch
 
+import fastrnn
 from fastrnn import gru_reference, lstm_reference, rnn_reference
 from helpers import DEVICES
 
@@ -192,17 +193,26 @@ def differentiable(c):
     return f, tuple(c.leaves())
 
 
+@pytest.mark.parametrize("packing", ["always", "never"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,case", ALL)
-def test_gradcheck(cell, case, device):
+def test_gradcheck(cell, case, device, packing):
+    """Both weight layouts of the CPU kernels (packed panels, and as stored,
+    which 'auto' picks at this size)."""
     f, inputs = differentiable(call_of(cell, case, T=4, N=3, C=3, H=3, device=device))
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+    with fastrnn.kernels(cpu_packing=packing):
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("case", ["one_layer", "lengths", "dropout", "no_bias"])
+@pytest.mark.parametrize("case", ["one_layer", "lengths", "dropout", "no_bias", "cell_step"])
 def test_opcheck(cell, case, device):
+    if case == "cell_step":
+        # What fastrnn's cells call: one layer, one direction, one step.
+        c = Call(cell, T=1, N=2, C=3, H=3, L=1, bidirectional=False, device=device)
+        torch.library.opcheck(c.forward_op, c.args())
+        return
     c = call_of(cell, case, T=4, N=3, C=3, H=3, device=device)
     torch.library.opcheck(c.forward_op, c.args())
     c = call_of(cell, case, T=4, N=3, C=3, H=3, device=device, grad=False)
