@@ -4,10 +4,12 @@ parameters and errors, and what people do with a cell (replace_rnn,
 compile, torch.func, TorchScript)."""
 
 import copy
-import itertools
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import fastrnn
@@ -414,3 +416,31 @@ def test_autocast_gives_torch_nns_dtypes(ref_cls, our_cls, options, device, with
     for a, b in zip(expected, got):
         assert b.dtype == a.dtype
         torch.testing.assert_close(b.float(), a.float(), **TOL[dtype])
+
+
+# Random cells, sizes and call forms against torch.nn's (FASTRNN_FUZZ_EXAMPLES
+# searches deeper, as for the layers).
+_FUZZ = settings(max_examples=int(os.environ.get("FASTRNN_FUZZ_EXAMPLES", "60")),
+                 derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_FUZZ
+@given(kind=st.sampled_from(["rnn_tanh", "rnn_relu", "lstm", "gru"]), C=st.integers(1, 40),
+       H=st.integers(1, 40), N=st.integers(0, 9), bias=st.booleans(),
+       form=st.sampled_from(["batched", "unbatched", "no_hx"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]),
+       packing=st.sampled_from(["auto", "always", "never"]), seed=st.integers(0, 2**16))
+def test_random_cells_match_torch_nn(kind, C, H, N, bias, form, dtype, packing, seed):
+    ref_cls, our_cls, options = {
+        "rnn_tanh": (nn.RNNCell, fastrnn.RNNCell, dict(nonlinearity="tanh")),
+        "rnn_relu": (nn.RNNCell, fastrnn.RNNCell, dict(nonlinearity="relu")),
+        "lstm": (nn.LSTMCell, fastrnn.LSTMCell, {}),
+        "gru": (nn.GRUCell, fastrnn.GRUCell, {}),
+    }[kind]
+    torch.manual_seed(seed)
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=C, H=H, dtype=dtype, bias=bias)
+    unbatched = form == "unbatched"
+    x = torch.randn(*((C,) if unbatched else (N, C)), dtype=dtype, requires_grad=True)
+    hx = None if form == "no_hx" else state(ref, N, dtype=dtype, unbatched=unbatched)
+    with fastrnn.kernels(cpu_packing=packing):
+        assert_steps_match(ref, ours, x, hx, dtype)
