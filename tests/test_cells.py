@@ -368,18 +368,20 @@ def test_auto_packing_reads_few_rows_as_stored(cell):
     stored and a larger one packs them: each gives the bits of the layout
     forced."""
     layer = {"rnn": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[cell](
-        8, 20, backend="fused")
+        40, 40, backend="fused")
 
-    def bits(x, packing):
+    def bits(x, h, packing):
         with fastrnn.kernels(cpu_packing=packing), torch.no_grad():
-            return layer(x)[0]
+            return layer(x, (h, h) if cell == "lstm" else h)[0]
 
-    for shape, layout in (((1, 4, 8), "never"), ((4, 8, 8), "never"), ((5, 8, 8), "always")):
-        x = torch.randn(*shape)
+    for shape, layout in (((1, 4, 40), "never"), ((4, 8, 40), "never"), ((5, 8, 40), "always")):
+        x, h = torch.randn(*shape), torch.randn(1, shape[1], 40)
         other = "always" if layout == "never" else "never"
-        assert torch.equal(bits(x, "auto"), bits(x, layout))
-        # The two layouts sum in different orders: the check can tell them apart.
-        assert not torch.equal(bits(x, "auto"), bits(x, other))
+        assert torch.equal(bits(x, h, "auto"), bits(x, h, layout))
+        # The layouts sum products in different orders (a dot product of 40
+        # spans several vector lanes, added lane by lane at its end; a packed
+        # panel adds them one by one): the check can tell them apart.
+        assert not torch.equal(bits(x, h, "auto"), bits(x, h, other))
 
 
 @pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
