@@ -446,3 +446,19 @@ def test_random_cells_match_torch_nn(kind, C, H, N, bias, form, dtype, packing, 
     hx = None if form == "no_hx" else state(ref, N, dtype=dtype, unbatched=unbatched)
     with fastrnn.kernels(cpu_packing=packing):
         assert_steps_match(ref, ours, x, hx, dtype)
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_flop_counter_counts_torch_nns_flops(ref_cls, our_cls, options):
+    """FlopCounterMode sees the step's op and counts what it counts for
+    torch.nn's cell: both products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ref, ours = cell_pair(ref_cls, our_cls, options)
+    x = torch.randn(3, 5)
+    counts = []
+    for cell in (ref, ours):
+        with FlopCounterMode(display=False) as counter:
+            cell(x, state(ref, 3))
+        counts.append(counter.get_total_flops())
+    assert counts[1] == counts[0] > 0
