@@ -352,7 +352,39 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autocast_cuda(
                  bidirectional, has_biases);
 }
 
+// (N, C) or (C) as one step of a layer: (1, N, C) or (1, 1, C).
+Tensor as_step(const Tensor& t, bool batched) {
+  return batched ? t.unsqueeze(0) : t.reshape({1, 1, t.size(0)});
+}
+
 }  // namespace
+
+std::vector<Tensor> cell_step(int64_t kind, const Tensor& input, const std::vector<Tensor>& states,
+                              const std::vector<Tensor>& weights, bool has_biases) {
+  TORCH_CHECK(kind >= static_cast<int64_t>(CellKind::rnn_tanh) &&
+                  kind <= static_cast<int64_t>(CellKind::gru),
+              "cell_step: unknown cell kind ", kind);
+  const CellKind cell = static_cast<CellKind>(kind);
+  const bool batched = input.dim() == 2;
+  TORCH_CHECK(input.dim() == 1 || batched, "cell_step: input must be 1-D or 2-D");
+  TORCH_CHECK(weights.size() >= 2, "cell_step: weights must hold weight_ih and weight_hh");
+  const Tensor x = as_step(input, batched);
+  const int64_t n = x.size(1), width = cell == CellKind::lstm ? 2 : 1;
+  TORCH_CHECK(states.empty() || static_cast<int64_t>(states.size()) == width,
+              "cell_step: expected ", width, " states, got ", states.size());
+  std::array<Tensor, 2> h;
+  for (int64_t i = 0; i < width; ++i)
+    h[i] = states.empty() ? at::zeros({1, n, weights[1].size(1)}, x.options())
+                          : as_step(states[i], batched);
+  const variable_list out = call_forward(
+      {cell, x, h[0], width == 2 ? optional<Tensor>(h[1]) : std::nullopt, weights, std::nullopt,
+       std::nullopt, 1, false, has_biases, false});
+  // Views of the op's (1, N, H) h_n and c_n whose backward is a view again
+  // (a select's would allocate and fill a zero tensor of the whole).
+  auto state = [&](const Tensor& t) { return batched ? t.view({n, t.size(2)}) : t.view({t.size(2)}); };
+  if (width == 2) return {state(out[1]), state(out[2])};
+  return {state(out[1])};
+}
 
 TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
   m.impl("rnn_forward", &rnn_forward_autograd);

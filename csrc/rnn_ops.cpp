@@ -130,60 +130,6 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> gru_backward(
   return {b.grad_input, b.grad_hx, b.grad_weights};
 }
 
-namespace {
-
-template <typename F>
-auto typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
-}
-
-// (N, C) or (C) as one step of a layer: (1, N, C) or (1, 1, C).
-Tensor as_step(const Tensor& t, bool batched) {
-  return batched ? t.unsqueeze(0) : t.reshape({1, 1, t.size(0)});
-}
-
-}  // namespace
-
-std::vector<Tensor> cell_step(int64_t kind, const Tensor& input, const std::vector<Tensor>& states,
-                              const std::vector<Tensor>& weights, bool has_biases) {
-  const CellKind cell = static_cast<CellKind>(kind);
-  const bool batched = input.dim() == 2;
-  TORCH_CHECK(input.dim() == 1 || batched, "cell_step: input must be 1-D or 2-D");
-  TORCH_CHECK(weights.size() >= 2, "cell_step: weights must hold weight_ih and weight_hh");
-  const Tensor x = as_step(input, batched);
-  const int64_t n = x.size(1), width = cell == CellKind::lstm ? 2 : 1;
-  TORCH_CHECK(states.empty() || static_cast<int64_t>(states.size()) == width,
-              "cell_step: expected ", width, " states, got ", states.size());
-  std::array<Tensor, 2> h;
-  for (int64_t i = 0; i < width; ++i)
-    h[i] = states.empty() ? at::zeros({1, n, weights[1].size(1)}, x.options())
-                          : as_step(states[i], batched);
-  // A view of the op's (1, N, H) result whose backward is a view again (a
-  // select's would allocate and fill a zero tensor of the whole).
-  auto out = [&](const Tensor& t) { return batched ? t.view({n, t.size(2)}) : t.view({t.size(2)}); };
-  switch (cell) {
-    case CellKind::rnn_tanh:
-    case CellKind::rnn_relu: {
-      static auto op = typed_op<decltype(rnn_forward)>("fastrnn::rnn_forward");
-      auto r = op.call(x, h[0], weights, std::nullopt, std::nullopt, 1, false, has_biases,
-                       cell == CellKind::rnn_relu);
-      return {out(std::get<1>(r))};
-    }
-    case CellKind::lstm: {
-      static auto op = typed_op<decltype(lstm_forward)>("fastrnn::lstm_forward");
-      auto r = op.call(x, h[0], h[1], weights, std::nullopt, std::nullopt, 1, false, has_biases,
-                       false);
-      return {out(std::get<1>(r)), out(std::get<2>(r))};
-    }
-    case CellKind::gru: {
-      static auto op = typed_op<decltype(gru_forward)>("fastrnn::gru_forward");
-      auto r = op.call(x, h[0], weights, std::nullopt, std::nullopt, 1, false, has_biases);
-      return {out(std::get<1>(r))};
-    }
-  }
-  TORCH_CHECK(false, "cell_step: unknown cell kind ", kind);
-}
-
 TORCH_LIBRARY(fastrnn, m) {
   m.def(
       "rnn_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? lengths, "
