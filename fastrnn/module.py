@@ -236,7 +236,7 @@ class _FusedBase(_Backend, nn.RNNBase):
             return None
         flags = ((self.proj_size > 0,) if lstm else
                  (self.mode == "RNN_RELU",) if self.mode != "GRU" else ())
-        op = _LAYER_OPS.get(self.mode) or _layer_op(self.mode)
+        op = _op(_LAYER_OP_NAMES[self.mode])
         try:
             out = op(x, *states, weights, None, None, self.num_layers, self.bidirectional,
                      self.bias, *flags)
@@ -751,7 +751,7 @@ class _FusedCell(_Backend):
             states = (zeros, zeros) if self._pair else (zeros,)
         else:
             states = tuple(h.unsqueeze(0) if dim == 2 else h.reshape(1, 1, -1) for h in states)
-        op = _CELL_OPS.get(self._op_name) or _cell_op(self._op_name)
+        op = _op(self._op_name)
         try:
             out = op(x, *states, self._weights(), None, None, 1, False, self.bias, *self._flags())
         except (RuntimeError, TypeError, ValueError, IndexError):
@@ -763,27 +763,23 @@ class _FusedCell(_Backend):
         return h_n
 
 
+_OPS = {}
+
+
+def _op(name):
+    """torch.ops.fastrnn.<name>'s one overload, looked up once: calling it
+    skips the packet's overload resolution on every call."""
+    if name not in _OPS:
+        _OPS[name] = getattr(torch.ops.fastrnn, name).default
+    return _OPS[name]
+
+
+# Each layer mode's forward op.
 _LAYER_OP_NAMES = {"RNN_TANH": "rnn_forward", "RNN_RELU": "rnn_forward", "LSTM": "lstm_forward",
                    "GRU": "gru_forward"}
-_LAYER_OPS = {}
-
-
-def _layer_op(mode):
-    _LAYER_OPS[mode] = getattr(torch.ops.fastrnn, _LAYER_OP_NAMES[mode]).default
-    return _LAYER_OPS[mode]
-
-
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 # csrc/cells.h's CellKind of each cell's op (RNNCell: 0 tanh, 1 relu).
 _CELL_KINDS = {"rnn_forward": 0, "lstm_forward": 2, "gru_forward": 3}
-_CELL_OPS = {}
-
-
-def _cell_op(name):
-    # The op's one overload, looked up once: calling it skips the overload
-    # resolution of torch.ops.fastrnn.<name>.
-    _CELL_OPS[name] = getattr(torch.ops.fastrnn, name).default
-    return _CELL_OPS[name]
 
 
 class RNNCell(_FusedCell, nn.RNNCell):
