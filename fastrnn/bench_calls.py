@@ -15,7 +15,6 @@ interquartile range over median of the row's timings.
 """
 
 import io
-import statistics
 import time
 import warnings
 
@@ -23,6 +22,8 @@ import torch
 from torch import nn
 
 import fastrnn
+
+from .bench import _repeat, summary
 
 CELL_CLASSES = {"rnn": (nn.RNNCell, fastrnn.RNNCell), "lstm": (nn.LSTMCell, fastrnn.LSTMCell),
                 "gru": (nn.GRUCell, fastrnn.GRUCell)}
@@ -34,29 +35,25 @@ STREAM_SHAPES = [(64, 64), (64, 128), (64, 256)]
 
 
 def _interleaved(fns, seconds, blocks=15):
-    """Per-call medians (us) and spreads of each fn, timed in `blocks`
-    interleaved blocks that take about seconds / blocks each in all."""
+    """Per-call medians (us) and spreads (bench.summary's) of each fn, timed
+    in `blocks` interleaved blocks that take about seconds / blocks each in
+    all."""
     for fn in fns:
         fn()
-    per_block = []
+    one_call = []
     for fn in fns:
         t0 = time.perf_counter()
         fn()
-        per_block.append(max(time.perf_counter() - t0, 1e-7))
-    calls = [max(1, int(seconds / blocks / len(fns) / t)) for t in per_block]
+        one_call.append(max(time.perf_counter() - t0, 1e-7))
+    calls = [max(1, int(seconds / blocks / len(fns) / t)) for t in one_call]
+    runs = [_repeat(fn, n) for fn, n in zip(fns, calls)]
     samples = [[] for _ in fns]
     for _ in range(blocks):
-        for i, fn in enumerate(fns):
+        for i, run in enumerate(runs):
             t0 = time.perf_counter()
-            for _ in range(calls[i]):
-                fn()
-            samples[i].append((time.perf_counter() - t0) / calls[i] * 1e6)
-    out = []
-    for s in samples:
-        q = statistics.quantiles(s, n=4)
-        median = statistics.median(s)
-        out.append((median, (q[2] - q[0]) / median))
-    return out
+            run()
+            samples[i].append((time.perf_counter() - t0) / calls[i])
+    return [(s["median_ms"] * 1e3, s["spread"]) for s in map(summary, samples)]
 
 
 def _state(cell, n, hidden):
