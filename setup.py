@@ -135,8 +135,9 @@ def _version():
         return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 
-def _build_info(torch, use_cuda):
+def _build_info(torch, use_cuda, compile_args):
     """The text of fastrnn/_build_info.py."""
+    nvcc = compile_args.get("nvcc") if isinstance(compile_args, dict) else None
     fields = {
         "version": _version(),
         "torch": torch.__version__,
@@ -145,11 +146,18 @@ def _build_info(torch, use_cuda):
         "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if use_cuda else None,
         "cpu_isas": _cpu_isas(),
         "sanitize": os.environ.get("FASTRNN_SANITIZE", ""),
+        "nvcc_flags": list(nvcc) if use_cuda and nvcc else None,
     }
     lines = ['"""What fastrnn._C beside this file was built for: written by setup.py,',
              'read by fastrnn._ops (the torch check at import) and fastrnn.info."""', ""]
     lines += [f"{k} = {v!r}" for k, v in fields.items()]
     return "\n".join(lines) + "\n"
+
+
+# A kernel that spills registers to local memory fails the build, for every
+# architecture built: each kernel's thread bound leaves it the registers it
+# needs (block_limit in csrc/cuda/recurrence_cuda_paths.h).
+PTXAS_FLAGS = ["-Xptxas=--warn-on-spills,--warning-as-error"]
 
 
 def extensions():
@@ -201,7 +209,7 @@ def extensions():
                 folder = os.path.dirname(self.get_ext_fullpath(ext.name))
                 os.makedirs(folder, exist_ok=True)
                 with open(os.path.join(folder, "_build_info.py"), "w") as f:
-                    f.write(_build_info(torch, use_cuda))
+                    f.write(_build_info(torch, use_cuda, ext.extra_compile_args))
 
     cmdclass = {"build_ext": BuildExt}
     if not use_cuda:
@@ -214,7 +222,7 @@ def extensions():
         include_dirs += _wheel_cuda_includes(torch)
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc = ["-O3", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr"] + PTXAS_FLAGS
     if os.environ.get("FASTRNN_LINEINFO"):
         # Source lines in device code, for compute-sanitizer and profilers
         # (bench/gpu_check.sh); a fifth more of a library that is mostly

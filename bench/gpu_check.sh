@@ -44,8 +44,9 @@ LOG=$OUT_DIR/gpu_check.log
 WORK=$(mktemp -d)
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# A grid-path barrier that waits this long traps with an error instead of
-# hanging (co-residency lost to another process, say).
+# A grid-path barrier that waits this long stops its launch, which then
+# raises an error, instead of hanging (co-residency lost to another
+# process, say).
 export FASTRNN_GRID_TIMEOUT_MS=${FASTRNN_GRID_TIMEOUT_MS:-5000}
 
 # The benchmark's share of the budget: the steps before it see the budget

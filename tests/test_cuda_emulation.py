@@ -112,17 +112,23 @@ def test_grid_at_a_size_no_cluster_holds():
 
 def test_grid_barrier_times_out_instead_of_hanging():
     """A group whose blocks are not all resident never completes its
-    barrier: the emulator runs a group of three in waves of two blocks, and
-    the barrier's own timeout stops the launch with an error."""
-    _, ours = pair(3, 7, dtype=torch.float64)
+    barrier: the emulator runs a group of three in waves of two blocks. The
+    barrier's own timeout raises the launch's abort flag, every block leaves
+    the kernel (the third, in the next wave, at its first barrier), and the
+    host raises on reading the flag; the next launch runs as usual."""
+    ref, ours = pair(3, 7, dtype=torch.float64)
+    x = leaf(4, 2, 3, dtype=torch.float64)
     try:
         fastrnn._ops._C.set_grid_timeout_ms(200)
         fastrnn._ops._C.set_emulator_blocks(2)
         with emulated("grid", 3), pytest.raises(RuntimeError, match="grid-path barrier timed out"):
-            ours(torch.randn(4, 2, 3, dtype=torch.float64))
+            ours(x)
     finally:
         fastrnn._ops._C.set_emulator_blocks(0)
         fastrnn._ops._C.set_grid_timeout_ms(10000)
+    with emulated("grid", 3):
+        compare(ref, ours, x)
+        assert fastrnn.last_cuda_path() == "grid"
 
 
 @pytest.mark.parametrize("path,blocks,message", [
@@ -193,8 +199,9 @@ choose = None if not fastrnn.cuda_built() else fastrnn._ops._C.choose_emulated_l
 SMS, SMEM_OPTIN = 132, 227 * 1024
 
 
-def _blocks_per_sm(threads, smem):
-    return min(228 * 1024 // (smem + 1024), 2048 // threads, 65536 // (threads * 128), 32)
+def _blocks_per_sm(threads, smem, bound):
+    registers = min(256, 65536 // bound)  # a thread's, as __launch_bounds__(bound, 1) leaves them
+    return min(228 * 1024 // (smem + 1024), 2048 // threads, 65536 // (threads * registers), 32)
 
 
 @pytest.mark.parametrize("cell", [0, 2, 3])
@@ -202,19 +209,20 @@ def _blocks_per_sm(threads, smem):
 @pytest.mark.parametrize("hidden", [16, 64, 128, 256, 512, 700, 1024])
 @pytest.mark.parametrize("batch", [1, 8, 64, 512])
 @pytest.mark.parametrize("D", [1, 2])
-def test_every_single_kernel_launch_fits_one_wave(cell, forward, hidden, batch, D):
+@pytest.mark.parametrize("elem_bytes", [2, 4, 8])
+def test_every_single_kernel_launch_fits_one_wave(cell, forward, hidden, batch, D, elem_bytes):
     """Every persistent, cluster or grid launch the chooser makes fits the
     device at once, within the shared memory a block may have; the grid
     with an eighth to spare."""
-    path, (gx, gy, threads, smem, rows, size, split), error = choose(
-        cell, forward, 64, batch, hidden, hidden, D, 4, False, "auto", 0)
+    path, (gx, gy, threads, smem, rows, size, split, bound), error = choose(
+        cell, forward, 64, batch, hidden, hidden, D, elem_bytes, False, "auto", 0)
     assert error == ""
     if path == "step":
         return
-    assert smem <= SMEM_OPTIN and 32 <= threads <= 512 and threads % 32 == 0
+    assert smem <= SMEM_OPTIN and 32 <= threads <= bound <= 512 and threads % 32 == 0
     assert gx == size * -(-batch // rows) and gy == D
     assert 1 <= split <= 32 and 32 % split == 0
-    per_sm = _blocks_per_sm(threads, smem)
+    per_sm = _blocks_per_sm(threads, smem, bound)
     if path == "persistent":
         assert size == 1 and gx * gy <= per_sm * SMS
     elif path == "cluster":

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <limits>
@@ -123,7 +124,8 @@ Launch choose(bool on_device, int device, const cuda::Problem& pr) {
     if (it != cache.end()) {
       c = it->second;
     } else {
-      c = cuda::choose_launch(on_device ? device_model<Cell, T>(device) : cuda::emulated_device(),
+      c = cuda::choose_launch(on_device ? device_model<Cell, T>(device)
+                                        : cuda::emulated_device(Cell::kind, sizeof(T)),
                               pr, forced, blocks);
       if (cache.size() > 4096) cache.clear();
       cache.emplace(key, c);
@@ -191,28 +193,51 @@ void emulated(const Run& run) {
   }
 }
 
+// Raises if a grid launch's barrier timed out: its abort flag, read after
+// the launch. On the device that waits for the kernel, except while the
+// stream is being captured into a CUDA graph, where nothing may wait: there
+// a timeout is not reported (the launch still ends instead of hanging).
+void check_abort(const at::Tensor& abort_flag, bool on_device) {
+  if (on_device) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+    if (capture != cudaStreamCaptureStatusNone) return;
+  }
+  TORCH_CHECK(abort_flag.item<int32_t>() == 0,
+              "fastrnn: a grid-path barrier timed out: not every block of the group is resident "
+              "(another process or kernel holding multiprocessors?); the call was stopped and its "
+              "results are not valid; set FASTRNN_CUDA_PATH=step or fastrnn.set_cuda_path('step') "
+              "to avoid the grid path");
+}
+
 // Runs the call's persistent, cluster or grid launch l on the device or the
 // emulator; false where the device refused a cooperative launch. The grid
 // path's scratch: the exchange buffer (2, D, N, S) in the accumulation
 // type, real columns [0, width) NaN so that a read of a value never written
-// shows, padding zero; the barrier counters (D, groups), zero; both made on
-// the current stream, so that nothing waits for the device.
+// shows, padding zero; the barrier counters (D, groups) and the abort flag,
+// zero; all made on the current stream, so that nothing waits for the
+// device before the launch.
 template <typename Cell, typename T, typename Params>
 bool single_kernel(const Launch& l, const Params& p, bool on_device, const at::TensorOptions& acc,
                    int64_t width, int64_t S) {
   using A = typename cuda::AccOf<T>::type;
   at::Tensor exchange, counters;
   cuda::GridScratch<A> grid{nullptr, nullptr, grid_timeout_ns.load()};
+  const int64_t flags = p.D * (l.grid_x / std::max<int64_t>(1, l.geometry.size));
   if (l.path == Path::grid) {
     exchange = at::full({2, p.D, p.N, S}, std::numeric_limits<double>::quiet_NaN(), acc);
     if (S > width) exchange.narrow(3, width, S - width).zero_();
-    counters = at::zeros({p.D, l.grid_x / l.geometry.size}, acc.dtype(at::kInt));
+    counters = at::zeros({flags + 1}, acc.dtype(at::kInt));
     grid.exchange = exchange.data_ptr<A>();
     grid.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
   }
-  if (on_device)
-    return launched(cuda::Kernels<Cell, T>::run(l, p, grid, c10::cuda::getCurrentCUDAStream()));
-  emulated([&] { cuda::Emulator<Cell, T>::run(l, p, grid); });
+  if (on_device) {
+    if (!launched(cuda::Kernels<Cell, T>::run(l, p, grid, c10::cuda::getCurrentCUDAStream())))
+      return false;
+  } else {
+    emulated([&] { cuda::Emulator<Cell, T>::run(l, p, grid); });
+  }
+  if (l.path == Path::grid) check_abort(counters[flags], on_device);
   return true;
 }
 
@@ -421,10 +446,14 @@ std::tuple<std::string, std::vector<int64_t>, std::string> choose_emulated_launc
   TORCH_CHECK(cell >= 0 && cell <= 3, "unknown cell ", cell);
   TORCH_CHECK(elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8, "elem_bytes must be 2, 4 or 8");
   const cuda::Problem pr{static_cast<CellKind>(cell), forward, T, N, H, P, D, elem_bytes, proj};
-  const cuda::Choice c = cuda::choose_launch(cuda::emulated_device(), pr, parse_path(path), blocks);
+  const cuda::Choice c = cuda::choose_launch(
+      cuda::emulated_device(pr.cell, elem_bytes), pr, parse_path(path), blocks);
   const Launch& l = c.launch;
+  const int64_t bound =
+      l.path == Path::step ? cuda::kStepThreads : cuda::block_limit(pr.cell, elem_bytes, l.path);
   return {cuda::path_name(l.path),
-          {l.grid_x, l.grid_y, l.threads, l.smem, l.geometry.rows, l.geometry.size, l.geometry.split},
+          {l.grid_x, l.grid_y, l.threads, l.smem, l.geometry.rows, l.geometry.size, l.geometry.split,
+           bound},
           c.error};
 }
 

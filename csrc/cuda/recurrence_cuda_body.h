@@ -8,13 +8,14 @@
 // launchers and the emulator alike.
 //
 // A body sees its block through `b`: b.tid and b.threads (threadIdx.x and
-// blockDim.x), b.sync() (__syncthreads), b.lane_sum(v, S) (the sum of v
-// over the S lanes of an aligned group of a warp, by shuffles), b.fail(msg)
-// (stop the launch with an error), b.spin() (once per turn of a wait loop).
+// blockDim.x), b.sync() (__syncthreads), b.sync_or(v) (__syncthreads_or:
+// whether v held in any thread of the block), b.lane_sum(v, S) (the sum of v
+// over the S lanes of an aligned group of a warp, by shuffles), b.spin()
+// (once per turn of a wait loop).
 // Cluster members also have b.rank,
 // b.size, b.peer(q) (member q's shared memory) and b.cluster_sync(); grid
 // group members b.rank, b.size and b.counter (their group's barrier
-// counter), and b.timeout_ns.
+// counter), b.abort (the launch's abort flag) and b.timeout_ns.
 //
 // Arithmetic runs in the accumulation type A (float, or double for double);
 // the states are carried in it too, so half and bfloat16 round only what
@@ -893,7 +894,10 @@ FASTRNN_HD void backward_cluster_body(const BackwardParams<T>& p, const Geometry
 // threads on either side. The device and the emulator run this same code,
 // on cuda::atomic_ref and HostAtomicRef. A wait past b.timeout_ns (the
 // group's blocks not all resident: another process or an NCCL kernel holding
-// multiprocessors) stops the launch with an error instead of hanging.
+// multiprocessors) raises the launch's abort flag instead of hanging; every
+// block that sees the flag in a wait leaves the kernel, so the launch ends,
+// and the host reads the flag and raises (no trap, so the CUDA context and
+// the process survive). Returns whether the block goes on.
 #if !defined(__CUDA_ARCH__)
 // std::atomic_ref's interface for the emulator, on the __atomic builtins so
 // that it builds as C++17 (torch before 2.13 compiles extensions as C++17).
@@ -928,16 +932,19 @@ FASTRNN_HD int64_t clock_ns() {
 }
 
 template <class Block>
-FASTRNN_HD void group_barrier(const Block& b, int64_t s) {
+FASTRNN_HD bool group_barrier(const Block& b, int64_t s) {
   b.sync();
+  bool stop = false;
   if (b.tid == 0) {
     const unsigned int target = static_cast<unsigned int>((s + 1) * b.size);
 #if defined(__CUDA_ARCH__)
     ::cuda::atomic_ref<unsigned int, ::cuda::thread_scope_device> counter(*b.counter);
+    ::cuda::atomic_ref<unsigned int, ::cuda::thread_scope_device> abort(*b.abort);
     constexpr auto release = ::cuda::memory_order_release;
     constexpr auto acquire = ::cuda::memory_order_acquire;
 #else
     HostAtomicRef counter(*b.counter);
+    HostAtomicRef abort(*b.abort);
     constexpr HostOrder<__ATOMIC_RELEASE> release{};
     constexpr HostOrder<__ATOMIC_ACQUIRE> acquire{};
 #endif
@@ -945,15 +952,18 @@ FASTRNN_HD void group_barrier(const Block& b, int64_t s) {
     const int64_t start = clock_ns();
     while (counter.load(acquire) < target) {
       b.spin();
+      if (abort.load(acquire) != 0) {
+        stop = true;
+        break;
+      }
       if (clock_ns() - start > b.timeout_ns) {
-        b.fail("fastrnn: a grid-path barrier timed out: not every block of the group is "
-               "resident (another process or kernel holding multiprocessors?); "
-               "set FASTRNN_CUDA_PATH=step to avoid the grid path");
+        abort.fetch_add(1u, release);
+        stop = true;
         break;
       }
     }
   }
-  b.sync();
+  return !b.sync_or(stop);
 }
 
 // Rows [n0, n0 + R) of one buffer of the exchange (rows of width S, A) into
@@ -1007,7 +1017,7 @@ FASTRNN_HD void forward_grid_body(const ForwardParams<T>& p, const Geometry& g, 
     A* next = exchange + (s & 1) * buffer + rows0;
     forward_items<Cell>(p, t, d, n0, it, j0, Hc, w, l.Wst, state, l.Ss, cs, Hc, ahead, t_next, b,
                         [&](int64_t r, int64_t j, A v) { next[r * l.Ss + j] = v; });
-    group_barrier(b, s);
+    if (!group_barrier(b, s)) return;
   }
   gather_rows(exchange + ((T_ - 1) & 1) * buffer + rows0, state, R, l.Ss, b);
   b.sync();
@@ -1043,7 +1053,7 @@ FASTRNN_HD void backward_grid_body(const BackwardParams<T>& p, const Geometry& g
     A* mine = exchange + (s & 1) * buffer + rows0;
     dz_items<Cell>(p, t, d, n0, it, k0, dh, Hc, dc, Hc, ahead, s + 1 < T_ ? time(s + 1) : -1, b,
                    [&](int64_t r, int64_t m, A v) { mine[r * l.Ms + m] = v; });
-    group_barrier(b, s);
+    if (!group_barrier(b, s)) return;
     gather_rows(mine, z, R, l.Ms, b);
     b.sync();
     carry_items(p.lengths, t, n0, it, z, l.Ms, wt, l.Mst, dh, Hc, b);

@@ -66,6 +66,25 @@ class Barrier {
       if (generation_ == gen) throw Stopped{};
     }
   }
+  // wait(), and whether v held in any of the waiting threads.
+  bool wait_or(bool v) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (st_->stopped.load()) throw Stopped{};
+    const int64_t gen = generation_;
+    any_ = any_ || v;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      result_ = any_;
+      any_ = false;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return generation_ != gen || st_->stopped.load(); });
+      if (generation_ == gen) throw Stopped{};
+    }
+    // No thread can end the next generation before this one has read it.
+    return result_;
+  }
   void wake() {
     std::lock_guard<std::mutex> lock(mu_);
     cv_.notify_all();
@@ -78,6 +97,7 @@ class Barrier {
   LaunchState* st_;
   int64_t arrived_ = 0;
   int64_t generation_ = 0;
+  bool any_ = false, result_ = false;
 };
 
 // The 32 lanes of a warp, for shuffles: each lane posts its value, all meet,
@@ -107,6 +127,7 @@ struct HostBlock {
   BlockState* state;
   LaunchState* st;
   void sync() const { state->barrier.wait(); }
+  bool sync_or(bool v) const { return state->barrier.wait_or(v); }
   template <typename A>
   A lane_sum(A v, int64_t lanes) const {
     if (lanes == 1) return v;
@@ -120,7 +141,6 @@ struct HostBlock {
     }
     return v;
   }
-  [[noreturn]] void fail(const char* message) const { throw std::runtime_error(message); }
   void spin() const {
     if (st->stopped.load()) throw Stopped{};
     std::this_thread::yield();
@@ -137,7 +157,7 @@ struct HostClusterBlock : HostBlock {
 
 struct HostGridBlock : HostBlock {
   int64_t rank, size;
-  unsigned int* counter;
+  unsigned int *counter, *abort;
   int64_t timeout_ns;
 };
 
@@ -237,7 +257,8 @@ void emulate(const Launch& l, const Params& p, const GridScratch<A>& grid) {
         const int64_t grp = w.bx / g.size;
         grid_body<Cell>(p, g, grp, w.by, grid.exchange, w.block->shared(),
                         HostGridBlock{{w.tid, l.threads, w.block, w.st}, w.q, g.size,
-                                      grid.counters + w.by * groups + grp, grid.timeout_ns});
+                                      grid.counters + w.by * groups + grp,
+                                      grid.counters + l.grid_y * groups, grid.timeout_ns});
       });
       return;
     }

@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
 #include <mutex>
 #include <set>
 #include <utility>
@@ -27,16 +26,27 @@ struct DeviceBlock {
     for (int o = static_cast<int>(lanes) / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
   }
-  __device__ void fail(const char* message) const {
-    printf("%s\n", message);
-    __trap();
-  }
+  __device__ __forceinline__ bool sync_or(bool v) const { return __syncthreads_or(v) != 0; }
   __device__ __forceinline__ void spin() const {}
 };
 
+// The block_limit of the path's kernel for Cell and Params (the forward's or
+// the backward's, of storage type T).
+template <typename Params>
+struct StorageBytes;
+template <template <typename> class P, typename T>
+struct StorageBytes<P<T>> {
+  static constexpr int64_t value = sizeof(T);
+};
+template <typename Cell, typename Params>
+constexpr int bound(Path path) {
+  return static_cast<int>(block_limit(Cell::kind, StorageBytes<Params>::value, path));
+}
+
 // grid (ceil(N / rows), D). Params: the forward's or the backward's.
 template <typename Cell, typename Params>
-__global__ void __launch_bounds__(kMaxThreads, 1) persistent_kernel(const Params p, const Geometry g) {
+__global__ void __launch_bounds__(bound<Cell, Params>(Path::persistent), 1)
+    persistent_kernel(const Params p, const Geometry g) {
   extern __shared__ __align__(16) unsigned char smem[];
   persistent_body<Cell>(p, g, blockIdx.x, blockIdx.y, smem, DeviceBlock{threadIdx.x, blockDim.x});
 }
@@ -57,7 +67,8 @@ struct ClusterBlock : DeviceBlock {
 // sm_90 there are no clusters: the kernel traps, and the path choice never
 // takes it where the loaded code lacks sm_90 (Kernels::cluster_code).
 template <typename Cell, typename Params>
-__global__ void __launch_bounds__(kMaxThreads, 1) cluster_kernel(const Params p, const Geometry g) {
+__global__ void __launch_bounds__(bound<Cell, Params>(Path::cluster), 1)
+    cluster_kernel(const Params p, const Geometry g) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem[];
   const auto cluster = cooperative_groups::this_cluster();
@@ -71,21 +82,23 @@ __global__ void __launch_bounds__(kMaxThreads, 1) cluster_kernel(const Params p,
 // A member of a grid group, as the grid bodies and group_barrier see it.
 struct GridBlock : DeviceBlock {
   int64_t rank, size;
-  unsigned int* counter;
+  unsigned int *counter, *abort;
   int64_t timeout_ns;
 };
 
 // grid (size * groups, D); group g is blocks [g * size, (g + 1) * size) of
-// its row of the grid.
+// its row of the grid. counters: (D, groups) barrier counters, then the
+// abort flag (GridScratch).
 template <typename Cell, typename Params, typename A>
-__global__ void __launch_bounds__(kMaxThreads, 1)
+__global__ void __launch_bounds__(bound<Cell, Params>(Path::grid), 1)
     grid_kernel(const Params p, const Geometry g, A* exchange, unsigned int* counters,
                 const int64_t timeout_ns) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t grp = blockIdx.x / g.size, groups = gridDim.x / g.size;
   grid_body<Cell>(p, g, grp, blockIdx.y, exchange, smem,
                   GridBlock{{threadIdx.x, blockDim.x}, blockIdx.x % g.size, g.size,
-                            counters + blockIdx.y * groups + grp, timeout_ns});
+                            counters + blockIdx.y * groups + grp, counters + gridDim.y * groups,
+                            timeout_ns});
 }
 
 // The step path: grid (ceil(N * width / kStepThreads), D), one thread an element.

@@ -20,7 +20,8 @@ namespace cuda {
 // What a launch of the grid path needs besides its params: the exchange
 // buffer (2, D, N, S) in A with S the padded row of the state (forward) or of
 // dz (backward), real columns NaN and padding zero; the barrier counters (D,
-// groups), zero; how long a barrier may wait.
+// groups) and after them the abort flag (nonzero once a barrier timed out),
+// all zero; how long a barrier may wait.
 template <typename A>
 struct GridScratch {
   A* exchange;
@@ -62,7 +63,7 @@ struct Kernels {
 // or grid group (and as many whole groups as fit a budget of threads) at
 // once, __syncthreads and cluster barriers as host barriers, shuffles
 // through a per-warp exchange, the grid path's own barrier code on
-// the __atomic builtins. An error a body raises (b.fail) stops every thread of the
+// the __atomic builtins. An exception in a thread stops every thread of the
 // launch and comes back as an exception.
 template <typename Cell, typename T>
 struct Emulator {

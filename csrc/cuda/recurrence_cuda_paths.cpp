@@ -46,7 +46,7 @@ Launch make_launch(const Problem& pr, Path path, int64_t rows, int64_t size, int
   Launch l{};
   l.path = path;
   int64_t split = 1, threads = kMaxThreads;
-  block_shape(pr, rows, share, &split, &threads);
+  block_shape(pr, path, rows, share, &split, &threads);
   l.grid_x = size * ceil_div(pr.N, rows);
   l.grid_y = pr.D;
   l.threads = threads;
@@ -150,32 +150,34 @@ int64_t smem_bytes(const Problem& pr, Path path, int64_t rows, int64_t share) {
   });
 }
 
-void block_shape(const Problem& pr, int64_t rows, int64_t share, int64_t* split,
+void block_shape(const Problem& pr, Path path, int64_t rows, int64_t share, int64_t* split,
                  int64_t* threads) {
   const int64_t items = row_tiles(rows) * share, chunks = dot_chunks_of(pr);
+  const int64_t limit = block_limit(pr.cell, pr.elem_bytes, path);
   // Lanes per item: while the block has threads to spare and each lane keeps
   // at least eight chunks of its dot products.
   int64_t s = 1;
-  while (s < 32 && items * s * 2 <= kMaxThreads && chunks >= 16 * s) s *= 2;
+  while (s < 32 && items * s * 2 <= limit && chunks >= 16 * s) s *= 2;
   *split = s;
-  *threads = std::min(kMaxThreads, std::max<int64_t>(32, ceil_div(items * s, 32) * 32));
+  *threads = std::min(limit, std::max<int64_t>(32, ceil_div(items * s, 32) * 32));
 }
 
-DeviceModel emulated_device() {
+DeviceModel emulated_device(CellKind cell, int64_t elem_bytes) {
   DeviceModel m;
   m.sms = 132;
   m.smem_optin = 227 * 1024;
   m.clusters = true;
   m.cooperative = true;
-  const auto per_sm = [](int64_t threads, int64_t smem) {
+  // A thread's registers: what its kernel's bound leaves it, at most 255
+  // (allocated as 256).
+  const auto per_sm = [cell, elem_bytes](Path path, bool, int64_t threads, int64_t smem) {
+    const int64_t regs = std::min<int64_t>(256, 65536 / block_limit(cell, elem_bytes, path));
     return std::min({int64_t{228 * 1024} / (smem + 1024), int64_t{2048} / threads,
-                     int64_t{65536} / (threads * 128), int64_t{32}});
+                     int64_t{65536} / (threads * regs), int64_t{32}});
   };
-  m.blocks_per_sm = [per_sm](Path, bool, int64_t threads, int64_t smem) {
-    return per_sm(threads, smem);
-  };
-  m.active_clusters = [per_sm](bool, int64_t size, int64_t threads, int64_t smem) {
-    return 8 * (16 * per_sm(threads, smem) / size);
+  m.blocks_per_sm = per_sm;
+  m.active_clusters = [per_sm](bool forward, int64_t size, int64_t threads, int64_t smem) {
+    return 8 * (16 * per_sm(Path::cluster, forward, threads, smem) / size);
   };
   return m;
 }

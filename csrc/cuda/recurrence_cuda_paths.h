@@ -43,11 +43,24 @@ namespace cuda {
 enum class Path : int { automatic = 0, persistent = 1, cluster = 2, grid = 3, step = 4 };
 const char* path_name(Path p);
 
-// Threads of a block of the persistent, cluster and grid kernels, at most.
-// 512 leaves a thread 128 registers (the kernels declare one block per
-// multiprocessor with __launch_bounds__, which their shared memory mostly
-// allows anyway).
+// Threads of a block of the persistent, cluster and grid kernels, at most,
+// per kernel: each declares its bound with __launch_bounds__(bound, 1),
+// which leaves a thread 128 registers at 512, 168 at 384 and 255 at 256.
+// The bounds give every kernel the registers its code needs (ptxas -v on
+// sm_80, sm_90, sm_100 and sm_120): the gated cells' cluster and grid
+// kernels, and all of their kernels in double, need up to 254; their
+// persistent kernels, and the Elman cell's cluster and grid kernels in 16-bit
+// types and double, a little over 128. No kernel spills registers to local
+// memory, and the build fails on a spill (setup.py passes ptxas
+// --warn-on-spills --warning-as-error).
 constexpr int64_t kMaxThreads = 512;
+constexpr int64_t block_limit(CellKind cell, int64_t elem_bytes, Path path) {
+  const bool gated = cell == CellKind::lstm || cell == CellKind::gru;
+  const bool shared = path == Path::cluster || path == Path::grid;  // W_hh split between blocks
+  if (gated) return shared || elem_bytes == 8 ? 256 : 384;
+  if (shared && elem_bytes != 4) return 384;
+  return kMaxThreads;
+}
 constexpr int64_t kStepThreads = 256;
 
 struct DeviceModel {
@@ -63,11 +76,13 @@ struct DeviceModel {
       active_clusters;
 };
 
-// The emulator's device: an H100/H200 (132 multiprocessors, 227 KB of
-// shared memory per block and 228 KB per multiprocessor, 2048 threads and
-// 64K registers a multiprocessor, at most 128 registers a thread, clusters
-// placed within graphics processing clusters of 16 multiprocessors).
-DeviceModel emulated_device();
+// The emulator's device, for the kernels of one cell and storage size: an
+// H100/H200 (132 multiprocessors, 227 KB of shared memory per block and 228
+// KB per multiprocessor, 2048 threads and 64K registers a multiprocessor,
+// clusters placed within graphics processing clusters of 16
+// multiprocessors), each kernel taking as many registers a thread as its
+// block_limit leaves it.
+DeviceModel emulated_device(CellKind cell, int64_t elem_bytes);
 
 struct Problem {
   CellKind cell;
@@ -101,7 +116,7 @@ Choice choose_launch(const DeviceModel& m, const Problem& pr, Path forced, int64
 // rows and a share of `share` units, and the lanes per item and threads of
 // its blocks.
 int64_t smem_bytes(const Problem& pr, Path path, int64_t rows, int64_t share);
-void block_shape(const Problem& pr, int64_t rows, int64_t share, int64_t* split,
+void block_shape(const Problem& pr, Path path, int64_t rows, int64_t share, int64_t* split,
                  int64_t* threads);
 
 }  // namespace cuda
