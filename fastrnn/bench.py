@@ -33,6 +33,8 @@ import time
 import torch
 from torch import nn
 
+from .kernels import CUDA_PATHS
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 CELLS = ("rnn", "lstm", "gru")
@@ -90,7 +92,7 @@ def parse_args(argv):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    p.add_argument("--cuda-path", choices=["auto", "persistent", "cluster", "grid", "step"],
+    p.add_argument("--cuda-path", choices=list(CUDA_PATHS),
                    default="auto", help="force the CUDA time loop's path (default: chosen per call); "
                    "shapes the forced path cannot run are skipped")
     p.add_argument("--hidden", type=_ints, help="hidden sizes, e.g. 16,64,256")

@@ -33,6 +33,8 @@ from . import _ops
 
 log = logging.getLogger("fastrnn")
 
+# The CUDA paths' names, as the extension's one table (path_name in
+# csrc/cuda/recurrence_cuda_paths.cpp) has them; a test checks the two agree.
 CUDA_PATHS = ("auto", "persistent", "cluster", "grid", "step")
 CPU_ISAS = ("avx512", "avx2", "base")
 

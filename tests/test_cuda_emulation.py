@@ -160,6 +160,23 @@ def test_blocks_only_for_cluster_and_grid():
         fastrnn.set_cuda_path("fast")
 
 
+def test_path_names_come_from_the_extensions_table():
+    """fastrnn.kernels.CUDA_PATHS (the bench's choices, the smoke's paths)
+    repeats the extension's one table of names: every name round-trips and
+    an unknown one is refused with exactly that list."""
+    from fastrnn.kernels import CUDA_PATHS
+
+    try:
+        for name in CUDA_PATHS:
+            fastrnn.set_cuda_path(name)
+            assert fastrnn.cuda_path() == (name, 0)
+    finally:
+        fastrnn.set_cuda_path("auto")
+    listed = ", ".join(CUDA_PATHS[:-1]) + " or " + CUDA_PATHS[-1]
+    with pytest.raises(RuntimeError, match=f"unknown CUDA path 'fast': expected {listed}"):
+        fastrnn.set_cuda_path("fast")
+
+
 @pytest.mark.parametrize("cell,hidden,batch,dtype,path", [
     ("rnn", 64, 2, torch.float32, "persistent"),
     ("rnn", 240, 2, torch.float32, "cluster"),

@@ -103,6 +103,18 @@ def _smoke():
     return gpu_smoke
 
 
+def test_the_script_runs_every_path():
+    """The script's per-path loops (smoke, forced-path benchmark) name the
+    extension's paths, fastrnn.kernels.CUDA_PATHS but 'auto'."""
+    from fastrnn.kernels import CUDA_PATHS
+
+    with open(SCRIPT) as f:
+        loops = re.findall(r"^for path in ([a-z ]+); do$", f.read(), re.M)
+    assert len(loops) == 2
+    for loop in loops:
+        assert tuple(loop.split()) == CUDA_PATHS[1:]
+
+
 def test_smoke_shapes_are_ones_the_gpu_run_can_launch():
     """Each path's smoke shape, per cell, is one the chooser launches both
     ways at the GPU run's steps and batch: the LSTM's grid backward has no

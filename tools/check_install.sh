@@ -22,7 +22,7 @@ rm -rf "$WORK/dist"
 FASTRNN_NO_EXT=1 $PY setup.py -q sdist -d "$WORK/dist" >/dev/null
 SDIST=$(ls "$WORK"/dist/fastrnn-*.tar.gz)
 tar tzf "$SDIST" > "$WORK/contents"
-for f in csrc/cells.h csrc/cpu/recurrence_cpu_kernels.h csrc/cuda/recurrence_cuda_body.h \
+for f in csrc/cells.h csrc/cpu/recurrence_cpu_kernels.h csrc/cuda/recurrence_cuda_bodies.h \
          csrc/cuda/recurrence_cuda_kernels.cuh csrc/cuda/recurrence_cuda_kernels_f32.cu LICENSE \
          fastrnn/py.typed; do
   grep -q "/$f\$" "$WORK/contents" || { echo "sdist lacks $f"; exit 1; }

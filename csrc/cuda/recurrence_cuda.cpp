@@ -59,12 +59,13 @@ struct CudaType<at::BFloat16> {
 };
 
 Path parse_path(const std::string& name) {
-  if (name == "auto") return Path::automatic;
-  if (name == "persistent") return Path::persistent;
-  if (name == "cluster") return Path::cluster;
-  if (name == "grid") return Path::grid;
-  if (name == "step") return Path::step;
-  TORCH_CHECK(false, "unknown CUDA path '", name, "': expected auto, persistent, cluster, grid or step");
+  std::string names;
+  for (int i = 0; i < cuda::kPaths; ++i) {
+    const Path p = static_cast<Path>(i);
+    if (name == cuda::path_name(p)) return p;
+    names += std::string(i == 0 ? "" : i + 1 == cuda::kPaths ? " or " : ", ") + cuda::path_name(p);
+  }
+  TORCH_CHECK(false, "unknown CUDA path '", name, "': expected ", names);
 }
 
 // What the chooser needs of a device, queried once per device.
@@ -384,16 +385,20 @@ void dispatch(CellKind cell, at::ScalarType dtype, const Fn& fn) {
 
 bool claims(const at::Tensor& t) { return t.is_cuda() || (emulation.load() && t.is_cpu()); }
 
-void forward_cuda(CellKind cell, const ForwardLoop& a) {
+// A time loop on t's device (guarded) for its cell and t's dtype.
+template <typename Fn>
+void on_device_of(CellKind cell, const at::Tensor& t, const Fn& fn) {
   std::optional<c10::cuda::CUDAGuard> guard;
-  if (a.u.is_cuda()) guard.emplace(a.u.device());
-  dispatch(cell, a.u.scalar_type(), [&]<typename Cell, typename S>() { forward_typed<Cell, S>(a); });
+  if (t.is_cuda()) guard.emplace(t.device());
+  dispatch(cell, t.scalar_type(), fn);
+}
+
+void forward_cuda(CellKind cell, const ForwardLoop& a) {
+  on_device_of(cell, a.u, [&]<typename Cell, typename S>() { forward_typed<Cell, S>(a); });
 }
 
 void backward_cuda(CellKind cell, const BackwardLoop& a) {
-  std::optional<c10::cuda::CUDAGuard> guard;
-  if (a.dgh.is_cuda()) guard.emplace(a.dgh.device());
-  dispatch(cell, a.dgh.scalar_type(), [&]<typename Cell, typename S>() { backward_typed<Cell, S>(a); });
+  on_device_of(cell, a.dgh, [&]<typename Cell, typename S>() { backward_typed<Cell, S>(a); });
 }
 
 const bool registered = [] {

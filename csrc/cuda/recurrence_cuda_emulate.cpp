@@ -1,5 +1,5 @@
 // The CUDA kernels' emulator (recurrence_cuda_kernels.h): the kernel bodies
-// of recurrence_cuda_body.h run on CPU threads, one std::thread per CUDA
+// of recurrence_cuda_bodies.h run on CPU threads, one std::thread per CUDA
 // thread, on exactly the launch that the device would get. For the tests
 // only: it checks the kernels' indexing, shared-memory layout,
 // synchronisation and the grid barrier's own code where no GPU is present,

@@ -1,5 +1,6 @@
 // The CUDA time-loop kernels: thin __global__ wrappers around the bodies in
-// recurrence_cuda_body.h, and their launchers (recurrence_cuda_kernels.h).
+// recurrence_cuda_bodies.h and recurrence_cuda_step.h, and their launchers
+// (recurrence_cuda_kernels.h).
 // Included by one recurrence_cuda_kernels_<T>.cu per storage type, which
 // instantiates Kernels<Cell, T> for every cell.
 #include <cooperative_groups.h>
@@ -174,24 +175,44 @@ cudaError_t launch_plain(Kernel kernel, const Launch& l, cudaStream_t stream, Ar
   return cudaGetLastError();
 }
 
+// The launch configuration of clusters of `size` blocks along x, for a
+// launch and for the occupancy query alike.
+struct ClusterConfig {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attribute[1] = {};
+  ClusterConfig(int64_t grid_x, int64_t grid_y, int64_t threads, int64_t smem, int64_t size,
+                cudaStream_t stream) {
+    config.gridDim = dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = static_cast<size_t>(smem);
+    config.stream = stream;
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = static_cast<unsigned>(size);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  ClusterConfig(const ClusterConfig&) = delete;  // config.attrs points into this object
+  ClusterConfig& operator=(const ClusterConfig&) = delete;
+};
+
 template <typename Kernel, typename Params>
 cudaError_t launch_cluster(Kernel kernel, const Launch& l, cudaStream_t stream, const Params& p) {
   cudaError_t err = allow_smem(kernel);
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(l.grid_x), static_cast<unsigned>(l.grid_y));
-  config.blockDim = dim3(static_cast<unsigned>(l.threads));
-  config.dynamicSmemBytes = static_cast<size_t>(l.smem);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = static_cast<unsigned>(l.geometry.size);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  err = cudaLaunchKernelEx(&config, kernel, p, l.geometry);
+  ClusterConfig c(l.grid_x, l.grid_y, l.threads, l.smem, l.geometry.size, stream);
+  err = cudaLaunchKernelEx(&c.config, kernel, p, l.geometry);
   if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+// A step-path kernel over `width` elements of each of N rows and D
+// directions, one thread an element.
+template <typename Kernel, typename... Args>
+cudaError_t launch_step(Kernel kernel, int64_t N, int64_t width, int64_t D, cudaStream_t stream,
+                        const Args&... args) {
+  kernel<<<step_grid(N, width, D), kStepThreads, 0, stream>>>(args...);
   return cudaGetLastError();
 }
 
@@ -257,38 +278,33 @@ cudaError_t Kernels<Cell, T>::run(const Launch& l, const BackwardParams<T>& p,
 template <typename Cell, typename T>
 cudaError_t Kernels<Cell, T>::forward_step(const ForwardParams<T>& p, int64_t s, const A* hw,
                                            A* h, A* c, A* m, cudaStream_t stream) {
-  forward_step_kernel<Cell, T, A><<<step_grid(p.N, p.H, p.D), kStepThreads, 0, stream>>>(p, s, hw, h, c, m);
-  return cudaGetLastError();
+  return launch_step(forward_step_kernel<Cell, T, A>, p.N, p.H, p.D, stream, p, s, hw, h, c, m);
 }
 
 template <typename Cell, typename T>
 cudaError_t Kernels<Cell, T>::project_step(const ForwardParams<T>& p, int64_t s, const A* hp,
                                            A* h, cudaStream_t stream) {
-  project_step_kernel<T, A><<<step_grid(p.N, p.P, p.D), kStepThreads, 0, stream>>>(p, s, hp, h);
-  return cudaGetLastError();
+  return launch_step(project_step_kernel<T, A>, p.N, p.P, p.D, stream, p, s, hp, h);
 }
 
 template <typename Cell, typename T>
 cudaError_t Kernels<Cell, T>::unproject_step(const BackwardParams<T>& p, int64_t s, const A* dh,
                                              A* gp, cudaStream_t stream) {
-  unproject_step_kernel<T, A><<<step_grid(p.N, p.P, p.D), kStepThreads, 0, stream>>>(p, s, dh, gp);
-  return cudaGetLastError();
+  return launch_step(unproject_step_kernel<T, A>, p.N, p.P, p.D, stream, p, s, dh, gp);
 }
 
 template <typename Cell, typename T>
 cudaError_t Kernels<Cell, T>::backward_step(const BackwardParams<T>& p, int64_t s, const A* dh,
                                             const A* gm, A* z, A* dc, A* dhd,
                                             cudaStream_t stream) {
-  backward_step_kernel<Cell, T, A>
-      <<<step_grid(p.N, p.H, p.D), kStepThreads, 0, stream>>>(p, s, dh, gm, z, dc, dhd);
-  return cudaGetLastError();
+  return launch_step(backward_step_kernel<Cell, T, A>, p.N, p.H, p.D, stream, p, s, dh, gm, z, dc,
+                     dhd);
 }
 
 template <typename Cell, typename T>
 cudaError_t Kernels<Cell, T>::carry_step(const BackwardParams<T>& p, int64_t s, const A* dzw,
                                          const A* dhd, A* dh, cudaStream_t stream) {
-  carry_step_kernel<Cell, T, A><<<step_grid(p.N, p.P, p.D), kStepThreads, 0, stream>>>(p, s, dzw, dhd, dh);
-  return cudaGetLastError();
+  return launch_step(carry_step_kernel<Cell, T, A>, p.N, p.P, p.D, stream, p, s, dzw, dhd, dh);
 }
 
 template <typename Cell, typename T>
@@ -315,20 +331,10 @@ int64_t Kernels<Cell, T>::active_clusters(bool forward, int64_t size, int64_t th
   const auto fwd = cluster_kernel<Cell, ForwardParams<T>>;
   const auto bwd = cluster_kernel<Cell, BackwardParams<T>>;
   if ((forward ? allow_smem(fwd) : allow_smem(bwd)) != cudaSuccess) return 0;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(size));
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = static_cast<size_t>(smem);
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = static_cast<unsigned>(size);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
+  const ClusterConfig c(size, 1, threads, smem, size, nullptr);
   int clusters = 0;
   const void* kernel = forward ? reinterpret_cast<const void*>(fwd) : reinterpret_cast<const void*>(bwd);
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &c.config) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }

@@ -11,7 +11,8 @@
 
 #include <cstdint>
 
-#include "cuda/recurrence_cuda_body.h"
+#include "cuda/recurrence_cuda_bodies.h"
+#include "cuda/recurrence_cuda_step.h"
 #include "cuda/recurrence_cuda_paths.h"
 
 namespace fastrnn {
@@ -39,7 +40,7 @@ struct Kernels {
   static cudaError_t run(const Launch& launch, const BackwardParams<T>& p,
                          const GridScratch<A>& grid, cudaStream_t stream);
   // Step s of the step path (the bodies of the same names in
-  // recurrence_cuda_body.h), one thread per element.
+  // recurrence_cuda_step.h), one thread per element.
   static cudaError_t forward_step(const ForwardParams<T>& p, int64_t s, const A* hw, A* h, A* c,
                                   A* m, cudaStream_t stream);
   static cudaError_t project_step(const ForwardParams<T>& p, int64_t s, const A* hp, A* h,

@@ -35,12 +35,16 @@
 #include <string>
 
 #include "cells.h"
-#include "cuda/recurrence_cuda_body.h"
+#include "cuda/recurrence_cuda_layout.h"
+#include "cuda/recurrence_cuda_types.h"
 
 namespace fastrnn {
 namespace cuda {
 
 enum class Path : int { automatic = 0, persistent = 1, cluster = 2, grid = 3, step = 4 };
+constexpr int kPaths = 5;
+// The one table of the paths' names ("auto", "persistent", ...), which
+// fastrnn.kernels.CUDA_PATHS repeats (a test checks it).
 const char* path_name(Path p);
 
 // Threads of a block of the persistent, cluster and grid kernels, at most,
