@@ -74,7 +74,9 @@ FASTRNN_HD void load_state(const A* p, A (&out)[CE]) {
 // of a (M, K) matrix in global memory (row-major, T), columns [k0, k0 + nk)
 // of each; with `transpose`, out[k * ld + m] = in[m][k], else out[m * ld +
 // k]. Row m of the block lands at out row m - m0; columns from zero. 16-byte
-// loads where the block is contiguous and aligned.
+// loads, one division each, where the block is contiguous (whole rows) or
+// each row's columns are whole aligned vectors (a member's share of
+// columns); one element at a time otherwise.
 template <typename Wt, typename T>
 FASTRNN_HD Wt to_smem_weight(T v) {
   if constexpr (sizeof(Wt) == sizeof(T)) return *reinterpret_cast<const Wt*>(&v);
@@ -87,23 +89,44 @@ FASTRNN_HD void load_matrix(const T* in, int64_t K, int64_t m0, int64_t nm, int6
   constexpr int64_t V = 16 / sizeof(T);
   const T* base = in + m0 * K + k0;
   const int64_t total = nm * nk;
-  auto put = [&](int64_t e, T v) {
-    const DivMod mk = divmod(e, nk);
-    out[transpose ? mk.r * ld + mk.q : mk.q * ld + mk.r] = to_smem_weight<Wt>(v);
+  auto put = [&](int64_t m, int64_t k, T v) {
+    out[transpose ? k * ld + m : m * ld + k] = to_smem_weight<Wt>(v);
   };
-  // Whole rows are one contiguous block: 16 bytes at a time, one division
-  // per 16 bytes, then the elements past the last whole vector.
-  const bool vec = nk == K && reinterpret_cast<uintptr_t>(base) % 16 == 0;
-  const int64_t whole = vec ? total / V * V : 0;
-  for (int64_t e = b.tid * V; e < whole; e += b.threads * V) {
-    T raw[V];
-    load16(base + e, raw);
-    FASTRNN_UNROLL
-    for (int64_t l = 0; l < V; ++l) put(e + l, raw[l]);
+  const bool aligned = reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  int64_t whole = 0;  // elements loaded by vectors, in the order of the block
+  if (aligned && nk == K) {
+    // Whole rows are one contiguous block: the vectors, then the elements
+    // past the last of them.
+    whole = total / V * V;
+    for (int64_t e = b.tid * V; e < whole; e += b.threads * V) {
+      T raw[V];
+      load16(base + e, raw);
+      const DivMod mk = divmod(e, nk);
+      int64_t m = mk.q, k = mk.r;
+      FASTRNN_UNROLL
+      for (int64_t l = 0; l < V; ++l) {
+        put(m, k, raw[l]);
+        if (++k == nk) {
+          k = 0;
+          ++m;
+        }
+      }
+    }
+  } else if (aligned && K % V == 0 && nk % V == 0) {
+    // Each row's columns are whole vectors, each row 16-byte aligned.
+    const int64_t per_row = nk / V;
+    whole = total;
+    for (int64_t v = b.tid; v < nm * per_row; v += b.threads) {
+      const DivMod mv = divmod(v, per_row);
+      T raw[V];
+      load16(base + mv.q * K + mv.r * V, raw);
+      FASTRNN_UNROLL
+      for (int64_t l = 0; l < V; ++l) put(mv.q, mv.r * V + l, raw[l]);
+    }
   }
   for (int64_t e = whole + b.tid; e < total; e += b.threads) {
     const DivMod mk = divmod(e, nk);
-    put(e, base[mk.q * K + mk.r]);
+    put(mk.q, mk.r, base[mk.q * K + mk.r]);
   }
 }
 
