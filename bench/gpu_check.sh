@@ -9,7 +9,8 @@
 #                                       # step limits but the budget (3600 s)
 #
 # Steps, in order: environment; build (sm_90 only, line info for the
-# sanitizers); a smoke run of each CUDA path forced at the largest shape it
+# sanitizers; the dry run checks the extension make build made instead of
+# building); a smoke run of each CUDA path forced at the largest shape it
 # takes, per cell, forward and backward (hidden up to 1024, a cluster of 8;
 # bench/gpu_smoke.py; the dry run checks the launches of those very shapes),
 # each in its own process under `timeout -k 5 30` and checked against
@@ -165,7 +166,10 @@ if [[ $DRY == 1 ]]; then
   BENCH=("$PY" -m fastrnn.bench --emulate-cuda --no-progress --hidden 16,32 --batch 2 --steps 4
          --seconds 0.02 --min-reps 2 --retries 0)
   step environment 30 5 "$PY" -c "import torch, fastrnn; print('dry run: no GPU, the emulator;', 'torch', torch.__version__, 'fastrnn', fastrnn.__version__)"
-  step build 600 10 "$PY" setup.py -q build_ext --inplace
+  # The extension `make build` made, never rebuilt here: a rebuild with
+  # this environment's flags would recompile the checkout's build, and a
+  # run stopped midway would leave it half done. Stale sources fail the step.
+  step "build (checked)" 60 5 "$PY" bench/gpu_check_built.py
   TESTS=("$PY" -m pytest tests/test_cuda_emulation.py -q -p no:cacheprovider
          -k "cluster_of_eight or grid_groups or grid_barrier or forced_shape or one_wave or automatic_path")
   SANITIZE=("$PY" bench/sanitize_cases.py --emulate --quick)

@@ -23,8 +23,8 @@ SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 
 pytestmark = [
     pytest.mark.skipif(not fastrnn.cuda_built(), reason="the emulator comes with the CUDA build"),
-    # The dry run rebuilds in place and imports the checkout: not under the
-    # side builds of make sanitize, tsan and compat.
+    # The dry run checks the in-place build and imports the checkout: not
+    # under the side builds of make sanitize, tsan and compat.
     pytest.mark.skipif(bool(os.environ.get("PYTHONPATH", "").strip()) and "build/" in os.environ["PYTHONPATH"],
                        reason="runs against the in-place build only"),
 ]
@@ -52,7 +52,7 @@ def test_dry_run_passes_every_step(tmp_path):
     failed = [s for s in v["steps"] if s["status"] != "PASS"]
     assert proc.returncode == 0 and v["verdict"] == "PASS", failed
     assert [s["step"] for s in v["steps"]] == [
-        "environment", "build", "smoke: persistent", "smoke: cluster", "smoke: grid", "smoke: step",
+        "environment", "build (checked)", "smoke: persistent", "smoke: cluster", "smoke: grid", "smoke: step",
         "CUDA tests", "compute-sanitizer memcheck", "compute-sanitizer synccheck",
         "compute-sanitizer racecheck", "benchmark float32", "benchmark: persistent forced",
         "benchmark: cluster forced", "benchmark: grid forced", "benchmark: step forced",
@@ -101,6 +101,34 @@ def _smoke():
     finally:
         sys.path.pop(0)
     return gpu_smoke
+
+
+def test_the_dry_run_checks_the_build_instead_of_building(tmp_path, monkeypatch, capsys):
+    """The dry run's build step never compiles (which would redo the
+    checkout's build with this environment's flags): it passes on the
+    extension make build made, and fails, saying what to run, where a source
+    is newer than it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_built",
+                                                  os.path.join(ROOT, "bench", "gpu_check_built.py"))
+    built = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(built)
+    with open(SCRIPT) as f:
+        script = f.read()
+    dry_branch = script[script.index("if [[ $DRY == 1 ]]; then\n  # The same steps"):]
+    dry_branch = dry_branch[:dry_branch.index("\nelse\n")]
+    assert "bench/gpu_check_built.py" in dry_branch and "build_ext" not in dry_branch
+    header = tmp_path / "csrc" / "cuda" / "x.h"
+    header.parent.mkdir(parents=True)
+    header.write_text("// a source\n")
+    monkeypatch.setattr(built, "ROOT", str(tmp_path))
+    so = os.path.getmtime(fastrnn._ops._C.__file__)
+    os.utime(header, (so - 60, so - 60))
+    assert built.main() == 0
+    os.utime(header, (so + 60, so + 60))
+    assert built.main() == 1
+    assert "older than csrc/cuda/x.h: run make build" in capsys.readouterr().out
 
 
 def test_the_script_runs_every_path():
