@@ -71,6 +71,9 @@ void backward_recurrence(CellKind cell, const BackwardLoop& a);
 
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a);
 
+// Whether the CPU's own kernels run the time loop of t (no device claims it).
+bool cpu_loop(const at::Tensor& t);
+
 // u = x W_ih^T of every direction, (D, T, N, G*H): one GEMM a direction.
 at::Tensor input_term(const ForwardLoop& a);
 void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a);

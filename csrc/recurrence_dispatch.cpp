@@ -41,6 +41,8 @@ at::Tensor input_term(const ForwardLoop& a) {
   return u.view({D, T, N, GH});
 }
 
+bool cpu_loop(const at::Tensor& t) { return claimed(t) == nullptr; }
+
 void forward_recurrence(CellKind cell, const ForwardLoop& a) {
   if (const DeviceLoops* loops = claimed(a.x)) {
     if (a.u.defined()) return loops->forward(cell, a);

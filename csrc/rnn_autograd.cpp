@@ -376,6 +376,13 @@ std::vector<Tensor> cell_step(int64_t kind, const Tensor& input, const std::vect
   for (int64_t i = 0; i < width; ++i)
     h[i] = states.empty() ? at::zeros({1, n, weights[1].size(1)}, x.options())
                           : as_step(states[i], batched);
+  // An eager step without grad mode has no backward to keep values for
+  // (set_keep_workspace); the TLS comes back whatever happens.
+  struct KeepWorkspace {
+    bool was;
+    explicit KeepWorkspace(bool keep) : was(set_keep_workspace(keep)) {}
+    ~KeepWorkspace() { set_keep_workspace(was); }
+  } keep(torch::autograd::GradMode::is_enabled());
   const variable_list out = call_forward(
       {cell, x, h[0], width == 2 ? optional<Tensor>(h[1]) : std::nullopt, weights, std::nullopt,
        std::nullopt, 1, false, has_biases, false});

@@ -213,6 +213,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("states"), pybind11::arg("weights"), pybind11::arg("has_biases"),
         "One step of a cell: (N, C) or (C) input and states (none for zeros) through the "
         "layer's forward op; the new states as the input came (fastrnn's cells, eager)");
+  m.def("set_keep_workspace", &fastrnn::set_keep_workspace, pybind11::arg("keep"),
+        "Whether the forward keeps its workspace for a backward on this thread; returns the "
+        "previous setting (the layers' eager calls without grad turn it off)");
   m.def("cpu_isa", &fastrnn::cpu_isa, "The instruction set the CPU kernels run with");
   m.def("cpu_fma_rate", &fastrnn::cpu_fma_rate, pybind11::arg("seconds") = 0.1,
         pybind11::arg("threads") = 1, pybind11::arg("trials") = 3,

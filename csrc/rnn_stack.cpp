@@ -103,7 +103,15 @@ Tensor hidden_bias_grad(const Tensor& dgh_flat, const Tensor& input_bias_grad, c
                   dgh_flat.narrow(1, added, apart * s.H).sum(0)});
 }
 
+thread_local bool keep_workspace = true;
+
 }  // namespace
+
+bool set_keep_workspace(bool keep) {
+  const bool was = keep_workspace;
+  keep_workspace = keep;
+  return was;
+}
 
 StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx,
                            const optional<Tensor>& cx, at::TensorList weights,
@@ -120,7 +128,11 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
   r.h_n = at::empty({s.L * s.D, s.N, s.P}, opt);
   if (cell_state) r.c_n = at::empty({s.L * s.D, s.N, s.H}, opt);
   r.hidden_states = at::empty({s.L - 1, s.T, s.N, s.DP()}, opt);
-  r.workspace = at::empty({s.L, s.D, s.T, s.N, s.Ws}, opt);
+  // A workspace of a few GB would cost as much to fault in as the forward
+  // takes: where nothing can read it, none (set_keep_workspace).
+  const bool workspace = s.Ws > 0 && (keep_workspace || !cpu_loop(x));
+  r.workspace = workspace ? at::empty({s.L, s.D, s.T, s.N, s.Ws}, opt)
+                          : at::zeros({1}, opt).expand({s.L, s.D, s.T, s.N, s.Ws});
   for (int64_t l = 0; l < s.L; ++l) {
     // The time loop computes the input term (input_term(), or in its GEMM)
     // and adds the biases.
@@ -139,7 +151,7 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
     a.y = l == s.L - 1 ? r.output : r.hidden_states[l];
     a.hn = part(r.h_n, 0, l * s.D, s.D);
     if (cell_state) a.cn = part(r.c_n, 0, l * s.D, s.D);
-    if (s.Ws > 0) a.saved = r.workspace[l];
+    if (workspace) a.saved = r.workspace[l];
     if (s.T == 0 || s.N == 0) {
       // Nothing for a kernel to do: the last state is the first.
       a.hn.copy_(a.h0);

@@ -26,6 +26,15 @@ StackForward stack_forward(const Stack& s, const at::Tensor& input, const at::Te
                            const std::optional<at::Tensor>& lengths,
                            const std::optional<at::Tensor>& dropout_mask);
 
+// Whether stack_forward keeps the workspace on this thread (true unless
+// set); returns the previous setting. The layers' eager calls that no
+// backward can follow (no grad mode, nothing requiring grad) turn it off
+// around the op: the CPU kernels then write no saved values, and an
+// expanded zero of the workspace's shape stands in for it. Never under
+// torch.compile, whose compiled forward runs with grad mode off and feeds
+// the workspace to its backward.
+bool set_keep_workspace(bool keep);
+
 struct StackBackward {
   at::Tensor grad_input;  // (T, N, C); zeros where input_grad is false
   at::Tensor grad_hx;     // (L*D, N, P)

@@ -238,8 +238,8 @@ class _FusedBase(_Backend, nn.RNNBase):
                  (self.mode == "RNN_RELU",) if self.mode != "GRU" else ())
         op = _op(_LAYER_OP_NAMES[self.mode])
         try:
-            out = op(x, *states, weights, None, None, self.num_layers, self.bidirectional,
-                     self.bias, *flags)
+            out = _call_op(op, (x, *states, weights, None, None, self.num_layers,
+                                self.bidirectional, self.bias, *flags))
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self._record_cuda_path(x)
@@ -331,7 +331,7 @@ class _FusedBase(_Backend, nn.RNNBase):
 
     def _call(self, op, x, weights, args, rows_ih, rows_hh):
         try:
-            return op(*args)
+            return _call_op(op, args)
         except RuntimeError:
             self._raise_torch_shape_error(weights, rows_ih, rows_hh)
             raise
@@ -764,6 +764,22 @@ class _FusedCell(_Backend):
 
 
 _OPS = {}
+
+
+def _call_op(op, args):
+    """A layer's fused op on args. In an eager call without grad mode no
+    backward can follow, so the forward keeps no workspace for one (on the
+    CPU: the saved values of a long sequence are several times its output,
+    and faulting in a fresh allocation of them can cost a third of the
+    forward). Under torch.compile the op always keeps it: the compiled
+    forward runs without grad mode and hands it to the backward."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return op(*args)
+    keep = _ops._C.set_keep_workspace(False)
+    try:
+        return op(*args)
+    finally:
+        _ops._C.set_keep_workspace(keep)
 
 
 def _op(name):

@@ -569,3 +569,85 @@ def test_plain_calls_take_the_short_path_with_the_same_results(cell, monkeypatch
     layer.dropout = 0.5
     layer(x, hx)
     assert short.pop() is False
+
+
+NO_GRAD_CASES = [
+    ("lstm", {}), ("lstm", {"num_layers": 2, "bidirectional": True}), ("lstm", {"proj_size": 3}),
+    ("gru", {}), ("gru", {"num_layers": 2, "bidirectional": True, "batch_first": True}),
+    ("rnn", {"nonlinearity": "relu"}),
+]
+
+
+@pytest.mark.parametrize("cell,options", NO_GRAD_CASES)
+@pytest.mark.parametrize("form", ["padded", "packed", "wide"])
+def test_no_grad_forward_keeps_no_workspace_and_gives_the_same_bits(cell, options, form, monkeypatch):
+    """Without grad mode no backward can follow, so the layers' eager forward
+    asks the op for no workspace (the CPU kernels then write no saved
+    values, and an expanded zero stands in): the outputs and states are the
+    bits of a forward that keeps it (grad mode on, nothing requiring grad).
+    'padded' runs the row loop on packed weights, 'packed' (lengths) on the
+    weights as stored, 'wide' the column split on two threads."""
+    from fastrnn import _ops, module
+
+    cls = {"rnn": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[cell]
+    torch.manual_seed(0)
+    layer = cls(5, 384 if form == "wide" else 7, backend="fused", **options).requires_grad_(False)
+    batch_first = bool(options.get("batch_first"))
+    N = 3 if form == "packed" else 8  # 18 rows x steps read the weights as stored, 48 packed
+    x = torch.randn(N, 6, 5) if batch_first else torch.randn(6, N, 5)
+    if form == "packed":
+        x = nn.utils.rnn.pack_padded_sequence(x, [6, 4, 2], batch_first=batch_first)
+    workspaces = []
+    call = module._call_op
+
+    def recording(op, args):
+        result = call(op, args)
+        workspaces.append(result[-1])
+        return result
+
+    def outputs():
+        y, state = layer(x)
+        y = y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y
+        return [y, *(state if isinstance(state, tuple) else (state,))]
+
+    monkeypatch.setattr(module, "_call_op", recording)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2 if form == "wide" else 1)
+        with torch.enable_grad():
+            full = outputs()
+        with torch.no_grad():
+            bare = outputs()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(full, bare):
+        assert torch.equal(a, b)
+    kept, none = workspaces
+    if cell != "rnn":  # the Elman op returns no workspace
+        assert kept.stride() != (0,) * kept.dim() and kept.abs().sum() > 0
+        assert none.shape == kept.shape and none.stride() == (0,) * none.dim() and not none.any()
+    assert _ops._C.set_keep_workspace(True) is True  # on again after the call
+
+
+def test_the_workspace_setting_survives_an_op_that_raises():
+    from fastrnn import _ops, module
+
+    def refuses(*args):
+        raise RuntimeError("refused")
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="refused"):
+        module._call_op(refuses, ())
+    assert _ops._C.set_keep_workspace(True) is True
+
+
+def test_the_op_itself_keeps_its_workspace_without_grad():
+    """torch.ops.fastrnn.* called directly return the workspace in any grad
+    mode; only the setting the layers use turns it off."""
+    layer = fastrnn.LSTM(5, 7)
+    x, h = torch.randn(6, 3, 5), torch.zeros(1, 3, 7)
+    args = (x, h, h, layer._weights(), None, None, 1, False, True, False)
+    with torch.no_grad():
+        direct = torch.ops.fastrnn.lstm_forward(*args)[-1]
+    with torch.enable_grad():
+        kept = torch.ops.fastrnn.lstm_forward(*args)[-1]
+    assert torch.equal(direct, kept) and direct.abs().sum() > 0

@@ -528,12 +528,11 @@ struct Kernels {
     Cell::template forward<M, V>(uv, hwv, bhv, hp, cv, hv, sv);
     store(h + j, hv);
     if (out != nullptr) store_part<kFull>(out + j, hv, n);
+    if constexpr (Cell::kCellState) store(c + j, cv);
+    if (saved == nullptr) return;  // no backward to come
 #pragma GCC unroll 4
     for (int k = 0; k < Cell::kSaved; ++k) store_part<kFull>(saved + k * ld + j, sv[k], n);
-    if constexpr (Cell::kCellState) {
-      store(c + j, cv);
-      store_part<kFull>(saved + Cell::kSaved * ld + j, cv, n);
-    }
+    if constexpr (Cell::kCellState) store_part<kFull>(saved + Cell::kSaved * ld + j, cv, n);
   }
 
   // The forward step of one row's units [0, units) (pointers at the first):
@@ -560,7 +559,8 @@ struct Kernels {
   static void forward(const ForwardParams<S>& p, int64_t d, int64_t n0, int64_t n1, const S* wf,
                       const S* wi, const S* wr, const S* bu, S* scratch, bool packed) {
     const int64_t T = p.T, N = p.N, H = p.H, P = p.P, DP = p.D * p.P, R = n1 - n0;
-    const int64_t Hp = padded(H), Pp = padded(P), Ws = saved_width<Cell>(H);
+    const int64_t Hp = padded(H), Pp = padded(P);
+    const int64_t Ws = p.saved != nullptr ? saved_width<Cell>(H) : 0;  // none without a backward
     const bool proj = wr != nullptr;
     S* prev = scratch;               // (R, Pp) state before the step
     S* next = prev + R * Pp;         // (R, Pp) state after it
@@ -587,7 +587,7 @@ struct Kernels {
           if (row_active(p.lengths, n0 + r, t)) {
             forward_units(H, H, bu, Hp, gates + r * ldg, Hp, p.b_hh[d],
                           prev + r * Pp, cs + r * Hp, proj ? m + r * Hp : next + r * Pp,
-                          proj ? nullptr : out + r * DP, saved + r * Ws);
+                          proj ? nullptr : out + r * DP, Ws ? saved + r * Ws : nullptr);
           } else {
             std::memset(out + r * DP, 0, sizeof(S) * P);
             if (Ws) std::memset(saved + r * Ws, 0, sizeof(S) * Ws);
@@ -767,7 +767,8 @@ struct Columns {
                       const S* wf, const S* wi, const S* bu, const S* prev, S* next, S* cs, S* m,
                       S* gates) {
     using Operand = typename Kn::Operand;
-    const int64_t N = p.N, H = p.H, P = p.P, DP = p.D * P, Ws = saved_width<Cell>(H);
+    const int64_t N = p.N, H = p.H, P = p.P, DP = p.D * P;
+    const int64_t Ws = p.saved != nullptr ? saved_width<Cell>(H) : 0;  // none without a backward
     const int64_t Hp = Kn::padded(H), Pp = Kn::padded(P), nup = Kn::padded(nu);
     const bool proj = m != nullptr;
     const int64_t ldg = (G + Kn::kApart) * nup;
@@ -783,7 +784,7 @@ struct Columns {
                           proj ? nullptr : out, saved);
         continue;
       }
-      for (int64_t k = 0; k < Cell::kSaved + (Cell::kCellState ? 1 : 0); ++k)
+      for (int64_t k = 0; Ws && k < Cell::kSaved + (Cell::kCellState ? 1 : 0); ++k)
         std::memset(saved + k * H, 0, sizeof(S) * nu);
       if (proj) {
         std::memset(m + n * Hp + j0, 0, sizeof(S) * nu);
