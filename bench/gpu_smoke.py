@@ -44,7 +44,7 @@ EMULATOR_BLOCKS = {"cluster": 2}
 def refusal(cell, path, blocks, hidden, steps, batch):
     """Why the path chooser (H100/H200 model) does not launch `path` for
     this shape, forward or backward; "" when it does, both ways."""
-    kind = {"rnn": 0, "lstm": 2, "gru": 3}[cell]
+    kind = {"rnn": "rnn_tanh"}.get(cell, cell)
     for forward in (True, False):
         why = fastrnn._ops._C.choose_emulated_launch(kind, forward, steps, batch, hidden, hidden, 1,
                                                      4, False, path, blocks)[2]

@@ -70,7 +70,7 @@ def edge(cell, dtype, path, blocks):
     """The largest hidden size (a multiple of 8) that the path takes for one
     layer, forward and backward, as the chooser sees an H100/H200 (227 KB of
     shared memory a block, 132 multiprocessors): a bisection."""
-    kind = {"rnn": 0, "lstm": 2, "gru": 3}[cell]
+    kind = {"rnn": "rnn_tanh"}.get(cell, cell)
     size = torch.tensor([], dtype=dtype).element_size()
 
     def takes(hidden):

@@ -60,12 +60,14 @@
 
 namespace fastrnn {
 
-// The cells by number, as the ops and the Python side name them.
+// The cells by number. The ops take a cell by its name (kName), which
+// cell_kind() in rnn_args.h reads.
 enum class CellKind : int { rnn_tanh = 0, rnn_relu = 1, lstm = 2, gru = 3 };
 
 template <bool kRelu>
 struct Elman {
   static constexpr CellKind kind = kRelu ? CellKind::rnn_relu : CellKind::rnn_tanh;
+  static constexpr const char* kName = kRelu ? "rnn_relu" : "rnn_tanh";
   static constexpr int kGates = 1;
   static constexpr int kSaved = 0;
   static constexpr bool kCellState = false;
@@ -94,6 +96,7 @@ using ElmanRelu = Elman<true>;
 
 struct Lstm {
   static constexpr CellKind kind = CellKind::lstm;
+  static constexpr const char* kName = "lstm";
   static constexpr int kGates = 4;
   static constexpr int kSaved = 4;  // i, f, g, o after their activations
   static constexpr bool kCellState = true;
@@ -140,6 +143,7 @@ struct Lstm {
 
 struct Gru {
   static constexpr CellKind kind = CellKind::gru;
+  static constexpr const char* kName = "gru";
   static constexpr int kGates = 3;
   static constexpr int kSaved = 4;  // r, z, n and h_prev W_hn^T + b_hn
   static constexpr bool kCellState = false;

@@ -31,6 +31,21 @@ void check_weight(const at::Tensor& w, const char* kind, int64_t l, int64_t d, c
 
 }  // namespace
 
+CellKind cell_kind(c10::string_view name) {
+  for (CellKind k : {CellKind::rnn_tanh, CellKind::rnn_relu, CellKind::lstm, CellKind::gru})
+    if (name == cell_name(k)) return k;
+  TORCH_CHECK(false, "unknown cell '", std::string(name.data(), name.size()),
+              "': expected rnn_tanh, rnn_relu, lstm or gru");
+}
+
+const char* cell_name(CellKind cell) {
+  return with_cell(cell, [](auto c) { return decltype(c)::kName; });
+}
+
+int64_t cell_states(CellKind cell) {
+  return with_cell(cell, [](auto c) { return decltype(c)::kCellState ? 2 : 1; });
+}
+
 bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -63,8 +78,8 @@ CellWeights cell_weights(at::TensorList w, const Stack& s, int64_t l, int64_t d)
   return c;
 }
 
-Stack check_args(CellKind cell, const at::Tensor& input, const at::Tensor& hx,
-                 const std::optional<at::Tensor>& cx, at::TensorList weights,
+Stack check_args(CellKind cell, const at::Tensor& input, at::TensorList states,
+                 at::TensorList weights,
                  const std::optional<at::Tensor>& lengths,
                  const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
                  bool bidirectional, bool has_biases, bool has_projections) {
@@ -87,7 +102,11 @@ Stack check_args(CellKind cell, const at::Tensor& input, const at::Tensor& hx,
   });
   const bool lstm = s.cell_state;
   TORCH_CHECK(projectable || !has_projections, "projections apply to LSTM only");
-  TORCH_CHECK(lstm == cx.has_value(), lstm ? "an LSTM needs cx" : "only an LSTM takes cx");
+  TORCH_CHECK(static_cast<int64_t>(states.size()) == cell_states(cell), "hx must hold ",
+              lstm ? "2 states (h, c)" : "1 state (h)", " for ", cell_name(cell), ", got ",
+              states.size());
+  const at::Tensor& hx = states[0];
+  const at::Tensor* cx = lstm ? &states[1] : nullptr;
   s.T = input.size(0);
   s.N = input.size(1);
   s.C = input.size(2);

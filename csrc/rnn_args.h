@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <string>
@@ -16,6 +17,13 @@ namespace fastrnn {
 // The dtypes every fastrnn op takes, on every device: float32, float64,
 // float16 and bfloat16 (the last two with float32 arithmetic and state).
 bool supported_dtype(at::ScalarType t);
+
+// The cell the ops name: "rnn_tanh", "rnn_relu", "lstm" or "gru" (each
+// cell's kName); anything else is an error that lists them.
+CellKind cell_kind(c10::string_view name);
+const char* cell_name(CellKind cell);
+// The states a cell carries: h, and c for cells with kCellState.
+int64_t cell_states(CellKind cell);
 
 // Sizes and options of a stack of `cell` layers.
 struct Stack {
@@ -47,10 +55,9 @@ CellWeights cell_weights(at::TensorList weights, const Stack& s, int64_t l, int6
 // The index in the flat list of the first weight of layer l, direction d.
 int64_t first_weight(const Stack& s, int64_t l, int64_t d);
 
-// Reads and checks the arguments every op of a stack shares. cx is the LSTM
-// cell state (none for the other cells).
-Stack check_args(CellKind cell, const at::Tensor& input, const at::Tensor& hx,
-                 const std::optional<at::Tensor>& cx, at::TensorList weights,
+// Reads and checks the arguments every op of a stack shares. hx holds the
+// cell's states: h, and for an LSTM c.
+Stack check_args(CellKind cell, const at::Tensor& input, at::TensorList hx, at::TensorList weights,
                  const std::optional<at::Tensor>& lengths,
                  const std::optional<at::Tensor>& dropout_mask, int64_t num_layers,
                  bool bidirectional, bool has_biases, bool has_projections);

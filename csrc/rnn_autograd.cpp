@@ -1,7 +1,7 @@
-// The forward ops' autograd and autocast kernels.
+// The forward op's autograd and autocast kernels, one of each for every cell.
 //
 // Autograd is C++, so that a call costs no Python: one autograd Function
-// serves every cell, its backward is the cell's backward op, and both ops are
+// serves every cell, its backward is the backward op, and both ops are
 // called through the dispatcher, so that under torch.compile the fake
 // kernels stand in for them. Where a C++ autograd Function cannot serve —
 // under function transforms (torch.func.grad, vmap over a gradient, jvp, ...)
@@ -26,7 +26,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The arguments every forward op shares, the cell's flag (relu, has_projections) unpacked.
+// The forward op's arguments, the cell as its kind and the states as h and c.
 struct StackCall {
   CellKind cell;
   Tensor input, hx;
@@ -36,8 +36,11 @@ struct StackCall {
   int64_t num_layers;
   bool bidirectional, biases, proj;
 
+  std::vector<Tensor> states() const {
+    return cx ? std::vector<Tensor>{hx, *cx} : std::vector<Tensor>{hx};
+  }
   Stack check() const {
-    return check_args(cell, input, hx, cx, weights, lengths, mask, num_layers, bidirectional,
+    return check_args(cell, input, states(), weights, lengths, mask, num_layers, bidirectional,
                       biases, proj);
   }
 };
@@ -47,69 +50,52 @@ auto typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<F>();
 }
 
-// The cell's forward op through the dispatcher: output, h_n, c_n (LSTM),
-// hidden_states, workspace (LSTM, GRU).
+// The outputs of the forward op in one list: output, the final states (h_n,
+// and c_n for an LSTM), hidden_states, workspace.
+variable_list flat(const Tensor& output, const std::vector<Tensor>& state_n,
+                   const Tensor& hidden_states, const Tensor& workspace) {
+  variable_list out = {output};
+  out.insert(out.end(), state_n.begin(), state_n.end());
+  out.push_back(hidden_states);
+  out.push_back(workspace);
+  return out;
+}
+
+// The forward op through the dispatcher.
 variable_list call_forward(const StackCall& c) {
-  switch (c.cell) {
-    case CellKind::lstm: {
-      static auto op = typed_op<decltype(lstm_forward)>("fastrnn::lstm_forward");
-      auto [y, hn, cn, hs, ws] = op.call(c.input, c.hx, *c.cx, c.weights, c.lengths, c.mask,
-                                         c.num_layers, c.bidirectional, c.biases, c.proj);
-      return {y, hn, cn, hs, ws};
-    }
-    case CellKind::gru: {
-      static auto op = typed_op<decltype(gru_forward)>("fastrnn::gru_forward");
-      auto [y, hn, hs, ws] = op.call(c.input, c.hx, c.weights, c.lengths, c.mask, c.num_layers,
-                                     c.bidirectional, c.biases);
-      return {y, hn, hs, ws};
-    }
-    default: {
-      static auto op = typed_op<decltype(rnn_forward)>("fastrnn::rnn_forward");
-      auto [y, hn, hs] = op.call(c.input, c.hx, c.weights, c.lengths, c.mask, c.num_layers,
-                                 c.bidirectional, c.biases, c.cell == CellKind::rnn_relu);
-      return {y, hn, hs};
-    }
-  }
+  static auto op = typed_op<decltype(forward)>("fastrnn::forward");
+  auto [y, state_n, hs, ws] = op.call(cell_name(c.cell), c.input, c.states(), c.weights,
+                                      c.lengths, c.mask, c.num_layers, c.bidirectional, c.biases,
+                                      c.proj);
+  return flat(y, state_n, hs, ws);
 }
 
 // What call_forward returns, from a StackForward.
-variable_list outputs_of(CellKind cell, const StackForward& f) {
-  switch (cell) {
-    case CellKind::lstm: return {f.output, f.h_n, f.c_n, f.hidden_states, f.workspace};
-    case CellKind::gru: return {f.output, f.h_n, f.hidden_states, f.workspace};
-    default: return {f.output, f.h_n, f.hidden_states};
-  }
+variable_list outputs_of(const StackForward& f) {
+  return flat(f.output, f.c_n.defined() ? std::vector<Tensor>{f.h_n, f.c_n} : std::vector<Tensor>{f.h_n},
+              f.hidden_states, f.workspace);
 }
 
-// The cell's backward op through the dispatcher: grad_input, grad_hx, grad_cx
+// The forward op's result from call_forward's list.
+std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> unflat(const variable_list& out) {
+  const size_t n = out.size();
+  return {out[0], std::vector<Tensor>(out.begin() + 1, out.end() - 2), out[n - 2], out[n - 1]};
+}
+
+// The backward op through the dispatcher: grad_input, grad_hx, grad_cx
 // (undefined but for LSTM) and the weights' gradients.
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> call_backward(
     const StackCall& c, const Tensor& output, const Tensor& hidden_states,
     const Tensor& workspace, const optional<Tensor>& grad_output, const optional<Tensor>& grad_hn,
     const optional<Tensor>& grad_cn, bool input_grad) {
-  switch (c.cell) {
-    case CellKind::lstm: {
-      static auto op = typed_op<decltype(lstm_backward)>("fastrnn::lstm_backward");
-      return op.call(c.input, c.hx, *c.cx, c.weights, c.lengths, c.mask, output, hidden_states,
-                     workspace, grad_output, grad_hn, grad_cn, c.num_layers, c.bidirectional,
-                     c.biases, c.proj, input_grad);
-    }
-    case CellKind::gru: {
-      static auto op = typed_op<decltype(gru_backward)>("fastrnn::gru_backward");
-      auto [gx, ghx, gw] = op.call(c.input, c.hx, c.weights, c.lengths, c.mask, output,
-                                   hidden_states, workspace, grad_output, grad_hn, c.num_layers,
-                                   c.bidirectional, c.biases, input_grad);
-      return {gx, ghx, Tensor(), gw};
-    }
-    default: {
-      static auto op = typed_op<decltype(rnn_backward)>("fastrnn::rnn_backward");
-      auto [gx, ghx, gw] = op.call(c.input, c.hx, c.weights, c.lengths, c.mask, output,
-                                   hidden_states, grad_output, grad_hn, c.num_layers,
-                                   c.bidirectional, c.biases, c.cell == CellKind::rnn_relu,
-                                   input_grad);
-      return {gx, ghx, Tensor(), gw};
-    }
-  }
+  static auto op = typed_op<decltype(backward)>("fastrnn::backward");
+  c10::List<optional<Tensor>> grad_state_n;
+  grad_state_n.push_back(grad_hn);
+  if (c.cx) grad_state_n.push_back(grad_cn);
+  auto [gx, ghx, gw] = op.call(cell_name(c.cell), c.input, c.states(), c.weights, c.lengths,
+                               c.mask, output, hidden_states, workspace, grad_output, grad_state_n,
+                               c.num_layers, c.bidirectional, c.biases, c.proj, input_grad);
+  return {gx, ghx[0], ghx.size() > 1 ? ghx[1] : Tensor(), gw};
 }
 
 optional<Tensor> as_optional(const Tensor& t) {
@@ -129,10 +115,9 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     const StackCall c{static_cast<CellKind>(cell), input, hx, cx, weights, lengths, mask,
                       num_layers, bidirectional, biases, proj};
     variable_list out = call_forward(c);
-    const bool lstm = c.cell == CellKind::lstm;
-    const Tensor& hs = out[lstm ? 3 : 2];
-    const Tensor workspace = out.size() > 3 ? out.back() : Tensor();
-    ctx->mark_non_differentiable(out.size() > 3 ? variable_list{hs, workspace} : variable_list{hs});
+    const Tensor& hs = out[out.size() - 2];
+    const Tensor& workspace = out.back();
+    ctx->mark_non_differentiable({hs, workspace});
     // An output the loss does not reach gets no gradient, rather than one
     // of zeros: backward takes each as optional, and zero-filling the
     // workspace (the largest output) would cost as much as a layer's step.
@@ -163,10 +148,9 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
                       (flags & 4) != 0,
                       (flags & 8) != 0,
                       (flags & 16) != 0};
-    const bool lstm = c.cell == CellKind::lstm;
     const Tensor& grad_output = grads[0];
     const Tensor& grad_hn = grads[1];
-    const Tensor grad_cn = lstm ? grads[2] : Tensor();
+    const Tensor grad_cn = c.cx ? grads[2] : Tensor();
     // One gradient per forward argument: none for the cell, the weights one
     // by one, none for lengths, the mask and the flags.
     variable_list out(1 + 3 + weights.size() + 6);
@@ -183,9 +167,8 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     // The backward op has no autograd of its own: straight to its kernel.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gx, ghx, gcx, gw] =
-        call_backward(c, saved[3], saved[4], saved[5].defined() ? saved[5] : Tensor(),
-                      as_optional(grad_output), as_optional(grad_hn), as_optional(grad_cn),
-                      input_grad);
+        call_backward(c, saved[3], saved[4], saved[5], as_optional(grad_output),
+                      as_optional(grad_hn), as_optional(grad_cn), input_grad);
     if (input_grad) out[1] = gx;
     out[2] = ghx;
     out[3] = gcx;
@@ -253,8 +236,8 @@ bool any_requires_grad(const StackCall& c) {
 
 variable_list forward_autograd(const StackCall& c) {
   if (needs_steps(c)) {
-    return outputs_of(c.cell, stack_forward_by_steps(c.check(), c.input, c.hx, c.cx, c.weights,
-                                                     c.lengths, c.mask));
+    return outputs_of(stack_forward_by_steps(c.check(), c.input, c.hx, c.cx, c.weights,
+                                             c.lengths, c.mask));
   }
   if (!torch::autograd::GradMode::is_enabled() || !any_requires_grad(c)) {
     // No graph to record: the op's kernel without an autograd Function.
@@ -265,32 +248,26 @@ variable_list forward_autograd(const StackCall& c) {
                               c.lengths, c.mask, c.num_layers, c.bidirectional, c.biases, c.proj);
 }
 
-std::tuple<Tensor, Tensor, Tensor> rnn_forward_autograd(
-    const Tensor& input, const Tensor& hx, at::TensorList weights,
-    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases, bool relu) {
-  auto out = forward_autograd({relu ? CellKind::rnn_relu : CellKind::rnn_tanh, input, hx,
-                               std::nullopt, weights, lengths, dropout_mask, num_layers,
-                               bidirectional, has_biases, false});
-  return {out[0], out[1], out[2]};
+StackCall stack_call(c10::string_view cell, const Tensor& input, at::TensorList hx,
+                     at::TensorList weights, const optional<Tensor>& lengths,
+                     const optional<Tensor>& mask, int64_t num_layers, bool bidirectional,
+                     bool has_biases, bool has_projections) {
+  const CellKind kind = cell_kind(cell);
+  TORCH_CHECK(static_cast<int64_t>(hx.size()) == cell_states(kind), "hx must hold ",
+              cell_states(kind) == 2 ? "2 states (h, c)" : "1 state (h)", " for ", cell_name(kind),
+              ", got ", hx.size());
+  const optional<Tensor> cx = hx.size() == 2 ? optional<Tensor>(hx[1]) : std::nullopt;
+  return {kind, input, hx[0], cx, weights, lengths, mask, num_layers, bidirectional, has_biases,
+          has_projections};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autograd(
-    const Tensor& input, const Tensor& hx, const Tensor& cx, at::TensorList weights,
+std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> forward_autograd_kernel(
+    c10::string_view cell, const Tensor& input, at::TensorList hx, at::TensorList weights,
     const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, bool has_projections) {
-  auto out = forward_autograd({CellKind::lstm, input, hx, cx, weights, lengths, dropout_mask,
-                               num_layers, bidirectional, has_biases, has_projections});
-  return {out[0], out[1], out[2], out[3], out[4]};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autograd(
-    const Tensor& input, const Tensor& hx, at::TensorList weights,
-    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases) {
-  auto out = forward_autograd({CellKind::gru, input, hx, std::nullopt, weights, lengths,
-                               dropout_mask, num_layers, bidirectional, has_biases, false});
-  return {out[0], out[1], out[2], out[3]};
+  return unflat(forward_autograd(stack_call(cell, input, hx, weights, lengths, dropout_mask,
+                                            num_layers, bidirectional, has_biases,
+                                            has_projections)));
 }
 
 // Under torch.autocast the layers run in the autocast dtype, as torch.nn's
@@ -303,7 +280,10 @@ struct AutocastCast {
       kDevice == c10::DeviceType::CUDA ? c10::DispatchKey::AutocastCUDA : c10::DispatchKey::AutocastCPU;
   c10::impl::ExcludeDispatchKeyGuard no_autocast{kKey};
   at::ScalarType dtype = at::autocast::get_autocast_dtype(kDevice);
-  Tensor operator()(const Tensor& t) const { return at::autocast::cached_cast(dtype, t, kDevice); }
+  bool on = true;  // false: arguments pass as they are
+  Tensor operator()(const Tensor& t) const {
+    return on ? at::autocast::cached_cast(dtype, t, kDevice) : t;
+  }
   optional<Tensor> operator()(const optional<Tensor>& t) const {
     return t ? optional<Tensor>((*this)(*t)) : std::nullopt;
   }
@@ -316,40 +296,24 @@ struct AutocastCast {
 };
 
 template <c10::DeviceType kDevice>
-std::tuple<Tensor, Tensor, Tensor> rnn_forward_autocast(
-    const Tensor& input, const Tensor& hx, at::TensorList weights,
-    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases, bool relu) {
-  const AutocastCast<kDevice> cast;
-  static auto op = typed_op<decltype(rnn_forward)>("fastrnn::rnn_forward");
-  return op.call(cast(input), cast(hx), cast(weights), lengths, cast(dropout_mask), num_layers,
-                 bidirectional, has_biases, relu);
-}
-
-template <c10::DeviceType kDevice>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autocast(
-    const Tensor& input, const Tensor& hx, const Tensor& cx, at::TensorList weights,
+std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> forward_autocast(
+    c10::string_view cell, const Tensor& input, at::TensorList hx, at::TensorList weights,
     const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, bool has_projections) {
-  static auto op = typed_op<decltype(lstm_forward)>("fastrnn::lstm_forward");
-  const AutocastCast<kDevice> cast;
-  auto out = op.call(cast(input), cast(hx), cast(cx), cast(weights), lengths, cast(dropout_mask),
+  static auto op = typed_op<decltype(forward)>("fastrnn::forward");
+  constexpr bool cpu = kDevice == c10::DeviceType::CPU;
+  const CellKind kind = cell_kind(cell);
+  AutocastCast<kDevice> cast;
+  cast.on = !(cpu && kind == CellKind::gru);
+  auto out = op.call(cell, cast(input), cast(hx), cast(weights), lengths, cast(dropout_mask),
                      num_layers, bidirectional, has_biases, has_projections);
   // nn.LSTM with projections under CPU autocast keeps its cell state in
   // float32 (its output and h_n in the autocast dtype).
-  if (kDevice == c10::DeviceType::CPU && has_projections && cx.scalar_type() == at::kFloat)
-    std::get<2>(out) = std::get<2>(out).to(at::kFloat);
+  auto& state_n = std::get<1>(out);
+  if (cpu && has_projections && state_n.size() == 2 && hx.size() == 2 &&
+      hx[1].scalar_type() == at::kFloat)
+    state_n[1] = state_n[1].to(at::kFloat);
   return out;
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward_autocast_cuda(
-    const Tensor& input, const Tensor& hx, at::TensorList weights,
-    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
-    bool bidirectional, bool has_biases) {
-  const AutocastCast<c10::DeviceType::CUDA> cast;
-  static auto op = typed_op<decltype(gru_forward)>("fastrnn::gru_forward");
-  return op.call(cast(input), cast(hx), cast(weights), lengths, cast(dropout_mask), num_layers,
-                 bidirectional, has_biases);
 }
 
 // (N, C) or (C) as one step of a layer: (1, N, C) or (1, 1, C).
@@ -359,30 +323,23 @@ Tensor as_step(const Tensor& t, bool batched) {
 
 }  // namespace
 
-std::vector<Tensor> cell_step(int64_t kind, const Tensor& input, const std::vector<Tensor>& states,
+std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
+                              const std::vector<Tensor>& states,
                               const std::vector<Tensor>& weights, bool has_biases) {
-  TORCH_CHECK(kind >= static_cast<int64_t>(CellKind::rnn_tanh) &&
-                  kind <= static_cast<int64_t>(CellKind::gru),
-              "cell_step: unknown cell kind ", kind);
-  const CellKind cell = static_cast<CellKind>(kind);
+  const CellKind cell = cell_kind(name);
   const bool batched = input.dim() == 2;
   TORCH_CHECK(input.dim() == 1 || batched, "cell_step: input must be 1-D or 2-D");
   TORCH_CHECK(weights.size() >= 2, "cell_step: weights must hold weight_ih and weight_hh");
   const Tensor x = as_step(input, batched);
-  const int64_t n = x.size(1), width = cell == CellKind::lstm ? 2 : 1;
+  const int64_t n = x.size(1), width = cell_states(cell);
   TORCH_CHECK(states.empty() || static_cast<int64_t>(states.size()) == width,
               "cell_step: expected ", width, " states, got ", states.size());
   std::array<Tensor, 2> h;
   for (int64_t i = 0; i < width; ++i)
     h[i] = states.empty() ? at::zeros({1, n, weights[1].size(1)}, x.options())
                           : as_step(states[i], batched);
-  // An eager step without grad mode has no backward to keep values for
-  // (set_keep_workspace); the TLS comes back whatever happens.
-  struct KeepWorkspace {
-    bool was;
-    explicit KeepWorkspace(bool keep) : was(set_keep_workspace(keep)) {}
-    ~KeepWorkspace() { set_keep_workspace(was); }
-  } keep(torch::autograd::GradMode::is_enabled());
+  // An eager step without grad mode has no backward to keep values for.
+  const KeepWorkspace keep(torch::autograd::GradMode::is_enabled());
   const variable_list out = call_forward(
       {cell, x, h[0], width == 2 ? optional<Tensor>(h[1]) : std::nullopt, weights, std::nullopt,
        std::nullopt, 1, false, has_biases, false});
@@ -393,21 +350,14 @@ std::vector<Tensor> cell_step(int64_t kind, const Tensor& input, const std::vect
   return {state(out[1])};
 }
 
-TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) {
-  m.impl("rnn_forward", &rnn_forward_autograd);
-  m.impl("lstm_forward", &lstm_forward_autograd);
-  m.impl("gru_forward", &gru_forward_autograd);
-}
+TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) { m.impl("forward", &forward_autograd_kernel); }
 
 TORCH_LIBRARY_IMPL(fastrnn, AutocastCUDA, m) {
-  m.impl("rnn_forward", &rnn_forward_autocast<c10::DeviceType::CUDA>);
-  m.impl("lstm_forward", &lstm_forward_autocast<c10::DeviceType::CUDA>);
-  m.impl("gru_forward", &gru_forward_autocast_cuda);
+  m.impl("forward", &forward_autocast<c10::DeviceType::CUDA>);
 }
 
 TORCH_LIBRARY_IMPL(fastrnn, AutocastCPU, m) {
-  m.impl("rnn_forward", &rnn_forward_autocast<c10::DeviceType::CPU>);
-  m.impl("lstm_forward", &lstm_forward_autocast<c10::DeviceType::CPU>);
+  m.impl("forward", &forward_autocast<c10::DeviceType::CPU>);
 }
 
 }  // namespace fastrnn

@@ -7,7 +7,11 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <map>
+#include <string>
+
 #include "recurrence.h"
+#include "recurrence_params.h"
 #include "rnn_args.h"
 #include "rnn_stack.h"
 
@@ -17,17 +21,15 @@ namespace {
 // The tensors a backward op takes besides the forward's arguments: what the
 // forward returned and the gradients of its outputs.
 void check_backward_tensors(const Stack& s, const Tensor& input, const Tensor& output,
-                            const Tensor& hidden_states, const Tensor* workspace,
+                            const Tensor& hidden_states, const Tensor& workspace,
                             const optional<Tensor>& grad_output, const optional<Tensor>& grad_hn,
                             const optional<Tensor>& grad_cn) {
   check_shape(output, "output", "(T, N, D*P)", {s.T, s.N, s.DP()});
   check_like(output, "output", input);
   check_shape(hidden_states, "hidden_states", "(L-1, T, N, D*P)", {s.L - 1, s.T, s.N, s.DP()});
   check_like(hidden_states, "hidden_states", input);
-  if (workspace) {
-    check_shape(*workspace, "workspace", "(L, D, T, N, Ws)", {s.L, s.D, s.T, s.N, s.Ws});
-    check_like(*workspace, "workspace", input);
-  }
+  check_shape(workspace, "workspace", "(L, D, T, N, Ws)", {s.L, s.D, s.T, s.N, s.Ws});
+  check_like(workspace, "workspace", input);
   if (grad_output) {
     check_shape(*grad_output, "grad_output", "(T, N, D*P)", {s.T, s.N, s.DP()});
     check_like(*grad_output, "grad_output", input);
@@ -42,136 +44,66 @@ void check_backward_tensors(const Stack& s, const Tensor& input, const Tensor& o
   }
 }
 
-CellKind elman(bool relu) { return relu ? CellKind::rnn_relu : CellKind::rnn_tanh; }
+optional<Tensor> state(at::TensorList hx, size_t i) {
+  return i < hx.size() ? optional<Tensor>(hx[i]) : std::nullopt;
+}
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& hx,
-                                               at::TensorList weights,
-                                               const optional<Tensor>& lengths,
-                                               const optional<Tensor>& dropout_mask,
-                                               int64_t num_layers, bool bidirectional,
-                                               bool has_biases, bool relu) {
-  const Stack s = check_args(elman(relu), input, hx, std::nullopt, weights, lengths, dropout_mask,
-                             num_layers, bidirectional, has_biases, false);
-  StackForward f = stack_forward(s, input, hx, std::nullopt, weights, lengths, dropout_mask);
-  return {f.output, f.h_n, f.hidden_states};
-}
-
-std::tuple<Tensor, Tensor, std::vector<Tensor>> rnn_backward(
-    const Tensor& input, const Tensor& hx, at::TensorList weights,
-    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, const Tensor& output,
-    const Tensor& hidden_states, const optional<Tensor>& grad_output,
-    const optional<Tensor>& grad_hn, int64_t num_layers, bool bidirectional, bool has_biases,
-    bool relu, bool input_grad) {
-  const Stack s = check_args(elman(relu), input, hx, std::nullopt, weights, lengths, dropout_mask,
-                             num_layers, bidirectional, has_biases, false);
-  check_backward_tensors(s, input, output, hidden_states, nullptr, grad_output, grad_hn,
-                         std::nullopt);
-  // An Elman step keeps nothing besides its output.
-  const Tensor workspace = at::empty({s.L, s.D, s.T, s.N, 0}, input.options());
-  StackBackward b = stack_backward(s, input, hx, std::nullopt, weights, lengths, dropout_mask,
-                                   output, hidden_states, workspace, grad_output, grad_hn,
-                                   std::nullopt, input_grad);
-  return {b.grad_input, b.grad_hx, b.grad_weights};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
-    const Tensor& input, const Tensor& hx, const Tensor& cx, at::TensorList weights,
+std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> forward(
+    c10::string_view cell, const Tensor& input, at::TensorList hx, at::TensorList weights,
     const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, int64_t num_layers,
     bool bidirectional, bool has_biases, bool has_projections) {
-  const Stack s = check_args(CellKind::lstm, input, hx, cx, weights, lengths, dropout_mask,
+  const Stack s = check_args(cell_kind(cell), input, hx, weights, lengths, dropout_mask,
                              num_layers, bidirectional, has_biases, has_projections);
-  StackForward f = stack_forward(s, input, hx, cx, weights, lengths, dropout_mask);
-  return {f.output, f.h_n, f.c_n, f.hidden_states, f.workspace};
+  StackForward f = stack_forward(s, input, hx[0], state(hx, 1), weights, lengths, dropout_mask);
+  std::vector<Tensor> state_n = {f.h_n};
+  if (s.cell_state) state_n.push_back(f.c_n);
+  return {f.output, std::move(state_n), f.hidden_states, f.workspace};
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
-    const Tensor& input, const Tensor& hx, const Tensor& cx, at::TensorList weights,
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward(
+    c10::string_view cell, const Tensor& input, at::TensorList hx, at::TensorList weights,
     const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, const Tensor& output,
     const Tensor& hidden_states, const Tensor& workspace, const optional<Tensor>& grad_output,
-    const optional<Tensor>& grad_hn, const optional<Tensor>& grad_cn, int64_t num_layers,
-    bool bidirectional, bool has_biases, bool has_projections, bool input_grad) {
-  const Stack s = check_args(CellKind::lstm, input, hx, cx, weights, lengths, dropout_mask,
+    const c10::List<optional<Tensor>>& grad_state_n, int64_t num_layers, bool bidirectional,
+    bool has_biases, bool has_projections, bool input_grad) {
+  const Stack s = check_args(cell_kind(cell), input, hx, weights, lengths, dropout_mask,
                              num_layers, bidirectional, has_biases, has_projections);
-  check_backward_tensors(s, input, output, hidden_states, &workspace, grad_output, grad_hn,
+  TORCH_CHECK(static_cast<int64_t>(grad_state_n.size()) == static_cast<int64_t>(hx.size()),
+              "grad_state_n must hold one gradient (or None) per state, ", hx.size(), ", got ",
+              grad_state_n.size());
+  const optional<Tensor> grad_hn = grad_state_n.get(0);
+  const optional<Tensor> grad_cn = s.cell_state ? grad_state_n.get(1) : std::nullopt;
+  check_backward_tensors(s, input, output, hidden_states, workspace, grad_output, grad_hn,
                          grad_cn);
-  StackBackward b = stack_backward(s, input, hx, cx, weights, lengths, dropout_mask, output,
-                                   hidden_states, workspace, grad_output, grad_hn, grad_cn,
-                                   input_grad);
-  return {b.grad_input, b.grad_hx, b.grad_cx, b.grad_weights};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& input, const Tensor& hx,
-                                                       at::TensorList weights,
-                                                       const optional<Tensor>& lengths,
-                                                       const optional<Tensor>& dropout_mask,
-                                                       int64_t num_layers, bool bidirectional,
-                                                       bool has_biases) {
-  const Stack s = check_args(CellKind::gru, input, hx, std::nullopt, weights, lengths,
-                             dropout_mask, num_layers, bidirectional, has_biases, false);
-  StackForward f = stack_forward(s, input, hx, std::nullopt, weights, lengths, dropout_mask);
-  return {f.output, f.h_n, f.hidden_states, f.workspace};
-}
-
-std::tuple<Tensor, Tensor, std::vector<Tensor>> gru_backward(
-    const Tensor& input, const Tensor& hx, at::TensorList weights,
-    const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, const Tensor& output,
-    const Tensor& hidden_states, const Tensor& workspace, const optional<Tensor>& grad_output,
-    const optional<Tensor>& grad_hn, int64_t num_layers, bool bidirectional, bool has_biases,
-    bool input_grad) {
-  const Stack s = check_args(CellKind::gru, input, hx, std::nullopt, weights, lengths,
-                             dropout_mask, num_layers, bidirectional, has_biases, false);
-  check_backward_tensors(s, input, output, hidden_states, &workspace, grad_output, grad_hn,
-                         std::nullopt);
-  StackBackward b = stack_backward(s, input, hx, std::nullopt, weights, lengths, dropout_mask,
+  StackBackward b = stack_backward(s, input, hx[0], state(hx, 1), weights, lengths, dropout_mask,
                                    output, hidden_states, workspace, grad_output, grad_hn,
-                                   std::nullopt, input_grad);
-  return {b.grad_input, b.grad_hx, b.grad_weights};
+                                   grad_cn, input_grad);
+  std::vector<Tensor> grad_hx = {b.grad_hx};
+  if (s.cell_state) grad_hx.push_back(b.grad_cx);
+  return {b.grad_input, std::move(grad_hx), std::move(b.grad_weights)};
 }
 
 TORCH_LIBRARY(fastrnn, m) {
   m.def(
-      "rnn_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? lengths, "
-      "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases, bool relu) "
-      "-> (Tensor output, Tensor h_n, Tensor hidden_states)");
-  m.def(
-      "rnn_backward(Tensor input, Tensor hx, Tensor[] weights, Tensor? lengths, "
-      "Tensor? dropout_mask, Tensor output, Tensor hidden_states, Tensor? grad_output, "
-      "Tensor? grad_hn, int num_layers, bool bidirectional, bool has_biases, bool relu, "
-      "bool input_grad=True) -> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)");
-  m.def(
-      "lstm_forward(Tensor input, Tensor hx, Tensor cx, Tensor[] weights, Tensor? lengths, "
+      "forward(str cell, Tensor input, Tensor[] hx, Tensor[] weights, Tensor? lengths, "
       "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases, "
-      "bool has_projections) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor hidden_states, "
-      "Tensor workspace)");
+      "bool has_projections=False) "
+      "-> (Tensor output, Tensor[] state_n, Tensor hidden_states, Tensor workspace)");
   m.def(
-      "lstm_backward(Tensor input, Tensor hx, Tensor cx, Tensor[] weights, Tensor? lengths, "
+      "backward(str cell, Tensor input, Tensor[] hx, Tensor[] weights, Tensor? lengths, "
       "Tensor? dropout_mask, Tensor output, Tensor hidden_states, Tensor workspace, "
-      "Tensor? grad_output, Tensor? grad_hn, Tensor? grad_cn, int num_layers, "
-      "bool bidirectional, bool has_biases, bool has_projections, bool input_grad=True) "
-      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_weights)");
-  m.def(
-      "gru_forward(Tensor input, Tensor hx, Tensor[] weights, Tensor? lengths, "
-      "Tensor? dropout_mask, int num_layers, bool bidirectional, bool has_biases) "
-      "-> (Tensor output, Tensor h_n, Tensor hidden_states, Tensor workspace)");
-  m.def(
-      "gru_backward(Tensor input, Tensor hx, Tensor[] weights, Tensor? lengths, "
-      "Tensor? dropout_mask, Tensor output, Tensor hidden_states, Tensor workspace, "
-      "Tensor? grad_output, Tensor? grad_hn, int num_layers, bool bidirectional, "
-      "bool has_biases, bool input_grad=True) "
-      "-> (Tensor grad_input, Tensor grad_hx, Tensor[] grad_weights)");
+      "Tensor? grad_output, Tensor?[] grad_state_n, int num_layers, bool bidirectional, "
+      "bool has_biases, bool has_projections=False, bool input_grad=True) "
+      "-> (Tensor grad_input, Tensor[] grad_hx, Tensor[] grad_weights)");
 }
 
 // The same kernels serve CPU and CUDA tensors: only the time loop differs,
 // and recurrence.h picks it.
-#define FASTRNN_REGISTER_KERNELS(m)          \
-  m.impl("rnn_forward", &rnn_forward);       \
-  m.impl("rnn_backward", &rnn_backward);     \
-  m.impl("lstm_forward", &lstm_forward);     \
-  m.impl("lstm_backward", &lstm_backward);   \
-  m.impl("gru_forward", &gru_forward);       \
-  m.impl("gru_backward", &gru_backward);
+#define FASTRNN_REGISTER_KERNELS(m) \
+  m.impl("forward", &forward);      \
+  m.impl("backward", &backward);
 
 TORCH_LIBRARY_IMPL(fastrnn, CPU, m) { FASTRNN_REGISTER_KERNELS(m) }
 
@@ -209,10 +141,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_built") = false;
 #endif
-  m.def("cell_step", &fastrnn::cell_step, pybind11::arg("kind"), pybind11::arg("input"),
+  m.def("cell_step", &fastrnn::cell_step, pybind11::arg("cell"), pybind11::arg("input"),
         pybind11::arg("states"), pybind11::arg("weights"), pybind11::arg("has_biases"),
         "One step of a cell: (N, C) or (C) input and states (none for zeros) through the "
         "layer's forward op; the new states as the input came (fastrnn's cells, eager)");
+  m.def(
+      "cells",
+      [] {
+        std::map<std::string, std::tuple<int64_t, int64_t, int64_t>> out;
+        for (auto k : {fastrnn::CellKind::rnn_tanh, fastrnn::CellKind::rnn_relu,
+                       fastrnn::CellKind::lstm, fastrnn::CellKind::gru})
+          fastrnn::with_cell(k, [&](auto c) {
+            using Cell = decltype(c);
+            out[Cell::kName] = {Cell::kGates, fastrnn::cell_states(k),
+                                fastrnn::saved_width<Cell>(1)};
+          });
+        return out;
+      },
+      "Each cell the ops take, by name: (gates, states, values a step keeps per hidden unit)");
   m.def("set_keep_workspace", &fastrnn::set_keep_workspace, pybind11::arg("keep"),
         "Whether the forward keeps its workspace for a backward on this thread; returns the "
         "previous setting (the layers' eager calls without grad turn it off)");

@@ -35,6 +35,19 @@ StackForward stack_forward(const Stack& s, const at::Tensor& input, const at::Te
 // the workspace to its backward.
 bool set_keep_workspace(bool keep);
 
+// set_keep_workspace(keep) for a scope; the previous setting comes back
+// however the scope ends.
+class KeepWorkspace {
+ public:
+  explicit KeepWorkspace(bool keep) : was_(set_keep_workspace(keep)) {}
+  ~KeepWorkspace() { set_keep_workspace(was_); }
+  KeepWorkspace(const KeepWorkspace&) = delete;
+  KeepWorkspace& operator=(const KeepWorkspace&) = delete;
+
+ private:
+  bool was_;
+};
+
 struct StackBackward {
   at::Tensor grad_input;  // (T, N, C); zeros where input_grad is false
   at::Tensor grad_hx;     // (L*D, N, P)

@@ -1,33 +1,37 @@
 """The fastrnn ops, as Python sees them.
 
 The schemas live in C++ (csrc/rnn_ops.cpp, `TORCH_LIBRARY(fastrnn, m)`): one
-forward and one backward op per cell type, `torch.ops.fastrnn.{rnn,lstm,gru}_
-{forward,backward}`. This module loads the extension and adds what torch
-needs around them: the fake (meta) kernels that torch.compile traces with.
-The autograd of the forward ops (whose backward is the backward op) is
-registered in C++, so that a call costs no Python beyond the module's own
-argument handling.
+forward and one backward op that every cell shares, the cell named by its
+first argument, `torch.ops.fastrnn.forward` and `torch.ops.fastrnn.backward`.
+This module loads the extension and adds what torch needs around them: the
+fake (meta) kernels that torch.compile traces with. The autograd of the
+forward op (whose backward is the backward op) is registered in C++, so that
+a call costs no Python beyond the module's own argument handling.
 
-    torch.ops.fastrnn.rnn_forward(input (T, N, C), hx (L*D, N, H), weights,
-        lengths (N,) or None, dropout_mask (L-1, T, N, D*H) or None,
-        num_layers, bidirectional, has_biases, relu)
-      -> output (T, N, D*H), h_n (L*D, N, H), hidden_states (L-1, T, N, D*H)
-    torch.ops.fastrnn.lstm_forward(input, hx (L*D, N, P), cx (L*D, N, H),
-        weights, lengths, dropout_mask, num_layers, bidirectional, has_biases,
-        has_projections)
-      -> output (T, N, D*P), h_n, c_n, hidden_states, workspace (L, D, T, N, 5H)
-    torch.ops.fastrnn.gru_forward(input, hx, weights, lengths, dropout_mask,
-        num_layers, bidirectional, has_biases)
-      -> output, h_n, hidden_states, workspace (L, D, T, N, 4H)
+    torch.ops.fastrnn.forward(cell, input (T, N, C), hx [h_0 (L*D, N, P)]
+        or, for an LSTM, [h_0, c_0 (L*D, N, H)], weights,
+        lengths (N,) or None, dropout_mask (L-1, T, N, D*P) or None,
+        num_layers, bidirectional, has_biases, has_projections=False)
+      -> output (T, N, D*P), state_n [h_n] or [h_n, c_n],
+         hidden_states (L-1, T, N, D*P), workspace (L, D, T, N, Ws)
+    torch.ops.fastrnn.backward(cell, input, hx, weights, lengths, dropout_mask,
+        output, hidden_states, workspace, grad_output or None,
+        grad_state_n [grad_h_n or None, (grad_c_n or None)], num_layers,
+        bidirectional, has_biases, has_projections=False, input_grad=True)
+      -> grad_input, grad_hx (one per state), grad_weights
 
-`weights` is torch.nn's flat list (`_flat_weights`): per layer and
-direction, weight_ih (G*H, C_l), weight_hh (G*H, P), with biases bias_ih
-(G*H,) and bias_hh (G*H,), with projections weight_hr (P, H); G is 1, 4 or 3.
+`cell` is "rnn_tanh", "rnn_relu", "lstm" or "gru" (`CELLS`). `weights` is
+torch.nn's flat list (`_flat_weights`): per layer and direction, weight_ih
+(G*H, C_l), weight_hh (G*H, P), with biases bias_ih (G*H,) and bias_hh
+(G*H,), with projections weight_hr (P, H); G is the cell's gates. Ws is the
+values a step keeps for the backward per hidden unit (0, 5 and 4 for
+Elman, LSTM and GRU) times H.
 """
 
 import importlib.util
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -108,6 +112,23 @@ def extension_error():
     return _EXTENSION_ERROR
 
 
+class Cell(NamedTuple):
+    gates: int
+    states: int
+    saved: int  # values a step keeps for the backward, per hidden unit
+
+
+CELLS = {}
+
+
+def cell_traits(cell):
+    """CELLS[cell], or the C++ ops' error for a name that is no cell."""
+    try:
+        return CELLS[cell]
+    except KeyError:
+        raise RuntimeError(f"unknown cell '{cell}': expected rnn_tanh, rnn_relu, lstm or gru") from None
+
+
 def _check_devices(input, hx, cx, weights, lengths=None, dropout_mask=None):
     """The C++ ops' device checks (csrc/rnn_args.cpp), in the meta kernel too:
     the dispatcher picks the meta kernel when any argument is on the meta
@@ -119,76 +140,34 @@ def _check_devices(input, hx, cx, weights, lengths=None, dropout_mask=None):
             raise RuntimeError(f"{name} must be on the input's device {input.device}, got {t.device}")
 
 
-def _fake_outputs(input, hx, num_layers, bidirectional, width, cx=None, saved=0):
-    """output (T, N, D*P), h_n (L*D, N, P), [c_n (L*D, N, H)], hidden_states
-    (L-1, T, N, D*P), [workspace (L, D, T, N, saved*H)] for P = hx's width."""
+def _fake_forward(cell, input, hx, weights, lengths, dropout_mask, num_layers, bidirectional,
+                  has_biases, has_projections=False):
+    _check_devices(input, hx[0], hx[1] if len(hx) > 1 else None, weights, lengths, dropout_mask)
     T, N = input.shape[0], input.shape[1]
     D = 2 if bidirectional else 1
-    P, H = hx.shape[2], width
-    out = [input.new_empty((T, N, D * P)), input.new_empty((num_layers * D, N, P))]
-    if cx is not None:
-        out.append(input.new_empty((num_layers * D, N, H)))
-    out.append(input.new_empty((num_layers - 1, T, N, D * P)))
-    if saved:
-        out.append(input.new_empty((num_layers, D, T, N, saved * H)))
-    return tuple(out)
+    P = hx[0].shape[2]
+    H = hx[-1].shape[2]  # c's width for an LSTM (P < H with projections), else P
+    state_n = [input.new_empty((num_layers * D, N, h.shape[2])) for h in hx]
+    return (input.new_empty((T, N, D * P)), state_n,
+            input.new_empty((num_layers - 1, T, N, D * P)),
+            input.new_empty((num_layers, D, T, N, cell_traits(cell).saved * H)))
 
 
-def _fake_grads(input, hx, weights, cx=None):
-    """grad_input, grad_hx, [grad_cx], grad_weights."""
-    out = [input.new_empty(input.shape), hx.new_empty(hx.shape)]
-    if cx is not None:
-        out.append(cx.new_empty(cx.shape))
-    return (*out, [w.new_empty(w.shape) for w in weights])
-
-
-def _fake_forward(input, hx, weights, lengths, dropout_mask, num_layers, bidirectional,
-                  has_biases, relu):
-    _check_devices(input, hx, None, weights, lengths, dropout_mask)
-    return _fake_outputs(input, hx, num_layers, bidirectional, hx.shape[2])
-
-
-def _fake_backward(input, hx, weights, lengths, dropout_mask, output, hidden_states,
-                   grad_output, grad_hn, num_layers, bidirectional, has_biases, relu,
-                   input_grad=True):
-    _check_devices(input, hx, None, weights, lengths, dropout_mask)
-    return _fake_grads(input, hx, weights)
-
-
-def _fake_lstm_forward(input, hx, cx, weights, lengths, dropout_mask, num_layers, bidirectional,
-                       has_biases, has_projections):
-    _check_devices(input, hx, cx, weights, lengths, dropout_mask)
-    # An LSTM step keeps its gates i, f, g, o and its state c.
-    return _fake_outputs(input, hx, num_layers, bidirectional, cx.shape[2], cx=cx, saved=5)
-
-
-def _fake_lstm_backward(input, hx, cx, weights, lengths, dropout_mask, output, hidden_states,
-                        workspace, grad_output, grad_hn, grad_cn, num_layers, bidirectional,
-                        has_biases, has_projections, input_grad=True):
-    _check_devices(input, hx, cx, weights, lengths, dropout_mask)
-    return _fake_grads(input, hx, weights, cx=cx)
-
-
-def _fake_gru_forward(input, hx, weights, lengths, dropout_mask, num_layers, bidirectional,
-                      has_biases):
-    _check_devices(input, hx, None, weights, lengths, dropout_mask)
-    # A GRU step keeps r, z, n and h_prev W_hn^T + b_hn.
-    return _fake_outputs(input, hx, num_layers, bidirectional, hx.shape[2], saved=4)
-
-
-def _fake_gru_backward(input, hx, weights, lengths, dropout_mask, output, hidden_states, workspace,
-                       grad_output, grad_hn, num_layers, bidirectional, has_biases,
-                       input_grad=True):
-    _check_devices(input, hx, None, weights, lengths, dropout_mask)
-    return _fake_grads(input, hx, weights)
+def _fake_backward(cell, input, hx, weights, lengths, dropout_mask, output, hidden_states,
+                   workspace, grad_output, grad_state_n, num_layers, bidirectional, has_biases,
+                   has_projections=False, input_grad=True):
+    _check_devices(input, hx[0], hx[1] if len(hx) > 1 else None, weights, lengths, dropout_mask)
+    return (input.new_empty(input.shape), [h.new_empty(h.shape) for h in hx],
+            [w.new_empty(w.shape) for w in weights])
 
 
 if _C is not None:
-    for _name, _fake in (("rnn_forward", _fake_forward), ("rnn_backward", _fake_backward),
-                         ("lstm_forward", _fake_lstm_forward),
-                         ("lstm_backward", _fake_lstm_backward),
-                         ("gru_forward", _fake_gru_forward), ("gru_backward", _fake_gru_backward)):
-        torch.library.register_fake(f"fastrnn::{_name}")(_fake)
+    # What each cell is to the ops, from the cells' own definitions
+    # (csrc/cells.h): its gates, its states (h, or h and c) and the values a
+    # step keeps per hidden unit for the backward.
+    CELLS = {name: Cell(*traits) for name, traits in _C.cells().items()}
+    torch.library.register_fake("fastrnn::forward")(_fake_forward)
+    torch.library.register_fake("fastrnn::backward")(_fake_backward)
 
     from . import _transforms
 

@@ -21,22 +21,15 @@ computes (the input's only with input_grad).
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from ._ops import cell_traits
+
 ops = torch.ops.fastrnn
 
-# Per forward op: the index of weights among its arguments, the gates, and
-# where each output has its batch rows (output and final states at dim 1,
-# hidden_states (L-1, T, N, D*P) at 2, workspace (L, D, T, N, Ws) at 3).
-_OPS = {
-    "rnn_forward": (2, 1, (1, 1, 2)),
-    "gru_forward": (2, 3, (1, 1, 2, 3)),
-    "lstm_forward": (3, 4, (1, 1, 1, 2, 3)),
-}
-# Per backward op: the index of its weights, of num_layers and of input_grad.
-_BACKWARD = {
-    "rnn_backward": (2, 9, 13),
-    "gru_backward": (2, 10, 13),
-    "lstm_backward": (3, 12, 16),
-}
+# The forward op's arguments: cell, input, hx, weights, lengths,
+# dropout_mask, num_layers, bidirectional, has_biases, has_projections.
+_INPUT, _HX, _WEIGHTS, _LENGTHS, _MASK, _LAYERS = 1, 2, 3, 4, 5, 6
+# The backward op's: ..., num_layers at 11, ..., input_grad at 15.
+_BACKWARD_LAYERS, _INPUT_GRAD = 11, 15
 
 
 def _select(arg, dim, b):
@@ -74,40 +67,44 @@ def _one_call_per_member(op, B, in_dims, args):
     return tuple(outputs), dims
 
 
-def _vmap_rule(name):
-    w_index, _, positions = _OPS[name]
-    op = getattr(ops, name)
-
-    def rule(info, in_dims, *args):
-        B = info.batch_size
-        if any(d is not None for d in in_dims[w_index]):
-            # An ensemble: one stack per member.
-            return _one_call_per_member(op, B, in_dims, args)
-        args = list(args)
-        # The batch rows sit at dim 1 of input (T, N, C) and of the states
-        # (L*D, N, .), dim 0 of lengths (N), dim 2 of dropout masks (L-1, T,
-        # N, D*P).
-        for i in range(w_index):
-            args[i] = _fold(args[i], in_dims[i], 1, B)
-        lengths, mask = w_index + 1, w_index + 2
-        if args[lengths] is not None:
-            args[lengths] = _fold(args[lengths], in_dims[lengths], 0, B)
-        if args[mask] is not None:
-            args[mask] = _fold(args[mask], in_dims[mask], 2, B)
-        outputs = op(*args)
-        return tuple(_unfold(t, p, B) for t, p in zip(outputs, positions)), positions
-
-    return rule
+def _forward_vmap_rule(info, in_dims, *args):
+    B = info.batch_size
+    if any(d is not None for d in in_dims[_WEIGHTS]):
+        # An ensemble: one stack per member.
+        return _one_call_per_member(ops.forward, B, in_dims, args)
+    args = list(args)
+    # The batch rows sit at dim 1 of input (T, N, C) and of the states
+    # (L*D, N, .), dim 0 of lengths (N), dim 2 of dropout masks (L-1, T, N,
+    # D*P).
+    args[_INPUT] = _fold(args[_INPUT], in_dims[_INPUT], 1, B)
+    args[_HX] = [_fold(h, d, 1, B) for h, d in zip(args[_HX], in_dims[_HX])]
+    if args[_LENGTHS] is not None:
+        args[_LENGTHS] = _fold(args[_LENGTHS], in_dims[_LENGTHS], 0, B)
+    if args[_MASK] is not None:
+        args[_MASK] = _fold(args[_MASK], in_dims[_MASK], 2, B)
+    output, state_n, hidden_states, workspace = ops.forward(*args)
+    # output and the final states have their batch rows at dim 1,
+    # hidden_states (L-1, T, N, D*P) at 2, workspace (L, D, T, N, Ws) at 3.
+    outputs = (_unfold(output, 1, B), [_unfold(h, 1, B) for h in state_n],
+               _unfold(hidden_states, 2, B), _unfold(workspace, 3, B))
+    return outputs, (1, [1] * len(state_n), 2, 3)
 
 
-def _stack_flops(input_shape, weight_shapes, num_layers, bidirectional, has_biases, gates,
-                 proj=False):
+def _backward_vmap_rule(info, in_dims, *args):
+    # vmap over the backward op: batched gradients (jacobians by reverse
+    # mode, gradcheck's check_batched_grad) and ensembles. The weights'
+    # gradients are sums over the rows, so the members cannot share one call.
+    return _one_call_per_member(ops.backward, info.batch_size, in_dims, args)
+
+
+def _stack_flops(cell, input_shape, weight_shapes, num_layers, bidirectional, has_biases, proj):
     """Multiply-adds times two of a stack's forward GEMMs: per layer and
     direction, (T*N, C_l) x (C_l, G*H), then per step (N, P) x (P, G*H) and,
     with projections, (N, H) x (H, P)."""
     T, N = input_shape[0], input_shape[1]
     D = 2 if bidirectional else 1
     per = 2 + (2 if has_biases else 0) + (1 if proj else 0)
+    gates = cell_traits(cell).gates
     total = 0
     for k in range(num_layers * D):
         w_ih, w_hh = weight_shapes[k * per], weight_shapes[k * per + 1]
@@ -120,60 +117,37 @@ def _stack_flops(input_shape, weight_shapes, num_layers, bidirectional, has_bias
     return total
 
 
-def _forward_flops(name):
-    w_index, gates, _ = _OPS[name]
-
-    def formula(*args, out_shape=None, **kwargs):
-        input_shape, weights = args[0], args[w_index]
-        num_layers, bidirectional, has_biases = args[w_index + 3:w_index + 6]
-        proj = name == "lstm_forward" and bool(args[w_index + 6])
-        return _stack_flops(input_shape, weights, num_layers, bidirectional, has_biases, gates, proj)
-
-    return formula
+def _arg(args, kwargs, i, name, default):
+    return args[i] if len(args) > i else kwargs.get(name, default)
 
 
-def _backward_flops(name):
-    w_index, flags_at, input_grad_at = _BACKWARD[name]
-    gates = _OPS[name.replace("backward", "forward")][1]
-
-    def formula(*args, out_shape=None, **kwargs):
-        input_shape, weights = args[0], args[w_index]
-        num_layers, bidirectional, has_biases = args[flags_at:flags_at + 3]
-        proj = name == "lstm_backward" and bool(args[flags_at + 3])
-        input_grad = args[input_grad_at] if len(args) > input_grad_at else kwargs.get("input_grad", True)
-        # Every forward GEMM has two in the backward (one per operand), but
-        # the input's of the first layer without input_grad.
-        total = 2 * _stack_flops(input_shape, weights, num_layers, bidirectional, has_biases,
-                                 gates, proj)
-        if not input_grad:
-            D = 2 if bidirectional else 1
-            per = 2 + (2 if has_biases else 0) + (1 if proj else 0)
-            T, N = input_shape[0], input_shape[1]
-            for d in range(D):
-                GH, C = weights[d * per]
-                total -= 2 * T * N * GH * C
-        return total
-
-    return formula
+def _forward_flops(*args, out_shape=None, **kwargs):
+    cell, input_shape, _, weights = args[:4]
+    num_layers, bidirectional, has_biases = args[_LAYERS:_LAYERS + 3]
+    proj = bool(_arg(args, kwargs, _LAYERS + 3, "has_projections", False))
+    return _stack_flops(cell, input_shape, weights, num_layers, bidirectional, has_biases, proj)
 
 
-def _backward_vmap_rule(name):
-    # vmap over a backward op: batched gradients (jacobians by reverse mode,
-    # gradcheck's check_batched_grad) and ensembles. The weights' gradients
-    # are sums over the rows, so the members cannot share one call.
-    op = getattr(ops, name)
-
-    def rule(info, in_dims, *args):
-        return _one_call_per_member(op, info.batch_size, in_dims, args)
-
-    return rule
+def _backward_flops(*args, out_shape=None, **kwargs):
+    cell, input_shape, _, weights = args[:4]
+    num_layers, bidirectional, has_biases = args[_BACKWARD_LAYERS:_BACKWARD_LAYERS + 3]
+    proj = bool(_arg(args, kwargs, _BACKWARD_LAYERS + 3, "has_projections", False))
+    input_grad = _arg(args, kwargs, _INPUT_GRAD, "input_grad", True)
+    # Every forward GEMM has two in the backward (one per operand), but the
+    # input's of the first layer without input_grad.
+    total = 2 * _stack_flops(cell, input_shape, weights, num_layers, bidirectional, has_biases, proj)
+    if not input_grad:
+        D = 2 if bidirectional else 1
+        per = 2 + (2 if has_biases else 0) + (1 if proj else 0)
+        T, N = input_shape[0], input_shape[1]
+        for d in range(D):
+            GH, C = weights[d * per]
+            total -= 2 * T * N * GH * C
+    return total
 
 
 def register():
-    for name in _OPS:
-        torch.library.register_vmap(f"fastrnn::{name}", _vmap_rule(name))
-        register_flop_formula(getattr(ops, name))(_forward_flops(name))
-    for name in _BACKWARD:
-        torch.library.register_vmap(f"fastrnn::{name}", _backward_vmap_rule(name))
-    for name in _BACKWARD:
-        register_flop_formula(getattr(ops, name))(_backward_flops(name))
+    torch.library.register_vmap("fastrnn::forward", _forward_vmap_rule)
+    torch.library.register_vmap("fastrnn::backward", _backward_vmap_rule)
+    register_flop_formula(ops.forward)(_forward_flops)
+    register_flop_formula(ops.backward)(_backward_flops)

@@ -234,17 +234,15 @@ class _FusedBase(_Backend, nn.RNNBase):
         weights = self._weights()
         if any(w.dtype != dtype or w.device != device for w in weights):
             return None
-        flags = ((self.proj_size > 0,) if lstm else
-                 (self.mode == "RNN_RELU",) if self.mode != "GRU" else ())
-        op = _op(_LAYER_OP_NAMES[self.mode])
         try:
-            out = _call_op(op, (x, *states, weights, None, None, self.num_layers,
-                                self.bidirectional, self.bias, *flags))
+            out = _call_op(_op("forward"), (_LAYER_CELLS[self.mode], x, states, weights, None, None,
+                                            self.num_layers, self.bidirectional, self.bias,
+                                            lstm and self.proj_size > 0))
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self._record_cuda_path(x)
         output = out[0].transpose(0, 1) if self.batch_first else out[0]
-        return (output, (out[1], out[2])) if lstm else (output, out[1])
+        return (output, tuple(out[1])) if lstm else (output, out[1][0])
 
     def _check_devices(self, x, states, weights):
         # What torch.nn's implementation checks before it runs (RNN.cpp's
@@ -329,9 +327,13 @@ class _FusedBase(_Backend, nn.RNNBase):
                             f"size ({t.shape[0]}) at non-singleton dimension 1.  Target sizes: "
                             f"[{rows}, {GH}].  Tensor sizes: [{t.shape[0]}]")
 
-    def _call(self, op, x, weights, args, rows_ih, rows_hh):
+    def _call(self, x, weights, args, rows_ih, rows_hh):
+        """The forward op on (input, states, weights, lengths, dropout mask),
+        this layer's cell and options added; torch.nn's error for a weight of
+        the wrong shape where the op refuses the call."""
         try:
-            return _call_op(op, args)
+            return _call_op(_op("forward"), (_LAYER_CELLS[self.mode], *args, self.num_layers,
+                                             self.bidirectional, self.bias, self.proj_size > 0))
         except RuntimeError:
             self._raise_torch_shape_error(weights, rows_ih, rows_hh)
             raise
@@ -410,7 +412,7 @@ def _finish(layer, output, rows, packing, is_batched, batch_dim):
     return output
 
 
-def _fused_single_state(layer, input, hx, name, tensor_word, op, flags):
+def _fused_single_state(layer, input, hx, name, tensor_word):
     """The fused forward of the layers with one state (RNN, GRU): torch.nn's
     argument handling, the op, the output as the input came."""
     x, hx, lengths, rows, packing, is_batched, batch_dim = _prepare_rnn_gru(
@@ -420,11 +422,9 @@ def _fused_single_state(layer, input, hx, name, tensor_word, op, flags):
     layer._check_devices(x, (hx,), weights)
     layer._check_state_dtype(hx, weights[0])
     out = layer._call(
-        op, x, weights,
-        (x, hx, weights, lengths, layer._dropout_mask(x, layer.hidden_size, rows), layer.num_layers,
-         layer.bidirectional, layer.bias, *flags),
+        x, weights, (x, [hx], weights, lengths, layer._dropout_mask(x, layer.hidden_size, rows)),
         x.shape[0] * x.shape[1], x.shape[1])
-    h_n = out[1]
+    h_n = out[1][0]
     layer._record_cuda_path(x)
     output = _finish(layer, out[0], rows, packing, is_batched, batch_dim)
     if packing is not None:
@@ -506,8 +506,7 @@ class RNN(_FusedBase):
         return self._run(input, hx)
 
     def _fused_forward(self, input, hx):
-        return _fused_single_state(self, input, hx, "RNN", " tensor", torch.ops.fastrnn.rnn_forward,
-                                   (self.mode == "RNN_RELU",))
+        return _fused_single_state(self, input, hx, "RNN", " tensor")
 
 
 class GRU(_FusedBase):
@@ -541,7 +540,7 @@ class GRU(_FusedBase):
         return self._run(input, hx)
 
     def _fused_forward(self, input, hx):
-        return _fused_single_state(self, input, hx, "GRU", "", torch.ops.fastrnn.gru_forward, ())
+        return _fused_single_state(self, input, hx, "GRU", "")
 
 
 class LSTM(_FusedBase):
@@ -632,10 +631,9 @@ class LSTM(_FusedBase):
         h0, c0 = hx
         self._check_devices(x, hx, weights)
         h0, c0 = self._check_lstm_state_dtypes(x, h0, c0, weights[0])
-        output, h_n, c_n, _, _ = self._call(
-            torch.ops.fastrnn.lstm_forward, x, weights,
-            (x, h0, c0, weights, lengths, self._dropout_mask(x, real_hidden_size, rows),
-             self.num_layers, self.bidirectional, self.bias, self.proj_size > 0),
+        output, (h_n, c_n), _, _ = self._call(
+            x, weights,
+            (x, [h0, c0], weights, lengths, self._dropout_mask(x, real_hidden_size, rows)),
             x.shape[0] * x.shape[1], x.shape[1])
         self._record_cuda_path(x)
         output = _finish(self, output, rows, packing, is_batched, batch_dim)
@@ -654,7 +652,7 @@ class _FusedCell(_Backend):
     torch.compile; arguments the op refuses go to nn's cell."""
 
     _name = ""       # "RNNCell", "LSTMCell", "GRUCell", as nn's messages say
-    _op_name = ""    # the layer op of the same cell
+    _cell = ""       # the ops' name of the cell: "lstm", "gru" (RNNCell: _cell_name())
     _pair = False    # LSTMCell: hx is (h, c)
     _torch_cell = None  # nn.RNNCell, nn.LSTMCell or nn.GRUCell
 
@@ -672,11 +670,8 @@ class _FusedCell(_Backend):
         except KeyError:
             return [getattr(self, name) for name in names]
 
-    def _flags(self):
-        return ()
-
-    def _kind(self):
-        return _CELL_KINDS[self._op_name]
+    def _cell_name(self):
+        return self._cell
 
     def _run(self, input, hx):
         torch_forward = self._torch_cell.forward
@@ -733,7 +728,8 @@ class _FusedCell(_Backend):
         # the op through the dispatcher (autograd, autocast, vmap and the
         # other transforms apply there as for the op itself).
         try:
-            out = _ops._C.cell_step(self._kind(), input, list(states), self._weights(), self.bias)
+            out = _ops._C.cell_step(self._cell_name(), input, list(states), self._weights(),
+                                    self.bias)
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self.__dict__["last_path"] = "fused"
@@ -751,16 +747,14 @@ class _FusedCell(_Backend):
             states = (zeros, zeros) if self._pair else (zeros,)
         else:
             states = tuple(h.unsqueeze(0) if dim == 2 else h.reshape(1, 1, -1) for h in states)
-        op = _op(self._op_name)
         try:
-            out = op(x, *states, self._weights(), None, None, 1, False, self.bias, *self._flags())
+            out = _op("forward")(self._cell_name(), x, list(states), self._weights(), None, None, 1,
+                                 False, self.bias, False)
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self.__dict__["last_path"] = "fused"
-        h_n = out[1][0] if dim == 2 else out[1][0, 0]
-        if self._pair:
-            return h_n, (out[2][0] if dim == 2 else out[2][0, 0])
-        return h_n
+        new = tuple(h[0] if dim == 2 else h[0, 0] for h in out[1])
+        return new if self._pair else new[0]
 
 
 _OPS = {}
@@ -790,12 +784,9 @@ def _op(name):
     return _OPS[name]
 
 
-# Each layer mode's forward op.
-_LAYER_OP_NAMES = {"RNN_TANH": "rnn_forward", "RNN_RELU": "rnn_forward", "LSTM": "lstm_forward",
-                   "GRU": "gru_forward"}
+# The ops' name of each layer mode's cell (fastrnn._ops.CELLS).
+_LAYER_CELLS = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-# csrc/cells.h's CellKind of each cell's op (RNNCell: 0 tanh, 1 relu).
-_CELL_KINDS = {"rnn_forward": 0, "lstm_forward": 2, "gru_forward": 3}
 
 
 class RNNCell(_FusedCell, nn.RNNCell):
@@ -812,7 +803,7 @@ class RNNCell(_FusedCell, nn.RNNCell):
     with its result or its error.
     """
 
-    _name, _op_name, _gates, _torch_cell = "RNNCell", "rnn_forward", 1, nn.RNNCell
+    _name, _gates, _torch_cell = "RNNCell", 1, nn.RNNCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None, *,
@@ -820,11 +811,8 @@ class RNNCell(_FusedCell, nn.RNNCell):
         super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
         self._init_backend(backend)
 
-    def _flags(self):
-        return (self.nonlinearity == "relu",)
-
-    def _kind(self):
-        return 1 if self.nonlinearity == "relu" else 0
+    def _cell_name(self):
+        return "rnn_relu" if self.nonlinearity == "relu" else "rnn_tanh"
 
     def _fused_step(self, input, hx, dim):
         if self.nonlinearity != "tanh" and self.nonlinearity != "relu":
@@ -845,16 +833,13 @@ class LSTMCell(_FusedCell, nn.LSTMCell):
     ``(h', c')``.
     """
 
-    _name, _op_name, _gates, _pair, _torch_cell = "LSTMCell", "lstm_forward", 4, True, nn.LSTMCell
+    _name, _cell, _gates, _pair, _torch_cell = "LSTMCell", "lstm", 4, True, nn.LSTMCell
     _promotes = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: Optional[str] = None) -> None:
         super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
         self._init_backend(backend)
-
-    def _flags(self):
-        return (False,)  # no projections
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None
                 ) -> Tuple[Tensor, Tensor]:
@@ -870,7 +855,7 @@ class GRUCell(_FusedCell, nn.GRUCell):
     :class:`fastrnn.RNNCell`.
     """
 
-    _name, _op_name, _gates, _torch_cell = "GRUCell", "gru_forward", 3, nn.GRUCell
+    _name, _cell, _gates, _torch_cell = "GRUCell", "gru", 3, nn.GRUCell
     _promotes = True
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,

@@ -76,7 +76,7 @@ def test_cluster_of_eight(cell, hidden):
     across lanes and added by shuffles."""
     ref, ours = pair(3, hidden, cell)
     assert fastrnn._ops._C.choose_emulated_launch(
-        {"rnn": 0, "lstm": 2, "gru": 3}[cell], True, 3, 2, hidden, hidden, 1, 4, False, "cluster", 0
+        {"rnn": "rnn_tanh"}.get(cell, cell), True, 3, 2, hidden, hidden, 1, 4, False, "cluster", 0
     )[1][5] == 8
     with emulated("cluster"):
         compare(ref, ours, leaf(3, 2, 3))
@@ -221,7 +221,7 @@ def _blocks_per_sm(threads, smem, bound):
     return min(228 * 1024 // (smem + 1024), 2048 // threads, 65536 // (threads * registers), 32)
 
 
-@pytest.mark.parametrize("cell", [0, 2, 3])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
 @pytest.mark.parametrize("forward", [True, False])
 @pytest.mark.parametrize("hidden", [16, 64, 128, 256, 512, 700, 1024])
 @pytest.mark.parametrize("batch", [1, 8, 64, 512])
@@ -250,15 +250,15 @@ def test_every_single_kernel_launch_fits_one_wave(cell, forward, hidden, batch, 
 
 def test_choice_follows_the_problem():
     # Small W_hh: one block per few rows, every multiprocessor busy.
-    path, geo, _ = choose(0, True, 64, 264, 64, 64, 1, 4, False, "auto", 0)
+    path, geo, _ = choose("rnn_tanh", True, 64, 264, 64, 64, 1, 4, False, "auto", 0)
     assert path == "persistent" and geo[4] == 2
     # float16 keeps W_hh in 16 bits: twice the hidden size fits one block.
-    assert choose(0, True, 64, 1, 320, 320, 1, 2, False, "auto", 0)[0] == "persistent"
-    assert choose(0, True, 64, 1, 320, 320, 1, 4, False, "auto", 0)[0] == "cluster"
+    assert choose("rnn_tanh", True, 64, 1, 320, 320, 1, 2, False, "auto", 0)[0] == "persistent"
+    assert choose("rnn_tanh", True, 64, 1, 320, 320, 1, 4, False, "auto", 0)[0] == "cluster"
     # Beyond one wave of clusters at this size, the grid or the step path.
-    assert choose(0, True, 64, 4096, 512, 512, 2, 4, False, "auto", 0)[0] == "step"
+    assert choose("rnn_tanh", True, 64, 4096, 512, 512, 2, 4, False, "auto", 0)[0] == "step"
     # Projections: the step path.
-    assert choose(2, True, 64, 8, 64, 32, 1, 4, True, "auto", 0)[0] == "step"
+    assert choose("lstm", True, 64, 8, 64, 32, 1, 4, True, "auto", 0)[0] == "step"
 
 
 def test_backward_path_is_seen_from_any_thread():

@@ -645,9 +645,9 @@ def test_the_op_itself_keeps_its_workspace_without_grad():
     mode; only the setting the layers use turns it off."""
     layer = fastrnn.LSTM(5, 7)
     x, h = torch.randn(6, 3, 5), torch.zeros(1, 3, 7)
-    args = (x, h, h, layer._weights(), None, None, 1, False, True, False)
+    args = ("lstm", x, [h, h], layer._weights(), None, None, 1, False, True, False)
     with torch.no_grad():
-        direct = torch.ops.fastrnn.lstm_forward(*args)[-1]
+        direct = torch.ops.fastrnn.forward(*args)[-1]
     with torch.enable_grad():
-        kept = torch.ops.fastrnn.lstm_forward(*args)[-1]
+        kept = torch.ops.fastrnn.forward(*args)[-1]
     assert torch.equal(direct, kept) and direct.abs().sum() > 0

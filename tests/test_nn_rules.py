@@ -126,14 +126,9 @@ def test_meta_state_with_cpu_input_never_reaches_the_op(cell):
     x = torch.randn(2, 1, 3)
     meta = torch.zeros(1, 1, 4, device="meta")
     w = layer._weights()
-    if cell == "lstm":
-        call = lambda: torch.ops.fastrnn.lstm_forward(x, meta, meta, w, None, None, 1, False, True, False)
-    elif cell == "gru":
-        call = lambda: torch.ops.fastrnn.gru_forward(x, meta, w, None, None, 1, False, True)
-    else:
-        call = lambda: torch.ops.fastrnn.rnn_forward(x, meta, w, None, None, 1, False, True, False)
+    name, states = {"lstm": ("lstm", [meta, meta]), "gru": ("gru", [meta])}.get(cell, ("rnn_tanh", [meta]))
     with pytest.raises(RuntimeError, match="hx must be on the input's device cpu, got meta"):
-        call()
+        torch.ops.fastrnn.forward(name, x, states, w, None, None, 1, False, True, False)
 
 
 def test_dropout_of_one_leaves_the_generator_alone():

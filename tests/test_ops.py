@@ -11,13 +11,12 @@ from helpers import DEVICES
 
 ops = torch.ops.fastrnn
 
-# Per op: gates, whether it takes cx, the reference, and how many outputs
-# (output and final states) the reference returns.
+# Per cell: gates, whether it has the state c, the reference.
 OPS = {
-    "rnn": (1, False, rnn_reference, 2),
-    "lstm": (4, True, lstm_reference, 3),
-    "lstm_proj": (4, True, lstm_reference, 3),
-    "gru": (3, False, gru_reference, 2),
+    "rnn": (1, False, rnn_reference),
+    "lstm": (4, True, lstm_reference),
+    "lstm_proj": (4, True, lstm_reference),
+    "gru": (3, False, gru_reference),
 }
 
 
@@ -27,7 +26,7 @@ class Call:
 
     def __init__(self, cell, T=5, N=3, C=4, H=5, L=2, bidirectional=True, bias=True, relu=False,
                  lengths=None, dropout=False, dtype=torch.float64, device="cpu", grad=True):
-        G, has_cx, self.reference, self.n_out = OPS[cell]
+        G, has_cx, self.reference = OPS[cell]
         self.cell = cell
         proj = cell == "lstm_proj"
         P = min(3, H - 1) if proj else H
@@ -58,28 +57,24 @@ class Call:
         self.L, self.bidirectional, self.bias, self.relu, self.proj = L, bidirectional, bias, relu, proj
 
     @property
-    def forward_op(self):
-        return {"rnn": ops.rnn_forward, "gru": ops.gru_forward}.get(self.cell, ops.lstm_forward)
+    def name(self):
+        """The ops' name of the cell."""
+        return {"rnn": "rnn_relu" if self.relu else "rnn_tanh", "gru": "gru"}.get(self.cell, "lstm")
 
-    @property
-    def backward_op(self):
-        return {"rnn": ops.rnn_backward, "gru": ops.gru_backward}.get(self.cell, ops.lstm_backward)
+    forward_op = ops.forward
+    backward_op = ops.backward
+
+    def states(self):
+        return [self.hx] if self.cx is None else [self.hx, self.cx]
 
     def args(self):
-        common = (self.lengths, self.mask, self.L, self.bidirectional, self.bias)
-        if self.cell == "rnn":
-            return (self.x, self.hx, self.weights, *common, self.relu)
-        if self.cell == "gru":
-            return (self.x, self.hx, self.weights, *common)
-        return (self.x, self.hx, self.cx, self.weights, *common, self.proj)
+        return (self.name, self.x, self.states(), self.weights, self.lengths, self.mask, self.L,
+                self.bidirectional, self.bias, self.proj)
 
     def forward(self):
         """The op's output and final states."""
-        return self.forward_op(*self.args())[:self.n_out]
-
-    def workspace(self):
-        """The op's hidden_states and, but for Elman, workspace."""
-        return self.forward_op(*self.args())[self.n_out:]
+        output, state_n, _, _ = ops.forward(*self.args())
+        return (output, *state_n)
 
     def expected(self):
         common = (self.lengths, self.mask, self.L, self.bidirectional, self.bias)
@@ -92,21 +87,18 @@ class Call:
     def leaves(self):
         return [self.x, self.hx] + ([self.cx] if self.cx is not None else []) + self.weights
 
+    @staticmethod
+    def gradients(outputs):
+        """Random gradients for a forward's output and final states."""
+        output, state_n = outputs[0], outputs[1]
+        return [torch.randn_like(output), [torch.randn_like(h) for h in state_n]]
+
     def backward_args(self, outputs, grads, input_grad=True):
         """The backward op's arguments, from a forward's outputs and gradients
         for its output and final states."""
-        common = (self.lengths, self.mask)
-        flags = (self.L, self.bidirectional, self.bias)
-        if self.cell == "rnn":
-            y, _, hs = outputs
-            return (self.x, self.hx, self.weights, *common, y, hs, *grads, *flags, self.relu,
-                    input_grad)
-        if self.cell == "gru":
-            y, _, hs, ws = outputs
-            return (self.x, self.hx, self.weights, *common, y, hs, ws, *grads, *flags, input_grad)
-        y, _, _, hs, ws = outputs
-        return (self.x, self.hx, self.cx, self.weights, *common, y, hs, ws, *grads, *flags,
-                self.proj, input_grad)
+        y, _, hs, ws = outputs
+        return (self.name, self.x, self.states(), self.weights, self.lengths, self.mask, y, hs, ws,
+                grads[0], grads[1], self.L, self.bidirectional, self.bias, self.proj, input_grad)
 
 
 CELLS = list(OPS)
@@ -217,7 +209,7 @@ def test_opcheck(cell, case, device):
     torch.library.opcheck(c.forward_op, c.args())
     c = call_of(cell, case, T=4, N=3, C=3, H=3, device=device, grad=False)
     outputs = c.forward_op(*c.args())
-    grads = [torch.randn_like(t) for t in outputs[:c.n_out]]
+    grads = c.gradients(outputs)
     for input_grad in (True, False):
         torch.library.opcheck(c.backward_op, c.backward_args(outputs, grads, input_grad))
 
@@ -230,22 +222,22 @@ def test_backward_without_input_grad(cell, case, device):
     zeros, every other gradient bit for bit as with it."""
     c = call_of(cell, case, device=device, grad=False)
     outputs = c.forward_op(*c.args())
-    grads = [torch.randn_like(t) for t in outputs[:c.n_out]]
+    grads = c.gradients(outputs)
     with_input = c.backward_op(*c.backward_args(outputs, grads, True))
     without = c.backward_op(*c.backward_args(outputs, grads, False))
     assert with_input[0].abs().sum() > 0
     assert torch.equal(without[0], torch.zeros_like(with_input[0]))
-    for a, b in zip(without[1:-1], with_input[1:-1]):
-        assert torch.equal(a, b)
-    for a, b in zip(without[-1], with_input[-1]):
-        assert torch.equal(a, b)
+    for listed in (1, 2):  # the states' gradients, the weights'
+        assert len(without[listed]) == len(with_input[listed])
+        for a, b in zip(without[listed], with_input[listed]):
+            assert torch.equal(a, b)
 
 
 def bad(**changes):
     c = Call("rnn", grad=False)
     args = list(c.args())
-    names = ["input", "hx", "weights", "lengths", "dropout_mask", "num_layers", "bidirectional",
-             "has_biases", "relu"]
+    names = ["cell", "input", "hx", "weights", "lengths", "dropout_mask", "num_layers",
+             "bidirectional", "has_biases", "has_projections"]
     for k, v in changes.items():
         args[names.index(k)] = v(args) if callable(v) else v
     return args
@@ -253,20 +245,24 @@ def bad(**changes):
 
 MALFORMED = {
     "input_2d": (bad(input=torch.randn(5, 4, dtype=torch.float64)), r"input must have shape \(T, N, C\)"),
-    "too_few_weights": (bad(weights=lambda a: a[2][:-1]), r"weights must hold 16 tensors"),
-    "weight_shape": (bad(weights=lambda a: [torch.randn(5, 3, dtype=torch.float64)] + a[2][1:]),
+    "too_few_weights": (bad(weights=lambda a: a[3][:-1]), r"weights must hold 16 tensors"),
+    "weight_shape": (bad(weights=lambda a: [torch.randn(5, 3, dtype=torch.float64)] + a[3][1:]),
                      r"weight_ih_l0 must have shape \(G\*H, C\) = \(5, 4\), got \(5, 3\)"),
-    "w_hh_shape": (bad(weights=lambda a: a[2][:1] + [torch.randn(5, 4, dtype=torch.float64)] + a[2][2:]),
+    "w_hh_shape": (bad(weights=lambda a: a[3][:1] + [torch.randn(5, 4, dtype=torch.float64)] + a[3][2:]),
                    r"weight_hh_l0 must have shape \(G\*H, P\) = \(5, 5\), got \(5, 4\)"),
-    "upper_layer_shape": (bad(weights=lambda a: a[2][:8] + [torch.randn(5, 5, dtype=torch.float64)] + a[2][9:]),
+    "upper_layer_shape": (bad(weights=lambda a: a[3][:8] + [torch.randn(5, 5, dtype=torch.float64)] + a[3][9:]),
                           r"weight_ih_l1 must have shape \(G\*H, D\*P\) = \(5, 10\), got \(5, 5\)"),
-    "bias_shape": (bad(weights=lambda a: a[2][:2] + [torch.randn(4, dtype=torch.float64)] + a[2][3:]),
+    "bias_shape": (bad(weights=lambda a: a[3][:2] + [torch.randn(4, dtype=torch.float64)] + a[3][3:]),
                    r"bias_ih_l0 must have shape \(G\*H,\) = \(5,\), got \(4,\)"),
-    "mixed_dtype": (bad(weights=lambda a: [a[2][0].float()] + a[2][1:]),
+    "mixed_dtype": (bad(weights=lambda a: [a[3][0].float()] + a[3][1:]),
                     r"weight_ih_l0 must have the input's dtype Double, got Float"),
-    "hx_shape": (bad(hx=torch.randn(4, 2, 5, dtype=torch.float64)),
+    "hx_shape": (bad(hx=[torch.randn(4, 2, 5, dtype=torch.float64)]),
                  r"hx must have shape \(L\*D, N, H\) = \(4, 3, 5\), got \(4, 2, 5\)"),
-    "hx_dtype": (bad(hx=torch.randn(4, 3, 5)), r"hx must have the input's dtype Double, got Float"),
+    "hx_dtype": (bad(hx=[torch.randn(4, 3, 5)]), r"hx must have the input's dtype Double, got Float"),
+    "two_states": (bad(hx=lambda a: a[2] * 2), r"hx must hold 1 state \(h\) for rnn_tanh, got 2"),
+    "no_state": (bad(hx=[]), r"hx must hold 1 state \(h\) for rnn_tanh, got 0"),
+    "unknown_cell": (bad(cell="rnn"), r"unknown cell 'rnn': expected rnn_tanh, rnn_relu, lstm or gru"),
+    "projected_rnn": (bad(has_projections=True), r"projections apply to LSTM only"),
     "lengths_dtype": (bad(lengths=torch.tensor([1, 2, 3], dtype=torch.int32)), r"lengths must be int64"),
     "lengths_shape": (bad(lengths=torch.tensor([1, 2])), r"lengths must have shape \(N,\) = \(3,\)"),
     "mask_shape": (bad(dropout_mask=torch.ones(1, 5, 3, 5, dtype=torch.float64)),
@@ -281,51 +277,59 @@ MALFORMED = {
 def test_malformed_arguments_raise(case):
     args, pattern = MALFORMED[case]
     with pytest.raises(RuntimeError, match=pattern):
-        ops.rnn_forward(*args)
+        ops.forward(*args)
 
 
 def test_malformed_lstm_and_gru_arguments_raise():
     c = Call("lstm", grad=False)
     args = list(c.args())
+    h0, c0 = args[2]
     with pytest.raises(RuntimeError, match=r"cx must have shape \(L\*D, N, H\) = \(4, 3, 5\), got \(4, 3, 4\)"):
-        ops.lstm_forward(args[0], args[1], torch.randn(4, 3, 4, dtype=torch.float64), *args[3:])
+        ops.forward(*args[:2], [h0, torch.randn(4, 3, 4, dtype=torch.float64)], *args[3:])
+    with pytest.raises(RuntimeError, match=r"hx must hold 2 states \(h, c\) for lstm, got 1"):
+        ops.forward(*args[:2], [h0], *args[3:])
     w = list(args[3])
     w[1] = torch.randn(20, 4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"weight_hh_l0 must have shape \(G\*H, P\) = \(20, 5\), got \(20, 4\)"):
-        ops.lstm_forward(*args[:3], w, *args[4:])
+        ops.forward(*args[:3], w, *args[4:])
     with pytest.raises(RuntimeError, match=r"weights must hold 20 tensors .* with projections"):
-        ops.lstm_forward(*args[:-1], True)
+        ops.forward(*args[:-1], True)
     p = Call("lstm_proj", grad=False)
     pargs = list(p.args())
     w = list(pargs[3])
     w[4] = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"weight_hr_l0 must have shape \(P, H\) = \(3, 5\), got \(3, 4\)"):
-        ops.lstm_forward(*pargs[:3], w, *pargs[4:])
+        ops.forward(*pargs[:3], w, *pargs[4:])
     g = Call("gru", grad=False)
     gargs = list(g.args())
-    w = list(gargs[2])
+    w = list(gargs[3])
     w[0] = torch.randn(14, 4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"weight_ih_l0 must have shape \(G\*H, C\) = \(15, 4\), got \(14, 4\)"):
-        ops.gru_forward(gargs[0], gargs[1], w, *gargs[3:])
+        ops.forward(*gargs[:3], w, *gargs[4:])
+    with pytest.raises(RuntimeError, match=r"hx must hold 1 state \(h\) for gru, got 2"):
+        ops.forward(*gargs[:2], gargs[2] * 2, *gargs[3:])
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_backward_op_checks_its_own_tensors(cell):
     c = Call(cell, grad=False)
     outputs = list(c.forward_op(*c.args()))
-    grads = [torch.randn_like(t) for t in outputs[:c.n_out]]
-    bad_grads = [grads[0][:-1]] + grads[1:]
+    grads = c.gradients(outputs)
     with pytest.raises(RuntimeError, match=r"grad_output must have shape \(T, N, D\*P\)"):
-        c.backward_op(*c.backward_args(outputs, bad_grads))
-    hs = c.n_out
-    outputs[hs] = outputs[hs][:, :2]
+        c.backward_op(*c.backward_args(outputs, [grads[0][:-1], grads[1]]))
+    with pytest.raises(RuntimeError, match=r"grad_hn must have shape \(L\*D, N, P\)"):
+        c.backward_op(*c.backward_args(outputs, [grads[0], [grads[1][0][:1]] + grads[1][1:]]))
+    with pytest.raises(RuntimeError, match=r"grad_state_n must hold one gradient \(or None\) per state"):
+        c.backward_op(*c.backward_args(outputs, [grads[0], grads[1] + [None]]))
+    hs = outputs[2]
+    outputs[2] = hs[:, :2]
     with pytest.raises(RuntimeError, match=r"hidden_states must have shape \(L-1, T, N, D\*P\)"):
         c.backward_op(*c.backward_args(outputs, grads))
-    if cell != "rnn":
-        outputs = list(c.forward_op(*c.args()))
-        outputs[-1] = outputs[-1][..., :-1]
-        with pytest.raises(RuntimeError, match=r"workspace must have shape \(L, D, T, N, Ws\)"):
-            c.backward_op(*c.backward_args(outputs, grads))
+    outputs[2] = hs
+    ws = outputs[3]
+    outputs[3] = ws[..., :-1] if ws.shape[-1] else ws.new_zeros((*ws.shape[:-1], 1))
+    with pytest.raises(RuntimeError, match=r"workspace must have shape \(L, D, T, N, Ws\)"):
+        c.backward_op(*c.backward_args(outputs, grads))
 
 
 @pytest.mark.parametrize("cell", CELLS)

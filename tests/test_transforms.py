@@ -108,8 +108,7 @@ def profiled_op_inputs(fn):
     """The input shapes of every fastrnn forward op fn() runs."""
     with torch.profiler.profile(record_shapes=True) as prof:
         fn()
-    return [e.input_shapes[0] for e in prof.events() if e.name.startswith("fastrnn::") and
-            e.name.endswith("_forward")]
+    return [e.input_shapes[1] for e in prof.events() if e.name == "fastrnn::forward"]
 
 
 @pytest.mark.parametrize("in_dims", ["input", "input_and_state"])

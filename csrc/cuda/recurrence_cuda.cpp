@@ -25,6 +25,7 @@
 #include "cuda/recurrence_cuda_kernels.h"
 #include "cuda/recurrence_cuda_paths.h"
 #include "recurrence.h"
+#include "rnn_args.h"
 
 namespace fastrnn {
 namespace {
@@ -446,11 +447,10 @@ void set_emulator_blocks(int64_t blocks) {
 }
 
 std::tuple<std::string, std::vector<int64_t>, std::string> choose_emulated_launch(
-    int64_t cell, bool forward, int64_t T, int64_t N, int64_t H, int64_t P, int64_t D,
+    const std::string& cell, bool forward, int64_t T, int64_t N, int64_t H, int64_t P, int64_t D,
     int64_t elem_bytes, bool proj, const std::string& path, int64_t blocks) {
-  TORCH_CHECK(cell >= 0 && cell <= 3, "unknown cell ", cell);
   TORCH_CHECK(elem_bytes == 2 || elem_bytes == 4 || elem_bytes == 8, "elem_bytes must be 2, 4 or 8");
-  const cuda::Problem pr{static_cast<CellKind>(cell), forward, T, N, H, P, D, elem_bytes, proj};
+  const cuda::Problem pr{cell_kind(cell), forward, T, N, H, P, D, elem_bytes, proj};
   const cuda::Choice c = cuda::choose_launch(
       cuda::emulated_device(pr.cell, elem_bytes), pr, parse_path(path), blocks);
   const Launch& l = c.launch;

@@ -36,7 +36,7 @@ void set_emulator_blocks(int64_t blocks);
 // (grid_x, grid_y, threads, smem, rows, size, split, the kernel's bound on
 // threads), and the error of a forced path that cannot run.
 std::tuple<std::string, std::vector<int64_t>, std::string> choose_emulated_launch(
-    int64_t cell, bool forward, int64_t T, int64_t N, int64_t H, int64_t P, int64_t D,
+    const std::string& cell, bool forward, int64_t T, int64_t N, int64_t H, int64_t P, int64_t D,
     int64_t elem_bytes, bool proj, const std::string& path, int64_t blocks);
 
 }  // namespace fastrnn
