@@ -350,6 +350,49 @@ std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
   return {state(out[1])};
 }
 
+std::vector<Tensor> layer_forward(c10::string_view name, const Tensor& input,
+                                  const std::vector<Tensor>& states,
+                                  const std::vector<Tensor>& weights, int64_t input_size,
+                                  int64_t hidden_size, int64_t proj_size, int64_t num_layers,
+                                  bool bidirectional, bool has_biases, bool batch_first) {
+  const CellKind cell = cell_kind(name);
+  if (input.dim() != 3) return {};
+  const Tensor x = batch_first ? input.transpose(0, 1) : input;
+  const int64_t T = x.size(0), N = x.size(1), width = cell_states(cell);
+  if (T == 0 || x.size(2) != input_size) return {};
+  const int64_t LD = num_layers * (bidirectional ? 2 : 1);
+  const int64_t P = proj_size > 0 ? proj_size : hidden_size;
+  const auto same = [&](const Tensor& t) {
+    return t.scalar_type() == x.scalar_type() && t.device() == x.device();
+  };
+  std::vector<Tensor> hx;
+  if (states.empty()) {
+    hx.push_back(at::zeros({LD, N, P}, x.options()));
+    if (width == 2) hx.push_back(at::zeros({LD, N, hidden_size}, x.options()));
+  } else {
+    if (static_cast<int64_t>(states.size()) != width) return {};
+    for (int64_t i = 0; i < width; ++i) {
+      const Tensor& h = states[i];
+      if (!same(h) || h.sizes() != at::IntArrayRef({LD, N, i == 0 ? P : hidden_size})) return {};
+    }
+    hx = states;
+  }
+  for (const Tensor& w : weights)
+    if (!same(w)) return {};
+  const KeepWorkspace keep(torch::autograd::GradMode::is_enabled());
+  variable_list out;
+  try {
+    out = call_forward({cell, x, hx[0], width == 2 ? optional<Tensor>(hx[1]) : std::nullopt,
+                        weights, std::nullopt, std::nullopt, num_layers, bidirectional,
+                        has_biases, proj_size > 0});
+  } catch (const c10::Error&) {
+    return {};  // the caller's full argument handling raises torch.nn's error
+  }
+  out[0] = batch_first ? out[0].transpose(0, 1) : out[0];
+  out.resize(1 + width);  // output, h_n[, c_n]
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(fastrnn, Autograd, m) { m.impl("forward", &forward_autograd_kernel); }
 
 TORCH_LIBRARY_IMPL(fastrnn, AutocastCUDA, m) {

@@ -145,6 +145,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("states"), pybind11::arg("weights"), pybind11::arg("has_biases"),
         "One step of a cell: (N, C) or (C) input and states (none for zeros) through the "
         "layer's forward op; the new states as the input came (fastrnn's cells, eager)");
+  m.def("layer_forward", &fastrnn::layer_forward, pybind11::arg("cell"), pybind11::arg("input"),
+        pybind11::arg("states"), pybind11::arg("weights"), pybind11::arg("input_size"),
+        pybind11::arg("hidden_size"), pybind11::arg("proj_size"), pybind11::arg("num_layers"),
+        pybind11::arg("bidirectional"), pybind11::arg("has_biases"), pybind11::arg("batch_first"),
+        "A layer's plainest eager forward: [output, h_n(, c_n)], or [] for the full "
+        "argument handling (fastrnn's layers, eager)");
   m.def(
       "cells",
       [] {

@@ -49,4 +49,17 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward(
 std::vector<Tensor> cell_step(c10::string_view cell, const Tensor& input, const std::vector<Tensor>& states,
                               const std::vector<Tensor>& weights, bool has_biases);
 
+// A layer's plainest eager call (fastrnn.module's _plain_forward) in one
+// call from Python: a padded (T, N, C) input ((N, T, C) with batch_first)
+// of the layer's width, T > 0, states of exactly the expected shapes (or
+// none, for zeros), one dtype and device throughout. Returns output (as the
+// input came), h_n and, for an LSTM, c_n; nothing where the call is not
+// that plain or the op refuses it, for the caller's full argument handling.
+// Without grad mode the forward keeps no workspace (set_keep_workspace).
+std::vector<Tensor> layer_forward(c10::string_view cell, const Tensor& input,
+                                  const std::vector<Tensor>& states,
+                                  const std::vector<Tensor>& weights, int64_t input_size,
+                                  int64_t hidden_size, int64_t proj_size, int64_t num_layers,
+                                  bool bidirectional, bool has_biases, bool batch_first);
+
 }  // namespace fastrnn

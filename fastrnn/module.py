@@ -171,9 +171,13 @@ class _FusedBase(_Backend, nn.RNNBase):
 
     def _weights(self):
         # Looked up on every call, as torch.nn does: functional_call swaps
-        # parameters without telling _flat_weights, and a parametrized weight
-        # is computed on each access.
-        return [getattr(self, name) for name in self._flat_weights_names]
+        # the entries of _parameters without telling _flat_weights; a
+        # parametrized weight is not there and is computed on each access.
+        params = self._parameters
+        try:
+            return [params[name] for name in self._flat_weights_names]
+        except KeyError:
+            return [getattr(self, name) for name in self._flat_weights_names]
 
     def _dropout_mask(self, x, width, rows=None):
         """(L-1, T, N, D*width) keep-masks scaled by 1/(1-p), or None.
@@ -203,46 +207,31 @@ class _FusedBase(_Backend, nn.RNNBase):
         by step: a padded batch (T, N, C) or (N, T, C) of this layer's
         width, states of exactly the expected shapes or none, one dtype and
         device throughout, no autocast, no dropout mask to draw. torch.nn's
-        checks all pass on such a call, so they are skipped; any other call,
-        or one the op refuses, returns None for _fused_forward, which runs
-        nn's argument handling in full."""
-        # A rebased subclass may check or permute its arguments its own way.
-        if not isinstance(input, torch.Tensor) or input.dim() != 3 \
-                or isinstance(type(self), _Rebased) \
+        checks all pass on such a call, so they are skipped, in one call
+        into the extension (`_C.layer_forward`, which checks the rest); any
+        other call, or one the op refuses, returns None for _fused_forward,
+        which runs nn's argument handling in full."""
+        # A rebased subclass may check or permute its arguments its own way;
+        # a tensor subclass or a torch function mode must see the op called
+        # through torch.ops.
+        if type(input) is not torch.Tensor or isinstance(type(self), _Rebased) \
                 or (self.training and self.dropout > 0 and self.num_layers > 1) \
-                or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled():
-            return None
-        x = input.transpose(0, 1) if self.batch_first else input
-        T, N, C = x.shape
-        if T == 0 or C != self.input_size:
+                or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled() \
+                or torch._C._is_torch_function_mode_enabled():
             return None
         lstm = self.mode == "LSTM"
-        D = 2 if self.bidirectional else 1
-        P = self.proj_size if lstm and self.proj_size > 0 else self.hidden_size
-        dtype, device = x.dtype, x.device
-        if hx is None:
-            states = [x.new_zeros((self.num_layers * D, N, P))]
-            if lstm:
-                states.append(x.new_zeros((self.num_layers * D, N, self.hidden_size)))
-        else:
-            states = list(hx) if lstm else [hx]
-            shapes = [(self.num_layers * D, N, P), (self.num_layers * D, N, self.hidden_size)]
-            if len(states) != (2 if lstm else 1) or any(
-                    not isinstance(h, torch.Tensor) or h.shape != shape or h.dtype != dtype
-                    or h.device != device for h, shape in zip(states, shapes)):
-                return None
-        weights = self._weights()
-        if any(w.dtype != dtype or w.device != device for w in weights):
-            return None
         try:
-            out = _call_op(_op("forward"), (_LAYER_CELLS[self.mode], x, states, weights, None, None,
-                                            self.num_layers, self.bidirectional, self.bias,
-                                            lstm and self.proj_size > 0))
+            states = [] if hx is None else list(hx) if lstm else [hx]
+            out = _ops._C.layer_forward(_LAYER_CELLS[self.mode], input, states, self._weights(),
+                                        self.input_size, self.hidden_size, self.proj_size,
+                                        self.num_layers, self.bidirectional, self.bias,
+                                        self.batch_first)
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
-        self._record_cuda_path(x)
-        output = out[0].transpose(0, 1) if self.batch_first else out[0]
-        return (output, tuple(out[1])) if lstm else (output, out[1][0])
+        if not out:
+            return None
+        self.__dict__["last_cuda_path"] = _ops._C.last_cuda_path() if input.is_cuda else None
+        return (out[0], (out[1], out[2])) if lstm else (out[0], out[1])
 
     def _check_devices(self, x, states, weights):
         # What torch.nn's implementation checks before it runs (RNN.cpp's
@@ -722,7 +711,10 @@ class _FusedCell(_Backend):
             states = tuple(hx) if self._pair else (hx,)
             if len(states) != (2 if self._pair else 1) or any(h.dim() != dim for h in states):
                 return None
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or type(input) is not torch.Tensor \
+                or torch._C._is_torch_function_mode_enabled():
+            # What torch.compile traces, and what a tensor subclass or a
+            # torch function mode must see: the op through torch.ops.
             return self._traced_step(input, states, dim)
         # Eager: one call into the extension, which shapes the step and calls
         # the op through the dispatcher (autograd, autocast, vmap and the
@@ -733,8 +725,7 @@ class _FusedCell(_Backend):
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self.__dict__["last_path"] = "fused"
-        if input.is_cuda:
-            self._record_cuda_path(input)
+        self.__dict__["last_cuda_path"] = _ops._C.last_cuda_path() if input.is_cuda else None
         return tuple(out) if self._pair else out[0]
 
     def _traced_step(self, input, states, dim):
