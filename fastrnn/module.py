@@ -671,14 +671,16 @@ class _FusedCell(_Backend):
         dim = input.dim()
         if dim != 2 and dim != 1:
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {dim}D instead")
+        states = ()
         if hx is not None:
             states = tuple(hx) if self._pair else (hx,)
             for i, h in enumerate(states):
-                if h.dim() != 2 and h.dim() != 1:
+                h_dim = h.dim()
+                if h_dim != 2 and h_dim != 1:
                     what = f"hx[{i}]" if self._pair else "hidden"
                     raise ValueError(
-                        f"{self._name}: Expected {what} to be 1D or 2D, got {h.dim()}D instead")
-        fused = self._fused_step(input, hx, dim)
+                        f"{self._name}: Expected {what} to be 1D or 2D, got {h_dim}D instead")
+        fused = self._fused_step(input, states, dim)
         if fused is None:
             # What the op does not take (another dtype or device among the
             # arguments, a shape nn rejects, a nonlinearity it does not know)
@@ -702,15 +704,13 @@ class _FusedCell(_Backend):
         outs = tuple(t.to(dtype) for t in outs)
         return outs if self._pair else outs[0]
 
-    def _fused_step(self, input, hx, dim):
-        """The step through the layer's fused op, or None where the op does
-        not take the arguments as they are."""
-        if hx is None:
-            states = ()
-        else:
-            states = tuple(hx) if self._pair else (hx,)
-            if len(states) != (2 if self._pair else 1) or any(h.dim() != dim for h in states):
-                return None
+    def _fused_step(self, input, states, dim):
+        """The step through the layer's fused op from the given states (none
+        for zeros), or None where the op does not take the arguments as they
+        are."""
+        if states and (len(states) != (2 if self._pair else 1) or states[0].dim() != dim
+                       or states[-1].dim() != dim):
+            return None
         if torch.compiler.is_compiling() or type(input) is not torch.Tensor \
                 or torch._C._is_torch_function_mode_enabled():
             # What torch.compile traces, and what a tensor subclass or a
@@ -720,8 +720,7 @@ class _FusedCell(_Backend):
         # the op through the dispatcher (autograd, autocast, vmap and the
         # other transforms apply there as for the op itself).
         try:
-            out = _ops._C.cell_step(self._cell_name(), input, list(states), self._weights(),
-                                    self.bias)
+            out = _cell_step(self._cell_name(), input, states, self._weights(), self.bias)
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self.__dict__["last_path"] = "fused"
@@ -749,6 +748,7 @@ class _FusedCell(_Backend):
 
 
 _OPS = {}
+_cell_step = _ops._C.cell_step if _ops.available() else None
 
 
 def _call_op(op, args):
@@ -805,10 +805,10 @@ class RNNCell(_FusedCell, nn.RNNCell):
     def _cell_name(self):
         return "rnn_relu" if self.nonlinearity == "relu" else "rnn_tanh"
 
-    def _fused_step(self, input, hx, dim):
+    def _fused_step(self, input, states, dim):
         if self.nonlinearity != "tanh" and self.nonlinearity != "relu":
             return None  # nn raises its error
-        return super()._fused_step(input, hx, dim)
+        return super()._fused_step(input, states, dim)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         """One step from ``hx`` (zeros when None): input (N, H_in) or (H_in),
