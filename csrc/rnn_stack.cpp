@@ -132,8 +132,8 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
   // forward (42 MB for an LSTM of hidden 256, batch 64, 128 steps): where
   // nothing can read it, none (set_keep_workspace).
   const bool workspace = s.Ws > 0 && (keep_workspace || !cpu_loop(x));
-  r.workspace = workspace ? at::empty({s.L, s.D, s.T, s.N, s.Ws}, opt)
-                          : at::zeros({1}, opt).expand({s.L, s.D, s.T, s.N, s.Ws});
+  r.workspace = workspace || s.Ws == 0 ? at::empty({s.L, s.D, s.T, s.N, s.Ws}, opt)
+                                       : at::zeros({1}, opt).expand({s.L, s.D, s.T, s.N, s.Ws});
   for (int64_t l = 0; l < s.L; ++l) {
     // The time loop computes the input term (input_term(), or in its GEMM)
     // and adds the biases.
