@@ -224,7 +224,8 @@ bool single_kernel(const Launch& l, const Params& p, bool on_device, const at::T
                    int64_t width, int64_t S) {
   using A = typename cuda::AccOf<T>::type;
   at::Tensor exchange, counters;
-  cuda::GridScratch<A> grid{nullptr, nullptr, grid_timeout_ns.load()};
+  cuda::GridScratch<A> grid{nullptr, nullptr, nullptr, grid_timeout_ns.load()};
+  // The barrier counters, one per direction and group, then the abort flag.
   const int64_t flags = p.D * (l.grid_x / std::max<int64_t>(1, l.geometry.size));
   if (l.path == Path::grid) {
     exchange = at::full({2, p.D, p.N, S}, std::numeric_limits<double>::quiet_NaN(), acc);
@@ -232,6 +233,7 @@ bool single_kernel(const Launch& l, const Params& p, bool on_device, const at::T
     counters = at::zeros({flags + 1}, acc.dtype(at::kInt));
     grid.exchange = exchange.data_ptr<A>();
     grid.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
+    grid.abort = grid.counters + flags;
   }
   if (on_device) {
     if (!launched(cuda::Kernels<Cell, T>::run(l, p, grid, c10::cuda::getCurrentCUDAStream())))

@@ -258,7 +258,7 @@ void emulate(const Launch& l, const Params& p, const GridScratch<A>& grid) {
         grid_body<Cell>(p, g, grp, w.by, grid.exchange, w.block->shared(),
                         HostGridBlock{{w.tid, l.threads, w.block, w.st}, w.q, g.size,
                                       grid.counters + w.by * groups + grp,
-                                      grid.counters + l.grid_y * groups, grid.timeout_ns});
+                                      grid.abort, grid.timeout_ns});
       });
       return;
     }

@@ -88,17 +88,17 @@ struct GridBlock : DeviceBlock {
 };
 
 // grid (size * groups, D); group g is blocks [g * size, (g + 1) * size) of
-// its row of the grid. counters: (D, groups) barrier counters, then the
-// abort flag (GridScratch).
+// its row of the grid. counters: (D, groups) barrier counters; abort: the
+// launch's abort flag (GridScratch).
 template <typename Cell, typename Params, typename A>
 __global__ void __launch_bounds__(bound<Cell, Params>(Path::grid), 1)
     grid_kernel(const Params p, const Geometry g, A* exchange, unsigned int* counters,
-                const int64_t timeout_ns) {
+                unsigned int* abort, const int64_t timeout_ns) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t grp = blockIdx.x / g.size, groups = gridDim.x / g.size;
   grid_body<Cell>(p, g, grp, blockIdx.y, exchange, smem,
                   GridBlock{{threadIdx.x, blockDim.x}, blockIdx.x % g.size, g.size,
-                            counters + blockIdx.y * groups + grp, counters + gridDim.y * groups,
+                            counters + blockIdx.y * groups + grp, abort,
                             timeout_ns});
 }
 
@@ -227,8 +227,9 @@ cudaError_t launch_grid(Kernel kernel, const Launch& l, cudaStream_t stream, con
   Geometry geometry = l.geometry;
   A* exchange = grid.exchange;
   unsigned int* counters = grid.counters;
+  unsigned int* abort = grid.abort;
   int64_t timeout = grid.timeout_ns;
-  void* args[] = {&params, &geometry, &exchange, &counters, &timeout};
+  void* args[] = {&params, &geometry, &exchange, &counters, &abort, &timeout};
   err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
                                     dim3(static_cast<unsigned>(l.grid_x), static_cast<unsigned>(l.grid_y)),
                                     dim3(static_cast<unsigned>(l.threads)), args,

@@ -21,12 +21,13 @@ namespace cuda {
 // What a launch of the grid path needs besides its params: the exchange
 // buffer (2, D, N, S) in A with S the padded row of the state (forward) or of
 // dz (backward), real columns NaN and padding zero; the barrier counters (D,
-// groups) and after them the abort flag (nonzero once a barrier timed out),
-// all zero; how long a barrier may wait.
+// groups), zero; the abort flag, zero (nonzero once a barrier timed out);
+// how long a barrier may wait.
 template <typename A>
 struct GridScratch {
   A* exchange;
   unsigned int* counters;
+  unsigned int* abort;
   int64_t timeout_ns;
 };
 
