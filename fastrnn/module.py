@@ -230,7 +230,7 @@ class _FusedBase(_Backend, nn.RNNBase):
             return None
         if not out:
             return None
-        self.__dict__["last_cuda_path"] = _ops._C.last_cuda_path() if input.is_cuda else None
+        self._record_cuda_path(input)
         return (out[0], (out[1], out[2])) if lstm else (out[0], out[1])
 
     def _check_devices(self, x, states, weights):
@@ -321,8 +321,8 @@ class _FusedBase(_Backend, nn.RNNBase):
         this layer's cell and options added; torch.nn's error for a weight of
         the wrong shape where the op refuses the call."""
         try:
-            return _call_op(_op("forward"), (_LAYER_CELLS[self.mode], *args, self.num_layers,
-                                             self.bidirectional, self.bias, self.proj_size > 0))
+            return _call_op(_forward_op, (_LAYER_CELLS[self.mode], *args, self.num_layers,
+                                          self.bidirectional, self.bias, self.proj_size > 0))
         except RuntimeError:
             self._raise_torch_shape_error(weights, rows_ih, rows_hh)
             raise
@@ -724,7 +724,7 @@ class _FusedCell(_Backend):
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self.__dict__["last_path"] = "fused"
-        self.__dict__["last_cuda_path"] = _ops._C.last_cuda_path() if input.is_cuda else None
+        self._record_cuda_path(input)
         return tuple(out) if self._pair else out[0]
 
     def _traced_step(self, input, states, dim):
@@ -738,8 +738,8 @@ class _FusedCell(_Backend):
         else:
             states = tuple(h.unsqueeze(0) if dim == 2 else h.reshape(1, 1, -1) for h in states)
         try:
-            out = _op("forward")(self._cell_name(), x, list(states), self._weights(), None, None, 1,
-                                 False, self.bias, False)
+            out = _forward_op(self._cell_name(), x, list(states), self._weights(), None, None, 1,
+                              False, self.bias, False)
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
         self.__dict__["last_path"] = "fused"
@@ -747,7 +747,9 @@ class _FusedCell(_Backend):
         return new if self._pair else new[0]
 
 
-_OPS = {}
+# The forward op's one overload and the cells' eager step, looked up once:
+# calling the overload skips the packet's overload resolution on every call.
+_forward_op = torch.ops.fastrnn.forward.default if _ops.available() else None
 _cell_step = _ops._C.cell_step if _ops.available() else None
 
 
@@ -765,14 +767,6 @@ def _call_op(op, args):
         return op(*args)
     finally:
         _ops._C.set_keep_workspace(keep)
-
-
-def _op(name):
-    """torch.ops.fastrnn.<name>'s one overload, looked up once: calling it
-    skips the packet's overload resolution on every call."""
-    if name not in _OPS:
-        _OPS[name] = getattr(torch.ops.fastrnn, name).default
-    return _OPS[name]
 
 
 # The ops' name of each layer mode's cell (fastrnn._ops.CELLS).
