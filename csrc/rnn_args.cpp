@@ -37,7 +37,7 @@ void check_weight(const at::Tensor& w, const char* kind, int64_t l, int64_t d, c
 }  // namespace
 
 CellKind cell_kind(c10::string_view name) {
-  for (CellKind k : {CellKind::rnn_tanh, CellKind::rnn_relu, CellKind::lstm, CellKind::gru})
+  for (CellKind k : kCellKinds)
     if (name == cell_name(k)) return k;
   TORCH_CHECK(false, "unknown cell '", std::string(name.data(), name.size()),
               "': expected rnn_tanh, rnn_relu, lstm or gru");
@@ -49,6 +49,13 @@ const char* cell_name(CellKind cell) {
 
 int64_t cell_states(CellKind cell) {
   return with_cell(cell, [](auto c) { return decltype(c)::kCellState ? 2 : 1; });
+}
+
+void check_states(CellKind cell, at::TensorList hx) {
+  const int64_t states = cell_states(cell);
+  TORCH_CHECK(static_cast<int64_t>(hx.size()) == states, "hx must hold ",
+              states == 2 ? "2 states (h, c)" : "1 state (h)", " for ", cell_name(cell), ", got ",
+              hx.size());
 }
 
 bool supported_dtype(at::ScalarType t) {
@@ -107,9 +114,7 @@ Stack check_args(CellKind cell, const at::Tensor& input, at::TensorList states,
   });
   const bool lstm = s.cell_state;
   TORCH_CHECK(projectable || !has_projections, "projections apply to LSTM only");
-  TORCH_CHECK(static_cast<int64_t>(states.size()) == cell_states(cell), "hx must hold ",
-              lstm ? "2 states (h, c)" : "1 state (h)", " for ", cell_name(cell), ", got ",
-              states.size());
+  check_states(cell, states);
   const at::Tensor& hx = states[0];
   const at::Tensor* cx = lstm ? &states[1] : nullptr;
   s.T = input.size(0);

@@ -18,12 +18,17 @@ namespace fastrnn {
 // float16 and bfloat16 (the last two with float32 arithmetic and state).
 bool supported_dtype(at::ScalarType t);
 
+// Every cell the ops take.
+inline constexpr CellKind kCellKinds[] = {CellKind::rnn_tanh, CellKind::rnn_relu, CellKind::lstm,
+                                          CellKind::gru};
 // The cell the ops name: "rnn_tanh", "rnn_relu", "lstm" or "gru" (each
 // cell's kName); anything else is an error that lists them.
 CellKind cell_kind(c10::string_view name);
 const char* cell_name(CellKind cell);
 // The states a cell carries: h, and c for cells with kCellState.
 int64_t cell_states(CellKind cell);
+// Checks that hx holds the cell's states, h (and c).
+void check_states(CellKind cell, at::TensorList hx);
 
 // Sizes and options of a stack of `cell` layers.
 struct Stack {

@@ -253,9 +253,7 @@ StackCall stack_call(c10::string_view cell, const Tensor& input, at::TensorList 
                      const optional<Tensor>& mask, int64_t num_layers, bool bidirectional,
                      bool has_biases, bool has_projections) {
   const CellKind kind = cell_kind(cell);
-  TORCH_CHECK(static_cast<int64_t>(hx.size()) == cell_states(kind), "hx must hold ",
-              cell_states(kind) == 2 ? "2 states (h, c)" : "1 state (h)", " for ", cell_name(kind),
-              ", got ", hx.size());
+  check_states(kind, hx);  // before hx[0] is read
   const optional<Tensor> cx = hx.size() == 2 ? optional<Tensor>(hx[1]) : std::nullopt;
   return {kind, input, hx[0], cx, weights, lengths, mask, num_layers, bidirectional, has_biases,
           has_projections};

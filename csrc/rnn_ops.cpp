@@ -155,8 +155,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "cells",
       [] {
         std::map<std::string, std::tuple<int64_t, int64_t, int64_t>> out;
-        for (auto k : {fastrnn::CellKind::rnn_tanh, fastrnn::CellKind::rnn_relu,
-                       fastrnn::CellKind::lstm, fastrnn::CellKind::gru})
+        for (auto k : fastrnn::kCellKinds)
           fastrnn::with_cell(k, [&](auto c) {
             using Cell = decltype(c);
             out[Cell::kName] = {Cell::kGates, fastrnn::cell_states(k),
