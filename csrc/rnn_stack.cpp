@@ -198,20 +198,34 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     return r;
   }
   const int64_t TN = s.T * s.N, GH = s.G * s.H;
+  const Tensor h0_rows = h0.view({s.L * s.D * s.N, s.P});
   // (T, N, 1): the step each row of direction 1 starts at, where lengths
   // make it differ from T - 1.
   const Tensor first_step = lens && s.D == 2
                                 ? (at::arange(s.T, lens->options()).view({s.T, 1}) == *lens - 1)
                                       .unsqueeze(2)
                                 : Tensor();
-  // dy: gradient of the current layer's output, (T, N, D*P).
-  Tensor dy = grad_output ? grad_output->contiguous() : at::zeros({s.T, s.N, s.DP()}, opt);
+  // dy: gradient of the current layer's output, (T, N, D*P). A single step
+  // of a single layer and direction (a cell, a streamed call) has its output
+  // in h_n: the loop sums the two gradients at that step, so where only h_n
+  // has one (as a cell's caller gives), it serves as dy and no zeros are
+  // made. Not with lengths: a row of length 0 passes grad_hn to h0 alone.
+  optional<Tensor> dhn_last = dhn;
+  Tensor dy;
+  if (grad_output) {
+    dy = grad_output->contiguous();
+  } else if (dhn && s.T == 1 && s.L == 1 && s.D == 1 && !lens) {
+    dy = *dhn;
+    dhn_last.reset();
+  } else {
+    dy = at::zeros({s.T, s.N, s.DP()}, opt);
+  }
   for (int64_t l = s.L - 1; l >= 0; --l) {
     const Tensor out = l == s.L - 1 ? y : hs[l];  // (T, N, D*P)
     const Tensor in = layer_input(x, hs, mask, l).reshape({TN, s.in_size(l)});
     BackwardLoop b;
     b.dy = dy;
-    if (dhn) b.dhn = part(*dhn, 0, l * s.D, s.D);
+    if (dhn_last) b.dhn = part(*dhn_last, 0, l * s.D, s.D);
     if (dcn) b.dcn = part(*dcn, 0, l * s.D, s.D);
     b.y = out;
     b.h0 = part(h0, 0, l * s.D, s.D);
@@ -220,8 +234,11 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     b.w_hh = per_direction(weights, s, l, &CellWeights::w_hh);
     if (s.proj) b.w_hr = per_direction(weights, s, l, &CellWeights::w_hr);
     b.lengths = lens;
-    b.dgh = at::empty({s.D, s.T, s.N, GH}, opt);
-    if (split_grad) b.dgi = at::empty({s.D, s.T, s.N, GH}, opt);
+    // dgh and dgi as (D*T*N, G*H) rows, and the loop's (D, T, N, G*H) views.
+    const Tensor dgh_rows = at::empty({s.D * TN, GH}, opt);
+    const Tensor dgi_rows = split_grad ? at::empty({s.D * TN, GH}, opt) : dgh_rows;
+    b.dgh = dgh_rows.view({s.D, s.T, s.N, GH});
+    if (split_grad) b.dgi = dgi_rows.view({s.D, s.T, s.N, GH});
     if (s.proj) b.dhr = at::empty({s.D, s.T, s.N, s.P}, opt);
     b.dh0 = part(r.grad_hx, 0, l * s.D, s.D);
     if (cell_state) b.dc0 = part(r.grad_cx, 0, l * s.D, s.D);
@@ -232,17 +249,16 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     } else {
       backward_recurrence(s.cell, b);
     }
-    const Tensor& dgi_all = split_grad ? b.dgi : b.dgh;
     Tensor din = l == 0 ? r.grad_input.view({TN, s.C}) : at::empty({TN, s.DP()}, opt);
     for (int64_t d = 0; d < s.D; ++d) {
       const int64_t k = first_weight(s, l, d);
       const CellWeights w = cell_weights(weights, s, l, d);
-      const Tensor dgh_d = b.dgh[d];                  // (T, N, G*H)
-      const Tensor dgh_flat = dgh_d.view({TN, GH});
-      const Tensor dgi_flat = dgi_all[d].view({TN, GH});
+      const Tensor dgh_flat = part(dgh_rows, 0, d * TN, TN);  // (T*N, G*H)
+      const Tensor dgi_flat = part(dgi_rows, 0, d * TN, TN);
       r.grad_weights[k] = at::mm(dgi_flat.t(), in);
-      r.grad_weights[k + 1] =
-          hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P), h0[l * s.D + d], d, first_step);
+      r.grad_weights[k + 1] = hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P),
+                                                 part(h0_rows, 0, (l * s.D + d) * s.N, s.N), d,
+                                                 first_step);
       if (s.biases) {
         r.grad_weights[k + 2] = dgi_flat.sum(0);
         r.grad_weights[k + 3] = split_grad ? hidden_bias_grad(dgh_flat, r.grad_weights[k + 2], s)
