@@ -26,6 +26,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// (N, C) or (C) as one step of a layer: (1, N, C) or (1, 1, C).
+Tensor as_step(const Tensor& t, bool batched) {
+  return batched ? t.unsqueeze(0) : t.reshape({1, 1, t.size(0)});
+}
+
 // The forward op's arguments, the cell as its kind and the states as h and c.
 struct StackCall {
   CellKind cell;
@@ -35,7 +40,23 @@ struct StackCall {
   optional<Tensor> lengths, mask;
   int64_t num_layers;
   bool bidirectional, biases, proj;
+  // A cell's step: input (N, C) or (C) and states (N, H) or (H), which the
+  // op sees as one step of a layer, and the new states in the shape the
+  // states came in. Its views are made inside the autograd Function, so
+  // that the graph holds no view nodes around it.
+  bool step = false;
 
+  // The call as the op takes it: a step's tensors as one step of a layer.
+  StackCall layer() const {
+    if (!step) return *this;
+    const bool batched = input.dim() == 2;
+    StackCall c = *this;
+    c.input = as_step(input, batched);
+    c.hx = as_step(hx, batched);
+    if (cx) c.cx = as_step(*cx, batched);
+    c.step = false;
+    return c;
+  }
   std::vector<Tensor> states() const {
     return cx ? std::vector<Tensor>{hx, *cx} : std::vector<Tensor>{hx};
   }
@@ -110,11 +131,17 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
                                const Tensor& hx, const optional<Tensor>& cx,
                                at::TensorList weights, const optional<Tensor>& lengths,
                                const optional<Tensor>& mask, int64_t num_layers,
-                               bool bidirectional, bool biases, bool proj) {
+                               bool bidirectional, bool biases, bool proj, bool step) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const StackCall c{static_cast<CellKind>(cell), input, hx, cx, weights, lengths, mask,
-                      num_layers, bidirectional, biases, proj};
-    variable_list out = call_forward(c);
+                      num_layers, bidirectional, biases, proj, step};
+    variable_list out = call_forward(c.layer());
+    if (step) {
+      // The new states in the shape the states came, as tensors of their
+      // own to autograd rather than views of the op's.
+      out[1] = at::_unsafe_view(out[1], hx.sizes());
+      if (cx) out[2] = at::_unsafe_view(out[2], cx->sizes());
+    }
     const Tensor& hs = out[out.size() - 2];
     const Tensor& workspace = out.back();
     ctx->mark_non_differentiable({hs, workspace});
@@ -129,7 +156,7 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     // The flags in one integer: one entry of the string-keyed map to fill
     // and to read back.
     ctx->saved_data["flags"] = cell | (int64_t{bidirectional} << 2) | (int64_t{biases} << 3) |
-                               (int64_t{proj} << 4) | (num_layers << 8);
+                               (int64_t{proj} << 4) | (int64_t{step} << 5) | (num_layers << 8);
     return out;
   }
 
@@ -147,31 +174,43 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
                       flags >> 8,
                       (flags & 4) != 0,
                       (flags & 8) != 0,
-                      (flags & 16) != 0};
+                      (flags & 16) != 0,
+                      (flags & 32) != 0};
     const Tensor& grad_output = grads[0];
     const Tensor& grad_hn = grads[1];
     const Tensor grad_cn = c.cx ? grads[2] : Tensor();
     // One gradient per forward argument: none for the cell, the weights one
     // by one, none for lengths, the mask and the flags.
-    variable_list out(1 + 3 + weights.size() + 6);
+    variable_list out(1 + 3 + weights.size() + 7);
     // Gradients batched by autograd.grad(is_grads_batched=True) (torch's
     // older vmap, which knows only ATen's ops) also take the step-by-step
     // route.
     const bool batched = at::isBatchedTensor(grad_output) || at::isBatchedTensor(grad_hn) ||
                          at::isBatchedTensor(grad_cn);
-    if ((torch::autograd::GradMode::is_enabled() || batched) && saved[0].size(0) > 0) {
+    if ((torch::autograd::GradMode::is_enabled() || batched) &&
+        (c.step || saved[0].size(0) > 0)) {
       backward_with_graph(c, {grad_output, grad_hn, grad_cn}, out);
       return out;
     }
     const bool input_grad = ctx->needs_input_grad(0);  // edges count variables only
     // The backward op has no autograd of its own: straight to its kernel.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [gx, ghx, gcx, gw] =
-        call_backward(c, saved[3], saved[4], saved[5], as_optional(grad_output),
-                      as_optional(grad_hn), as_optional(grad_cn), input_grad);
-    if (input_grad) out[1] = gx;
-    out[2] = ghx;
-    out[3] = gcx;
+    const StackCall op = c.layer();
+    // A step's state gradients in the op's shape, and its gradients back in
+    // the step's.
+    const auto to_op = [&](const Tensor& g, const Tensor& like) {
+      return c.step && g.defined() ? g.reshape(like.sizes()) : g;
+    };
+    const auto to_step = [&](const Tensor& g, const Tensor& like) {
+      return c.step && g.defined() ? g.view(like.sizes()) : g;
+    };
+    auto [gx, ghx, gcx, gw] = call_backward(
+        op, saved[3], saved[4], saved[5], as_optional(grad_output),
+        as_optional(to_op(grad_hn, op.hx)), as_optional(c.cx ? to_op(grad_cn, *op.cx) : grad_cn),
+        input_grad);
+    if (input_grad) out[1] = to_step(gx, c.input);
+    out[2] = to_step(ghx, c.hx);
+    out[3] = c.cx ? to_step(gcx, *c.cx) : gcx;
     for (size_t i = 0; i < gw.size(); ++i) out[4 + i] = gw[i];
     return out;
   }
@@ -186,8 +225,9 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     // one was asked for.
     const bool create_graph = torch::autograd::GradMode::is_enabled();
     torch::autograd::AutoGradMode grad_mode(true);
+    const StackCall op = c.layer();  // a step's views, differentiable here
     const StackForward f =
-        stack_forward_by_steps(c.check(), c.input, c.hx, c.cx, c.weights, c.lengths, c.mask);
+        stack_forward_by_steps(op.check(), op.input, op.hx, op.cx, op.weights, op.lengths, op.mask);
     std::vector<Tensor> inputs = {c.input, c.hx, c.cx.value_or(Tensor())};
     inputs.insert(inputs.end(), c.weights.begin(), c.weights.end());
     std::vector<Tensor> wanted, outputs, grad_outputs;
@@ -197,7 +237,7 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     for (int i = 0; i < 3; ++i) {
       if (grads[i].defined()) {
         outputs.push_back(results[i]);
-        grad_outputs.push_back(grads[i]);
+        grad_outputs.push_back(grads[i].reshape(results[i].sizes()));
       }
     }
     if (wanted.empty() || outputs.empty()) return;
@@ -245,7 +285,8 @@ variable_list forward_autograd(const StackCall& c) {
     return call_forward(c);
   }
   return StackFunction::apply(static_cast<int64_t>(c.cell), c.input, c.hx, c.cx, c.weights,
-                              c.lengths, c.mask, c.num_layers, c.bidirectional, c.biases, c.proj);
+                              c.lengths, c.mask, c.num_layers, c.bidirectional, c.biases, c.proj,
+                              c.step);
 }
 
 StackCall stack_call(c10::string_view cell, const Tensor& input, at::TensorList hx,
@@ -314,11 +355,6 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> forward_autocast(
   return out;
 }
 
-// (N, C) or (C) as one step of a layer: (1, N, C) or (1, 1, C).
-Tensor as_step(const Tensor& t, bool batched) {
-  return batched ? t.unsqueeze(0) : t.reshape({1, 1, t.size(0)});
-}
-
 }  // namespace
 
 std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
@@ -328,22 +364,35 @@ std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
   const bool batched = input.dim() == 2;
   TORCH_CHECK(input.dim() == 1 || batched, "cell_step: input must be 1-D or 2-D");
   TORCH_CHECK(weights.size() >= 2, "cell_step: weights must hold weight_ih and weight_hh");
-  const Tensor x = as_step(input, batched);
-  const int64_t n = x.size(1), width = cell_states(cell);
+  const int64_t width = cell_states(cell);
   TORCH_CHECK(states.empty() || static_cast<int64_t>(states.size()) == width,
               "cell_step: expected ", width, " states, got ", states.size());
   std::array<Tensor, 2> h;
-  for (int64_t i = 0; i < width; ++i)
-    h[i] = states.empty() ? at::zeros({1, n, weights[1].size(1)}, x.options())
-                          : as_step(states[i], batched);
+  for (int64_t i = 0; i < width; ++i) {
+    const int64_t hidden = weights[1].size(1);
+    h[i] = !states.empty() ? states[i]
+           : batched       ? at::zeros({input.size(0), hidden}, input.options())
+                           : at::zeros({hidden}, input.options());
+  }
+  const StackCall c{cell, input, h[0], width == 2 ? optional<Tensor>(h[1]) : std::nullopt,
+                    weights, std::nullopt, std::nullopt, 1, false, has_biases, false, true};
+  const bool grad = torch::autograd::GradMode::is_enabled();
   // An eager step without grad mode has no backward to keep values for.
-  const KeepWorkspace keep(torch::autograd::GradMode::is_enabled());
-  const variable_list out = call_forward(
-      {cell, x, h[0], width == 2 ? optional<Tensor>(h[1]) : std::nullopt, weights, std::nullopt,
-       std::nullopt, 1, false, has_biases, false});
-  // Views of the op's (1, N, H) h_n and c_n whose backward is a view again
-  // (a select's would allocate and fill a zero tensor of the whole).
-  auto state = [&](const Tensor& t) { return batched ? t.view({n, t.size(2)}) : t.view({t.size(2)}); };
+  const KeepWorkspace keep(grad);
+  if (grad && any_requires_grad(c) && !needs_steps(c) &&
+      !at::autocast::is_autocast_enabled(input.device().type())) {
+    // The autograd Function with the step's views inside it: no view nodes
+    // in the graph, no dispatch to the op's autograd kernel.
+    variable_list out = StackFunction::apply(static_cast<int64_t>(cell), c.input, c.hx, c.cx,
+                                             c.weights, c.lengths, c.mask, c.num_layers,
+                                             c.bidirectional, c.biases, c.proj, true);
+    return {out.begin() + 1, out.begin() + 1 + width};
+  }
+  // Otherwise the op through the dispatcher (autocast, function transforms),
+  // its (1, N, H) states viewed back; a view's backward is a view again (a
+  // select's would allocate and fill a zero tensor of the whole).
+  const variable_list out = call_forward(c.layer());
+  auto state = [&](const Tensor& t) { return t.view(c.hx.sizes()); };
   if (width == 2) return {state(out[1]), state(out[2])};
   return {state(out[1])};
 }

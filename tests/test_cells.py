@@ -109,6 +109,28 @@ def test_many_steps_of_a_loop(ref_cls, our_cls, options):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
+@pytest.mark.parametrize("unbatched", [False, True])
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_states_with_grad_come_from_the_fused_node(ref_cls, our_cls, options, unbatched):
+    """With grad, the new states come straight from the fused autograd node:
+    the step's views are made inside it, so the graph has no view nodes
+    around it; the gradients through it are nn's."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, dtype=torch.float64)
+    x = torch.randn(*((5,) if unbatched else (3, 5)), dtype=torch.float64, requires_grad=True)
+    hx = state(ref, 3, dtype=torch.float64, unbatched=unbatched)
+    grads = []
+    for cell in (ref, ours):
+        out = cell(x, hx)
+        outs = out if isinstance(out, tuple) else (out,)
+        if cell is ours:
+            assert all("StackFunction" in o.grad_fn.name() and o._base is None for o in outs)
+        loss = sum((o * o).sum() for o in outs)
+        leaves = [x, *(hx if isinstance(hx, tuple) else (hx,)), *cell.parameters()]
+        grads.append(torch.autograd.grad(loss, leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
 def test_gradcheck_and_gradgradcheck(ref_cls, our_cls, options):
     _, ours = cell_pair(ref_cls, our_cls, options, C=3, H=4, dtype=torch.float64)
