@@ -141,6 +141,21 @@ def test_matches_reference(cell, case, device):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("lengths", [None, [1, 0, 1]])
+def test_one_step_with_a_gradient_for_h_n_alone(cell, lengths):
+    """One step of one layer and direction, a loss on h_n alone (what a
+    cell's caller gives): the backward takes that gradient as the output's;
+    with lengths it may not, as a row of length 0 passes it to h0."""
+    c = Call(cell, T=1, N=3, L=1, bidirectional=False, lengths=lengths)
+    got, want = c.forward(), c.expected()
+    g = torch.randn_like(got[1])
+    g_got = torch.autograd.grad((got[1] * g).sum(), c.leaves())
+    g_want = torch.autograd.grad((want[1] * g).sum(), c.leaves())
+    for i, (a, b) in enumerate(zip(g_got, g_want)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_references_are_torch_nn(cell):
     """The oracles themselves agree with torch.nn where both apply."""
     from torch import nn
