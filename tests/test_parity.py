@@ -285,3 +285,13 @@ def test_large_weights_at_a_large_batch_split_rows(cell, hidden, options):
     with num_threads(2):
         compare(ref, ours, x, initial_state(ref, 17, dtype=torch.float64))
     assert_same_bits(on_threads(1, ours, x), on_threads(2, ours, x))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_buffers_of_32_mb_and_more(cell):
+    """A long batch whose workspace and gate gradients pass 32 MB (42 and
+    34 MB for the LSTM), the size from which the stack asks for huge pages
+    on them (rnn_stack.cpp, buffer()): results as torch.nn's."""
+    ref, ours = pair(32, 256, cell)
+    x = leaf(128, 64, 32, scale=0.5)
+    compare(ref, ours, x)
