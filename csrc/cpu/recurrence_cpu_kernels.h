@@ -202,13 +202,14 @@ struct Kernels {
     int64_t pf_step = 0;
     Operand rows_from(int64_t r) const { return K ? Operand{a + r * lda, lda, packed, K} : *this; }
     const S* panel(int64_t j0) const { return packed + j0 * K; }
-    // Block i of n blocks of rows over a panel prefetches the i-th of n
-    // slices of the next panel (columns [j0, j0 + w); none where w is 0).
-    Operand prefetching(int64_t j0, int64_t w, int64_t i, int64_t n) const {
+    // The block of rows [r, r + n) of R over a panel prefetches the same
+    // share of the next panel (columns [j0, j0 + w); none where w is 0).
+    Operand prefetching(int64_t j0, int64_t w, int64_t r, int64_t n, int64_t R) const {
       if (K == 0 || w == 0) return *this;
-      const int64_t slice = (K * w * static_cast<int64_t>(sizeof(S)) + n - 1) / n;
+      const int64_t bytes = K * w * static_cast<int64_t>(sizeof(S));
+      const int64_t slice = (bytes * n + R - 1) / R;
       Operand o = *this;
-      o.pf = reinterpret_cast<const char*>(panel(j0)) + i * slice;
+      o.pf = reinterpret_cast<const char*>(panel(j0)) + bytes * r / R;
       o.pf_step = (slice + K - 1) / K;
       return o;
     }
@@ -286,24 +287,22 @@ struct Kernels {
   template <int JV, Mode MODE>
   static inline void rows(int64_t R, const Operand& x, const Operand& h, int64_t j0, S* c,
                           int64_t ldc, const Epilogue& e, int64_t wn) {
-    const int64_t rest = R % RB, jn = j0 + JV * W;
-    const int64_t n = R / RB + (RB > 4 && rest >= 4) + (rest % 4 >= 2) + (rest % 2);
-    int64_t r = 0, i = 0;  // the block's first row, and its number
-    const auto xb = [&] { return x.rows_from(r).prefetching(jn, wn, i, n); };
-    const auto hb = [&] { return h.rows_from(r).prefetching(jn, wn, i, n); };
-    for (; r + RB <= R; r += RB, ++i)
-      block<RB, JV, MODE>(xb(), hb(), j0, c + r * ldc, ldc, e.shifted(r, 0));
+    const int64_t jn = j0 + JV * W;
+    int64_t r = 0;
+    // Rows [r, r + n) with their share of the prefetch.
+    const auto xb = [&](int64_t n) { return x.rows_from(r).prefetching(jn, wn, r, n, R); };
+    const auto hb = [&](int64_t n) { return h.rows_from(r).prefetching(jn, wn, r, n, R); };
+    for (; r + RB <= R; r += RB)
+      block<RB, JV, MODE>(xb(RB), hb(RB), j0, c + r * ldc, ldc, e.shifted(r, 0));
     if (RB > 4 && r + 4 <= R) {
-      block<4, JV, MODE>(xb(), hb(), j0, c + r * ldc, ldc, e.shifted(r, 0));
+      block<4, JV, MODE>(xb(4), hb(4), j0, c + r * ldc, ldc, e.shifted(r, 0));
       r += 4;
-      ++i;
     }
     if (r + 2 <= R) {
-      block<2, JV, MODE>(xb(), hb(), j0, c + r * ldc, ldc, e.shifted(r, 0));
+      block<2, JV, MODE>(xb(2), hb(2), j0, c + r * ldc, ldc, e.shifted(r, 0));
       r += 2;
-      ++i;
     }
-    if (r < R) block<1, JV, MODE>(xb(), hb(), j0, c + r * ldc, ldc, e.shifted(r, 0));
+    if (r < R) block<1, JV, MODE>(xb(1), hb(1), j0, c + r * ldc, ldc, e.shifted(r, 0));
   }
 
   // Panel j0 (w wide) of a matrix Jp wide, all R rows.
