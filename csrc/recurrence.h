@@ -55,6 +55,22 @@ struct BackwardLoop {
   at::Tensor dc0;                    // (D, N, H), out: kCellState cells
 };
 
+// The weight gradients of one direction of a layer from its gate gradients,
+// in one pass over them: on the CPU, for a few rows (a cell's step, a short
+// call), where four ATen GEMMs and sums cost more around the arithmetic than
+// in it. Every tensor contiguous, of one dtype; shapes as WeightGradParams'
+// (recurrence_params.h).
+struct WeightGradLoop {
+  at::Tensor dgi, dgh;   // (R, G*H); dgh is dgi but for kHiddenBias cells
+  at::Tensor x;          // (R, C)
+  at::Tensor h0;         // (N, P)
+  at::Tensor y;          // (R, P): direction 0's output
+  at::Tensor w_ih;       // (G*H, C)
+  at::Tensor dw_ih, dw_hh;  // out
+  at::Tensor db_ih, db_hh;  // out, or undefined without biases
+  at::Tensor dx;            // out, or undefined
+};
+
 // The time loops of one kind of device. The CPU's are the default; the CUDA
 // module registers its own when it loads, claiming CUDA tensors (and, while
 // its emulation is on, CPU tensors).
@@ -77,6 +93,9 @@ bool cpu_loop(const at::Tensor& t);
 // u = x W_ih^T of every direction, (D, T, N, G*H): one GEMM a direction.
 at::Tensor input_term(const ForwardLoop& a);
 void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a);
+// WeightGradLoop on the CPU, float32 and float64; false (nothing written)
+// for any other dtype.
+bool weight_grads_cpu(const WeightGradLoop& a);
 
 // The instruction set the CPU kernels run with: "avx512", "avx2" or "base".
 const char* cpu_isa();

@@ -66,6 +66,27 @@ struct BackwardParams {
   scalar_t* dc0;              // (D, N, H) gradient of c0 (kCellState cells)
 };
 
+// The weight gradients of one direction of a layer over its R = T * N rows,
+// in one pass (the CPU's, for a few rows: a cell's step, a short call).
+// Rows in the order of the layer's output (row r is step r / N of batch
+// row r % N); direction 0: the state before row r is h0's row r for the
+// first N rows, else y's row r - N.
+template <typename scalar_t>
+struct WeightGradParams {
+  int64_t R, N, C, P, GH;
+  const scalar_t* dgi;        // (R, G*H) gradient of the input-side pre-activations
+  const scalar_t* dgh;        // (R, G*H) of the hidden-side ones (dgi but for kHiddenBias cells)
+  const scalar_t* x;          // (R, C) the layer's input
+  const scalar_t* h0;         // (N, P)
+  const scalar_t* y;          // (R, P) the layer's output
+  const scalar_t* w_ih;       // (G*H, C), for dx
+  scalar_t* dw_ih;            // (G*H, C) out
+  scalar_t* dw_hh;            // (G*H, P) out
+  scalar_t* db_ih;            // (G*H) out, or nullptr without biases
+  scalar_t* db_hh;            // (G*H) out, or nullptr (with db_ih)
+  scalar_t* dx;               // (R, C) out, or nullptr where the input needs no gradient
+};
+
 // Values a step keeps per row and unit-block for the backward: the cell's
 // saved values and its state c.
 template <typename Cell>

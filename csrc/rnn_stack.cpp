@@ -129,6 +129,16 @@ Tensor hidden_bias_grad(const Tensor& dgh_flat, const Tensor& input_bias_grad, c
                   dgh_flat.narrow(1, added, apart * s.H).sum(0)});
 }
 
+// The calls whose weight gradients the CPU kernels' one pass computes
+// instead of ATen's GEMMs and sums: at most kFewRows rows (steps times
+// batch) and kFewMacs multiply-adds in the weights' gradients. The pass
+// saves about 10 us a call of one thread and runs its multiply-adds at
+// about half MKL's rate; measured here (backward op, one step, one thread):
+// LSTM 64->128 batch 8 (0.8 M) 75 -> 65 us, GRU alike 117 -> 78 us, LSTM
+// 128->256 batch 8 (3.1 M) 210 -> 254 us.
+constexpr int64_t kFewRows = 16;
+constexpr int64_t kFewMacs = int64_t{1} << 20;
+
 thread_local bool keep_workspace = true;
 
 }  // namespace
@@ -246,6 +256,12 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
   } else {
     dy = at::zeros({s.T, s.N, s.DP()}, opt);
   }
+  // A small call of one direction on the CPU (a cell's step, a short
+  // call): a layer's weight gradients and its input's in one pass of the
+  // CPU kernels (weight_grads_cpu) where that pass is mostly the fixed cost
+  // it saves. The choice depends on the shapes alone.
+  const bool few_rows = s.D == 1 && !s.proj && s.N > 0 && TN <= kFewRows && x.is_cpu() &&
+                        cpu_loop(x);
   for (int64_t l = s.L - 1; l >= 0; --l) {
     const Tensor out = l == s.L - 1 ? y : hs[l];  // (T, N, D*P)
     const Tensor in = layer_input(x, hs, mask, l).reshape({TN, s.in_size(l)});
@@ -276,6 +292,32 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
       backward_recurrence(s.cell, b);
     }
     Tensor din = l == 0 ? r.grad_input.view({TN, s.C}) : buffer({TN, s.DP()}, opt);
+    if (few_rows && TN * GH * (s.in_size(l) + s.P) <= kFewMacs) {
+      const CellWeights w = cell_weights(weights, s, l, 0);
+      const int64_t k = first_weight(s, l, 0);
+      WeightGradLoop g{dgi_rows, dgh_rows, in.contiguous(), h0_rows.narrow(0, l * s.N, s.N), out.view({TN, s.P}),
+                       w.w_ih.contiguous()};
+      g.dw_ih = at::empty_like(g.w_ih);
+      g.dw_hh = at::empty({GH, s.P}, opt);
+      if (s.biases) {
+        g.db_ih = at::empty({GH}, opt);
+        g.db_hh = at::empty({GH}, opt);
+      }
+      if (l > 0 || input_grad) g.dx = din;
+      if (weight_grads_cpu(g)) {
+        r.grad_weights[k] = g.dw_ih;
+        r.grad_weights[k + 1] = g.dw_hh;
+        if (s.biases) {
+          r.grad_weights[k + 2] = g.db_ih;
+          r.grad_weights[k + 3] = g.db_hh;
+        }
+        if (l > 0) {
+          dy = din.view({s.T, s.N, s.DP()});
+          if (mask) dy = dy * (*mask)[l - 1];
+        }
+        continue;
+      }
+    }
     for (int64_t d = 0; d < s.D; ++d) {
       const int64_t k = first_weight(s, l, d);
       const CellWeights w = cell_weights(weights, s, l, d);

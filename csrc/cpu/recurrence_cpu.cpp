@@ -461,6 +461,49 @@ void copy_back(const at::Tensor& to, const at::Tensor& from) {
   if (to.defined()) to.copy_(from);
 }
 
+template <typename S>
+void weight_grads_typed(const WeightGradLoop& a) {
+  WeightGradParams<S> p;
+  p.R = a.dgi.size(0);
+  p.GH = a.dgi.size(1);
+  p.N = a.h0.size(0);
+  p.P = a.h0.size(1);
+  p.C = a.x.size(1);
+  p.dgi = a.dgi.data_ptr<S>();
+  p.dgh = a.dgh.data_ptr<S>();
+  p.x = a.x.data_ptr<S>();
+  p.h0 = a.h0.data_ptr<S>();
+  p.y = a.y.data_ptr<S>();
+  p.w_ih = a.w_ih.data_ptr<S>();
+  p.dw_ih = a.dw_ih.data_ptr<S>();
+  p.dw_hh = a.dw_hh.data_ptr<S>();
+  p.db_ih = a.db_ih.defined() ? a.db_ih.data_ptr<S>() : nullptr;
+  p.db_hh = a.db_hh.defined() ? a.db_hh.data_ptr<S>() : nullptr;
+  p.dx = a.dx.defined() ? a.dx.data_ptr<S>() : nullptr;
+  auto weight_grads = cpu::base::weight_grads<S>;
+  auto input_grad = cpu::base::input_grad<S>;
+#if defined(__x86_64__)
+  if (current_isa() == Isa::avx512) {
+    weight_grads = cpu::avx512::weight_grads<S>;
+    input_grad = cpu::avx512::input_grad<S>;
+  } else if (current_isa() == Isa::avx2) {
+    weight_grads = cpu::avx2::weight_grads<S>;
+    input_grad = cpu::avx2::input_grad<S>;
+  }
+#endif
+  // A unit's gradients, and a row of dx, are each one thread's sum in a
+  // fixed order: the same bits on any number of threads. Small calls stay
+  // on the calling thread.
+  const int64_t per_unit = p.R * (p.C + p.P);
+  at::parallel_for(0, p.GH, std::max<int64_t>(1, (int64_t{1} << 15) / per_unit),
+                   [&](int64_t j0, int64_t j1) { weight_grads(p, j0, j1); });
+  if (p.dx) {
+    const int64_t per_row = p.GH * p.C;
+    at::parallel_for(0, p.R, std::max<int64_t>(1, (int64_t{1} << 15) / per_row),
+                     [&](int64_t r0, int64_t r1) { input_grad(p, r0, r1); });
+  }
+}
+
 }  // namespace
 
 const char* cpu_isa() {
@@ -574,6 +617,14 @@ void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a) {
     AT_DISPATCH_FLOATING_TYPES(a.dgh.scalar_type(), "fastrnn_backward_cpu",
                                [&] { backward_typed<scalar_t, Cell>(a); });
   });
+}
+
+bool weight_grads_cpu(const WeightGradLoop& a) {
+  switch (a.dgi.scalar_type()) {
+    case at::kFloat: weight_grads_typed<float>(a); return true;
+    case at::kDouble: weight_grads_typed<double>(a); return true;
+    default: return false;
+  }
 }
 
 }  // namespace fastrnn

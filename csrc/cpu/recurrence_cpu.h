@@ -49,6 +49,11 @@
   void backward_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t j0,        \
                         int64_t nu, const S* wr, const S* dh, S* dh_next, S* dc, S* gp,      \
                         S* gm);                                                               \
+  /* Units [j0, j1) of a few rows' weight gradients; rows [r0, r1) of their dx. */          \
+  template <typename S>                                                                       \
+  void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1);                    \
+  template <typename S>                                                                       \
+  void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1);                      \
   /* The multiply-add probe of the roofline: lane FMAs done in `rounds`. */                  \
   int64_t fma_probe_entry(int64_t rounds, float* sink);                                       \
   template <typename S, typename Cell>                                                        \

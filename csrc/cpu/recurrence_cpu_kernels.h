@@ -964,6 +964,88 @@ void carry_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0,
   Columns<S, Cell>::carry(p, d, t, k0, np, wb, dh, dh_next, tmp);
 }
 
+// dst[0, n) = the sum over r in [0, R), in order, of g[r * gs] times row r
+// (row(r)[0, n)): four vectors of columns at a time in registers, so that
+// each multiply-add loads one value and nothing is stored until the end.
+// Every column goes through the same vector code (load_n / store_n at the
+// tail), so a column's sum does not depend on where it falls.
+template <typename S, typename Row>
+inline void rank_sum(S* dst, int64_t n, const S* g, int64_t gs, int64_t R, const Row& row) {
+  using K = Kernels<S, ElmanTanh>;
+  using V = typename K::V;
+  constexpr int64_t W = K::W;
+  for (int64_t c = 0; c < n; c += 4 * W) {
+    const int64_t m = n - c < 4 * W ? n - c : 4 * W;
+    V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
+    if (m == 4 * W) {
+      for (int64_t r = 0; r < R; ++r) {
+        const V b = V{} + g[r * gs];
+        const S* x = row(r) + c;
+        a0 += b * K::load(x);
+        a1 += b * K::load(x + W);
+        a2 += b * K::load(x + 2 * W);
+        a3 += b * K::load(x + 3 * W);
+      }
+      K::store(dst + c, a0);
+      K::store(dst + c + W, a1);
+      K::store(dst + c + 2 * W, a2);
+      K::store(dst + c + 3 * W, a3);
+    } else {
+      for (int64_t r = 0; r < R; ++r) {
+        const V b = V{} + g[r * gs];
+        const S* x = row(r) + c;
+        // A vector's lanes past m are zero and stay so.
+        a0 += b * K::load_n(x, m < W ? m : W);
+        if (m > W) a1 += b * K::load_n(x + W, m - W < W ? m - W : W);
+        if (m > 2 * W) a2 += b * K::load_n(x + 2 * W, m - 2 * W < W ? m - 2 * W : W);
+        if (m > 3 * W) a3 += b * K::load_n(x + 3 * W, m - 3 * W);
+      }
+      K::store_n(dst + c, a0, m < W ? m : W);
+      if (m > W) K::store_n(dst + c + W, a1, m - W < W ? m - W : W);
+      if (m > 2 * W) K::store_n(dst + c + 2 * W, a2, m - 2 * W < W ? m - 2 * W : W);
+      if (m > 3 * W) K::store_n(dst + c + 3 * W, a3, m - 3 * W);
+    }
+  }
+}
+
+// The weight gradients of a few rows (WeightGradParams), for units
+// [j0, j1): each unit's rows of dW_ih and dW_hh (rank_sum over the rows)
+// and its biases' gradients, so that a unit's result does not depend on how
+// the units are split between threads. A call of a few rows is all fixed
+// cost: this writes each gradient once where four ATen GEMMs and sums would
+// each be dispatched, allocate and read the gate gradients.
+template <typename S>
+void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
+  const int64_t R = p.R, N = p.N, C = p.C, P = p.P, GH = p.GH;
+  const S* x = p.x;
+  const S* h0 = p.h0;
+  const S* y = p.y;
+  for (int64_t j = j0; j < j1; ++j) {
+    rank_sum(p.dw_ih + j * C, C, p.dgi + j, GH, R, [&](int64_t r) { return x + r * C; });
+    rank_sum(p.dw_hh + j * P, P, p.dgh + j, GH, R,
+             [&](int64_t r) { return r < N ? h0 + r * P : y + (r - N) * P; });
+    if (p.db_ih) {
+      S bi = 0, bh = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        bi += p.dgi[r * GH + j];
+        bh += p.dgh[r * GH + j];
+      }
+      p.db_ih[j] = bi;
+      p.db_hh[j] = bh;
+    }
+  }
+}
+
+// Rows [r0, r1) of the input's gradient dx = dgi W_ih, each a rank_sum over
+// the units in order.
+template <typename S>
+void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1) {
+  const int64_t C = p.C, GH = p.GH;
+  const S* w = p.w_ih;
+  for (int64_t r = r0; r < r1; ++r)
+    rank_sum(p.dx + r * C, C, p.dgi + r * GH, 1, GH, [&](int64_t j) { return w + j * C; });
+}
+
 // The multiply-add probe behind the benchmark's roofline: `rounds` times
 // twelve independent chains of float32 vector multiply-adds (a = a * b + c,
 // one fused instruction each with this instruction set's FMA), enough chains
@@ -1013,6 +1095,8 @@ int64_t fma_probe_entry(int64_t rounds, float* sink) {
 #define FASTRNN_CPU_INSTANTIATE(S)                                                             \
   template int64_t padded_width<S>(int64_t);                                                   \
   template void pack<S>(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*);   \
+  template void weight_grads<S>(const WeightGradParams<S>&, int64_t, int64_t);                 \
+  template void input_grad<S>(const WeightGradParams<S>&, int64_t, int64_t);                   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanTanh)                                                   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanRelu)                                                   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, Lstm)                                                        \
