@@ -229,6 +229,31 @@ def test_long_sequence_float32(cell, options, device):
     compare(ref, ours, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layers,steps,batch,bias,lengths", [
+    (1, 1, 1, True, False), (2, 3, 2, True, False), (2, 5, 3, False, False),
+    (1, 4, 4, True, True), (3, 2, 8, True, False), (1, 16, 1, False, True)])
+@pytest.mark.parametrize("cell,options", [c for c in CELLS if "proj_size" not in c.values[1]])
+def test_small_calls_one_pass_weight_gradients(cell, options, layers, steps, batch, bias,
+                                               lengths, dtype):
+    """Calls of one direction with at most 16 rows (steps times batch) take
+    the CPU kernels' one pass for the weight and input gradients
+    (rnn_stack.cpp, kFewRows): states before each row from h0 and the
+    output, every layer's input gradient, with and without biases and
+    lengths, as torch.nn's."""
+    ref, ours = pair(5, 6, cell, dtype=dtype, num_layers=layers, bias=bias, **options)
+    hx = initial_state(ref, batch, dtype=dtype)
+    if not lengths:
+        compare(ref, ours, leaf(steps, batch, 5, dtype=dtype), hx)
+        return
+    lens = torch.randint(1, steps + 1, (batch,))
+    lens[0] = steps
+    p = pack_padded_sequence(torch.randn(steps, batch, 5, dtype=dtype), lens, enforce_sorted=False)
+    packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                            p.unsorted_indices)
+    compare(ref, ours, packed, hx)
+
+
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_nonfinite_propagates_like_torch(cell, options):
     ref, ours = pair(3, 4, cell, dtype=torch.float64, num_layers=2, **options)
