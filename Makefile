@@ -60,7 +60,15 @@ sanitize: $(READY)
 	$(call copy_py,$(SAN_DIR))
 	$(SAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(SAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
 	$(SAN_ENV) $(PY) -P -m pytest tests -q --capture=sys -p no:cacheprovider -o pythonpath=$(SAN_DIR) \
-		-k "not compile and not ddp and not export and not trace and not onnx and not jit_script"
+		$(TOOLING_TESTS) -k "not compile and not ddp and not export and not trace and not onnx and not jit_script"
+# Tests of the tooling around the extension (the benchmark's report, the
+# README's commands, the GPU check's script, the CUDA build's spill check,
+# the examples' scripts): they call the kernels through paths the other
+# tests cover, so the sanitizer and compat runs leave them out (make test
+# runs them).
+TOOLING_TESTS := --ignore=tests/test_bench.py --ignore=tests/test_readme.py \
+	--ignore=tests/test_gpu_check.py --ignore=tests/test_cuda_build.py \
+	--ignore=tests/test_examples.py
 
 # The CUDA kernels' emulator under ThreadSanitizer, which models the C++
 # memory model (weaker than x86's): the grid path's barrier and exchange,
@@ -103,7 +111,8 @@ compat: $(COMPAT_READY)
 	PYTHONPATH=$(COMPAT_DIR) $(COMPAT_PY) -P -c "import fastrnn, torch; \
 		assert '$(COMPAT_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__; \
 		print('torch', torch.__version__, 'extension', fastrnn._ops._C.__file__)"
-	PYTHONPATH=$(COMPAT_DIR) $(COMPAT_PY) -P -m pytest tests -q -p no:cacheprovider -o pythonpath=$(COMPAT_DIR)
+	PYTHONPATH=$(COMPAT_DIR) $(COMPAT_PY) -P -m pytest tests -q -p no:cacheprovider -o pythonpath=$(COMPAT_DIR) \
+		$(TOOLING_TESTS)
 
 clean:
 	rm -rf build fastrnn/*.so *.egg-info
