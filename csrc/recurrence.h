@@ -93,9 +93,9 @@ bool cpu_loop(const at::Tensor& t);
 // u = x W_ih^T of every direction, (D, T, N, G*H): one GEMM a direction.
 at::Tensor input_term(const ForwardLoop& a);
 void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a);
-// WeightGradLoop on the CPU, float32 and float64; false (nothing written)
-// for any other dtype.
-bool weight_grads_cpu(const WeightGradLoop& a);
+// WeightGradLoop on the CPU, float32 and float64 (any other dtype is an
+// error: the caller keeps ATen's GEMMs for those).
+void weight_grads_cpu(const WeightGradLoop& a);
 
 // The instruction set the CPU kernels run with: "avx512", "avx2" or "base".
 const char* cpu_isa();

@@ -139,6 +139,38 @@ Tensor hidden_bias_grad(const Tensor& dgh_flat, const Tensor& input_bias_grad, c
 constexpr int64_t kFewRows = 16;
 constexpr int64_t kFewMacs = int64_t{1} << 20;
 
+// A layer's weight gradients (into grads, at the layer's place) and, where
+// dx is defined, its input's gradient, in one pass of the CPU kernels
+// (weight_grads_cpu): one direction, no projection, float or double. The
+// rows: x (R, C), h0 (N, P), the output y (R, P), the gate gradients
+// dgi and dgh (R, G*H).
+void one_pass_weight_grads(const Stack& s, int64_t l, at::TensorList weights, const Tensor& dgi,
+                           const Tensor& dgh, const Tensor& x, const Tensor& h0, const Tensor& y,
+                           const Tensor& dx, std::vector<Tensor>& grads) {
+  const int64_t k = first_weight(s, l, 0);
+  WeightGradLoop g;
+  g.dgi = dgi;
+  g.dgh = dgh;
+  g.x = x.contiguous();
+  g.h0 = h0;
+  g.y = y;
+  g.w_ih = cell_weights(weights, s, l, 0).w_ih.contiguous();
+  g.dw_ih = at::empty_like(g.w_ih);
+  g.dw_hh = at::empty({s.G * s.H, s.P}, x.options());
+  if (s.biases) {
+    g.db_ih = at::empty({s.G * s.H}, x.options());
+    g.db_hh = at::empty({s.G * s.H}, x.options());
+  }
+  g.dx = dx;
+  weight_grads_cpu(g);
+  grads[k] = g.dw_ih;
+  grads[k + 1] = g.dw_hh;
+  if (s.biases) {
+    grads[k + 2] = g.db_ih;
+    grads[k + 3] = g.db_hh;
+  }
+}
+
 thread_local bool keep_workspace = true;
 
 }  // namespace
@@ -261,6 +293,7 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
   // CPU kernels (weight_grads_cpu) where that pass is mostly the fixed cost
   // it saves. The choice depends on the shapes alone.
   const bool few_rows = s.D == 1 && !s.proj && s.N > 0 && TN <= kFewRows && x.is_cpu() &&
+                        (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
                         cpu_loop(x);
   for (int64_t l = s.L - 1; l >= 0; --l) {
     const Tensor out = l == s.L - 1 ? y : hs[l];  // (T, N, D*P)
@@ -292,55 +325,36 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
       backward_recurrence(s.cell, b);
     }
     Tensor din = l == 0 ? r.grad_input.view({TN, s.C}) : buffer({TN, s.DP()}, opt);
-    if (few_rows && TN * GH * (s.in_size(l) + s.P) <= kFewMacs) {
-      const CellWeights w = cell_weights(weights, s, l, 0);
-      const int64_t k = first_weight(s, l, 0);
-      WeightGradLoop g{dgi_rows, dgh_rows, in.contiguous(), h0_rows.narrow(0, l * s.N, s.N), out.view({TN, s.P}),
-                       w.w_ih.contiguous()};
-      g.dw_ih = at::empty_like(g.w_ih);
-      g.dw_hh = at::empty({GH, s.P}, opt);
-      if (s.biases) {
-        g.db_ih = at::empty({GH}, opt);
-        g.db_hh = at::empty({GH}, opt);
-      }
-      if (l > 0 || input_grad) g.dx = din;
-      if (weight_grads_cpu(g)) {
-        r.grad_weights[k] = g.dw_ih;
-        r.grad_weights[k + 1] = g.dw_hh;
+    const bool one_pass = few_rows && TN * GH * (s.in_size(l) + s.P) <= kFewMacs;
+    if (one_pass) {
+      one_pass_weight_grads(s, l, weights, dgi_rows, dgh_rows, in, h0_rows.narrow(0, l * s.N, s.N),
+                            out.view({TN, s.P}), l > 0 || input_grad ? din : Tensor(),
+                            r.grad_weights);
+    } else {
+      for (int64_t d = 0; d < s.D; ++d) {
+        const int64_t k = first_weight(s, l, d);
+        const CellWeights w = cell_weights(weights, s, l, d);
+        const Tensor dgh_flat = part(dgh_rows, 0, d * TN, TN);  // (T*N, G*H)
+        const Tensor dgi_flat = part(dgi_rows, 0, d * TN, TN);
+        r.grad_weights[k] = at::mm(dgi_flat.t(), in);
+        r.grad_weights[k + 1] = hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P),
+                                                   part(h0_rows, 0, (l * s.D + d) * s.N, s.N), d,
+                                                   first_step);
         if (s.biases) {
-          r.grad_weights[k + 2] = g.db_ih;
-          r.grad_weights[k + 3] = g.db_hh;
+          r.grad_weights[k + 2] = dgi_flat.sum(0);
+          r.grad_weights[k + 3] = split_grad ? hidden_bias_grad(dgh_flat, r.grad_weights[k + 2], s)
+                                             : r.grad_weights[k + 2].clone();
         }
-        if (l > 0) {
-          dy = din.view({s.T, s.N, s.DP()});
-          if (mask) dy = dy * (*mask)[l - 1];
+        if (s.proj) {
+          r.grad_weights[k + (s.biases ? 4 : 2)] =
+              at::mm(b.dhr[d].view({TN, s.P}).t(), projection_input(s, ws[l][d]));
         }
-        continue;
-      }
-    }
-    for (int64_t d = 0; d < s.D; ++d) {
-      const int64_t k = first_weight(s, l, d);
-      const CellWeights w = cell_weights(weights, s, l, d);
-      const Tensor dgh_flat = part(dgh_rows, 0, d * TN, TN);  // (T*N, G*H)
-      const Tensor dgi_flat = part(dgi_rows, 0, d * TN, TN);
-      r.grad_weights[k] = at::mm(dgi_flat.t(), in);
-      r.grad_weights[k + 1] = hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P),
-                                                 part(h0_rows, 0, (l * s.D + d) * s.N, s.N), d,
-                                                 first_step);
-      if (s.biases) {
-        r.grad_weights[k + 2] = dgi_flat.sum(0);
-        r.grad_weights[k + 3] = split_grad ? hidden_bias_grad(dgh_flat, r.grad_weights[k + 2], s)
-                                           : r.grad_weights[k + 2].clone();
-      }
-      if (s.proj) {
-        r.grad_weights[k + (s.biases ? 4 : 2)] =
-            at::mm(b.dhr[d].view({TN, s.P}).t(), projection_input(s, ws[l][d]));
-      }
-      if (l > 0 || input_grad) {
-        if (d == 0) {
-          at::mm_out(din, dgi_flat, w.w_ih);
-        } else {
-          din.addmm_(dgi_flat, w.w_ih);
+        if (l > 0 || input_grad) {
+          if (d == 0) {
+            at::mm_out(din, dgi_flat, w.w_ih);
+          } else {
+            din.addmm_(dgi_flat, w.w_ih);
+          }
         }
       }
     }

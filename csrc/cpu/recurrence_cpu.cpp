@@ -619,12 +619,9 @@ void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a) {
   });
 }
 
-bool weight_grads_cpu(const WeightGradLoop& a) {
-  switch (a.dgi.scalar_type()) {
-    case at::kFloat: weight_grads_typed<float>(a); return true;
-    case at::kDouble: weight_grads_typed<double>(a); return true;
-    default: return false;
-  }
+void weight_grads_cpu(const WeightGradLoop& a) {
+  AT_DISPATCH_FLOATING_TYPES(a.dgi.scalar_type(), "fastrnn_weight_grads_cpu",
+                             [&] { weight_grads_typed<scalar_t>(a); });
 }
 
 }  // namespace fastrnn
