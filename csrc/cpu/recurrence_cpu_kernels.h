@@ -975,35 +975,31 @@ inline void rank_sum(S* dst, int64_t n, const S* g, int64_t gs, int64_t R, const
   using V = typename K::V;
   constexpr int64_t W = K::W;
   for (int64_t c = 0; c < n; c += 4 * W) {
-    const int64_t m = n - c < 4 * W ? n - c : 4 * W;
-    V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
-    if (m == 4 * W) {
-      for (int64_t r = 0; r < R; ++r) {
-        const V b = V{} + g[r * gs];
-        const S* x = row(r) + c;
-        a0 += b * K::load(x);
-        a1 += b * K::load(x + W);
-        a2 += b * K::load(x + 2 * W);
-        a3 += b * K::load(x + 3 * W);
+    // The block's four vectors and how many of each one's lanes it holds:
+    // a vector's lanes past its width are zero and stay so.
+    int64_t w[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t left = n - c - k * W;
+      w[k] = left < 0 ? 0 : left < W ? left : W;
+    }
+    V a[4] = {V{}, V{}, V{}, V{}};
+    for (int64_t r = 0; r < R; ++r) {
+      const V b = V{} + g[r * gs];
+      const S* x = row(r) + c;
+      for (int k = 0; k < 4; ++k) {
+        if (w[k] == W) {
+          a[k] += b * K::load(x + k * W);
+        } else if (w[k] > 0) {
+          a[k] += b * K::load_n(x + k * W, w[k]);
+        }
       }
-      K::store(dst + c, a0);
-      K::store(dst + c + W, a1);
-      K::store(dst + c + 2 * W, a2);
-      K::store(dst + c + 3 * W, a3);
-    } else {
-      for (int64_t r = 0; r < R; ++r) {
-        const V b = V{} + g[r * gs];
-        const S* x = row(r) + c;
-        // A vector's lanes past m are zero and stay so.
-        a0 += b * K::load_n(x, m < W ? m : W);
-        if (m > W) a1 += b * K::load_n(x + W, m - W < W ? m - W : W);
-        if (m > 2 * W) a2 += b * K::load_n(x + 2 * W, m - 2 * W < W ? m - 2 * W : W);
-        if (m > 3 * W) a3 += b * K::load_n(x + 3 * W, m - 3 * W);
+    }
+    for (int k = 0; k < 4; ++k) {
+      if (w[k] == W) {
+        K::store(dst + c + k * W, a[k]);
+      } else if (w[k] > 0) {
+        K::store_n(dst + c + k * W, a[k], w[k]);
       }
-      K::store_n(dst + c, a0, m < W ? m : W);
-      if (m > W) K::store_n(dst + c + W, a1, m - W < W ? m - W : W);
-      if (m > 2 * W) K::store_n(dst + c + 2 * W, a2, m - 2 * W < W ? m - 2 * W : W);
-      if (m > 3 * W) K::store_n(dst + c + 3 * W, a3, m - 3 * W);
     }
   }
 }
