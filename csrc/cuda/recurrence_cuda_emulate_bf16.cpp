@@ -1,0 +1,9 @@
+// The emulator for bfloat16 storage, every cell (one file per type, so that
+// they compile in parallel).
+#include "cuda/recurrence_cuda_emulate.h"
+
+namespace fastrnn {
+namespace cuda {
+FASTRNN_FOR_EACH_CELL(FASTRNN_INSTANTIATE_EMULATOR, __nv_bfloat16)
+}  // namespace cuda
+}  // namespace fastrnn
