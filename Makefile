@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-DEPS := ninja pybind11 setuptools wheel numpy pytest pytest-benchmark hypothesis tqdm matplotlib \
+DEPS := ninja pybind11 setuptools wheel numpy pytest pytest-xdist pytest-benchmark hypothesis tqdm matplotlib \
 	onnx onnxscript onnxruntime
 READY := $(VENV)/.fastrnn-ready
 
@@ -30,11 +30,19 @@ build: $(READY)
 # make test: every test but those marked deep (pyproject.toml's addopts);
 # make test-deep: those, the rest of each option product and the GPU check's
 # dry run (CI runs both).
+#
+# The tests run in TEST_JOBS processes (pytest-xdist), each with torch's
+# default threads: most of a test is Python and dispatch on one core, so
+# two processes on two cores take about 0.55 of one's time. Waiting OpenMP
+# threads sleep instead of spinning (OMP_WAIT_POLICY), or the processes'
+# threads take each other's cores.
+TEST_JOBS ?= 2
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n $(TEST_JOBS)
 test: build
-	$(PY) -m pytest tests
+	$(PYTEST) tests
 
 test-deep: build
-	$(PY) -m pytest tests -m deep
+	$(PYTEST) tests -m deep
 
 # --roofline: on the CPU, each row's multiply-adds a second as a percentage
 # of this machine's FMA peak, probed in the same run (ignored on CUDA);
@@ -59,7 +67,7 @@ sanitize: $(READY)
 	FASTRNN_SANITIZE=address TORCH_CUDA_ARCH_LIST=9.0 $(PY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp build/sanitize-tmp
 	$(call copy_py,$(SAN_DIR))
 	$(SAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(SAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
-	$(SAN_ENV) $(PY) -P -m pytest tests -q --capture=sys -p no:cacheprovider -o pythonpath=$(SAN_DIR) \
+	$(SAN_ENV) OMP_WAIT_POLICY=PASSIVE $(PY) -P -m pytest -n $(TEST_JOBS) tests -q --capture=sys -p no:cacheprovider -o pythonpath=$(SAN_DIR) \
 		$(TOOLING_TESTS) -k "not compile and not ddp and not export and not trace and not onnx and not jit_script"
 # Tests of the tooling around the extension (the benchmark's report, the
 # README's commands, the GPU check's script, the CUDA build's spill check,
@@ -82,7 +90,7 @@ tsan: $(READY)
 	FASTRNN_SANITIZE=thread TORCH_CUDA_ARCH_LIST=9.0 $(PY) setup.py -q build_ext --build-lib $(TSAN_DIR) --build-temp build/tsan-tmp
 	$(call copy_py,$(TSAN_DIR))
 	$(TSAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(TSAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
-	$(TSAN_ENV) $(PY) -P -m pytest tests/test_cuda_emulation.py -q --capture=sys -p no:cacheprovider -o pythonpath=$(TSAN_DIR) \
+	$(TSAN_ENV) $(PY) -P -m pytest -n $(TEST_JOBS) tests/test_cuda_emulation.py -q --capture=sys -p no:cacheprovider -o pythonpath=$(TSAN_DIR) \
 		-k "$(TSAN_TESTS)"
 # Every path's barriers and exchanges (several-row blocks, clusters, grid
 # groups, the barrier's timeout), with lengths, without the step path (cuBLAS).
@@ -111,7 +119,7 @@ compat: $(COMPAT_READY)
 	PYTHONPATH=$(COMPAT_DIR) $(COMPAT_PY) -P -c "import fastrnn, torch; \
 		assert '$(COMPAT_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__; \
 		print('torch', torch.__version__, 'extension', fastrnn._ops._C.__file__)"
-	PYTHONPATH=$(COMPAT_DIR) $(COMPAT_PY) -P -m pytest tests -q -p no:cacheprovider -o pythonpath=$(COMPAT_DIR) \
+	PYTHONPATH=$(COMPAT_DIR) OMP_WAIT_POLICY=PASSIVE $(COMPAT_PY) -P -m pytest -n $(TEST_JOBS) tests -q -p no:cacheprovider -o pythonpath=$(COMPAT_DIR) \
 		$(TOOLING_TESTS)
 
 clean:
