@@ -87,6 +87,11 @@ void backward_recurrence(CellKind cell, const BackwardLoop& a);
 
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a);
 
+// at::empty(sizes, opt), asking for transparent huge pages where it is a CPU
+// buffer of several MB (recurrence_cpu.cpp): for buffers that grow with the
+// steps and the batch (outputs, workspace, gate gradients, packed weights).
+at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt);
+
 // Whether the CPU's own kernels run the time loop of t (no device claims it).
 bool cpu_loop(const at::Tensor& t);
 

@@ -3,10 +3,6 @@
 
 #include <ATen/ATen.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "recurrence.h"
 
 namespace fastrnn {
@@ -14,28 +10,6 @@ namespace {
 
 using at::Tensor;
 using std::optional;
-
-// A buffer whose size grows with the steps and the batch (outputs, the
-// workspace, the gate gradients). One of 32 MB or more on the CPU comes
-// fresh from mmap on every call (glibc recycles smaller ones), and faulting
-// it in a 4 KB page at a time costs more than what it holds takes to write:
-// 20 ms for 42 MB here, the workspace of an LSTM of hidden 256, batch 64,
-// 128 steps, against 4 ms in transparent huge pages. So such a buffer asks
-// for them before anything touches it: a hint, which counts where the
-// kernel's setting for them is `madvise` (the usual default) and changes
-// nothing else.
-Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  Tensor t = at::empty(sizes, opt);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kFresh = size_t{32} << 20, kHuge = size_t{2} << 20;
-  if (t.is_cpu() && t.nbytes() >= kFresh) {
-    const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + t.nbytes()) & ~(kHuge - 1);
-    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
-}
 
 optional<Tensor> contiguous(const optional<Tensor>& t) {
   return t ? optional<Tensor>(t->contiguous()) : std::nullopt;
@@ -101,19 +75,26 @@ Tensor projection_input(const Stack& s, const Tensor& ws_d) {
 // says with lengths. Past a row's end it is whatever: the gradients it meets
 // there are zero. Without lengths, two GEMMs on views (h0's rows and the
 // output's) rather than one on a copy of every state.
+// a b into a buffer() of its own: W_hh's gradient (16 MB for an LSTM of
+// hidden 1024), which the caller's autograd frees after each call.
+Tensor mm_buffer(const Tensor& a, const Tensor& b) {
+  Tensor out = buffer({a.size(0), b.size(1)}, a.options());
+  return at::mm_out(out, a, b);
+}
+
 Tensor hidden_weight_grad(const Tensor& dgh_flat, const Tensor& out_d, const Tensor& h0_d,
                           int64_t d, const Tensor& first_step) {
   const int64_t T = out_d.size(0), N = out_d.size(1), P = out_d.size(2);
-  if (T == 1) return at::mm(dgh_flat.t(), h0_d);
+  if (T == 1) return mm_buffer(dgh_flat.t(), h0_d);
   if (d == 1 && first_step.defined()) {
     const Tensor h0_step = h0_d.unsqueeze(0);
     const Tensor shifted = at::cat({out_d.narrow(0, 1, T - 1), h0_step});
-    return at::mm(dgh_flat.t(), at::where(first_step, h0_step, shifted).view({T * N, P}));
+    return mm_buffer(dgh_flat.t(), at::where(first_step, h0_step, shifted).view({T * N, P}));
   }
   // Direction 0: h0 before step 0, y_{t-1} before t; direction 1: h0
   // before T - 1, y_{t+1} before t.
   const int64_t first = d == 0 ? 0 : (T - 1) * N, rest = d == 0 ? N : 0;
-  Tensor g = at::mm(dgh_flat.narrow(0, first, N).t(), h0_d);
+  Tensor g = mm_buffer(dgh_flat.narrow(0, first, N).t(), h0_d);
   const Tensor before = out_d.narrow(0, d == 0 ? 0 : 1, T - 1).reshape({(T - 1) * N, P});
   return g.addmm_(dgh_flat.narrow(0, rest, (T - 1) * N).t(), before);
 }

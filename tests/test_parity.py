@@ -315,8 +315,9 @@ def test_large_weights_at_a_large_batch_split_rows(cell, hidden, options):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_buffers_of_32_mb_and_more(cell):
     """A long batch whose workspace and gate gradients pass 32 MB (42 and
-    34 MB for the LSTM), the size from which the stack asks for huge pages
-    on them (rnn_stack.cpp, buffer()): results as torch.nn's."""
+    34 MB for the LSTM), allocated with a request for huge pages
+    (recurrence_cpu.cpp, buffer()), and whose packed weights (1 MB) are
+    packed by both threads, a range of panels each: results as torch.nn's."""
     ref, ours = pair(32, 256, cell)
     x = leaf(128, 64, 32, scale=0.5)
     compare(ref, ours, x)

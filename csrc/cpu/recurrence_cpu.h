@@ -18,10 +18,11 @@
   int64_t padded_width(int64_t J);                                                            \
   /* Packs b (K x blocks*J), b[k][c] = src[k * sk + (blk * bs + j) * sc] for column j of */   \
   /* block blk, for the time loops: each block of J columns padded to padded_width(J); */     \
-  /* K * blocks * padded_width(J) elements. */                                                \
+  /* K * blocks * padded_width(J) elements, of which the panels that start in columns */     \
+  /* [c0, c1) are written. */                                                                 \
   template <typename S>                                                                       \
   void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks,      \
-            int64_t bs, S* out);                                                              \
+            int64_t bs, S* out, int64_t c0, int64_t c1);                                      \
   /* Scratch elements per row of a block, forward or backward. */                            \
   template <typename S, typename Cell>                                                        \
   int64_t scratch_per_row(int64_t H, int64_t P, bool proj);                                   \

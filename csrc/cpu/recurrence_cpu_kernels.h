@@ -144,12 +144,15 @@ struct Kernels {
   // b[k][col] is src[k * sk + col * sc], so the same routine packs a matrix
   // or its transpose. A step then reads its weights in order instead of at a
   // stride, which maps a whole column of a large b onto a few cache sets.
+  // Only the panels that start in columns [c0, c1) of out are written, so
+  // that threads can pack parts of one matrix.
   static void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t Gb,
-                   int64_t bs, S* out) {
+                   int64_t bs, S* out, int64_t c0, int64_t c1) {
     const int64_t Jb = padded(J), Jp = Gb * Jb;
     int64_t from[2 * W];  // a panel column's offset in src, or -1 in the padding
-    for (int64_t j0 = 0; j0 < Jp; j0 += panel_width(j0, Jp)) {
+    for (int64_t j0 = 0; j0 < Jp && j0 < c1; j0 += panel_width(j0, Jp)) {
       const int64_t w = panel_width(j0, Jp);
+      if (j0 < c0) continue;
       for (int64_t c = 0; c < w; ++c) {
         const int64_t blk = (j0 + c) / Jb, j = j0 + c - blk * Jb;
         from[c] = j < J ? (blk * bs + j) * sc : -1;
@@ -930,8 +933,8 @@ void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1
 
 template <typename S>
 void pack(const S* src, int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks, int64_t bs,
-          S* out) {
-  Kernels<S, ElmanTanh>::pack(src, sk, sc, K, J, blocks, bs, out);
+          S* out, int64_t c0, int64_t c1) {
+  Kernels<S, ElmanTanh>::pack(src, sk, sc, K, J, blocks, bs, out, c0, c1);
 }
 
 template <typename S, typename Cell>
@@ -1090,7 +1093,8 @@ int64_t fma_probe_entry(int64_t rounds, float* sink) {
                                        int64_t, const S*, const S*, S*, S*);
 #define FASTRNN_CPU_INSTANTIATE(S)                                                             \
   template int64_t padded_width<S>(int64_t);                                                   \
-  template void pack<S>(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*);   \
+  template void pack<S>(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*,    \
+                        int64_t, int64_t);                                                     \
   template void weight_grads<S>(const WeightGradParams<S>&, int64_t, int64_t);                 \
   template void input_grad<S>(const WeightGradParams<S>&, int64_t, int64_t);                   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanTanh)                                                   \
