@@ -11,9 +11,20 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define FASTRNN_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define FASTRNN_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define FASTRNN_POISON(p, n) ((void)(p), (void)(n))
+#define FASTRNN_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -247,34 +258,88 @@ void for_each_row_range(int64_t D, int64_t N, int64_t per_row, const Fn& fn) {
   });
 }
 
+// Zeroed scratch of `count` elements for one call's loops: a slice of this
+// thread's arena where it fits, else a tensor of its own. A call of a few
+// rows (a cell's step, a streamed step) spent on two ATen allocations and
+// fills about as long as on its arithmetic. Slices are taken and given back
+// in stack order, by the objects' lifetimes; the loops' worker threads use
+// the calling thread's slice. Under AddressSanitizer whatever of the arena
+// is not in a slice is poisoned, so that a read or write past a slice is
+// reported as one past a tensor would be.
+template <typename S>
+class ZeroScratch {
+ public:
+  ZeroScratch(int64_t count, const at::TensorOptions& opt) {
+    Arena& a = arena();
+    const size_t bytes = (static_cast<size_t>(count) * sizeof(S) + 63) & ~size_t{63};
+    if (a.used + bytes <= kArenaBytes) {
+      mark_ = a.used;
+      ptr_ = reinterpret_cast<S*>(a.data.get() + a.used);
+      a.used += bytes;
+      FASTRNN_UNPOISON(ptr_, static_cast<size_t>(count) * sizeof(S));
+      std::memset(static_cast<void*>(ptr_), 0, static_cast<size_t>(count) * sizeof(S));
+    } else {
+      owned_ = at::zeros({count}, opt);
+      ptr_ = owned_.data_ptr<S>();
+    }
+  }
+  ~ZeroScratch() {
+    if (owned_.defined()) return;
+    Arena& a = arena();
+    FASTRNN_POISON(a.data.get() + mark_, a.used - mark_);
+    a.used = mark_;
+  }
+  ZeroScratch(const ZeroScratch&) = delete;
+  ZeroScratch& operator=(const ZeroScratch&) = delete;
+  S* data() const { return ptr_; }
+
+ private:
+  static constexpr size_t kArenaBytes = size_t{64} << 10;
+  struct Arena {
+    struct Free {
+      void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t{64}); }
+    };
+    Arena() { FASTRNN_POISON(data.get(), kArenaBytes); }
+    ~Arena() { FASTRNN_UNPOISON(data.get(), kArenaBytes); }
+    std::unique_ptr<unsigned char[], Free> data{
+        static_cast<unsigned char*>(::operator new[](kArenaBytes, std::align_val_t{64}))};
+    size_t used = 0;
+  };
+  static Arena& arena() {
+    static thread_local Arena a;
+    return a;
+  }
+  S* ptr_ = nullptr;
+  size_t mark_ = 0;
+  at::Tensor owned_;
+};
+
 // Gives each row range of the D*N rows its scratch (per_row elements a row)
 // and calls run(d, n0, n1, scratch) over them in parallel.
 template <typename S, typename Run>
 void run_rows(int64_t D, int64_t N, int64_t per_row, int64_t work_per_row,
               const at::TensorOptions& opt, const Run& run) {
-  at::Tensor scratch = at::zeros({D * N * per_row}, opt);
-  S* sp = scratch.data_ptr<S>();
+  const ZeroScratch<S> scratch(D * N * per_row, opt);
+  S* sp = scratch.data();
   for_each_row_range(D, N, work_per_row, [&](int64_t d, int64_t n0, int64_t n1) {
     run(d, n0, n1, sp + (d * N + n0) * per_row);
   });
 }
 
-// The bias the kernels add to u, (D, G*Hp): per gate block of Hp (H padded),
-// b_ih plus b_hh where the cell does not keep b_hh apart; zero without
-// biases and in the padding.
+// The bias the kernels add to u into bu, zeroed, (D, G*Hp): per gate block
+// of Hp (H padded), b_ih plus b_hh where the cell does not keep b_hh apart;
+// zero without biases and in the padding.
 template <typename S, typename Cell>
-at::Tensor input_bias(const ForwardLoop& a, int64_t D, int64_t H, int64_t Hp) {
-  at::Tensor bu = at::zeros({D, Cell::kGates * Hp}, a.h0.options());
-  if (!a.b_ih[0].defined()) return bu;
+void input_bias(const ForwardLoop& a, int64_t D, int64_t H, int64_t Hp, S* bu) {
+  if (!a.b_ih[0].defined()) return;
   for (int64_t d = 0; d < D; ++d) {
     const S* bi = a.b_ih[d].data_ptr<S>();
     const S* bh = a.b_hh[d].data_ptr<S>();
-    S* out = bu.data_ptr<S>() + d * bu.size(1);
+    S* out = bu + d * Cell::kGates * Hp;
     for (int64_t g = 0; g < Cell::kGates; ++g)
       for (int64_t j = 0; j < H; ++j)
         out[g * Hp + j] = Cell::kHiddenBias ? bi[g * H + j] : bi[g * H + j] + bh[g * H + j];
   }
-  return bu;
 }
 
 // Direction d of packed weights (D, K, J), or null where there are none.
@@ -286,7 +351,7 @@ const S* direction(const at::Tensor& packed, int64_t d) {
 // The column-split forward of every direction on `nt` threads.
 template <typename S, typename Cell>
 void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
-                          const ForwardLoop& a, const at::Tensor& bu, int64_t nt) {
+                          const ForwardLoop& a, const S* bu, int64_t nt) {
   constexpr int64_t G = Cell::kGates;
   const int64_t D = p.D, T = p.T, N = p.N, H = p.H, P = p.P, lanes = k.padded_width(1);
   const int64_t Hp = k.padded_width(H), Pp = k.padded_width(P);
@@ -322,7 +387,7 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
         if (nu > 0)
           k.forward_columns(p, d, t, j0, nu, wf[d * nt + tid].template data_ptr<S>(),
                             wi[d * nt + tid].template data_ptr<S>(),
-                            bu.data_ptr<S>() + d * bu.size(1), prev, next, csd,
+                            bu + d * G * Hp, prev, next, csd,
                             proj ? m.data_ptr<S>() : nullptr,
                             gates.data_ptr<S>() + tid * gates.size(1) * gates.size(2));
         if (proj) {
@@ -374,7 +439,10 @@ void forward_typed(const ForwardLoop& a) {
     // kHiddenBias cells add b_hh inside the cell; bu carries the rest.
     p.b_hh[d] = Cell::kHiddenBias && d < D ? static_cast<const S*>(data_or_null(a.b_hh[d])) : nullptr;
   }
-  const at::Tensor bu = input_bias<S, Cell>(a, D, H, k.padded_width(H));
+  const int64_t Hp = k.padded_width(H);
+  const ZeroScratch<S> bias(D * Cell::kGates * Hp, a.h0.options());
+  input_bias<S, Cell>(a, D, H, Hp, bias.data());
+  const S* bu = bias.data();
   p.h0 = a.h0.data_ptr<S>();
   p.c0 = static_cast<const S*>(data_or_null(a.c0));
   p.lengths = data_or_null<int64_t>(a.lengths);
@@ -387,12 +455,12 @@ void forward_typed(const ForwardLoop& a) {
               a.h0.options(), [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
                 if (pack)
                   k.forward_rows(p, d, n0, n1, direction<S>(wf, d), direction<S>(wi, d),
-                                 direction<S>(wr, d), bu.data_ptr<S>() + d * bu.size(1), scratch,
+                                 direction<S>(wr, d), bu + d * Cell::kGates * Hp, scratch,
                                  true);
                 else
                   k.forward_rows(p, d, n0, n1, a.w_hh[d].data_ptr<S>(), a.w_ih[d].data_ptr<S>(),
                                  proj ? a.w_hr[d].data_ptr<S>() : nullptr,
-                                 bu.data_ptr<S>() + d * bu.size(1), scratch, false);
+                                 bu + d * Cell::kGates * Hp, scratch, false);
               });
 }
 
