@@ -68,13 +68,6 @@ Tensor projection_input(const Stack& s, const Tensor& ws_d) {
   });
 }
 
-// W_hh's gradient of direction d: the sum over steps of dgh_t^T times the
-// state before step t. That state is the output of the step before it in
-// d's order, and h0_d (N, P) at each row's first step. Direction 0 starts
-// every row at step 0; direction 1 at T - 1, or where first_step (T, N, 1)
-// says with lengths. Past a row's end it is whatever: the gradients it meets
-// there are zero. Without lengths, two GEMMs on views (h0's rows and the
-// output's) rather than one on a copy of every state.
 // a b into a buffer() of its own: W_hh's gradient (16 MB for an LSTM of
 // hidden 1024), which the caller's autograd frees after each call.
 Tensor mm_buffer(const Tensor& a, const Tensor& b) {
@@ -82,6 +75,13 @@ Tensor mm_buffer(const Tensor& a, const Tensor& b) {
   return at::mm_out(out, a, b);
 }
 
+// W_hh's gradient of direction d: the sum over steps of dgh_t^T times the
+// state before step t. That state is the output of the step before it in
+// d's order, and h0_d (N, P) at each row's first step. Direction 0 starts
+// every row at step 0; direction 1 at T - 1, or where first_step (T, N, 1)
+// says with lengths. Past a row's end it is whatever: the gradients it meets
+// there are zero. Without lengths, two GEMMs on views (h0's rows and the
+// output's) rather than one on a copy of every state.
 Tensor hidden_weight_grad(const Tensor& dgh_flat, const Tensor& out_d, const Tensor& h0_d,
                           int64_t d, const Tensor& first_step) {
   const int64_t T = out_d.size(0), N = out_d.size(1), P = out_d.size(2);
