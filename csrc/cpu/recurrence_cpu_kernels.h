@@ -95,6 +95,18 @@ struct VecMath {
   static inline V relu_backward(V g, V h) { return h <= S(0) ? V{} : g; }
 };
 
+// Lane indices 0 .. n-1 as a parameter pack (for __builtin_shufflevector).
+template <int... M>
+struct Lanes {};
+template <int n, int... M>
+struct LaneSeqOf : LaneSeqOf<n - 1, n - 1, M...> {};
+template <int... M>
+struct LaneSeqOf<0, M...> {
+  using type = Lanes<M...>;
+};
+template <int64_t n>
+using LaneSeq = typename LaneSeqOf<int(n)>::type;
+
 template <typename S, typename Cell>
 struct Kernels {
   using V = typename VecOf<S>::type;
@@ -381,8 +393,8 @@ struct Kernels {
   // steps are too few to repay packing (a cell, one step of a stream):
   // every weight is read once either way, so packing would double what the
   // call moves. Each sum runs in the same order wherever its row and column
-  // fall (lane k % W of an accumulator, then the lanes in order), so no
-  // result depends on the blocks.
+  // fall (lane k % W of an accumulator, then the lanes over lane_sums()'
+  // tree), so no result depends on the blocks.
 
   // One factor of a dot-form GEMM: rows of a (lda apart) against rows of a
   // weight matrix as stored, each K wide and contiguous. K may be 0: none.
@@ -395,16 +407,53 @@ struct Kernels {
     Rows from_row(int64_t i) const { return K ? Rows{a, lda, w + i * K, K} : *this; }
   };
 
-  static inline S lane_sum(V v) {
-    S s = v[0];
-    for (int64_t l = 1; l < W; ++l) s += v[l];
-    return s;
+  // The lane sums of accumulators, all over one tree: lane l plus lane
+  // l + w/2 for w = W, W/2, ..., 2, so that no sum depends on how many are
+  // reduced together. A level folds two vectors into one: each holds
+  // accumulators in segments of w lanes, and the result holds both
+  // vectors' segments, interleaved, each half as wide and summed. W
+  // accumulators end in one vector, a lane each, after W - 1 vector
+  // additions (and twice as many shuffles), where summing each alone takes
+  // W - 1 scalar additions, a chain, apiece.
+  static constexpr int fold_lane(int m, int w, bool upper) {
+    const int h = w / 2, s = m / h;
+    return (s % 2 ? int(W) : 0) + s / 2 * w + m % h + (upper ? h : 0);
+  }
+  template <int w, int... M>
+  static inline V fold(V x, V y, Lanes<M...>) {
+    return __builtin_shufflevector(x, y, fold_lane(M, w, false)...) +
+           __builtin_shufflevector(x, y, fold_lane(M, w, true)...);
+  }
+  // Folds the first c of v (c a power of two) level by level from width w:
+  // vector i with vector i + c/2 while there are two, then the last one
+  // with itself (its segments twice over).
+  template <int w, int c, int N>
+  static inline void fold_levels(V (&v)[N]) {
+    if constexpr (w > 1) {
+      if constexpr (c > 1)
+        for (int i = 0; i < c / 2; ++i) v[i] = fold<w>(v[i], v[i + c / 2], LaneSeq<W>{});
+      else
+        v[0] = fold<w>(v[0], v[0], LaneSeq<W>{});
+      fold_levels<w / 2, (c > 1 ? c / 2 : 1)>(v);
+    }
+  }
+  // out[q] = the sum of acc[q]'s lanes, for N (a power of two) accumulators.
+  // After the folds, vector i holds accumulators i + k * N/W in lane k where
+  // N >= W; otherwise vector 0 holds accumulator q in lanes q * W/N on.
+  template <int N>
+  static inline void lane_sums(V (&acc)[N], S (&out)[N]) {
+    fold_levels<int(W), N>(acc);
+    if constexpr (N >= W) {
+      for (int q = 0; q < N; ++q) out[q] = acc[q % (N / W)][q / (N / W)];
+    } else {
+      for (int q = 0; q < N; ++q) out[q] = acc[0][q * (W / N)];
+    }
   }
 
-  // acc[r][j] += a_r * w_j lane by lane over K, for R rows of a and JR
+  // acc[r * JR + j] += a_r * w_j lane by lane over K, for R rows of a and JR
   // consecutive rows of w from row i.
   template <int R, int JR>
-  static inline void dot_madd(V (&acc)[R][JR], const Rows& f, int64_t i) {
+  static inline void dot_madd(V (&acc)[R * JR], const Rows& f, int64_t i) {
     if (f.K == 0) return;
     const S* w = f.w + i * f.K;
     int64_t k = 0;
@@ -416,7 +465,7 @@ struct Kernels {
       for (int r = 0; r < R; ++r) {
         const V av = load(f.a + r * f.lda + k);
 #pragma GCC unroll 4
-        for (int j = 0; j < JR; ++j) acc[r][j] += av * wv[j];
+        for (int j = 0; j < JR; ++j) acc[r * JR + j] += av * wv[j];
       }
     }
     if (k < f.K) {
@@ -425,7 +474,7 @@ struct Kernels {
       for (int j = 0; j < JR; ++j) wv[j] = load_n(w + j * f.K + k, n);
       for (int r = 0; r < R; ++r) {
         const V av = load_n(f.a + r * f.lda + k, n);
-        for (int j = 0; j < JR; ++j) acc[r][j] += av * wv[j];
+        for (int j = 0; j < JR; ++j) acc[r * JR + j] += av * wv[j];
       }
     }
   }
@@ -433,13 +482,14 @@ struct Kernels {
   // c[r][j] = x_r . x.w_(i+j) + h_r . h.w_(i+j) for j < JR.
   template <int R, int JR>
   static inline void dot_block(const Rows& x, const Rows& h, int64_t i, S* c, int64_t ldc) {
-    V acc[R][JR];
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < JR; ++j) acc[r][j] = V{};
+    V acc[R * JR];
+    for (int q = 0; q < R * JR; ++q) acc[q] = V{};
     dot_madd<R, JR>(acc, x, i);
     dot_madd<R, JR>(acc, h, i);
+    S sum[R * JR];
+    lane_sums<R * JR>(acc, sum);
     for (int r = 0; r < R; ++r)
-      for (int j = 0; j < JR; ++j) c[r * ldc + j] = lane_sum(acc[r][j]);
+      for (int j = 0; j < JR; ++j) c[r * ldc + j] = sum[r * JR + j];
   }
 
   // c[r][blk * Jb + j] = x_r . x.w_(blk*J + j) + h_r . h.w_(blk*J + j) for
