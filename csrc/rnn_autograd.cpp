@@ -10,12 +10,16 @@
 // backward when a graph of it is asked for (double backward) and for
 // gradients batched by torch's older vmap (is_grads_batched).
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/LegacyBatchedTensorImpl.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "recurrence.h"
 #include "rnn_args.h"
 #include "rnn_ops.h"
 #include "rnn_stack.h"
@@ -248,9 +252,8 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
   }
 };
 
-// Whether the call must run step by step in ATen ops: under a function
-// transform, or with a forward-mode tangent on any input.
-bool needs_steps(const StackCall& c) {
+// Whether a function transform (torch.func) is active on this thread.
+bool transform_active() {
   // functorch keeps its TLS once used; it refuses a C++ autograd Function
   // exactly while a transform is active.
   if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
@@ -260,6 +263,13 @@ bool needs_steps(const StackCall& c) {
       return true;
     }
   }
+  return false;
+}
+
+// Whether the call must run step by step in ATen ops: under a function
+// transform, or with a forward-mode tangent on any input.
+bool needs_steps(const StackCall& c) {
+  if (transform_active()) return true;
   auto dual = [](const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); };
   if (dual(c.input) || dual(c.hx) || (c.cx && dual(*c.cx))) return true;
   for (const Tensor& w : c.weights)
@@ -355,6 +365,91 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> forward_autocast(
   return out;
 }
 
+// t's memory seen as a contiguous tensor of `sizes`, made without the
+// dispatcher (an alias; t contiguous): the shape a time loop reads.
+Tensor shaped(const Tensor& t, at::IntArrayRef sizes) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(), t.dtype());
+  impl->set_storage_offset(t.storage_offset());
+  impl->set_sizes_contiguous(sizes);
+  return Tensor(std::move(impl));
+}
+
+// Whether t is a plain CPU tensor of the CPU kernels' dtype: dense,
+// contiguous, no key but those every CPU tensor has (no subclass, no
+// transform's wrapper, no negative bit), no forward-mode tangent.
+bool plain_cpu(const Tensor& t, at::ScalarType dtype) {
+  static const c10::DispatchKeySet plain{c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
+                                         c10::DispatchKey::ADInplaceOrView,
+                                         c10::DispatchKey::AutocastCPU};
+  return t.defined() && (t.key_set() | plain) == plain && t.layout() == at::kStrided &&
+         t.scalar_type() == dtype && t.is_contiguous() && !t._fw_grad(/*level=*/0).defined();
+}
+
+// A cell's eager step that no backward can follow (no grad mode, or nothing
+// requiring grad), run by the CPU's own kernels without the dispatcher:
+// what the op does for it (the same kernel on the same arguments, so the
+// same bits) without its views, its checks' generality and its outputs
+// that a step does not return (the output, which is h_n, the hidden
+// states, the workspace). Nothing where the step is any other: the op
+// then runs it, with every check and error.
+std::optional<std::vector<Tensor>> direct_step(CellKind cell, const Tensor& input,
+                                               const std::array<Tensor, 2>& h, int64_t width,
+                                               const std::vector<Tensor>& weights,
+                                               bool has_biases) {
+  const at::ScalarType dtype = input.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return std::nullopt;
+  if (torch::autograd::GradMode::is_enabled()) {
+    if (input.requires_grad()) return std::nullopt;
+    for (int64_t i = 0; i < width; ++i)
+      if (h[i].requires_grad()) return std::nullopt;
+    for (const Tensor& w : weights)
+      if (w.requires_grad()) return std::nullopt;
+  }
+  if (at::autocast::is_autocast_enabled(at::kCPU) || c10::impl::dispatch_mode_enabled() ||
+      transform_active())
+    return std::nullopt;
+  const bool batched = input.dim() == 2;
+  const int64_t N = batched ? input.size(0) : 1, C = input.size(-1);
+  const int64_t G = with_cell(cell, [](auto c) { return decltype(c)::kGates; });
+  if (weights.size() != (has_biases ? 4u : 2u) || !plain_cpu(input, dtype) || !cpu_loop(input) ||
+      N == 0 || C == 0)
+    return std::nullopt;
+  const int64_t H = weights[1].dim() == 2 ? weights[1].size(1) : 0;
+  if (H == 0 || weights[0].sizes() != at::IntArrayRef({G * H, C}) ||
+      weights[1].sizes() != at::IntArrayRef({G * H, H}))
+    return std::nullopt;
+  for (size_t i = 0; i < weights.size(); ++i)
+    if (!plain_cpu(weights[i], dtype) || (i >= 2 && weights[i].sizes() != at::IntArrayRef({G * H})))
+      return std::nullopt;
+  for (int64_t i = 0; i < width; ++i)
+    if (!plain_cpu(h[i], dtype) || h[i].dim() != input.dim() || h[i].size(0) != (batched ? N : H) ||
+        h[i].size(-1) != H)
+      return std::nullopt;
+  RECORD_FUNCTION("fastrnn::forward", std::vector<c10::IValue>());
+  std::vector<Tensor> out;
+  for (int64_t i = 0; i < width; ++i) out.emplace_back(at::detail::empty_cpu(h[i].sizes(), dtype));
+  ForwardLoop a;
+  a.x = shaped(input, {1, N, C});
+  a.w_ih[0] = weights[0];
+  a.w_hh[0] = weights[1];
+  if (has_biases) {
+    a.b_ih[0] = weights[2];
+    a.b_hh[0] = weights[3];
+  }
+  a.h0 = shaped(h[0], {1, N, H});
+  // One step's output is its last state: the loop writes both, the same
+  // values, to the same memory.
+  a.y = shaped(out[0], {1, N, H});
+  a.hn = a.y;
+  if (width == 2) {
+    a.c0 = shaped(h[1], {1, N, H});
+    a.cn = shaped(out[1], {1, N, H});
+  }
+  forward_recurrence_cpu(cell, a);
+  return out;
+}
+
 }  // namespace
 
 std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
@@ -374,6 +469,7 @@ std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
            : batched       ? at::zeros({input.size(0), hidden}, input.options())
                            : at::zeros({hidden}, input.options());
   }
+  if (auto out = direct_step(cell, input, h, width, weights, has_biases)) return std::move(*out);
   const StackCall c{cell, input, h[0], width == 2 ? optional<Tensor>(h[1]) : std::nullopt,
                     weights, std::nullopt, std::nullopt, 1, false, has_biases, false, true};
   const bool grad = torch::autograd::GradMode::is_enabled();

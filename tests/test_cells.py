@@ -87,6 +87,55 @@ def test_step_matches_torch_nn(ref_cls, our_cls, options, form, bias, dtype, dev
         assert_steps_match(ref, ours, x, hx, dtype)
 
 
+def _plain(cell, x, hx):
+    out = cell(x, hx)
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("form", ["batched", "unbatched", "no_hx", "wide", "packed"])
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_step_no_backward_can_follow(ref_cls, our_cls, options, form, bias, dtype, mode):
+    """A step that no backward can follow (the CPU kernels called without the
+    dispatcher) gives nn's values, and bit for bit those of the same step
+    with a graph, which the op computes with the same kernel."""
+    C, H = (37, 40) if form in ("wide", "packed") else (5, 7)
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=C, H=H, dtype=dtype, bias=bias)
+    n = {"wide": 9, "packed": 40}.get(form, 3)
+    x = torch.randn(*((C,) if form == "unbatched" else (n, C)), dtype=dtype)
+    hx = None if form == "no_hx" else state(ref, n, dtype=dtype, unbatched=form == "unbatched")
+    if hx is not None:
+        hx = tuple(h.detach() for h in hx) if isinstance(hx, tuple) else hx.detach()
+    packing = "always" if form == "packed" else "auto"
+    with fastrnn.kernels(cpu_packing=packing):
+        graph = _plain(ours, x.clone().requires_grad_(), hx)
+        if mode == "nothing_requires_grad":
+            for p in ours.parameters():
+                p.requires_grad_(False)
+            got = _plain(ours, x, hx)
+        else:
+            with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+                got = _plain(ours, x, hx)
+    assert ours.last_path == "fused"
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        expected = _plain(ref, x, hx)
+    for a, b, g in zip(expected, got, graph):
+        assert b.shape == a.shape and b.dtype == a.dtype and not b.requires_grad
+        assert b.is_inference() == a.is_inference()
+        torch.testing.assert_close(b, a, **TOL[dtype])
+        assert torch.equal(b, g.detach())
+
+
+def test_step_without_grad_shows_in_the_profiler():
+    """The step that skips the dispatcher still records the op's name."""
+    cell = fastrnn.LSTMCell(5, 7, backend="fused")
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        cell(torch.randn(3, 5))
+    assert [e.name for e in prof.events() if "fastrnn" in e.name] == ["fastrnn::forward"]
+
+
 @pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
 def test_many_steps_of_a_loop(ref_cls, our_cls, options):
     """A loop of the caller's over 20 steps with the state carried, as a
@@ -401,7 +450,7 @@ def test_auto_packing_reads_few_rows_as_stored(cell):
         other = "always" if layout == "never" else "never"
         assert torch.equal(bits(x, h, "auto"), bits(x, h, layout))
         # The layouts sum products in different orders (a dot product of 40
-        # spans several vector lanes, added lane by lane at its end; a packed
+        # spans several vector lanes, summed across them at its end; a packed
         # panel adds them one by one): the check can tell them apart.
         assert not torch.equal(bits(x, h, "auto"), bits(x, h, other))
 
