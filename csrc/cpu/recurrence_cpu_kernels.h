@@ -481,7 +481,8 @@ struct Kernels {
 
   // c[r][j] = x_r . x.w_(i+j) + h_r . h.w_(i+j) for j < JR.
   template <int R, int JR>
-  static inline void dot_block(const Rows& x, const Rows& h, int64_t i, S* c, int64_t ldc) {
+  static inline __attribute__((always_inline)) void dot_block(const Rows& x, const Rows& h,
+                                                              int64_t i, S* c, int64_t ldc) {
     V acc[R * JR];
     for (int q = 0; q < R * JR; ++q) acc[q] = V{};
     dot_madd<R, JR>(acc, x, i);
