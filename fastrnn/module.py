@@ -653,40 +653,47 @@ class _FusedCell(_Backend):
         # the entries of _parameters; a parametrized weight is not there
         # and is computed on access.
         params = self._parameters
-        names = _CELL_WEIGHTS if self.bias else _CELL_WEIGHTS[:2]
         try:
-            return [params[name] for name in names]
+            if self.bias:
+                return [params["weight_ih"], params["weight_hh"], params["bias_ih"],
+                        params["bias_hh"]]
+            return [params["weight_ih"], params["weight_hh"]]
         except KeyError:
+            names = _CELL_WEIGHTS if self.bias else _CELL_WEIGHTS[:2]
             return [getattr(self, name) for name in names]
 
     def _cell_name(self):
+        """The ops' name of the cell, or None where the op cannot run it."""
         return self._cell
 
     def _run(self, input, hx):
-        torch_forward = self._torch_cell.forward
         if not self._fused_applies(input):
             self._ran_torch()
-            return torch_forward(self, input, hx)
-        # nn's own checks first, in its order and words.
+            return self._torch_cell.forward(self, input, hx)
         dim = input.dim()
-        if dim != 2 and dim != 1:
-            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {dim}D instead")
-        states = ()
-        if hx is not None:
-            states = tuple(hx) if self._pair else (hx,)
+        states = () if hx is None else tuple(hx) if self._pair else (hx,)
+        if (dim != 2 and dim != 1) or (states and (len(states) != (2 if self._pair else 1)
+                                                   or states[0].dim() != dim
+                                                   or states[-1].dim() != dim)):
+            # nn's checks, in its order and words; what passes them but the
+            # op does not take (states of another form) runs nn's cell.
+            if dim != 2 and dim != 1:
+                raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {dim}D instead")
             for i, h in enumerate(states):
                 h_dim = h.dim()
                 if h_dim != 2 and h_dim != 1:
                     what = f"hx[{i}]" if self._pair else "hidden"
                     raise ValueError(
                         f"{self._name}: Expected {what} to be 1D or 2D, got {h_dim}D instead")
-        fused = self._fused_step(input, states, dim)
+            fused = None
+        else:
+            fused = self._fused_step(input, states, dim)
         if fused is None:
             # What the op does not take (another dtype or device among the
             # arguments, a shape nn rejects, a nonlinearity it does not know)
             # runs through nn's own implementation: its result, or its error.
             self._ran_torch()
-            return torch_forward(self, input, hx)
+            return self._torch_cell.forward(self, input, hx)
         if self._promotes and torch._C._is_any_autocast_enabled():
             fused = self._promoted(fused, input, hx)
         return fused
@@ -706,28 +713,32 @@ class _FusedCell(_Backend):
 
     def _fused_step(self, input, states, dim):
         """The step through the layer's fused op from the given states (none
-        for zeros), or None where the op does not take the arguments as they
-        are."""
-        if states and (len(states) != (2 if self._pair else 1) or states[0].dim() != dim
-                       or states[-1].dim() != dim):
+        for zeros; each of input's dim, as many as the cell takes), or None
+        where the op does not take the arguments as they are."""
+        name = self._cell_name()
+        if name is None:
             return None
         if torch.compiler.is_compiling() or type(input) is not torch.Tensor \
                 or torch._C._is_torch_function_mode_enabled():
             # What torch.compile traces, and what a tensor subclass or a
             # torch function mode must see: the op through torch.ops.
-            return self._traced_step(input, states, dim)
+            return self._traced_step(name, input, states, dim)
         # Eager: one call into the extension, which shapes the step and calls
         # the op through the dispatcher (autograd, autocast, vmap and the
-        # other transforms apply there as for the op itself).
+        # other transforms apply there as for the op itself), or, for a step
+        # no backward can follow on the CPU, the kernel itself.
         try:
-            out = _cell_step(self._cell_name(), input, states, self._weights(), self.bias)
+            out = _cell_step(name, input, states, self._weights(), self.bias)
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
-        self.__dict__["last_path"] = "fused"
-        self._record_cuda_path(input)
+        # Plain attributes set through __dict__ (nn.Module's __setattr__
+        # costs microseconds a call); the CUDA path as _record_cuda_path.
+        d = self.__dict__
+        d["last_path"] = "fused"
+        d["last_cuda_path"] = _ops._C.last_cuda_path() if input.is_cuda else None
         return tuple(out) if self._pair else out[0]
 
-    def _traced_step(self, input, states, dim):
+    def _traced_step(self, name, input, states, dim):
         """_fused_step as torch.compile traces it: the op itself, and the view
         ops around it in Python."""
         x = input.unsqueeze(0) if dim == 2 else input.reshape(1, 1, -1)
@@ -738,7 +749,7 @@ class _FusedCell(_Backend):
         else:
             states = tuple(h.unsqueeze(0) if dim == 2 else h.reshape(1, 1, -1) for h in states)
         try:
-            out = _forward_op(self._cell_name(), x, list(states), self._weights(), None, None, 1,
+            out = _forward_op(name, x, list(states), self._weights(), None, None, 1,
                               False, self.bias, False)
         except (RuntimeError, TypeError, ValueError, IndexError):
             return None
@@ -797,12 +808,10 @@ class RNNCell(_FusedCell, nn.RNNCell):
         self._init_backend(backend)
 
     def _cell_name(self):
-        return "rnn_relu" if self.nonlinearity == "relu" else "rnn_tanh"
-
-    def _fused_step(self, input, states, dim):
-        if self.nonlinearity != "tanh" and self.nonlinearity != "relu":
-            return None  # nn raises its error
-        return super()._fused_step(input, states, dim)
+        # None for a nonlinearity nn does not know: nn's cell raises its error.
+        nonlinearity = self.nonlinearity
+        return "rnn_tanh" if nonlinearity == "tanh" else "rnn_relu" if nonlinearity == "relu" \
+            else None
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         """One step from ``hx`` (zeros when None): input (N, H_in) or (H_in),
