@@ -386,67 +386,92 @@ bool plain_cpu(const Tensor& t, at::ScalarType dtype) {
          t.scalar_type() == dtype && t.is_contiguous() && !t._fw_grad(/*level=*/0).defined();
 }
 
-// A cell's eager step that no backward can follow (no grad mode, or nothing
-// requiring grad), run by the CPU's own kernels without the dispatcher:
-// what the op does for it (the same kernel on the same arguments, so the
-// same bits) without its views, its checks' generality and its outputs
-// that a step does not return (the output, which is h_n, the hidden
-// states, the workspace). Nothing where the step is any other: the op
-// then runs it, with every check and error.
-std::optional<std::vector<Tensor>> direct_step(CellKind cell, const Tensor& input,
-                                               const std::array<Tensor, 2>& h, int64_t width,
-                                               const std::vector<Tensor>& weights,
-                                               bool has_biases) {
+// H for a forward of one layer, one direction, no projections, that the
+// CPU's own kernels can run without the dispatcher; 0 where it cannot. It
+// must be one that no backward can follow (no grad mode, or nothing
+// requiring grad), outside autocast, dispatch modes and transforms, on plain
+// CPU tensors of float or double, with input (..., C), C > 0, and the cell's
+// weights W_ih (G*H, C), W_hh (G*H, H) and with biases b_ih, b_hh (G*H).
+// The caller checks the states' shapes.
+int64_t direct_hidden(CellKind cell, const Tensor& input, at::TensorList states,
+                      const std::vector<Tensor>& weights, bool has_biases) {
   const at::ScalarType dtype = input.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kDouble) return std::nullopt;
+  if (dtype != at::kFloat && dtype != at::kDouble) return 0;
   if (torch::autograd::GradMode::is_enabled()) {
-    if (input.requires_grad()) return std::nullopt;
-    for (int64_t i = 0; i < width; ++i)
-      if (h[i].requires_grad()) return std::nullopt;
+    if (input.requires_grad()) return 0;
+    for (const Tensor& h : states)
+      if (h.requires_grad()) return 0;
     for (const Tensor& w : weights)
-      if (w.requires_grad()) return std::nullopt;
+      if (w.requires_grad()) return 0;
   }
   if (at::autocast::is_autocast_enabled(at::kCPU) || c10::impl::dispatch_mode_enabled() ||
       transform_active())
-    return std::nullopt;
-  const bool batched = input.dim() == 2;
-  const int64_t N = batched ? input.size(0) : 1, C = input.size(-1);
+    return 0;
+  const int64_t C = input.dim() > 0 ? input.size(-1) : 0;
   const int64_t G = with_cell(cell, [](auto c) { return decltype(c)::kGates; });
-  if (weights.size() != (has_biases ? 4u : 2u) || !plain_cpu(input, dtype) || !cpu_loop(input) ||
-      N == 0 || C == 0)
-    return std::nullopt;
+  if (weights.size() != (has_biases ? 4u : 2u) || C == 0 || !plain_cpu(input, dtype) ||
+      !cpu_loop(input))
+    return 0;
   const int64_t H = weights[1].dim() == 2 ? weights[1].size(1) : 0;
   if (H == 0 || weights[0].sizes() != at::IntArrayRef({G * H, C}) ||
       weights[1].sizes() != at::IntArrayRef({G * H, H}))
-    return std::nullopt;
+    return 0;
   for (size_t i = 0; i < weights.size(); ++i)
     if (!plain_cpu(weights[i], dtype) || (i >= 2 && weights[i].sizes() != at::IntArrayRef({G * H})))
-      return std::nullopt;
-  for (int64_t i = 0; i < width; ++i)
-    if (!plain_cpu(h[i], dtype) || h[i].dim() != input.dim() || h[i].size(0) != (batched ? N : H) ||
-        h[i].size(-1) != H)
-      return std::nullopt;
+      return 0;
+  for (const Tensor& h : states)
+    if (!plain_cpu(h, dtype)) return 0;
+  return H;
+}
+
+// The forward direct_hidden() allows, on tensors shaped as the time loop
+// reads them (x (T, N, C), states and y (T, N, H), hn and cn (1, N, H)): the
+// op's kernel on the op's arguments, so the op's bits.
+void direct_forward(CellKind cell, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                    const std::vector<Tensor>& weights, bool has_biases, const Tensor& y,
+                    const Tensor& hn, const Tensor& cn) {
   RECORD_FUNCTION("fastrnn::forward", std::vector<c10::IValue>());
-  std::vector<Tensor> out;
-  for (int64_t i = 0; i < width; ++i) out.emplace_back(at::detail::empty_cpu(h[i].sizes(), dtype));
   ForwardLoop a;
-  a.x = shaped(input, {1, N, C});
+  a.x = x;
   a.w_ih[0] = weights[0];
   a.w_hh[0] = weights[1];
   if (has_biases) {
     a.b_ih[0] = weights[2];
     a.b_hh[0] = weights[3];
   }
-  a.h0 = shaped(h[0], {1, N, H});
+  a.h0 = h0;
+  a.c0 = c0;
+  a.y = y;
+  a.hn = hn;
+  a.cn = cn;
+  forward_recurrence_cpu(cell, a);
+}
+
+// A cell's eager step that no backward can follow, by direct_forward():
+// without the op's dispatch, views and the outputs a step does not return
+// (its output is h_n, the hidden states, the workspace). Nothing where the
+// step is any other: the op then runs it, with every check and error.
+std::optional<std::vector<Tensor>> direct_step(CellKind cell, const Tensor& input,
+                                               const std::array<Tensor, 2>& h, int64_t width,
+                                               const std::vector<Tensor>& weights,
+                                               bool has_biases) {
+  const at::TensorList states(h.data(), width);
+  const int64_t H = direct_hidden(cell, input, states, weights, has_biases);
+  const bool batched = input.dim() == 2;
+  const int64_t N = batched ? input.size(0) : 1;
+  if (H == 0 || N == 0) return std::nullopt;
+  for (const Tensor& t : states)
+    if (t.dim() != input.dim() || t.size(0) != (batched ? N : H) || t.size(-1) != H)
+      return std::nullopt;
+  std::vector<Tensor> out;
+  for (const Tensor& t : states)
+    out.emplace_back(at::detail::empty_cpu(t.sizes(), t.scalar_type()));
   // One step's output is its last state: the loop writes both, the same
   // values, to the same memory.
-  a.y = shaped(out[0], {1, N, H});
-  a.hn = a.y;
-  if (width == 2) {
-    a.c0 = shaped(h[1], {1, N, H});
-    a.cn = shaped(out[1], {1, N, H});
-  }
-  forward_recurrence_cpu(cell, a);
+  const Tensor hn = shaped(out[0], {1, N, H});
+  direct_forward(cell, shaped(input, {1, N, input.size(-1)}), shaped(h[0], {1, N, H}),
+                 width == 2 ? shaped(h[1], {1, N, H}) : Tensor(), weights, has_biases, hn, hn,
+                 width == 2 ? shaped(out[1], {1, N, H}) : Tensor());
   return out;
 }
 
@@ -522,6 +547,17 @@ std::vector<Tensor> layer_forward(c10::string_view name, const Tensor& input,
   }
   for (const Tensor& w : weights)
     if (!same(w)) return {};
+  if (num_layers == 1 && !bidirectional && proj_size == 0 && N > 0 && x.is_contiguous() &&
+      direct_hidden(cell, x, hx, weights, has_biases) == hidden_size) {
+    // A call no backward can follow (a stream's step without grad) on the
+    // CPU kernels without the op's dispatch and outputs.
+    std::vector<Tensor> out = {buffer({T, N, hidden_size}, x.options())};
+    for (int64_t i = 0; i < width; ++i) out.push_back(at::empty({1, N, hidden_size}, x.options()));
+    direct_forward(cell, x, hx[0], width == 2 ? hx[1] : Tensor(), weights, has_biases, out[0],
+                   out[1], width == 2 ? out[2] : Tensor());
+    if (batch_first) out[0] = out[0].transpose(0, 1);
+    return out;
+  }
   const KeepWorkspace keep(torch::autograd::GradMode::is_enabled());
   variable_list out;
   try {

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastrnn
 from fastrnn import gru_reference, lstm_reference, rnn_reference
-from helpers import CELLS, DEVICES, LAYERS, initial_state, leaf, pair
+from helpers import CELLS, DEVICES, LAYERS, TOL, initial_state, leaf, pair
 
 
 CONFIGS = [
@@ -574,6 +574,50 @@ def test_plain_calls_take_the_short_path_with_the_same_results(cell, monkeypatch
     layer.dropout = 0.5
     layer(x, hx)
     assert short.pop() is False
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", ["stream", "stream_batch_first", "no_state", "long", "wide"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_plain_call_no_backward_can_follow(cell, form, dtype, mode):
+    """A plain one-layer call that no backward can follow (a stream's step
+    without grad: the CPU kernels called without the dispatcher) gives
+    nn's values, and bit for bit those of the same call with a graph."""
+    pairs = {"rnn": (nn.RNN, fastrnn.RNN), "lstm": (nn.LSTM, fastrnn.LSTM),
+             "gru": (nn.GRU, fastrnn.GRU)}
+    H = 40 if form == "wide" else 7
+    batch_first = form == "stream_batch_first"
+    torch.manual_seed(0)
+    ref = pairs[cell][0](5, H, batch_first=batch_first, dtype=dtype)
+    ours = pairs[cell][1](5, H, batch_first=batch_first, dtype=dtype, backend="fused")
+    ours.load_state_dict(ref.state_dict())
+    T, N = {"stream": (1, 1), "stream_batch_first": (1, 1), "long": (30, 3)}.get(form, (4, 3))
+    x = torch.randn(*((N, T, 5) if batch_first else (T, N, 5)), dtype=dtype)
+    hx = None
+    if form != "no_state":
+        h = torch.randn(1, N, H, dtype=dtype)
+        hx = (h, torch.randn(1, N, H, dtype=dtype)) if cell == "lstm" else h
+
+    def flat(out):
+        y, state = out
+        return [y, *(state if isinstance(state, tuple) else (state,))]
+
+    graph = flat(ours(x.clone().requires_grad_(), hx))
+    if mode == "nothing_requires_grad":
+        ours.requires_grad_(False)
+        got = flat(ours(x, hx))
+    else:
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            got = flat(ours(x, hx))
+    assert ours.last_path == "fused"
+    with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+        expected = flat(ref(x, hx))
+    for a, b, g in zip(expected, got, graph):
+        assert b.shape == a.shape and b.dtype == a.dtype and not b.requires_grad
+        assert b.is_inference() == a.is_inference()
+        torch.testing.assert_close(b, a, **TOL[dtype])
+        assert torch.equal(b, g.detach())
 
 
 NO_GRAD_CASES = [
