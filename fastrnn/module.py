@@ -230,7 +230,8 @@ class _FusedBase(_Backend, nn.RNNBase):
             return None
         if not out:
             return None
-        self._record_cuda_path(input)
+        # _record_cuda_path, inline: this call is never compiled.
+        self.__dict__["last_cuda_path"] = _ops._C.last_cuda_path() if input.is_cuda else None
         return (out[0], (out[1], out[2])) if lstm else (out[0], out[1])
 
     def _check_devices(self, x, states, weights):
