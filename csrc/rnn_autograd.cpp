@@ -17,6 +17,7 @@
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/library.h>
 
 #include "recurrence.h"
@@ -389,7 +390,8 @@ bool plain_cpu(const Tensor& t, at::ScalarType dtype) {
 // H for a forward of one layer, one direction, no projections, that the
 // CPU's own kernels can run without the dispatcher; 0 where it cannot. It
 // must be one that no backward can follow (no grad mode, or nothing
-// requiring grad), outside autocast, dispatch modes and transforms, on plain
+// requiring grad), outside autocast, dispatch modes, the JIT tracer and
+// transforms, on plain
 // CPU tensors of float or double, with input (..., C), C > 0, and the cell's
 // weights W_ih (G*H, C), W_hh (G*H, H) and with biases b_ih, b_hh (G*H).
 // The caller checks the states' shapes.
@@ -404,8 +406,9 @@ int64_t direct_hidden(CellKind cell, const Tensor& input, at::TensorList states,
     for (const Tensor& w : weights)
       if (w.requires_grad()) return 0;
   }
+  // The JIT tracer records ops as the dispatcher sees them.
   if (at::autocast::is_autocast_enabled(at::kCPU) || c10::impl::dispatch_mode_enabled() ||
-      transform_active())
+      torch::jit::tracer::isTracing() || transform_active())
     return 0;
   const int64_t C = input.dim() > 0 ? input.size(-1) : 0;
   const int64_t G = with_cell(cell, [](auto c) { return decltype(c)::kGates; });
@@ -416,17 +419,18 @@ int64_t direct_hidden(CellKind cell, const Tensor& input, at::TensorList states,
   if (H == 0 || weights[0].sizes() != at::IntArrayRef({G * H, C}) ||
       weights[1].sizes() != at::IntArrayRef({G * H, H}))
     return 0;
-  for (size_t i = 0; i < weights.size(); ++i)
-    if (!plain_cpu(weights[i], dtype) || (i >= 2 && weights[i].sizes() != at::IntArrayRef({G * H})))
-      return 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (!plain_cpu(weights[i], dtype)) return 0;
+    if (i >= 2 && weights[i].sizes() != at::IntArrayRef({G * H})) return 0;
+  }
   for (const Tensor& h : states)
     if (!plain_cpu(h, dtype)) return 0;
   return H;
 }
 
 // The forward direct_hidden() allows, on tensors shaped as the time loop
-// reads them (x (T, N, C), states and y (T, N, H), hn and cn (1, N, H)): the
-// op's kernel on the op's arguments, so the op's bits.
+// reads them (x (T, N, C), y (T, N, H), the states h0, c0, hn and cn
+// (1, N, H)): the op's kernel on the op's arguments, so the op's bits.
 void direct_forward(CellKind cell, const Tensor& x, const Tensor& h0, const Tensor& c0,
                     const std::vector<Tensor>& weights, bool has_biases, const Tensor& y,
                     const Tensor& hn, const Tensor& cn) {
@@ -547,7 +551,7 @@ std::vector<Tensor> layer_forward(c10::string_view name, const Tensor& input,
   }
   for (const Tensor& w : weights)
     if (!same(w)) return {};
-  if (num_layers == 1 && !bidirectional && proj_size == 0 && N > 0 && x.is_contiguous() &&
+  if (num_layers == 1 && !bidirectional && proj_size == 0 && N > 0 &&
       direct_hidden(cell, x, hx, weights, has_biases) == hidden_size) {
     // A call no backward can follow (a stream's step without grad) on the
     // CPU kernels without the op's dispatch and outputs.

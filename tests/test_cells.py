@@ -128,6 +128,20 @@ def test_step_no_backward_can_follow(ref_cls, our_cls, options, form, bias, dtyp
         assert torch.equal(b, g.detach())
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_without_grad_records_the_step():
+    """Traced without grad, the step is the op in the trace, not a constant
+    computed outside the dispatcher: the trace follows a new input."""
+    cell = fastrnn.GRUCell(5, 7, backend="fused")
+    layer = fastrnn.GRU(5, 7, backend="fused")  # a stream's step takes the same route
+    with torch.no_grad():
+        for m, shape in ((cell, (3,)), (layer, (1, 3))):
+            traced = torch.jit.trace(m, (torch.randn(*shape, 5), torch.randn(*shape, 7)),
+                                     check_trace=False)
+            x, h = torch.randn(*shape, 5), torch.randn(*shape, 7)
+            torch.testing.assert_close(traced(x, h), m(x, h))
+
+
 def test_step_without_grad_shows_in_the_profiler():
     """The step that skips the dispatcher still records the op's name."""
     cell = fastrnn.LSTMCell(5, 7, backend="fused")
