@@ -44,8 +44,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward(
 // layer, one direction and one step, called through the dispatcher so that
 // autograd, autocast and the transforms' kernels apply; returns the new
 // states shaped as the input came. A step that no backward can follow, on
-// plain CPU tensors outside autocast, modes and transforms, runs the CPU
-// kernels without the dispatcher (the same kernel, so the same bits).
+// plain CPU tensors outside autocast, modes, tracing and transforms, runs
+// the CPU kernels without the dispatcher (the same kernel, the same bits).
 // fastrnn's cells call it from Python in eager mode: one call where the op
 // through torch.ops takes several view ops around it, each a Python call.
 std::vector<Tensor> cell_step(c10::string_view cell, const Tensor& input, const std::vector<Tensor>& states,
