@@ -76,7 +76,7 @@ def test_step_matches_torch_nn(ref_cls, our_cls, options, form, bias, dtype, dev
     """Outputs and every gradient (input, states, all four parameters), for
     each input form, with the weights packed and as stored; 'wide' has whole
     vectors and a remainder in every product and every block of rows."""
-    C, H = (37, 40) if form == "wide" else (5, 7)
+    C, H = (37, 70) if form == "wide" else (5, 7)
     ref, ours = cell_pair(ref_cls, our_cls, options, C=C, H=H, device=device, dtype=dtype,
                           bias=bias)
     unbatched = "unbatched" in form

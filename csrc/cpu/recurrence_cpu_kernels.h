@@ -1018,48 +1018,62 @@ void carry_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0,
   Columns<S, Cell>::carry(p, d, t, k0, np, wb, dh, dh_next, tmp);
 }
 
-// dst[0, n) = the sum over r in [0, R), in order, of g[r * gs] times row r
-// (row(r)[0, n)): four vectors of columns at a time in registers, so that
-// each multiply-add loads one value and nothing is stored until the end.
-// Every column goes through the same vector code (load_n / store_n at the
-// tail), so a column's sum does not depend on where it falls.
-template <typename S, typename Row>
-inline void rank_sum(S* dst, int64_t n, const S* g, int64_t gs, int64_t R, const Row& row) {
+// For each of U units u: dst[u * ldd + (0, n)] = the sum over r in [0, R),
+// in order, of g[u * gu + r * gs] times row r (row(r)[0, n)). Four vectors
+// of columns at a time in registers for every unit, so that the units
+// share each load of a row and their 4 U chains of multiply-adds overlap;
+// nothing is stored until the end. Every column goes through the same
+// vector code (load_n / store_n at the tail) and every unit through the
+// same sums, so a result depends neither on where its column falls nor on
+// how many units run together.
+template <int U, typename S, typename Row>
+inline void rank_sums(S* dst, int64_t ldd, int64_t n, const S* g, int64_t gu, int64_t gs,
+                      int64_t R, const Row& row) {
   using K = Kernels<S, ElmanTanh>;
   using V = typename K::V;
   constexpr int64_t W = K::W;
   for (int64_t c = 0; c < n; c += 4 * W) {
-    // The block's four vectors and how many of each one's lanes it holds:
-    // a vector's lanes past its width are zero and stay so.
+    V a[U][4];
+    for (int u = 0; u < U; ++u)
+      for (int k = 0; k < 4; ++k) a[u][k] = V{};
+    if (c + 4 * W <= n) {
+      for (int64_t r = 0; r < R; ++r) {
+        const S* x = row(r) + c;
+        V xv[4];
+        for (int k = 0; k < 4; ++k) xv[k] = K::load(x + k * W);
+        for (int u = 0; u < U; ++u) {
+          const V b = V{} + g[u * gu + r * gs];
+          for (int k = 0; k < 4; ++k) a[u][k] += b * xv[k];
+        }
+      }
+      for (int u = 0; u < U; ++u)
+        for (int k = 0; k < 4; ++k) K::store(dst + u * ldd + c + k * W, a[u][k]);
+      continue;
+    }
+    // The last block: its four vectors and how many of each one's lanes it
+    // holds; a vector's lanes past its width are zero and stay so.
     int64_t w[4];
     for (int k = 0; k < 4; ++k) {
       const int64_t left = n - c - k * W;
       w[k] = left < 0 ? 0 : left < W ? left : W;
     }
-    V a[4] = {V{}, V{}, V{}, V{}};
     for (int64_t r = 0; r < R; ++r) {
-      const V b = V{} + g[r * gs];
       const S* x = row(r) + c;
       for (int k = 0; k < 4; ++k) {
-        if (w[k] == W) {
-          a[k] += b * K::load(x + k * W);
-        } else if (w[k] > 0) {
-          a[k] += b * K::load_n(x + k * W, w[k]);
-        }
+        if (w[k] == 0) continue;
+        const V xv = K::load_n(x + k * W, w[k]);
+        for (int u = 0; u < U; ++u) a[u][k] += (V{} + g[u * gu + r * gs]) * xv;
       }
     }
-    for (int k = 0; k < 4; ++k) {
-      if (w[k] == W) {
-        K::store(dst + c + k * W, a[k]);
-      } else if (w[k] > 0) {
-        K::store_n(dst + c + k * W, a[k], w[k]);
-      }
-    }
+    for (int u = 0; u < U; ++u)
+      for (int k = 0; k < 4; ++k)
+        if (w[k] > 0) K::store_n(dst + u * ldd + c + k * W, a[u][k], w[k]);
   }
 }
 
 // The weight gradients of a few rows (WeightGradParams), for units
-// [j0, j1): each unit's rows of dW_ih and dW_hh (rank_sum over the rows)
+// [j0, j1): each unit's rows of dW_ih and dW_hh (rank_sums() over the rows,
+// two units at a time)
 // and its biases' gradients, so that a unit's result does not depend on how
 // the units are split between threads. A call of a few rows is all fixed
 // cost: this writes each gradient once where four ATen GEMMs and sums would
@@ -1070,10 +1084,18 @@ void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   const S* x = p.x;
   const S* h0 = p.h0;
   const S* y = p.y;
-  for (int64_t j = j0; j < j1; ++j) {
-    rank_sum(p.dw_ih + j * C, C, p.dgi + j, GH, R, [&](int64_t r) { return x + r * C; });
-    rank_sum(p.dw_hh + j * P, P, p.dgh + j, GH, R,
-             [&](int64_t r) { return r < N ? h0 + r * P : y + (r - N) * P; });
+  const auto x_row = [&](int64_t r) { return x + r * C; };
+  const auto h_row = [&](int64_t r) { return r < N ? h0 + r * P : y + (r - N) * P; };
+  int64_t j = j0;
+  for (; j + 2 <= j1; j += 2) {
+    rank_sums<2>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
+    rank_sums<2>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
+  }
+  for (; j < j1; ++j) {
+    rank_sums<1>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
+    rank_sums<1>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
+  }
+  for (j = j0; j < j1; ++j) {
     if (p.db_ih) {
       S bi = 0, bh = 0;
       for (int64_t r = 0; r < R; ++r) {
@@ -1086,14 +1108,16 @@ void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   }
 }
 
-// Rows [r0, r1) of the input's gradient dx = dgi W_ih, each a rank_sum over
-// the units in order.
+// Rows [r0, r1) of the input's gradient dx = dgi W_ih, each a rank_sums()
+// over the units in order, two rows at a time.
 template <typename S>
 void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1) {
   const int64_t C = p.C, GH = p.GH;
   const S* w = p.w_ih;
-  for (int64_t r = r0; r < r1; ++r)
-    rank_sum(p.dx + r * C, C, p.dgi + r * GH, 1, GH, [&](int64_t j) { return w + j * C; });
+  const auto w_row = [&](int64_t j) { return w + j * C; };
+  int64_t r = r0;
+  for (; r + 2 <= r1; r += 2) rank_sums<2>(p.dx + r * C, C, C, p.dgi + r * GH, GH, 1, GH, w_row);
+  for (; r < r1; ++r) rank_sums<1>(p.dx + r * C, C, C, p.dgi + r * GH, GH, 1, GH, w_row);
 }
 
 // The multiply-add probe behind the benchmark's roofline: `rounds` times
