@@ -170,23 +170,60 @@ struct Kernels {
         from[c] = j < J ? (blk * bs + j) * sc : -1;
       }
       S* panel = out + j0 * K;
-      // Along whichever of src's strides is 1: down a column where src is
-      // the transpose, along a row otherwise.
+      int64_t k = 0;
+      // Where src is the transpose (W_hh^T read from W_hh as stored), a
+      // column is contiguous: W of them, W rows at a time, transposed in
+      // registers. One element at a time, down a column, each line of a
+      // panel larger than L1 was fetched again for every column (a GRU of
+      // hidden 512 at batch 64, one step: half of its no-grad call).
       if (sk == 1) {
-        for (int64_t c = 0; c < w; ++c) {
-          if (from[c] < 0) {
-            for (int64_t k = 0; k < K; ++k) panel[k * w + c] = S(0);
-          } else {
-            const S* col = src + from[c];
-            for (int64_t k = 0; k < K; ++k) panel[k * w + c] = col[k];
+        for (; k + W <= K; k += W) {
+          for (int64_t cb = 0; cb < w; cb += W) {
+            V r[W];
+            for (int64_t c = 0; c < W; ++c) {
+              const int64_t f = from[cb + c];
+              if (f < 0) {
+                r[c] = V{};
+                continue;
+              }
+              r[c] = load(src + f + k);
+              __builtin_prefetch(src + f + k + kPackAhead);
+            }
+            transpose(r, LaneSeq<W>{});
+            for (int64_t i = 0; i < W; ++i) store(panel + (k + i) * w + cb, r[i]);
           }
         }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          const S* row = src + k * sk;
-          for (int64_t c = 0; c < w; ++c) panel[k * w + c] = from[c] < 0 ? S(0) : row[from[c]];
-        }
       }
+      // The rest: along a row of src, or the last K % W rows of a column.
+      for (; k < K; ++k) {
+        const S* row = src + k * sk;
+        for (int64_t c = 0; c < w; ++c) panel[k * w + c] = from[c] < 0 ? S(0) : row[from[c]];
+      }
+    }
+  }
+  // How far ahead of its loads pack() prefetches a column: W columns of
+  // W elements a block are too short a stream each for the hardware.
+  static constexpr int64_t kPackAhead = 16 * W;
+
+  // Lane m of the zip of x and y: lanes x0 y0 x1 y1 ... from the first
+  // halves (upper: the second halves).
+  static constexpr int zip_lane(int m, bool upper) {
+    return (m % 2 ? int(W) : 0) + m / 2 + (upper ? int(W) / 2 : 0);
+  }
+  // Transposes the W x W block r: lane c of r[i] becomes lane i of r[c].
+  // Each round zips vector i with vector i + W/2 into 2i and 2i + 1, which
+  // rotates the bits of (vector, lane) by one; log2(W) rounds swap them.
+  template <int... Ms>
+  static inline __attribute__((always_inline)) void transpose(V (&r)[W], Lanes<Ms...>) {
+    for (int64_t round = 1; round < W; round *= 2) {
+      V t[W];
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < W / 2; ++i) {
+        t[2 * i] = __builtin_shufflevector(r[i], r[i + W / 2], zip_lane(Ms, false)...);
+        t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + W / 2], zip_lane(Ms, true)...);
+      }
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < W; ++i) r[i] = t[i];
     }
   }
 
