@@ -267,22 +267,27 @@ bool transform_active() {
   return false;
 }
 
+// Whether pred holds for any defined tensor of the lists.
+template <typename Pred>
+bool any_tensor(std::initializer_list<at::TensorList> lists, const Pred& pred) {
+  for (const at::TensorList& list : lists)
+    for (const Tensor& t : list)
+      if (t.defined() && pred(t)) return true;
+  return false;
+}
+bool has_tangent(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+bool wants_grad(const Tensor& t) { return t.requires_grad(); }
+
 // Whether the call must run step by step in ATen ops: under a function
 // transform, or with a forward-mode tangent on any input.
 bool needs_steps(const StackCall& c) {
-  if (transform_active()) return true;
-  auto dual = [](const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); };
-  if (dual(c.input) || dual(c.hx) || (c.cx && dual(*c.cx))) return true;
-  for (const Tensor& w : c.weights)
-    if (dual(w)) return true;
-  return false;
+  const at::TensorList cx = c.cx ? at::TensorList(*c.cx) : at::TensorList();
+  return transform_active() || any_tensor({c.input, c.hx, cx, c.weights}, has_tangent);
 }
 
 bool any_requires_grad(const StackCall& c) {
-  if (c.input.requires_grad() || c.hx.requires_grad() || (c.cx && c.cx->requires_grad())) return true;
-  for (const Tensor& w : c.weights)
-    if (w.requires_grad()) return true;
-  return false;
+  const at::TensorList cx = c.cx ? at::TensorList(*c.cx) : at::TensorList();
+  return any_tensor({c.input, c.hx, cx, c.weights}, wants_grad);
 }
 
 variable_list forward_autograd(const StackCall& c) {
@@ -384,28 +389,23 @@ bool plain_cpu(const Tensor& t, at::ScalarType dtype) {
                                          c10::DispatchKey::ADInplaceOrView,
                                          c10::DispatchKey::AutocastCPU};
   return t.defined() && (t.key_set() | plain) == plain && t.layout() == at::kStrided &&
-         t.scalar_type() == dtype && t.is_contiguous() && !t._fw_grad(/*level=*/0).defined();
+         t.scalar_type() == dtype && t.is_contiguous() && !has_tangent(t);
 }
 
 // H for a forward of one layer, one direction, no projections, that the
 // CPU's own kernels can run without the dispatcher; 0 where it cannot. It
 // must be one that no backward can follow (no grad mode, or nothing
 // requiring grad), outside autocast, dispatch modes, the JIT tracer and
-// transforms, on plain
-// CPU tensors of float or double, with input (..., C), C > 0, and the cell's
-// weights W_ih (G*H, C), W_hh (G*H, H) and with biases b_ih, b_hh (G*H).
-// The caller checks the states' shapes.
+// transforms, on plain CPU tensors of float or double, with input
+// (..., C), C > 0, and the cell's weights W_ih (G*H, C), W_hh (G*H, H)
+// and with biases b_ih, b_hh (G*H). The caller checks the states' shapes.
 int64_t direct_hidden(CellKind cell, const Tensor& input, at::TensorList states,
                       const std::vector<Tensor>& weights, bool has_biases) {
   const at::ScalarType dtype = input.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return 0;
-  if (torch::autograd::GradMode::is_enabled()) {
-    if (input.requires_grad()) return 0;
-    for (const Tensor& h : states)
-      if (h.requires_grad()) return 0;
-    for (const Tensor& w : weights)
-      if (w.requires_grad()) return 0;
-  }
+  if (torch::autograd::GradMode::is_enabled() &&
+      any_tensor({input, states, weights}, wants_grad))
+    return 0;
   // The JIT tracer records ops as the dispatcher sees them.
   if (at::autocast::is_autocast_enabled(at::kCPU) || c10::impl::dispatch_mode_enabled() ||
       torch::jit::tracer::isTracing() || transform_active())
