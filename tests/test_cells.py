@@ -150,6 +150,18 @@ def test_step_without_grad_shows_in_the_profiler():
     assert [e.name for e in prof.events() if "fastrnn" in e.name] == ["fastrnn::forward"]
 
 
+def test_step_with_grad_shows_in_the_profiler():
+    """With a graph the step's forward and backward call the ops' kernels
+    without the dispatcher; the profiler still records both ops, once."""
+    cell = fastrnn.LSTMCell(5, 7, backend="fused")
+    x = torch.randn(3, 5, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        h, c = cell(x)
+        (h.sum() + c.sum()).backward()
+    names = [e.name for e in prof.events() if e.name.startswith("fastrnn::")]
+    assert sorted(names) == ["fastrnn::backward", "fastrnn::forward"]
+
+
 @pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
 def test_many_steps_of_a_loop(ref_cls, our_cls, options):
     """A loop of the caller's over 20 steps with the state carried, as a
