@@ -187,7 +187,7 @@ struct Kernels {
                 continue;
               }
               r[c] = load(src + f + k);
-              __builtin_prefetch(src + f + k + kPackAhead);
+              if (k + kPackAhead < K) __builtin_prefetch(src + f + k + kPackAhead);
             }
             transpose(r, LaneSeq<W>{});
             for (int64_t i = 0; i < W; ++i) store(panel + (k + i) * w + cb, r[i]);
