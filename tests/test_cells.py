@@ -151,8 +151,9 @@ def test_step_without_grad_shows_in_the_profiler():
 
 
 def test_step_with_grad_shows_in_the_profiler():
-    """With a graph the step's forward and backward call the ops' kernels
-    without the dispatcher; the profiler still records both ops, once."""
+    """A step with a graph runs the forward op inside the autograd
+    Function and the backward op in its node: the profiler records both,
+    once each."""
     cell = fastrnn.LSTMCell(5, 7, backend="fused")
     x = torch.randn(3, 5, requires_grad=True)
     with torch.profiler.profile() as prof:
