@@ -194,16 +194,42 @@ struct Kernels {
           }
         }
       }
+      // Where src is the matrix as stored (W_hh for the backward's dh), a
+      // row of a panel is a run of src's row: W columns a vector, the first
+      // n of them from src and the rest padding (a block's last vector), or
+      // 0 where the run breaks (then one element at a time). One element at
+      // a time throughout, this was most of a GRU's pack at hidden 512.
+      int64_t run[2] = {0, 0};
+      if (sc == 1) {
+        for (int64_t cb = 0; cb < w; cb += W) {
+          int64_t n = 0;
+          while (n < W && from[cb + n] >= 0 && from[cb + n] == from[cb] + n) ++n;
+          bool rest_padding = true;
+          for (int64_t c = n; c < W; ++c) rest_padding = rest_padding && from[cb + c] < 0;
+          run[cb / W] = rest_padding ? n : 0;
+        }
+      }
       // The rest: along a row of src, or the last K % W rows of a column.
       for (; k < K; ++k) {
         const S* row = src + k * sk;
-        for (int64_t c = 0; c < w; ++c) panel[k * w + c] = from[c] < 0 ? S(0) : row[from[c]];
+        for (int64_t cb = 0; cb < w; cb += W) {
+          const int64_t n = run[cb / W];
+          if (n > 0) {
+            if (k + kRowsAhead < K) __builtin_prefetch(row + kRowsAhead * sk + from[cb]);
+            store(panel + k * w + cb, load_n(row + from[cb], n));
+          } else {
+            for (int64_t c = cb; c < cb + W; ++c)
+              panel[k * w + c] = from[c] < 0 ? S(0) : row[from[c]];
+          }
+        }
       }
     }
   }
   // How far ahead of its loads pack() prefetches a column: W columns of
   // W elements a block are too short a stream each for the hardware.
   static constexpr int64_t kPackAhead = 16 * W;
+  // And how many rows ahead it prefetches a run of a row.
+  static constexpr int64_t kRowsAhead = 8;
 
   // Lane m of the zip of x and y: lanes x0 y0 x1 y1 ... from the first
   // halves (upper: the second halves).
