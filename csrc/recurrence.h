@@ -53,6 +53,7 @@ struct BackwardLoop {
   at::Tensor dhr;                    // (D, T, N, P), out: projections
   at::Tensor dh0;                    // (D, N, P), out
   at::Tensor dc0;                    // (D, N, H), out: kCellState cells
+  bool state_grad = true;            // false: dh0 and dc0 may be left unwritten
 };
 
 // The weight gradients of one direction of a layer from its gate gradients,

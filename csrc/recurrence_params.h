@@ -64,6 +64,10 @@ struct BackwardParams {
   scalar_t* dhr;              // (D, T, N, P) gradient of the projection's output (projections); else nullptr
   scalar_t* dh0;              // (D, N, P) gradient of h0
   scalar_t* dc0;              // (D, N, H) gradient of c0 (kCellState cells)
+  // False where no initial state needs a gradient: the CPU kernels then
+  // leave dh0 and dc0 unwritten and skip the last step's product with W_hh
+  // (all there is of a single step's but the gates' gradients).
+  bool state_grad = true;
 };
 
 // The weight gradients of one direction of a layer over its R = T * N rows,

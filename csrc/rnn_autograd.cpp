@@ -113,14 +113,15 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> unflat(const variable_li
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> call_backward(
     const StackCall& c, const Tensor& output, const Tensor& hidden_states,
     const Tensor& workspace, const optional<Tensor>& grad_output, const optional<Tensor>& grad_hn,
-    const optional<Tensor>& grad_cn, bool input_grad) {
+    const optional<Tensor>& grad_cn, bool input_grad, bool state_grad) {
   static auto op = typed_op<decltype(backward)>("fastrnn::backward");
   c10::List<optional<Tensor>> grad_state_n;
   grad_state_n.push_back(grad_hn);
   if (c.cx) grad_state_n.push_back(grad_cn);
   auto [gx, ghx, gw] = op.call(cell_name(c.cell), c.input, c.states(), c.weights, c.lengths,
                                c.mask, output, hidden_states, workspace, grad_output, grad_state_n,
-                               c.num_layers, c.bidirectional, c.biases, c.proj, input_grad);
+                               c.num_layers, c.bidirectional, c.biases, c.proj, input_grad,
+                               state_grad);
   return {gx, ghx[0], ghx.size() > 1 ? ghx[1] : Tensor(), gw};
 }
 
@@ -197,7 +198,9 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
       backward_with_graph(c, {grad_output, grad_hn, grad_cn}, out);
       return out;
     }
-    const bool input_grad = ctx->needs_input_grad(0);  // edges count variables only
+    // Edges count variables only: the input, hx, cx where there is one.
+    const bool input_grad = ctx->needs_input_grad(0);
+    const bool state_grad = ctx->needs_input_grad(1) || (c.cx && ctx->needs_input_grad(2));
     // The backward op has no autograd of its own: straight to its kernel.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const StackCall op = c.layer();
@@ -212,10 +215,12 @@ class StackFunction : public torch::autograd::Function<StackFunction> {
     auto [gx, ghx, gcx, gw] = call_backward(
         op, saved[3], saved[4], saved[5], as_optional(grad_output),
         as_optional(to_op(grad_hn, op.hx)), as_optional(c.cx ? to_op(grad_cn, *op.cx) : grad_cn),
-        input_grad);
+        input_grad, state_grad);
     if (input_grad) out[1] = to_step(gx, c.input);
-    out[2] = to_step(ghx, c.hx);
-    out[3] = c.cx ? to_step(gcx, *c.cx) : gcx;
+    if (state_grad) {
+      out[2] = to_step(ghx, c.hx);
+      out[3] = c.cx ? to_step(gcx, *c.cx) : gcx;
+    }
     for (size_t i = 0; i < gw.size(); ++i) out[4 + i] = gw[i];
     return out;
   }

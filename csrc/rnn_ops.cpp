@@ -67,7 +67,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward(
     const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, const Tensor& output,
     const Tensor& hidden_states, const Tensor& workspace, const optional<Tensor>& grad_output,
     const c10::List<optional<Tensor>>& grad_state_n, int64_t num_layers, bool bidirectional,
-    bool has_biases, bool has_projections, bool input_grad) {
+    bool has_biases, bool has_projections, bool input_grad, bool state_grad) {
   const Stack s = check_args(cell_kind(cell), input, hx, weights, lengths, dropout_mask,
                              num_layers, bidirectional, has_biases, has_projections);
   TORCH_CHECK(static_cast<int64_t>(grad_state_n.size()) == static_cast<int64_t>(hx.size()),
@@ -79,7 +79,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward(
                          grad_cn);
   StackBackward b = stack_backward(s, input, hx[0], state(hx, 1), weights, lengths, dropout_mask,
                                    output, hidden_states, workspace, grad_output, grad_hn,
-                                   grad_cn, input_grad);
+                                   grad_cn, input_grad, state_grad);
   std::vector<Tensor> grad_hx = {b.grad_hx};
   if (s.cell_state) grad_hx.push_back(b.grad_cx);
   return {b.grad_input, std::move(grad_hx), std::move(b.grad_weights)};
@@ -95,7 +95,7 @@ TORCH_LIBRARY(fastrnn, m) {
       "backward(str cell, Tensor input, Tensor[] hx, Tensor[] weights, Tensor? lengths, "
       "Tensor? dropout_mask, Tensor output, Tensor hidden_states, Tensor workspace, "
       "Tensor? grad_output, Tensor?[] grad_state_n, int num_layers, bool bidirectional, "
-      "bool has_biases, bool has_projections=False, bool input_grad=True) "
+      "bool has_biases, bool has_projections=False, bool input_grad=True, bool state_grad=True) "
       "-> (Tensor grad_input, Tensor[] grad_hx, Tensor[] grad_weights)");
 }
 

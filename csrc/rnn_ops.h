@@ -37,7 +37,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> backward(
     const optional<Tensor>& lengths, const optional<Tensor>& dropout_mask, const Tensor& output,
     const Tensor& hidden_states, const Tensor& workspace, const optional<Tensor>& grad_output,
     const c10::List<optional<Tensor>>& grad_state_n, int64_t num_layers, bool bidirectional,
-    bool has_biases, bool has_projections, bool input_grad);
+    bool has_biases, bool has_projections, bool input_grad, bool state_grad);
 
 // One step of a cell (by name): input (N, C) or (C), states
 // (h) or (h, c) like it, or none for zeros; the layer's forward op over one

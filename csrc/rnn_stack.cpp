@@ -223,7 +223,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
                              const optional<Tensor>& dropout_mask, const Tensor& output,
                              const Tensor& hidden_states, const Tensor& workspace,
                              const optional<Tensor>& grad_output, const optional<Tensor>& grad_hn,
-                             const optional<Tensor>& grad_cn, bool input_grad) {
+                             const optional<Tensor>& grad_cn, bool input_grad,
+                             bool state_grad) {
   const Tensor x = input.contiguous();           // (T, N, C)
   const Tensor h0 = hx.contiguous();             // (L*D, N, P)
   const Tensor c0 = cx ? cx->contiguous() : Tensor();  // (L*D, N, H)
@@ -246,8 +247,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
   if (s.T == 0) {
     // No step ran: h_n was h0 (c_n was c0), and nothing else saw the weights.
     for (size_t i = 0; i < weights.size(); ++i) r.grad_weights[i] = at::zeros_like(weights[i]);
-    r.grad_hx = dhn ? dhn->clone() : at::zeros_like(r.grad_hx);
-    if (cell_state) r.grad_cx = dcn ? dcn->clone() : at::zeros_like(r.grad_cx);
+    r.grad_hx = dhn && state_grad ? dhn->clone() : at::zeros_like(r.grad_hx);
+    if (cell_state) r.grad_cx = dcn && state_grad ? dcn->clone() : at::zeros_like(r.grad_cx);
     return r;
   }
   const int64_t TN = s.T * s.N, GH = s.G * s.H;
@@ -294,6 +295,7 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     b.w_hh = per_direction(weights, s, l, &CellWeights::w_hh);
     if (s.proj) b.w_hr = per_direction(weights, s, l, &CellWeights::w_hr);
     b.lengths = lens;
+    b.state_grad = state_grad;
     // dgh and dgi as (D*T*N, G*H) rows, and the loop's (D, T, N, G*H) views.
     const Tensor dgh_rows = buffer({s.D * TN, GH}, opt);
     const Tensor dgi_rows = split_grad ? buffer({s.D * TN, GH}, opt) : dgh_rows;
@@ -348,6 +350,13 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
       dy = din.view({s.T, s.N, s.DP()});
       if (mask) dy = dy * (*mask)[l - 1];
     }
+  }
+  // Without state_grad, the CPU kernels leave the states' gradients
+  // unwritten and skip what makes them (for a single step, one of its four
+  // GEMMs); they come back as zeros from every device.
+  if (!state_grad) {
+    r.grad_hx.zero_();
+    if (cell_state) r.grad_cx.zero_();
   }
   return r;
 }

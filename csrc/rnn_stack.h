@@ -50,8 +50,8 @@ class KeepWorkspace {
 
 struct StackBackward {
   at::Tensor grad_input;  // (T, N, C); zeros where input_grad is false
-  at::Tensor grad_hx;     // (L*D, N, P)
-  at::Tensor grad_cx;     // (L*D, N, H), LSTM; else undefined
+  at::Tensor grad_hx;     // (L*D, N, P); zeros where state_grad is false
+  at::Tensor grad_cx;     // (L*D, N, H), LSTM, alike; else undefined
   std::vector<at::Tensor> grad_weights;
 };
 
@@ -65,7 +65,8 @@ StackBackward stack_backward(const Stack& s, const at::Tensor& input, const at::
                              const at::Tensor& workspace,
                              const std::optional<at::Tensor>& grad_output,
                              const std::optional<at::Tensor>& grad_hn,
-                             const std::optional<at::Tensor>& grad_cn, bool input_grad);
+                             const std::optional<at::Tensor>& grad_cn, bool input_grad,
+                             bool state_grad);
 
 // The stack's forward as plain differentiable ATen ops, one step at a time,
 // from the same cell definitions: what double backward differentiates, and

@@ -17,8 +17,13 @@ a call costs no Python beyond the module's own argument handling.
     torch.ops.fastrnn.backward(cell, input, hx, weights, lengths, dropout_mask,
         output, hidden_states, workspace, grad_output or None,
         grad_state_n [grad_h_n or None, (grad_c_n or None)], num_layers,
-        bidirectional, has_biases, has_projections=False, input_grad=True)
+        bidirectional, has_biases, has_projections=False, input_grad=True,
+        state_grad=True)
       -> grad_input, grad_hx (one per state), grad_weights
+
+Without input_grad the input's gradient, without state_grad the initial
+states', are not computed and come back as zeros (what the autograd of the
+forward op asks for where they need none).
 
 `cell` is "rnn_tanh", "rnn_relu", "lstm" or "gru" (`CELLS`). `weights` is
 torch.nn's flat list (`_flat_weights`): per layer and direction, weight_ih
@@ -155,7 +160,7 @@ def _fake_forward(cell, input, hx, weights, lengths, dropout_mask, num_layers, b
 
 def _fake_backward(cell, input, hx, weights, lengths, dropout_mask, output, hidden_states,
                    workspace, grad_output, grad_state_n, num_layers, bidirectional, has_biases,
-                   has_projections=False, input_grad=True):
+                   has_projections=False, input_grad=True, state_grad=True):
     _check_devices(input, hx[0], hx[1] if len(hx) > 1 else None, weights, lengths, dropout_mask)
     return (input.new_empty(input.shape), [h.new_empty(h.shape) for h in hx],
             [w.new_empty(w.shape) for w in weights])

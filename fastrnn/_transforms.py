@@ -15,7 +15,8 @@ step in differentiable ATen ops (csrc/rnn_autograd.cpp).
 FLOPs. The forward op counts what torch.nn's step-by-step implementation
 counts for the same work: the input GEMM, the hidden-state GEMM of every
 step, and the projection's; the backward op the GEMMs of every gradient it
-computes (the input's only with input_grad).
+computes (the input's only with input_grad, the last step's product with
+W_hh only with state_grad).
 """
 
 import torch
@@ -28,8 +29,9 @@ ops = torch.ops.fastrnn
 # The forward op's arguments: cell, input, hx, weights, lengths,
 # dropout_mask, num_layers, bidirectional, has_biases, has_projections.
 _INPUT, _HX, _WEIGHTS, _LENGTHS, _MASK, _LAYERS = 1, 2, 3, 4, 5, 6
-# The backward op's: ..., num_layers at 11, ..., input_grad at 15.
-_BACKWARD_LAYERS, _INPUT_GRAD = 11, 15
+# The backward op's: ..., num_layers at 11, ..., input_grad at 15, state_grad
+# at 16.
+_BACKWARD_LAYERS, _INPUT_GRAD, _STATE_GRAD = 11, 15, 16
 
 
 def _select(arg, dim, b):
@@ -133,16 +135,23 @@ def _backward_flops(*args, out_shape=None, **kwargs):
     num_layers, bidirectional, has_biases = args[_BACKWARD_LAYERS:_BACKWARD_LAYERS + 3]
     proj = bool(_arg(args, kwargs, _BACKWARD_LAYERS + 3, "has_projections", False))
     input_grad = _arg(args, kwargs, _INPUT_GRAD, "input_grad", True)
+    state_grad = _arg(args, kwargs, _STATE_GRAD, "state_grad", True)
     # Every forward GEMM has two in the backward (one per operand), but the
-    # input's of the first layer without input_grad.
+    # input's of the first layer without input_grad, and without state_grad
+    # the initial state's of every layer and direction (each batch row's
+    # first step's product with W_hh).
     total = 2 * _stack_flops(cell, input_shape, weights, num_layers, bidirectional, has_biases, proj)
+    D = 2 if bidirectional else 1
+    per = 2 + (2 if has_biases else 0) + (1 if proj else 0)
+    T, N = input_shape[0], input_shape[1]
     if not input_grad:
-        D = 2 if bidirectional else 1
-        per = 2 + (2 if has_biases else 0) + (1 if proj else 0)
-        T, N = input_shape[0], input_shape[1]
         for d in range(D):
             GH, C = weights[d * per]
             total -= 2 * T * N * GH * C
+    if not state_grad:
+        for k in range(num_layers * D):
+            GH, P = weights[k * per + 1]
+            total -= 2 * N * GH * P
     return total
 
 

@@ -93,12 +93,13 @@ class Call:
         output, state_n = outputs[0], outputs[1]
         return [torch.randn_like(output), [torch.randn_like(h) for h in state_n]]
 
-    def backward_args(self, outputs, grads, input_grad=True):
+    def backward_args(self, outputs, grads, input_grad=True, state_grad=True):
         """The backward op's arguments, from a forward's outputs and gradients
         for its output and final states."""
         y, _, hs, ws = outputs
         return (self.name, self.x, self.states(), self.weights, self.lengths, self.mask, y, hs, ws,
-                grads[0], grads[1], self.L, self.bidirectional, self.bias, self.proj, input_grad)
+                grads[0], grads[1], self.L, self.bidirectional, self.bias, self.proj, input_grad,
+                state_grad)
 
 
 CELLS = list(OPS)
@@ -225,8 +226,9 @@ def test_opcheck(cell, case, device):
     c = call_of(cell, case, T=4, N=3, C=3, H=3, device=device, grad=False)
     outputs = c.forward_op(*c.args())
     grads = c.gradients(outputs)
-    for input_grad in (True, False):
-        torch.library.opcheck(c.backward_op, c.backward_args(outputs, grads, input_grad))
+    for input_grad, state_grad in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(c.backward_op,
+                              c.backward_args(outputs, grads, input_grad, state_grad))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -246,6 +248,31 @@ def test_backward_without_input_grad(cell, case, device):
         assert len(without[listed]) == len(with_input[listed])
         for a, b in zip(without[listed], with_input[listed]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("case", ["stack_bidir", "lengths", "step"])
+def test_backward_without_state_grad(cell, case, device):
+    """state_grad=False skips the initial states' gradients (the last
+    step's product with W_hh on the CPU): they come back as zeros, every
+    other gradient bit for bit as with them."""
+    if case == "step":
+        c = Call(cell, T=1, N=2, C=3, H=3, L=1, bidirectional=False, device=device, grad=False)
+    else:
+        c = call_of(cell, case, device=device, grad=False)
+    outputs = c.forward_op(*c.args())
+    grads = c.gradients(outputs)
+    with_states = c.backward_op(*c.backward_args(outputs, grads, True, True))
+    without = c.backward_op(*c.backward_args(outputs, grads, True, False))
+    assert len(without[1]) == len(with_states[1])
+    for a, b in zip(without[1], with_states[1]):
+        assert b.abs().sum() > 0
+        assert torch.equal(a, torch.zeros_like(b))
+    assert torch.equal(without[0], with_states[0])
+    assert len(without[2]) == len(with_states[2])
+    for a, b in zip(without[2], with_states[2]):
+        assert torch.equal(a, b)
 
 
 def bad(**changes):

@@ -312,6 +312,61 @@ def test_large_weights_at_a_large_batch_split_rows(cell, hidden, options):
     assert_same_bits(on_threads(1, ours, x), on_threads(2, ours, x))
 
 
+# Shapes (hidden, steps, batch, lengths, threads) that take each of the CPU
+# backward's routes: one step, a few rows (the one pass for the weights'
+# gradients), the row loop on packed weights and on the weights as stored
+# (lengths), and the column split on two threads.
+BACKWARD_ROUTES = {
+    "step": (32, 1, 64, None, 1),
+    "few_rows": (6, 2, 4, None, 1),
+    "packed_weights": (6, 7, 9, None, 1),
+    "as_stored": (6, 6, 3, [6, 2, 5], 1),
+    "wide": (256, 3, 3, None, 2),
+}
+
+
+@pytest.mark.parametrize("route", BACKWARD_ROUTES)
+@pytest.mark.parametrize("cell,options", CELLS)
+def test_initial_state_without_grad_changes_no_other_gradient(cell, options, route):
+    """Where no initial state needs a gradient, the backward skips what
+    makes it (the last step's product with W_hh: all of a single step's
+    backward but the gates' and weights' gradients). The output, the final
+    states and the input's and weights' gradients keep their bits; where
+    the state needs one, its gradients are torch.nn's (for an LSTM, also
+    where c0 alone needs one)."""
+    hidden, steps, batch, lengths, threads = BACKWARD_ROUTES[route]
+    ref, ours = pair(5, hidden, cell, dtype=torch.float64, bidirectional=route != "step",
+                     num_layers=1 if route == "step" else 2, **options)
+    x = leaf(steps, batch, 5, dtype=torch.float64)
+    if lengths is not None:
+        p = pack_padded_sequence(x.detach(), torch.tensor(lengths), enforce_sorted=False)
+        x = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                           p.unsorted_indices)
+    hx = initial_state(ref, batch, dtype=torch.float64)
+    detached = tuple(t.detach() for t in hx) if isinstance(hx, tuple) else hx.detach()
+    wanting = [hx]
+    if isinstance(hx, tuple):
+        wanting.append((hx[0].detach(), hx[1]))  # c0 alone
+    params = len(list(ours.parameters()))
+
+    def kept(result):  # all but the initial states' gradients
+        y, finals, grads = result
+        return [y, *finals, grads[0], *grads[len(grads) - params:]]
+
+    with num_threads(threads):
+        without = run(ours, x, detached)
+        for state in wanting:
+            with_grad = run(ours, x, state)
+            for a, b in zip(kept(without), kept(with_grad)):
+                assert torch.equal(a, b)
+            want = run(ref, x, state)
+            for k, t in enumerate(states(state)):
+                if t.requires_grad:
+                    torch.testing.assert_close(with_grad[2][1 + k], want[2][1 + k],
+                                               **TOL[torch.float64])
+    assert all(g is None for g in without[2][1:1 + len(states(detached))])
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_buffers_of_32_mb_and_more(cell):
     """A long batch whose workspace and gate gradients pass 32 MB (42 and

@@ -176,14 +176,19 @@ def flops(m, x, state, backward):
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("state_grad", [True, False], ids=["state_grad", "no_state_grad"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("cell,options", CELLS)
-def test_flop_counter_counts_what_torch_nn_counts(cell, options, bidirectional):
+def test_flop_counter_counts_what_torch_nn_counts(cell, options, bidirectional, state_grad):
     """The same FLOPs as torch.nn's native step-by-step implementation for the
-    same work (every input needs a gradient, so both compute every GEMM)."""
+    same work: with every input needing a gradient both compute every GEMM;
+    with an initial state that needs none, neither computes its product
+    with W_hh."""
     ref, ours = pair(9, 16, cell, num_layers=2, bidirectional=bidirectional, **options)
     x = leaf(5, 2, 9)
     state = initial_state(ref, 2)
+    if not state_grad:
+        state = tuple(t.detach() for t in state) if isinstance(state, tuple) else state.detach()
     with torch.backends.mkldnn.flags(enabled=False):
         for backward in (False, True):
             want = flops(ref, x, state, backward)

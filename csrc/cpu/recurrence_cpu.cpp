@@ -474,7 +474,10 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
   const std::vector<int64_t> ub = slices(H, nt, lanes), pb = slices(P, nt, lanes);
   // The carry's slice is W_hh's columns [k0, k0 + np); the projection's W_hr's
   // columns [j0, j0 + nu), both as stored.
-  const auto wb = packed_slices(k, a.w_hh, D, P, 1, GH, P, 1, pb);
+  // The last step's carry only makes the initial state's gradient.
+  const int64_t carries = p.state_grad ? T : T - 1;
+  const auto wb = carries > 0 ? packed_slices(k, a.w_hh, D, P, 1, GH, P, 1, pb)
+                              : std::vector<at::Tensor>();
   const auto wr = packed_slices(k, a.w_hr, D, H, 1, P, H, 1, ub);
   const auto opt = a.dgh.options();
   at::Tensor dh = at::zeros({D, 2, N, Pp}, opt), dc = at::zeros({D, N, Hp}, opt);
@@ -502,6 +505,7 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
                              gp.data_ptr<S>() + tid * N * Pp,
                              gm.data_ptr<S>() + tid * gm.size(1) * gm.size(2));
 #pragma omp barrier
+        if (s == carries) break;
         if (np > 0)
           k.carry_columns(p, d, t, k0, np, wb[d * nt + tid].template data_ptr<S>(), cur, next,
                           tmp.data_ptr<S>() + tid * tmp.size(1) * tmp.size(2));
@@ -509,7 +513,7 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
       }
     }
   });
-  for (int64_t d = 0; d < D; ++d)
+  for (int64_t d = 0; d < D && p.state_grad; ++d)
     for (int64_t n = 0; n < N; ++n) {
       std::memcpy(p.dh0 + (d * N + n) * P, dhp + ((d * 2 + (T & 1)) * N + n) * Pp, sizeof(S) * P);
       if (Cell::kCellState)
@@ -528,7 +532,10 @@ void backward_typed(const BackwardLoop& a) {
   const int64_t nt = pack ? column_threads(weight_bytes, D * N) : 1;
   // W_hh (G*H, P) and W_hr (P, H) as stored.
   const bool rows_packed = pack && nt == 1;
-  const at::Tensor wb = rows_packed ? packed(k, a.w_hh, D, P, 1, GH, P, 1) : at::Tensor();
+  // W_hh is not read where its one product would make the initial state's
+  // gradient alone.
+  const bool carry = T > 1 || a.state_grad;
+  const at::Tensor wb = rows_packed && carry ? packed(k, a.w_hh, D, P, 1, GH, P, 1) : at::Tensor();
   const at::Tensor wr = rows_packed ? packed(k, a.w_hr, D, H, 1, P, H, 1) : at::Tensor();
   BackwardParams<S> p;
   p.T = T; p.N = N; p.H = H; p.P = P; p.D = D;
@@ -546,6 +553,7 @@ void backward_typed(const BackwardLoop& a) {
   p.dhr = a.dhr.defined() ? a.dhr.data_ptr<S>() : nullptr;
   p.dh0 = a.dh0.data_ptr<S>();
   p.dc0 = a.dc0.defined() ? a.dc0.data_ptr<S>() : nullptr;
+  p.state_grad = a.state_grad;
   if (nt > 1) return backward_columns_loop(k, p, a, nt);
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.dgh.options(),
               [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {

@@ -872,7 +872,9 @@ struct Kernels {
                        h_prev, c_prev, dc + r * Hp, dgh + r * GH,
                        dgi ? dgi + r * GH : nullptr, dh_next + r * Pp);
       }
-      // dh_prev = dgh W_hh, added to the part outside W_hh where the cell has one.
+      // dh_prev = dgh W_hh, added to the part outside W_hh where the cell has
+      // one; not after the last step where nothing wants the initial state's.
+      if (s == T - 1 && !p.state_grad) break;
       if (packed) gemm(R, Pp, GH, dgh, GH, wb, dh_next, Pp, Cell::kPrevState);
       else axpy_gemm(R, GH, dgh, GH, wb, P, dh_next, Pp, Cell::kPrevState);
       for (int64_t r = 0; r < R; ++r)
@@ -882,7 +884,7 @@ struct Kernels {
       dh = dh_next;
       dh_next = tmp;
     }
-    for (int64_t r = 0; r < R; ++r) {
+    for (int64_t r = 0; r < R && p.state_grad; ++r) {
       std::memcpy(p.dh0 + (d * N + n0 + r) * P, dh + r * Pp, sizeof(S) * P);
       if (Cell::kCellState) std::memcpy(p.dc0 + (d * N + n0 + r) * H, dc + r * Hp, sizeof(S) * H);
     }
