@@ -556,24 +556,28 @@ struct Kernels {
       for (int j = 0; j < JR; ++j) c[r * ldc + j] = sum[r * JR + j];
   }
 
-  // c[r][blk * Jb + j] = x_r . x.w_(blk*J + j) + h_r . h.w_(blk*J + j) for
-  // Gb blocks of J weight rows; the columns past J of each block are left
-  // as they are.
-  template <int R>
-  static void dot_rows(const Rows& x, const Rows& h, int64_t J, int64_t Gb, int64_t Jb, S* c,
-                       int64_t ldc) {
-    for (int64_t blk = 0; blk < Gb; ++blk) {
-      int64_t j = 0;
-      for (; j + 4 <= J; j += 4) dot_block<R, 4>(x, h, blk * J + j, c + blk * Jb + j, ldc);
-      for (; j < J; ++j) dot_block<R, 1>(x, h, blk * J + j, c + blk * Jb + j, ldc);
-    }
+  // Columns i .. i + JR of c's R rows: JR weight rows meet every row of a
+  // while they are in L1.
+  template <int JR>
+  static inline void dot_column(int64_t R, const Rows& x, const Rows& h, int64_t i, S* c,
+                                int64_t ldc) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4) dot_block<4, JR>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
+    for (; r < R; ++r) dot_block<1, JR>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
   }
 
+  // c[r][blk * Jb + j] = x_r . x.w_(blk*J + j) + h_r . h.w_(blk*J + j) for
+  // Gb blocks of J weight rows; the columns past J of each block are left
+  // as they are. Weight rows outermost, so that the weights are read from
+  // memory once however many rows there are (rows outermost, an LSTMCell's
+  // step at batch 16 read its 32 MB of weights four times).
   static void dot_gemm(int64_t R, const Rows& x, const Rows& h, int64_t J, int64_t Gb, int64_t Jb,
                        S* c, int64_t ldc) {
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) dot_rows<4>(x.rows_from(r), h.rows_from(r), J, Gb, Jb, c + r * ldc, ldc);
-    for (; r < R; ++r) dot_rows<1>(x.rows_from(r), h.rows_from(r), J, Gb, Jb, c + r * ldc, ldc);
+    for (int64_t blk = 0; blk < Gb; ++blk) {
+      int64_t j = 0;
+      for (; j + 4 <= J; j += 4) dot_column<4>(R, x, h, blk * J + j, c + blk * Jb + j, ldc);
+      for (; j < J; ++j) dot_column<1>(R, x, h, blk * J + j, c + blk * Jb + j, ldc);
+    }
   }
 
   // step_gemm() on weights as stored: x against W_ih's rows, h against
@@ -616,20 +620,27 @@ struct Kernels {
       }
   }
 
-  template <int R>
-  static void axpy_rows(int64_t K, const S* a, int64_t lda, const S* w, int64_t J, S* c,
-                        int64_t ldc, bool accumulate) {
-    int64_t j0 = 0;
-    for (; j0 + 4 * W <= J; j0 += 4 * W) axpy_block<R, 4, true>(K, a, lda, w, J, j0, c, ldc, accumulate);
-    for (; j0 + W <= J; j0 += W) axpy_block<R, 1, true>(K, a, lda, w, J, j0, c, ldc, accumulate);
-    if (j0 < J) axpy_block<R, 1, false>(K, a, lda, w, J, j0, c, ldc, accumulate);
+  // Columns j0 .. j0 + JV vectors of c's R rows: a strip of w meets every
+  // row of a while it is in cache.
+  template <int JV, bool kFull>
+  static inline void axpy_column(int64_t R, int64_t K, const S* a, int64_t lda, const S* w,
+                                 int64_t J, int64_t j0, S* c, int64_t ldc, bool accumulate) {
+    int64_t r = 0;
+    for (; r + 4 <= R; r += 4)
+      axpy_block<4, JV, kFull>(K, a + r * lda, lda, w, J, j0, c + r * ldc, ldc, accumulate);
+    for (; r < R; ++r)
+      axpy_block<1, JV, kFull>(K, a + r * lda, lda, w, J, j0, c + r * ldc, ldc, accumulate);
   }
 
+  // Strips of columns outermost, so that w is read from memory once however
+  // many rows there are.
   static void axpy_gemm(int64_t R, int64_t K, const S* a, int64_t lda, const S* w, int64_t J,
                         S* c, int64_t ldc, bool accumulate = false) {
-    int64_t r = 0;
-    for (; r + 4 <= R; r += 4) axpy_rows<4>(K, a + r * lda, lda, w, J, c + r * ldc, ldc, accumulate);
-    for (; r < R; ++r) axpy_rows<1>(K, a + r * lda, lda, w, J, c + r * ldc, ldc, accumulate);
+    int64_t j0 = 0;
+    for (; j0 + 4 * W <= J; j0 += 4 * W)
+      axpy_column<4, true>(R, K, a, lda, w, J, j0, c, ldc, accumulate);
+    for (; j0 + W <= J; j0 += W) axpy_column<1, true>(R, K, a, lda, w, J, j0, c, ldc, accumulate);
+    if (j0 < J) axpy_column<1, false>(R, K, a, lda, w, J, j0, c, ldc, accumulate);
   }
 
   // Elements of scratch each block of rows needs per row, forward and
