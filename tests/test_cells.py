@@ -460,11 +460,31 @@ def test_cuda_step_records_its_path(ref_cls, our_cls, options):
     assert ours.last_cuda_path in ("persistent", "cluster", "grid", "step")
 
 
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_step_of_many_rows_as_stored_matches_torch_nn(ref_cls, our_cls, options):
+    """A single step of up to 128 rows reads the weights as stored on 'auto'
+    (recurrence_cpu.cpp, kUnpackedStepRows), in chunks of rows whose inputs
+    stay in L2 (dot_gemm): at input and hidden 300 in float64 the 62 rows
+    are two chunks, the last with rows left over from blocks of four (on
+    one thread: two would split the rows first)."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=300, H=300, dtype=torch.float64)
+    x = torch.randn(62, 300, dtype=torch.float64).requires_grad_()
+    hx = state(ref, 62, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert_steps_match(ref, ours, x, hx, torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x, hx), ref(x, hx), **TOL[torch.float64])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_auto_packing_reads_few_rows_as_stored(cell):
-    """On 'auto' a call of at most 32 rows times steps reads the weights as
-    stored and a larger one packs them: each gives the bits of the layout
-    forced."""
+    """On 'auto' a call of at most 32 rows times steps, or a single step of
+    at most 128 rows, reads the weights as stored and a larger one packs
+    them: each gives the bits of the layout forced."""
     layer = {"rnn": fastrnn.RNN, "lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[cell](
         40, 40, backend="fused")
 
@@ -472,7 +492,8 @@ def test_auto_packing_reads_few_rows_as_stored(cell):
         with fastrnn.kernels(cpu_packing=packing), torch.no_grad():
             return layer(x, (h, h) if cell == "lstm" else h)[0]
 
-    for shape, layout in (((1, 4, 40), "never"), ((4, 8, 40), "never"), ((5, 8, 40), "always")):
+    for shape, layout in (((1, 4, 40), "never"), ((4, 8, 40), "never"), ((5, 8, 40), "always"),
+                          ((1, 128, 40), "never"), ((1, 129, 40), "always")):
         x, h = torch.randn(*shape), torch.randn(1, shape[1], 40)
         other = "always" if layout == "never" else "never"
         assert torch.equal(bits(x, h, "auto"), bits(x, h, layout))

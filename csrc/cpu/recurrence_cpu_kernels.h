@@ -566,17 +566,28 @@ struct Kernels {
     for (; r < R; ++r) dot_block<1, JR>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
   }
 
+  // The rows' inputs a dot-form GEMM keeps in L2 while the weights pass.
+  static constexpr int64_t kDotRowBytes = int64_t{256} << 10;
+
   // c[r][blk * Jb + j] = x_r . x.w_(blk*J + j) + h_r . h.w_(blk*J + j) for
   // Gb blocks of J weight rows; the columns past J of each block are left
-  // as they are. Weight rows outermost, so that the weights are read from
-  // memory once however many rows there are (rows outermost, an LSTMCell's
-  // step at batch 16 read its 32 MB of weights four times).
+  // as they are. Weight rows outermost over chunks of rows whose inputs
+  // stay in L2, so that the weights are read from memory once a chunk
+  // (rows outermost, an LSTMCell's step at batch 16 read its 32 MB of
+  // weights four times).
   static void dot_gemm(int64_t R, const Rows& x, const Rows& h, int64_t J, int64_t Gb, int64_t Jb,
                        S* c, int64_t ldc) {
-    for (int64_t blk = 0; blk < Gb; ++blk) {
-      int64_t j = 0;
-      for (; j + 4 <= J; j += 4) dot_column<4>(R, x, h, blk * J + j, c + blk * Jb + j, ldc);
-      for (; j < J; ++j) dot_column<1>(R, x, h, blk * J + j, c + blk * Jb + j, ldc);
+    const int64_t row_bytes = std::max<int64_t>(1, (x.K + h.K) * int64_t{sizeof(S)});
+    const int64_t chunk = std::max<int64_t>(4, kDotRowBytes / row_bytes / 4 * 4);
+    for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+      const int64_t rc = std::min(chunk, R - r0);
+      const Rows xc = x.rows_from(r0), hc = h.rows_from(r0);
+      S* cc = c + r0 * ldc;
+      for (int64_t blk = 0; blk < Gb; ++blk) {
+        int64_t j = 0;
+        for (; j + 4 <= J; j += 4) dot_column<4>(rc, xc, hc, blk * J + j, cc + blk * Jb + j, ldc);
+        for (; j < J; ++j) dot_column<1>(rc, xc, hc, blk * J + j, cc + blk * Jb + j, ldc);
+      }
     }
   }
 
