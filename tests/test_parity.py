@@ -313,11 +313,13 @@ def test_large_weights_at_a_large_batch_split_rows(cell, hidden, options):
 
 
 # Shapes (hidden, steps, batch, lengths, threads) that take each of the CPU
-# backward's routes: one step, a few rows (the one pass for the weights'
-# gradients), the row loop on packed weights and on the weights as stored
-# (lengths), and the column split on two threads.
+# backward's routes: one step on the weights as stored and, past 128 rows,
+# packed, a few rows (the one pass for the weights' gradients), the row loop
+# on packed weights and on the weights as stored (lengths), and the column
+# split on two threads.
 BACKWARD_ROUTES = {
     "step": (32, 1, 64, None, 1),
+    "step_packed": (32, 1, 130, None, 1),
     "few_rows": (6, 2, 4, None, 1),
     "packed_weights": (6, 7, 9, None, 1),
     "as_stored": (6, 6, 3, [6, 2, 5], 1),
@@ -335,8 +337,9 @@ def test_initial_state_without_grad_changes_no_other_gradient(cell, options, rou
     the state needs one, its gradients are torch.nn's (for an LSTM, also
     where c0 alone needs one)."""
     hidden, steps, batch, lengths, threads = BACKWARD_ROUTES[route]
-    ref, ours = pair(5, hidden, cell, dtype=torch.float64, bidirectional=route != "step",
-                     num_layers=1 if route == "step" else 2, **options)
+    one_step = route.startswith("step")
+    ref, ours = pair(5, hidden, cell, dtype=torch.float64, bidirectional=not one_step,
+                     num_layers=1 if one_step else 2, **options)
     x = leaf(steps, batch, 5, dtype=torch.float64)
     if lengths is not None:
         p = pack_padded_sequence(x.detach(), torch.tensor(lengths), enforce_sorted=False)
