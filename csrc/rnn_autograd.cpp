@@ -400,15 +400,16 @@ bool plain_cpu(const Tensor& t, at::ScalarType dtype) {
 // H for a forward of one layer, one direction, no projections, that the
 // CPU's own kernels can run without the dispatcher; 0 where it cannot. It
 // must be one that no backward can follow (no grad mode, or nothing
-// requiring grad), outside autocast, dispatch modes, the JIT tracer and
-// transforms, on plain CPU tensors of float or double, with input
-// (..., C), C > 0, and the cell's weights W_ih (G*H, C), W_hh (G*H, H)
-// and with biases b_ih, b_hh (G*H). The caller checks the states' shapes.
+// requiring grad) unless `graph` (the caller records the graph itself),
+// outside autocast, dispatch modes, the JIT tracer and transforms, on plain
+// CPU tensors of float or double, with input (..., C), C > 0, and the
+// cell's weights W_ih (G*H, C), W_hh (G*H, H) and with biases b_ih, b_hh
+// (G*H). The caller checks the states' shapes.
 int64_t direct_hidden(CellKind cell, const Tensor& input, at::TensorList states,
-                      const std::vector<Tensor>& weights, bool has_biases) {
+                      const std::vector<Tensor>& weights, bool has_biases, bool graph = false) {
   const at::ScalarType dtype = input.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return 0;
-  if (torch::autograd::GradMode::is_enabled() &&
+  if (!graph && torch::autograd::GradMode::is_enabled() &&
       any_tensor({input, states, weights}, wants_grad))
     return 0;
   // The JIT tracer records ops as the dispatcher sees them.
@@ -436,9 +437,10 @@ int64_t direct_hidden(CellKind cell, const Tensor& input, at::TensorList states,
 // The forward direct_hidden() allows, on tensors shaped as the time loop
 // reads them (x (T, N, C), y (T, N, H), the states h0, c0, hn and cn
 // (1, N, H)): the op's kernel on the op's arguments, so the op's bits.
+// With `saved` (1, T, N, Ws), the values the backward reads are kept there.
 void direct_forward(CellKind cell, const Tensor& x, const Tensor& h0, const Tensor& c0,
                     const std::vector<Tensor>& weights, bool has_biases, const Tensor& y,
-                    const Tensor& hn, const Tensor& cn) {
+                    const Tensor& hn, const Tensor& cn, const Tensor& saved = Tensor()) {
   RECORD_FUNCTION("fastrnn::forward", std::vector<c10::IValue>());
   ForwardLoop a;
   a.x = x;
@@ -453,6 +455,7 @@ void direct_forward(CellKind cell, const Tensor& x, const Tensor& h0, const Tens
   a.y = y;
   a.hn = hn;
   a.cn = cn;
+  a.saved = saved;
   forward_recurrence_cpu(cell, a);
 }
 
@@ -484,6 +487,142 @@ std::optional<std::vector<Tensor>> direct_step(CellKind cell, const Tensor& inpu
   return out;
 }
 
+// g (a step's gradient, (N, H) or (H)) as a contiguous tensor: itself, or
+// for a strided CPU tensor of float or double (the expanded ones of a
+// sum's backward) a copy made without the dispatcher.
+Tensor dense(const Tensor& g) {
+  if (g.layout() != at::kStrided || g.is_contiguous()) return g.contiguous();
+  const at::ScalarType dtype = g.scalar_type();
+  if (!g.is_cpu() || g.dim() > 2 || (dtype != at::kFloat && dtype != at::kDouble))
+    return g.contiguous();
+  Tensor out = at::detail::empty_cpu(g.sizes(), dtype);
+  const int64_t rows = g.dim() == 2 ? g.size(0) : 1, cols = g.size(-1);
+  const int64_t row_stride = g.dim() == 2 ? g.stride(0) : 0, col_stride = g.stride(-1);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fastrnn_dense", [&] {
+    const scalar_t* src = g.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < cols; ++k) dst[r * cols + k] = src[r * row_stride + k * col_stride];
+  });
+  return out;
+}
+
+// The autograd node of a cell's eager step on the CPU's own kernels
+// (graph_step): the step's backward as the backward op computes it
+// (stack_backward), without an autograd Function's context, the
+// dispatcher, the op's argument checks and the views around a step. Its
+// edges: the input, h (and c), then the weights. A graph of the gradients
+// (double backward) or batched gradients go where StackFunction's do.
+struct StepBackward final : torch::autograd::Node {
+  using SavedVariable = torch::autograd::SavedVariable;
+  Stack s;  // the step as one step of one layer (T = 1)
+  int64_t width = 1;
+  SavedVariable input, h, c, h_new;
+  std::vector<SavedVariable> weights;
+  SavedVariable workspace;  // (1, 1, 1, N, Ws)
+
+  std::string name() const override { return "fastrnn::StepBackward"; }
+
+  void release_variables() override {
+    for (SavedVariable* v : {&input, &h, &c, &h_new, &workspace}) v->reset_data();
+    for (SavedVariable& w : weights) w.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const Tensor x = input.unpack();
+    const Tensor h0 = h.unpack();
+    const Tensor c0 = width == 2 ? c.unpack() : Tensor();
+    std::vector<Tensor> w;
+    w.reserve(weights.size());
+    for (const SavedVariable& v : weights) w.push_back(v.unpack());
+    const Tensor dh = grads[0];
+    const Tensor dc = width == 2 ? grads[1] : Tensor();
+    variable_list out(num_outputs());
+    if (!dh.defined() && !dc.defined()) return out;
+    if (torch::autograd::GradMode::is_enabled() || at::isBatchedTensor(dh) ||
+        at::isBatchedTensor(dc)) {
+      const StackCall call{s.cell, x, h0, width == 2 ? optional<Tensor>(c0) : std::nullopt, w,
+                           std::nullopt, std::nullopt, 1, false, s.biases, false, true};
+      variable_list all(1 + 3 + w.size() + 7);
+      StackFunction::backward_with_graph(call, {Tensor(), dh, dc}, all);
+      out[0] = all[1];
+      for (int64_t i = 0; i < width; ++i) out[1 + i] = all[2 + i];
+      for (size_t i = 0; i < w.size(); ++i) out[1 + width + i] = all[4 + i];
+      return out;
+    }
+    const bool input_grad = task_should_compute_output(0);
+    const bool state_grad =
+        task_should_compute_output(1) || (width == 2 && task_should_compute_output(2));
+    RECORD_FUNCTION("fastrnn::backward", std::vector<c10::IValue>());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t N = s.N, H = s.H;
+    const auto step = [&](const Tensor& t, int64_t size) { return shaped(t, {1, N, size}); };
+    const auto grad = [&](const Tensor& g) {
+      return g.defined() ? optional<Tensor>(step(dense(g), H)) : std::nullopt;
+    };
+    const StackBackward b = stack_backward(
+        s, step(x, s.C), step(h0, H), width == 2 ? optional<Tensor>(step(c0, H)) : std::nullopt,
+        w, std::nullopt, std::nullopt, step(h_new.unpack(getptr()), H), Tensor(),
+        workspace.unpack(), std::nullopt, grad(dh), grad(dc), input_grad, state_grad);
+    if (input_grad) out[0] = shaped(b.grad_input, x.sizes());
+    if (state_grad) {
+      out[1] = shaped(b.grad_hx, h0.sizes());
+      if (width == 2) out[2] = shaped(b.grad_cx, c0.sizes());
+    }
+    for (size_t i = 0; i < b.grad_weights.size(); ++i) out[1 + width + i] = b.grad_weights[i];
+    return out;
+  }
+};
+
+// A cell's eager step with a graph to record, on the CPU's own kernels
+// (direct_hidden's tensors) and one node of its own (StepBackward): the
+// new states, or nothing where the step is any other.
+std::optional<std::vector<Tensor>> graph_step(CellKind cell, const Tensor& input,
+                                              const std::array<Tensor, 2>& h, int64_t width,
+                                              const std::vector<Tensor>& weights,
+                                              bool has_biases) {
+  const at::TensorList states(h.data(), width);
+  const int64_t H = direct_hidden(cell, input, states, weights, has_biases, /*graph=*/true);
+  const bool batched = input.dim() == 2;
+  const int64_t N = batched ? input.size(0) : 1, C = input.size(-1);
+  if (H == 0 || N == 0) return std::nullopt;
+  for (const Tensor& t : states)
+    if (t.dim() != input.dim() || t.size(0) != (batched ? N : H) || t.size(-1) != H)
+      return std::nullopt;
+  const std::array<Tensor, 2> h3 = {shaped(h[0], {1, N, H}),
+                                    width == 2 ? shaped(h[1], {1, N, H}) : Tensor()};
+  const Tensor x3 = shaped(input, {1, N, C});
+  auto node = c10::make_intrusive<StepBackward>();
+  node->s = check_args(cell, x3, at::TensorList(h3.data(), width), weights, std::nullopt,
+                       std::nullopt, 1, false, has_biases, false);
+  node->width = width;
+  std::vector<Tensor> out;
+  for (const Tensor& t : states)
+    out.emplace_back(at::detail::empty_cpu(t.sizes(), t.scalar_type()));
+  const Tensor ws = at::detail::empty_cpu({1, 1, 1, N, node->s.Ws}, input.scalar_type());
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Tensor hn = shaped(out[0], {1, N, H});
+    direct_forward(cell, x3, h3[0], h3[1], weights, has_biases, hn, hn,
+                   width == 2 ? shaped(out[1], {1, N, H}) : Tensor(),
+                   node->s.Ws > 0 ? shaped(ws, {1, 1, N, node->s.Ws}) : Tensor());
+  }
+  node->set_next_edges(width == 2
+                           ? torch::autograd::collect_next_edges(input, h[0], h[1], weights)
+                           : torch::autograd::collect_next_edges(input, h[0], weights));
+  for (Tensor& t : out) torch::autograd::create_gradient_edge(t, node);
+  using torch::autograd::SavedVariable;
+  node->input = SavedVariable(input, false);
+  node->h = SavedVariable(h[0], false);
+  if (width == 2) node->c = SavedVariable(h[1], false);
+  node->weights.reserve(weights.size());
+  for (const Tensor& w : weights) node->weights.emplace_back(w, false);
+  node->h_new = SavedVariable(out[0], true);
+  node->workspace = SavedVariable(ws, false);
+  torch::autograd::fire_node_creation_hooks(node);
+  return out;
+}
+
 }  // namespace
 
 std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
@@ -511,6 +650,7 @@ std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
   const KeepWorkspace keep(grad);
   if (grad && any_requires_grad(c) && !needs_steps(c) &&
       !at::autocast::is_autocast_enabled(input.device().type())) {
+    if (auto out = graph_step(cell, input, h, width, weights, has_biases)) return std::move(*out);
     // The autograd Function with the step's views inside it: no view nodes
     // in the graph, no dispatch to the op's autograd kernel.
     variable_list out = StackFunction::apply(static_cast<int64_t>(cell), c.input, c.hx, c.cx,

@@ -229,7 +229,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
   const Tensor h0 = hx.contiguous();             // (L*D, N, P)
   const Tensor c0 = cx ? cx->contiguous() : Tensor();  // (L*D, N, H)
   const Tensor y = output.contiguous();          // (T, N, D*P)
-  const Tensor hs = hidden_states.contiguous();  // (L-1, T, N, D*P)
+  // (L-1, T, N, D*P); for one layer, none is read (and may be undefined).
+  const Tensor hs = s.L > 1 ? hidden_states.contiguous() : hidden_states;
   const Tensor ws = workspace.contiguous();      // (L, D, T, N, Ws)
   const optional<Tensor> lens = contiguous(lengths);
   const optional<Tensor> mask = contiguous(dropout_mask);

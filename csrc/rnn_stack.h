@@ -56,7 +56,8 @@ struct StackBackward {
 };
 
 // The gradients of every input of stack_forward from those of its outputs
-// (grad_output, grad_hn, grad_cn: none for zero) and what it returned.
+// (grad_output, grad_hn, grad_cn: none for zero) and what it returned
+// (hidden_states may be undefined for one layer).
 StackBackward stack_backward(const Stack& s, const at::Tensor& input, const at::Tensor& hx,
                              const std::optional<at::Tensor>& cx, at::TensorList weights,
                              const std::optional<at::Tensor>& lengths,

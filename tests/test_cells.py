@@ -151,16 +151,16 @@ def test_step_without_grad_shows_in_the_profiler():
 
 
 def test_step_with_grad_shows_in_the_profiler():
-    """A step with a graph runs the forward op inside the autograd
-    Function and the backward op in its node: the profiler records both,
-    once each."""
+    """A step with a graph runs the forward op's kernel and, in its
+    autograd node (fastrnn::StepBackward), the backward op's: the profiler
+    records each once."""
     cell = fastrnn.LSTMCell(5, 7, backend="fused")
     x = torch.randn(3, 5, requires_grad=True)
     with torch.profiler.profile() as prof:
         h, c = cell(x)
         (h.sum() + c.sum()).backward()
     names = [e.name for e in prof.events() if e.name.startswith("fastrnn::")]
-    assert sorted(names) == ["fastrnn::backward", "fastrnn::forward"]
+    assert sorted(names) == ["fastrnn::StepBackward", "fastrnn::backward", "fastrnn::forward"]
 
 
 @pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
@@ -199,12 +199,90 @@ def test_states_with_grad_come_from_the_fused_node(ref_cls, our_cls, options, un
         out = cell(x, hx)
         outs = out if isinstance(out, tuple) else (out,)
         if cell is ours:
-            assert all("StackFunction" in o.grad_fn.name() and o._base is None for o in outs)
+            assert all(o.grad_fn.name() == "fastrnn::StepBackward" and o._base is None for o in outs)
         loss = sum((o * o).sum() for o in outs)
         leaves = [x, *(hx if isinstance(hx, tuple) else (hx,)), *cell.parameters()]
         grads.append(torch.autograd.grad(loss, leaves))
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, **TOL[torch.float64])
+
+
+def _outs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("grad_form", ["expanded", "transposed"])
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_step_node_takes_gradients_of_any_strides(ref_cls, our_cls, options, grad_form):
+    """The node reads gradients that are not contiguous (a sum's, expanded
+    from one value; a transposed one) as nn's cells do."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=6, H=9, dtype=torch.float64)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    hx = state(ref, 4, dtype=torch.float64)
+    leaves = [x, *_outs(hx), *ref.parameters()]
+    if grad_form == "expanded":
+        grad = torch.tensor(0.7, dtype=torch.float64).expand(4, 9)
+    else:
+        grad = torch.randn(9, 4, dtype=torch.float64).t()
+    assert not grad.is_contiguous()
+    got = torch.autograd.grad(_outs(ours(x, hx))[0], [x, *_outs(hx), *ours.parameters()], grad)
+    assert _outs(ours(x, hx))[0].grad_fn.name() == "fastrnn::StepBackward"
+    expected = torch.autograd.grad(_outs(ref(x, hx))[0], leaves, grad)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_step_node_keeps_autograds_rules(ref_cls, our_cls, options):
+    """The node's saved tensors follow autograd's rules: freed after a
+    backward (a second one fails as torch's do) unless retain_graph, checked
+    against writes in place, and packed by saved-tensor hooks."""
+    _, ours = cell_pair(ref_cls, our_cls, options)
+    x = torch.randn(3, 5, requires_grad=True)
+    hx = state(ours, 3)
+    loss = sum(o.sum() for o in _outs(ours(x, hx)))
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (x, *ours.parameters())]
+    loss.backward()
+    for t, g in zip((x, *ours.parameters()), first):
+        torch.testing.assert_close(t.grad, 2 * g)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+    out = _outs(ours(x, hx))[0]
+    with torch.no_grad():
+        ours.weight_hh.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = _outs(ours(x, hx))
+    assert any(t is x for t in packed) and any(t is ours.weight_ih for t in packed)
+    got = torch.autograd.grad(outs[0].sum(), [x, ours.weight_ih])
+    expected = torch.autograd.grad(_outs(ours(x, hx))[0].sum(), [x, ours.weight_ih])
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_step_node_with_batched_gradients(ref_cls, our_cls, options):
+    """Gradients batched by autograd.grad(is_grads_batched=True) through the
+    node: each one as a call of its own gives."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    hx = state(ref, 3, dtype=torch.float64)
+    grads = torch.randn(4, 3, 7, dtype=torch.float64)
+    for cell in (ref, ours):
+        (got,) = torch.autograd.grad(_outs(cell(x, hx))[0], x, grads, is_grads_batched=True)
+        for g, b in zip(grads, got):
+            (one,) = torch.autograd.grad(_outs(ref(x, hx))[0], x, g)
+            torch.testing.assert_close(b, one, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
