@@ -487,44 +487,54 @@ std::optional<std::vector<Tensor>> direct_step(CellKind cell, const Tensor& inpu
   return out;
 }
 
-// g (a step's gradient, (N, H) or (H)) as a contiguous tensor: itself, or
-// for a strided CPU tensor of float or double (the expanded ones of a
-// sum's backward) a copy made without the dispatcher.
+// g (a gradient of a step's states or a call's output) as a contiguous
+// tensor: itself, or for a strided CPU tensor of float or double of up to
+// three dimensions (the expanded ones of a sum's backward) a copy made
+// without the dispatcher.
 Tensor dense(const Tensor& g) {
   if (g.layout() != at::kStrided || g.is_contiguous()) return g.contiguous();
   const at::ScalarType dtype = g.scalar_type();
-  if (!g.is_cpu() || g.dim() > 2 || (dtype != at::kFloat && dtype != at::kDouble))
+  if (!g.is_cpu() || g.dim() > 3 || (dtype != at::kFloat && dtype != at::kDouble))
     return g.contiguous();
   Tensor out = at::detail::empty_cpu(g.sizes(), dtype);
-  const int64_t rows = g.dim() == 2 ? g.size(0) : 1, cols = g.size(-1);
-  const int64_t row_stride = g.dim() == 2 ? g.stride(0) : 0, col_stride = g.stride(-1);
+  // As (A, B, K), a missing leading dimension of size 1.
+  int64_t size[3] = {1, 1, 1}, stride[3] = {0, 0, 0};
+  for (int64_t i = 0, k = 3 - g.dim(); i < g.dim(); ++i, ++k) {
+    size[k] = g.size(i);
+    stride[k] = g.stride(i);
+  }
   AT_DISPATCH_FLOATING_TYPES(dtype, "fastrnn_dense", [&] {
     const scalar_t* src = g.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t k = 0; k < cols; ++k) dst[r * cols + k] = src[r * row_stride + k * col_stride];
+    for (int64_t a = 0; a < size[0]; ++a)
+      for (int64_t b = 0; b < size[1]; ++b)
+        for (int64_t k = 0; k < size[2]; ++k)
+          *dst++ = src[a * stride[0] + b * stride[1] + k * stride[2]];
   });
   return out;
 }
 
-// The autograd node of a cell's eager step on the CPU's own kernels
-// (graph_step): the step's backward as the backward op computes it
-// (stack_backward), without an autograd Function's context, the
+// The autograd node of an eager call of one layer and direction, no
+// projections, on the CPU's own kernels: a cell's step (graph_step) or a
+// layer's plainest call (graph_layer). Its backward is the backward op's
+// (stack_backward) without an autograd Function's context, the
 // dispatcher, the op's argument checks and the views around a step. Its
-// edges: the input, h (and c), then the weights. A graph of the gradients
+// edges: the input, h (and c), then the weights; its inputs: a step's new
+// states, or a layer's output and final states. A graph of the gradients
 // (double backward) or batched gradients go where StackFunction's do.
-struct StepBackward final : torch::autograd::Node {
+struct FusedBackward final : torch::autograd::Node {
   using SavedVariable = torch::autograd::SavedVariable;
-  Stack s;  // the step as one step of one layer (T = 1)
-  int64_t width = 1;
-  SavedVariable input, h, c, h_new;
+  Stack s;            // the call as one layer (a step: T = 1)
+  bool step = false;  // a cell's step: input (N, C) or (C), states (N, H) or (H)
+  int64_t width = 1;  // states: h, or h and c
+  SavedVariable input, h, c, output;
   std::vector<SavedVariable> weights;
-  SavedVariable workspace;  // (1, 1, 1, N, Ws)
+  SavedVariable workspace;  // (1, 1, T, N, Ws)
 
-  std::string name() const override { return "fastrnn::StepBackward"; }
+  std::string name() const override { return "fastrnn::FusedBackward"; }
 
   void release_variables() override {
-    for (SavedVariable* v : {&input, &h, &c, &h_new, &workspace}) v->reset_data();
+    for (SavedVariable* v : {&input, &h, &c, &output, &workspace}) v->reset_data();
     for (SavedVariable& w : weights) w.reset_data();
   }
 
@@ -535,16 +545,18 @@ struct StepBackward final : torch::autograd::Node {
     std::vector<Tensor> w;
     w.reserve(weights.size());
     for (const SavedVariable& v : weights) w.push_back(v.unpack());
-    const Tensor dh = grads[0];
-    const Tensor dc = width == 2 ? grads[1] : Tensor();
+    // The gradients of the output (a layer's), h_n and c_n.
+    const Tensor dy = step ? Tensor() : grads[0];
+    const Tensor dh = grads[step ? 0 : 1];
+    const Tensor dc = width == 2 ? grads[step ? 1 : 2] : Tensor();
     variable_list out(num_outputs());
-    if (!dh.defined() && !dc.defined()) return out;
-    if (torch::autograd::GradMode::is_enabled() || at::isBatchedTensor(dh) ||
-        at::isBatchedTensor(dc)) {
+    if (!dy.defined() && !dh.defined() && !dc.defined()) return out;
+    if (torch::autograd::GradMode::is_enabled() || at::isBatchedTensor(dy) ||
+        at::isBatchedTensor(dh) || at::isBatchedTensor(dc)) {
       const StackCall call{s.cell, x, h0, width == 2 ? optional<Tensor>(c0) : std::nullopt, w,
-                           std::nullopt, std::nullopt, 1, false, s.biases, false, true};
+                           std::nullopt, std::nullopt, 1, false, s.biases, false, step};
       variable_list all(1 + 3 + w.size() + 7);
-      StackFunction::backward_with_graph(call, {Tensor(), dh, dc}, all);
+      StackFunction::backward_with_graph(call, {dy, dh, dc}, all);
       out[0] = all[1];
       for (int64_t i = 0; i < width; ++i) out[1 + i] = all[2 + i];
       for (size_t i = 0; i < w.size(); ++i) out[1 + width + i] = all[4 + i];
@@ -555,28 +567,73 @@ struct StepBackward final : torch::autograd::Node {
         task_should_compute_output(1) || (width == 2 && task_should_compute_output(2));
     RECORD_FUNCTION("fastrnn::backward", std::vector<c10::IValue>());
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const int64_t N = s.N, H = s.H;
-    const auto step = [&](const Tensor& t, int64_t size) { return shaped(t, {1, N, size}); };
-    const auto grad = [&](const Tensor& g) {
-      return g.defined() ? optional<Tensor>(step(dense(g), H)) : std::nullopt;
+    const int64_t T = s.T, N = s.N, H = s.H;
+    // A step's tensors as one step of a layer; a layer's as they are.
+    const auto layer = [&](const Tensor& t, int64_t rows, int64_t size) {
+      return step ? shaped(t, {rows, N, size}) : t;
+    };
+    const auto grad = [&](const Tensor& g, int64_t rows) {
+      return g.defined() ? optional<Tensor>(layer(dense(g), rows, H)) : std::nullopt;
     };
     const StackBackward b = stack_backward(
-        s, step(x, s.C), step(h0, H), width == 2 ? optional<Tensor>(step(c0, H)) : std::nullopt,
-        w, std::nullopt, std::nullopt, step(h_new.unpack(getptr()), H), Tensor(),
-        workspace.unpack(), std::nullopt, grad(dh), grad(dc), input_grad, state_grad);
-    if (input_grad) out[0] = shaped(b.grad_input, x.sizes());
+        s, layer(x, T, s.C), layer(h0, 1, H),
+        width == 2 ? optional<Tensor>(layer(c0, 1, H)) : std::nullopt, w, std::nullopt,
+        std::nullopt, layer(output.unpack(getptr()), T, H), Tensor(), workspace.unpack(),
+        grad(dy, T), grad(dh, 1), grad(dc, 1), input_grad, state_grad);
+    const auto back = [&](const Tensor& g, const Tensor& like) {
+      return step ? shaped(g, like.sizes()) : g;
+    };
+    if (input_grad) out[0] = back(b.grad_input, x);
     if (state_grad) {
-      out[1] = shaped(b.grad_hx, h0.sizes());
-      if (width == 2) out[2] = shaped(b.grad_cx, c0.sizes());
+      out[1] = back(b.grad_hx, h0);
+      if (width == 2) out[2] = back(b.grad_cx, c0);
     }
     for (size_t i = 0; i < b.grad_weights.size(); ++i) out[1 + width + i] = b.grad_weights[i];
     return out;
   }
 };
 
+// The forward of a FusedBackward's call on x (T, N, C), the states h0 (and
+// c0) (1, N, H) and the weights, into y (T, N, H) and hn (and cn) (1, N,
+// H) (y and hn may share memory), and the node: its edges from the
+// caller's tensors (input, states), its inputs from `outputs` (the tensors
+// returned, each a fresh one of the caller's), and its saved tensors.
+// Nothing is recorded until the kernel has run.
+void record_fused(CellKind cell, bool step, const Tensor& input, const Tensor& x,
+                  const std::array<Tensor, 2>& states, const std::array<Tensor, 2>& h3,
+                  int64_t width, const std::vector<Tensor>& weights, bool has_biases,
+                  const Tensor& y, const Tensor& hn, const Tensor& cn,
+                  std::vector<Tensor>& outputs) {
+  auto node = c10::make_intrusive<FusedBackward>();
+  node->s = check_args(cell, x, at::TensorList(h3.data(), width), weights, std::nullopt,
+                       std::nullopt, 1, false, has_biases, false);
+  node->step = step;
+  node->width = width;
+  const int64_t T = node->s.T, N = node->s.N, Ws = node->s.Ws;
+  const Tensor ws = at::detail::empty_cpu({1, 1, T, N, Ws}, x.scalar_type());
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    direct_forward(cell, x, h3[0], h3[1], weights, has_biases, y, hn, cn,
+                   Ws > 0 ? shaped(ws, {1, T, N, Ws}) : Tensor());
+  }
+  node->set_next_edges(
+      width == 2 ? torch::autograd::collect_next_edges(input, states[0], states[1], weights)
+                 : torch::autograd::collect_next_edges(input, states[0], weights));
+  for (Tensor& t : outputs) torch::autograd::create_gradient_edge(t, node);
+  using torch::autograd::SavedVariable;
+  node->input = SavedVariable(input, false);
+  node->h = SavedVariable(states[0], false);
+  if (width == 2) node->c = SavedVariable(states[1], false);
+  node->weights.reserve(weights.size());
+  for (const Tensor& w : weights) node->weights.emplace_back(w, false);
+  node->output = SavedVariable(outputs[0], true);
+  node->workspace = SavedVariable(ws, false);
+  torch::autograd::fire_node_creation_hooks(node);
+}
+
 // A cell's eager step with a graph to record, on the CPU's own kernels
-// (direct_hidden's tensors) and one node of its own (StepBackward): the
-// new states, or nothing where the step is any other.
+// (direct_hidden's tensors) and a FusedBackward: the new states, or
+// nothing where the step is any other.
 std::optional<std::vector<Tensor>> graph_step(CellKind cell, const Tensor& input,
                                               const std::array<Tensor, 2>& h, int64_t width,
                                               const std::vector<Tensor>& weights,
@@ -584,42 +641,22 @@ std::optional<std::vector<Tensor>> graph_step(CellKind cell, const Tensor& input
   const at::TensorList states(h.data(), width);
   const int64_t H = direct_hidden(cell, input, states, weights, has_biases, /*graph=*/true);
   const bool batched = input.dim() == 2;
-  const int64_t N = batched ? input.size(0) : 1, C = input.size(-1);
+  const int64_t N = batched ? input.size(0) : 1;
   if (H == 0 || N == 0) return std::nullopt;
   for (const Tensor& t : states)
     if (t.dim() != input.dim() || t.size(0) != (batched ? N : H) || t.size(-1) != H)
       return std::nullopt;
   const std::array<Tensor, 2> h3 = {shaped(h[0], {1, N, H}),
                                     width == 2 ? shaped(h[1], {1, N, H}) : Tensor()};
-  const Tensor x3 = shaped(input, {1, N, C});
-  auto node = c10::make_intrusive<StepBackward>();
-  node->s = check_args(cell, x3, at::TensorList(h3.data(), width), weights, std::nullopt,
-                       std::nullopt, 1, false, has_biases, false);
-  node->width = width;
   std::vector<Tensor> out;
   for (const Tensor& t : states)
     out.emplace_back(at::detail::empty_cpu(t.sizes(), t.scalar_type()));
-  const Tensor ws = at::detail::empty_cpu({1, 1, 1, N, node->s.Ws}, input.scalar_type());
-  {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const Tensor hn = shaped(out[0], {1, N, H});
-    direct_forward(cell, x3, h3[0], h3[1], weights, has_biases, hn, hn,
-                   width == 2 ? shaped(out[1], {1, N, H}) : Tensor(),
-                   node->s.Ws > 0 ? shaped(ws, {1, 1, N, node->s.Ws}) : Tensor());
-  }
-  node->set_next_edges(width == 2
-                           ? torch::autograd::collect_next_edges(input, h[0], h[1], weights)
-                           : torch::autograd::collect_next_edges(input, h[0], weights));
-  for (Tensor& t : out) torch::autograd::create_gradient_edge(t, node);
-  using torch::autograd::SavedVariable;
-  node->input = SavedVariable(input, false);
-  node->h = SavedVariable(h[0], false);
-  if (width == 2) node->c = SavedVariable(h[1], false);
-  node->weights.reserve(weights.size());
-  for (const Tensor& w : weights) node->weights.emplace_back(w, false);
-  node->h_new = SavedVariable(out[0], true);
-  node->workspace = SavedVariable(ws, false);
-  torch::autograd::fire_node_creation_hooks(node);
+  // One step's output is its last state: the loop writes both, the same
+  // values, to the same memory.
+  const Tensor hn = shaped(out[0], {1, N, H});
+  record_fused(cell, /*step=*/true, input, shaped(input, {1, N, input.size(-1)}), h, h3, width,
+               weights, has_biases, hn, hn, width == 2 ? shaped(out[1], {1, N, H}) : Tensor(),
+               out);
   return out;
 }
 
@@ -704,6 +741,19 @@ std::vector<Tensor> layer_forward(c10::string_view name, const Tensor& input,
     for (int64_t i = 0; i < width; ++i) out.push_back(at::empty({1, N, hidden_size}, x.options()));
     direct_forward(cell, x, hx[0], width == 2 ? hx[1] : Tensor(), weights, has_biases, out[0],
                    out[1], width == 2 ? out[2] : Tensor());
+    if (batch_first) out[0] = out[0].transpose(0, 1);
+    return out;
+  }
+  if (num_layers == 1 && !bidirectional && proj_size == 0 && N > 0 &&
+      torch::autograd::GradMode::is_enabled() &&
+      direct_hidden(cell, x, hx, weights, has_biases, /*graph=*/true) == hidden_size) {
+    // The same call with a graph to record (direct_hidden() passed it over
+    // without the graph): the same kernels and a FusedBackward.
+    std::vector<Tensor> out = {buffer({T, N, hidden_size}, x.options())};
+    for (int64_t i = 0; i < width; ++i) out.push_back(at::empty({1, N, hidden_size}, x.options()));
+    const std::array<Tensor, 2> states = {hx[0], width == 2 ? hx[1] : Tensor()};
+    record_fused(cell, /*step=*/false, x, x, states, states, width, weights, has_biases, out[0],
+                 out[1], width == 2 ? out[2] : Tensor(), out);
     if (batch_first) out[0] = out[0].transpose(0, 1);
     return out;
   }

@@ -152,7 +152,7 @@ def test_step_without_grad_shows_in_the_profiler():
 
 def test_step_with_grad_shows_in_the_profiler():
     """A step with a graph runs the forward op's kernel and, in its
-    autograd node (fastrnn::StepBackward), the backward op's: the profiler
+    autograd node (fastrnn::FusedBackward), the backward op's: the profiler
     records each once."""
     cell = fastrnn.LSTMCell(5, 7, backend="fused")
     x = torch.randn(3, 5, requires_grad=True)
@@ -160,7 +160,7 @@ def test_step_with_grad_shows_in_the_profiler():
         h, c = cell(x)
         (h.sum() + c.sum()).backward()
     names = [e.name for e in prof.events() if e.name.startswith("fastrnn::")]
-    assert sorted(names) == ["fastrnn::StepBackward", "fastrnn::backward", "fastrnn::forward"]
+    assert sorted(names) == ["fastrnn::FusedBackward", "fastrnn::backward", "fastrnn::forward"]
 
 
 @pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
@@ -199,7 +199,7 @@ def test_states_with_grad_come_from_the_fused_node(ref_cls, our_cls, options, un
         out = cell(x, hx)
         outs = out if isinstance(out, tuple) else (out,)
         if cell is ours:
-            assert all(o.grad_fn.name() == "fastrnn::StepBackward" and o._base is None for o in outs)
+            assert all(o.grad_fn.name() == "fastrnn::FusedBackward" and o._base is None for o in outs)
         loss = sum((o * o).sum() for o in outs)
         leaves = [x, *(hx if isinstance(hx, tuple) else (hx,)), *cell.parameters()]
         grads.append(torch.autograd.grad(loss, leaves))
@@ -226,7 +226,7 @@ def test_step_node_takes_gradients_of_any_strides(ref_cls, our_cls, options, gra
         grad = torch.randn(9, 4, dtype=torch.float64).t()
     assert not grad.is_contiguous()
     got = torch.autograd.grad(_outs(ours(x, hx))[0], [x, *_outs(hx), *ours.parameters()], grad)
-    assert _outs(ours(x, hx))[0].grad_fn.name() == "fastrnn::StepBackward"
+    assert _outs(ours(x, hx))[0].grad_fn.name() == "fastrnn::FusedBackward"
     expected = torch.autograd.grad(_outs(ref(x, hx))[0], leaves, grad)
     for a, b in zip(expected, got):
         torch.testing.assert_close(b, a, **TOL[torch.float64])

@@ -379,3 +379,71 @@ def test_buffers_of_32_mb_and_more(cell):
     ref, ours = pair(32, 256, cell)
     x = leaf(128, 64, 32, scale=0.5)
     compare(ref, ours, x)
+
+
+# The layers' cells without projections: a plain call of one of them (one
+# layer and direction, plain CPU tensors) records fastrnn's own node.
+PLAIN_CELLS = [p for p in CELLS if "proj_size" not in p.values[1]]
+
+
+@pytest.mark.parametrize("grad_form", ["expanded", "transposed"])
+@pytest.mark.parametrize("batch_first,n", [(False, 3), (True, 1)])
+@pytest.mark.parametrize("cell,options", PLAIN_CELLS)
+def test_plain_call_node_matches_torch_nn(cell, options, batch_first, n, grad_form):
+    """A layer's plainest call with a graph records fastrnn::FusedBackward
+    (batch_first with one row is such a call too); its gradients are nn's
+    for gradients of the output and final states that are not contiguous
+    (a sum's, expanded from one value; a transposed one)."""
+    dtype = torch.float64
+    ref, ours = pair(C, H, cell, dtype=dtype, batch_first=batch_first, **options)
+    x = leaf(*((n, T, C) if batch_first else (T, n, C)), dtype=dtype)
+    hx = initial_state(ref, n, dtype=dtype)
+    leaves = [x, *states(hx)]
+    y, finals = ours(x, hx)
+    assert all(f.grad_fn.name() == "fastrnn::FusedBackward" for f in states(finals))
+    outs = [y, *states(finals)]
+    if grad_form == "expanded":
+        grads = [torch.tensor(0.3 + k, dtype=dtype).expand(o.shape) for k, o in enumerate(outs)]
+    else:
+        grads = [torch.randn(*reversed(o.shape), dtype=dtype).permute(*reversed(range(o.dim())))
+                 for o in outs]
+    assert not grads[0].is_contiguous()
+    got = torch.autograd.grad(outs, leaves + list(ours.parameters()), grads)
+    y_ref, finals_ref = ref(x, hx)
+    expected = torch.autograd.grad([y_ref, *states(finals_ref)], leaves + list(ref.parameters()),
+                                   grads)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, **TOL[dtype])
+
+
+@pytest.mark.parametrize("cell,options", PLAIN_CELLS)
+def test_plain_call_node_keeps_autograds_rules(cell, options):
+    """The node of a plain call: saved tensors freed after a backward unless
+    retain_graph, checked against writes in place; batched gradients and a
+    gradient of gradients (gradgradcheck) through it."""
+    ref, ours = pair(C, H, cell, dtype=torch.float64, **options)
+    x = leaf(T, N, C, dtype=torch.float64)
+    loss = ours(x)[0].sum()
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in (x, *ours.parameters())]
+    loss.backward()
+    for t, g in zip((x, *ours.parameters()), first):
+        torch.testing.assert_close(t.grad, 2 * g)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    y = ours(x)[0]
+    with torch.no_grad():
+        ours.weight_ih_l0.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    ours.load_state_dict(ref.state_dict())
+
+    grads = torch.randn(3, T, N, H, dtype=torch.float64)
+    (got,) = torch.autograd.grad(ours(x)[0], x, grads, is_grads_batched=True)
+    for g, b in zip(grads, got):
+        (one,) = torch.autograd.grad(ref(x)[0], x, g)
+        torch.testing.assert_close(b, one, **TOL[torch.float64])
+
+    small = leaf(3, 2, C, dtype=torch.float64)
+    assert ours(small)[0].grad_fn.name() == "fastrnn::FusedBackward"
+    assert torch.autograd.gradgradcheck(lambda v: ours(v)[0], (small,))
