@@ -184,3 +184,16 @@ def pairwise(names, *factors):
         params.append(pytest.param(*values, id="-".join(i for _, i in parts),
                                    marks=() if combo in chosen else pytest.mark.deep))
     return pytest.mark.parametrize(names, params)
+
+
+def assert_backward_twice_needs_retain_graph(loss, leaves):
+    """A second backward through loss's graph adds the same gradients again
+    where the first kept the graph (retain_graph), and fails as torch's do
+    once the saved tensors are freed."""
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for t, g in zip(leaves, first):
+        torch.testing.assert_close(t.grad, 2 * g)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
