@@ -93,6 +93,12 @@ void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a);
 // steps and the batch (outputs, workspace, gate gradients, packed weights).
 at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt);
 
+// buffer(sizes, opt) for a tensor that is handed to autograd and freed soon
+// after, each call again at the same size (a weight's gradient): on the CPU,
+// from 256 KB, memory that an earlier one of the same size gave back where
+// there is some (recurrence_cpu.cpp), so that it is not faulted in afresh.
+at::Tensor recycled(at::IntArrayRef sizes, const at::TensorOptions& opt);
+
 // Whether the CPU's own kernels run the time loop of t (no device claims it).
 bool cpu_loop(const at::Tensor& t);
 

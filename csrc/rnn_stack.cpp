@@ -68,10 +68,11 @@ Tensor projection_input(const Stack& s, const Tensor& ws_d) {
   });
 }
 
-// a b into a buffer() of its own: W_hh's gradient (16 MB for an LSTM of
-// hidden 1024), which the caller's autograd frees after each call.
+// a b into a recycled() buffer of its own: a weight's gradient (W_hh's 16
+// MB for an LSTM of hidden 1024), which the caller's autograd frees after
+// each call.
 Tensor mm_buffer(const Tensor& a, const Tensor& b) {
-  Tensor out = buffer({a.size(0), b.size(1)}, a.options());
+  Tensor out = recycled({a.size(0), b.size(1)}, a.options());
   return at::mm_out(out, a, b);
 }
 
@@ -140,8 +141,8 @@ void one_pass_weight_grads(const Stack& s, int64_t l, at::TensorList weights, co
   g.h0 = h0;
   g.y = y;
   g.w_ih = cell_weights(weights, s, l, 0).w_ih.contiguous();
-  g.dw_ih = buffer(g.w_ih.sizes(), x.options());
-  g.dw_hh = buffer({s.G * s.H, s.P}, x.options());
+  g.dw_ih = recycled(g.w_ih.sizes(), x.options());
+  g.dw_hh = recycled({s.G * s.H, s.P}, x.options());
   if (s.biases) {
     g.db_ih = at::empty({s.G * s.H}, x.options());
     g.db_hh = at::empty({s.G * s.H}, x.options());
@@ -325,7 +326,7 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
         const CellWeights w = cell_weights(weights, s, l, d);
         const Tensor dgh_flat = part(dgh_rows, 0, d * TN, TN);  // (T*N, G*H)
         const Tensor dgi_flat = part(dgi_rows, 0, d * TN, TN);
-        r.grad_weights[k] = at::mm(dgi_flat.t(), in);
+        r.grad_weights[k] = mm_buffer(dgi_flat.t(), in);
         r.grad_weights[k + 1] = hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P),
                                                    part(h0_rows, 0, (l * s.D + d) * s.N, s.N), d,
                                                    first_step);

@@ -653,3 +653,31 @@ def test_flop_counter_counts_torch_nns_flops(ref_cls, our_cls, options):
             cell(x, state(ref, 3))
         counts.append(counter.get_total_flops())
     assert counts[1] == counts[0] > 0
+
+
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_weight_gradients_in_recycled_memory_stay_apart(ref_cls, our_cls, options):
+    """A weight's gradient of 256 KB or more comes in memory that an earlier
+    one of the same size gave back: a gradient still alive is never handed
+    out again, and each of two taken one after the other holds its own
+    values."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=96, H=260)
+    assert ours.weight_hh.numel() * 4 >= 256 << 10
+    x = torch.randn(2, 96)
+
+    def grads(cell, scale):
+        out = _outs(cell(x * scale))[0]
+        return torch.autograd.grad(out.sum(), list(cell.parameters()))
+
+    kept = grads(ours, 1.0)
+    copies = [g.clone() for g in kept]
+    given_back = grads(ours, 5.0)
+    del given_back
+    second, third = grads(ours, 2.0), grads(ours, 3.0)
+    ptrs = [g.data_ptr() for g in (*kept, *second, *third)]
+    assert len(set(ptrs)) == len(ptrs)
+    for scale, got in ((2.0, second), (3.0, third)):
+        for a, b in zip(grads(ref, scale), got):
+            torch.testing.assert_close(b, a)
+    for k, c in zip(kept, copies):
+        assert torch.equal(k, c)

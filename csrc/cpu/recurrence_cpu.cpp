@@ -5,10 +5,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <omp.h>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 #if defined(__SANITIZE_ADDRESS__)
@@ -24,7 +26,9 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
+#include <unordered_map>
 #include <type_traits>
 #include <vector>
 
@@ -44,17 +48,102 @@ namespace fastrnn {
 // pages before anything touches it: a hint, which counts where the kernel's
 // setting for them is `madvise` (the usual default) and changes nothing
 // else; memory already faulted in stays as it is.
-at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  at::Tensor t = at::empty(sizes, opt);
+namespace {
+
+void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t{2} << 20, kFresh = 2 * kHuge;
-  if (t.is_cpu() && t.nbytes() >= kFresh) {
-    const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + t.nbytes()) & ~(kHuge - 1);
+  if (bytes >= kFresh) {
+    const auto p = reinterpret_cast<uintptr_t>(data);
+    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
     madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
   }
+#else
+  (void)data;
+  (void)bytes;
 #endif
+}
+
+}  // namespace
+
+at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  at::Tensor t = at::empty(sizes, opt);
+  if (t.is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
   return t;
+}
+
+namespace {
+
+// Freed blocks of CPU memory by size, for recycled(): a weight's gradient is
+// handed to autograd, added into .grad and freed, and the next backward asks
+// for one of the same size. glibc returns such a block to the kernel (past
+// its mmap threshold, or trimming the heap's top), and the next one is
+// faulted in a page at a time: GRUCell(256, 512) forward+backward at batch 1
+// took 27-107 minor faults a call, 20-25% of its time (785-992 us without
+// them, against 992-1433). Up to kCacheBytes in all and kPerSize blocks of
+// one size are kept; a block past that is freed. One instance, never
+// destroyed: a tensor may outlive static destruction.
+class BlockCache {
+ public:
+  static constexpr size_t kCacheBytes = size_t{64} << 20, kPerSize = 4;
+
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache();
+    return *cache;
+  }
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(bytes);
+    if (it == free_.end() || it->second.empty()) return nullptr;
+    void* p = it->second.back();
+    it->second.pop_back();
+    cached_ -= bytes;
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      std::vector<void*>& blocks = free_[bytes];
+      if (cached_ + bytes <= kCacheBytes && blocks.size() < kPerSize) {
+        blocks.push_back(p);
+        cached_ += bytes;
+        return;
+      }
+    }
+    c10::free_cpu(p);
+  }
+
+ private:
+  BlockCache() {
+#if defined(__linux__)
+    // A child forked while another thread held the lock would find it held.
+    pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                   [] { instance().mutex_.unlock(); });
+#endif
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+};
+
+}  // namespace
+
+at::Tensor recycled(at::IntArrayRef sizes, const at::TensorOptions& opt) {
+  constexpr size_t kMinBytes = size_t{256} << 10;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
+                       c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
+  if (opt.device().type() != c10::DeviceType::CPU || bytes < kMinBytes) return buffer(sizes, opt);
+  BlockCache& cache = BlockCache::instance();
+  void* p = cache.take(bytes);
+  if (p == nullptr) {
+    p = c10::alloc_cpu(bytes);
+    advise_huge_pages(p, bytes);
+  }
+  return at::from_blob(p, sizes, [bytes](void* q) { BlockCache::instance().give(q, bytes); },
+                       opt);
 }
 
 namespace {
