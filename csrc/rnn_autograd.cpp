@@ -488,13 +488,15 @@ std::optional<std::vector<Tensor>> direct_step(CellKind cell, const Tensor& inpu
 }
 
 // g (a gradient of a step's states or a call's output) as a contiguous
-// tensor: itself, or for a strided CPU tensor of float or double of up to
-// three dimensions (the expanded ones of a sum's backward) a copy made
-// without the dispatcher.
+// tensor: itself, or for a small strided CPU tensor of float or double of
+// up to three dimensions (the expanded ones of a sum's backward) a copy
+// made without the dispatcher; ATen's vectorised copy for a larger one.
 Tensor dense(const Tensor& g) {
+  constexpr int64_t kSmall = 4096;
   if (g.layout() != at::kStrided || g.is_contiguous()) return g.contiguous();
   const at::ScalarType dtype = g.scalar_type();
-  if (!g.is_cpu() || g.dim() > 3 || (dtype != at::kFloat && dtype != at::kDouble))
+  if (!g.is_cpu() || g.dim() > 3 || g.numel() > kSmall ||
+      (dtype != at::kFloat && dtype != at::kDouble))
     return g.contiguous();
   Tensor out = at::detail::empty_cpu(g.sizes(), dtype);
   // As (A, B, K), a missing leading dimension of size 1.
