@@ -516,9 +516,35 @@ Tensor dense(const Tensor& g) {
   return out;
 }
 
+// A new autograd node of type N as the installed torch holds nodes: in an
+// intrusive_ptr (torch 2.13 on), or in a shared_ptr whose deleter is
+// autograd's deleteNode (found by argument-dependent lookup), which frees a
+// long chain of nodes without recursing down it.
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, N>) {
+    return c10::make_intrusive<N>();
+  } else {
+    return std::shared_ptr<N>(new N(), [](N* node) { deleteNode(node); });
+  }
+}
+
+// torch.autograd.graph's node-creation hooks, on a torch that has them
+// (fire_node_creation_hooks, found by argument-dependent lookup).
+template <typename P, typename = void>
+struct HasCreationHooks : std::false_type {};
+template <typename P>
+struct HasCreationHooks<P, std::void_t<decltype(fire_node_creation_hooks(std::declval<const P&>()))>>
+    : std::true_type {};
+
+template <typename P>
+void node_created(const P& node) {
+  if constexpr (HasCreationHooks<P>::value) fire_node_creation_hooks(node);
+}
+
 // The autograd node of an eager call of one layer and direction, no
 // projections, on the CPU's own kernels: a cell's step (graph_step) or a
-// layer's plainest call (graph_layer). Its backward is the backward op's
+// layer's plainest call (layer_forward). Its backward is the backward op's
 // (stack_backward) without an autograd Function's context, the
 // dispatcher, the op's argument checks and the views around a step. Its
 // edges: the input, h (and c), then the weights; its inputs: a step's new
@@ -606,7 +632,7 @@ void record_fused(CellKind cell, bool step, const Tensor& input, const Tensor& x
                   int64_t width, const std::vector<Tensor>& weights, bool has_biases,
                   const Tensor& y, const Tensor& hn, const Tensor& cn,
                   std::vector<Tensor>& outputs) {
-  auto node = c10::make_intrusive<FusedBackward>();
+  auto node = make_node<FusedBackward>();
   node->s = check_args(cell, x, at::TensorList(h3.data(), width), weights, std::nullopt,
                        std::nullopt, 1, false, has_biases, false);
   node->step = step;
@@ -630,7 +656,8 @@ void record_fused(CellKind cell, bool step, const Tensor& input, const Tensor& x
   for (const Tensor& w : weights) node->weights.emplace_back(w, false);
   node->output = SavedVariable(outputs[0], true);
   node->workspace = SavedVariable(ws, false);
-  torch::autograd::fire_node_creation_hooks(node);
+  const decltype(node->getptr()) base = node;
+  node_created(base);
 }
 
 // A cell's eager step with a graph to record, on the CPU's own kernels

@@ -681,3 +681,18 @@ def test_weight_gradients_in_recycled_memory_stay_apart(ref_cls, our_cls, option
             torch.testing.assert_close(b, a)
     for k, c in zip(kept, copies):
         assert torch.equal(k, c)
+
+
+@pytest.mark.skipif(not hasattr(torch.autograd.graph, "node_creation_hook"),
+                    reason="this torch has no node-creation hooks")
+def test_node_creation_hooks_see_the_fused_node():
+    """torch.autograd.graph.node_creation_hook sees the step's node, with
+    its next edges wired, as it sees torch's own."""
+    cell = fastrnn.GRUCell(5, 7, backend="fused")
+    x = torch.randn(3, 5, requires_grad=True)
+    seen = []
+    with torch.autograd.graph.node_creation_hook(
+            lambda node: seen.append((node.name(), len(node.next_functions)))):
+        out = cell(x)
+    assert ("fastrnn::FusedBackward", 6) in seen
+    assert out.grad_fn.name() == "fastrnn::FusedBackward"
