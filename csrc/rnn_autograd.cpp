@@ -376,16 +376,6 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor, Tensor> forward_autocast(
   return out;
 }
 
-// t's memory seen as a contiguous tensor of `sizes`, made without the
-// dispatcher (an alias; t contiguous): the shape a time loop reads.
-Tensor shaped(const Tensor& t, at::IntArrayRef sizes) {
-  auto impl = c10::make_intrusive<c10::TensorImpl>(
-      c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(), t.dtype());
-  impl->set_storage_offset(t.storage_offset());
-  impl->set_sizes_contiguous(sizes);
-  return Tensor(std::move(impl));
-}
-
 // Whether t is a plain CPU tensor of the CPU kernels' dtype: dense,
 // contiguous, no key but those every CPU tensor has (no subclass, no
 // transform's wrapper, no negative bit), no forward-mode tangent.

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
+
 #include "recurrence.h"
 
 namespace fastrnn {
@@ -13,6 +15,24 @@ using std::optional;
 
 optional<Tensor> contiguous(const optional<Tensor>& t) {
   return t ? optional<Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// t.view(sizes) of a contiguous t; on the CPU without the dispatcher
+// (shaped()), which a small call's backward would otherwise pass through a
+// dozen times.
+Tensor view_of(const Tensor& t, at::IntArrayRef sizes) {
+  return t.is_cpu() && t.is_contiguous() && c10::multiply_integers(sizes) == t.numel()
+             ? shaped(t, sizes)
+             : t.view(sizes);
+}
+
+// t.zero_() of a buffer(); on the CPU without the dispatcher.
+void zero_buffer(const Tensor& t) {
+  if (t.is_cpu() && t.is_contiguous()) {
+    std::memset(t.data_ptr(), 0, t.nbytes());
+  } else {
+    t.zero_();
+  }
 }
 
 // t.narrow(dim, start, length), or t itself where that is all of it: a
@@ -144,8 +164,8 @@ void one_pass_weight_grads(const Stack& s, int64_t l, at::TensorList weights, co
   g.dw_ih = recycled(g.w_ih.sizes(), x.options());
   g.dw_hh = recycled({s.G * s.H, s.P}, x.options());
   if (s.biases) {
-    g.db_ih = at::empty({s.G * s.H}, x.options());
-    g.db_hh = at::empty({s.G * s.H}, x.options());
+    g.db_ih = buffer({s.G * s.H}, x.options());
+    g.db_hh = buffer({s.G * s.H}, x.options());
   }
   g.dx = dx;
   weight_grads_cpu(g);
@@ -160,6 +180,14 @@ void one_pass_weight_grads(const Stack& s, int64_t l, at::TensorList weights, co
 thread_local bool keep_workspace = true;
 
 }  // namespace
+
+Tensor shaped(const Tensor& t, at::IntArrayRef sizes) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(
+      c10::TensorImpl::VIEW, c10::Storage(t.storage()), t.key_set(), t.dtype());
+  impl->set_storage_offset(t.storage_offset());
+  impl->set_sizes_contiguous(sizes);
+  return Tensor(std::move(impl));
+}
 
 bool set_keep_workspace(bool keep) {
   const bool was = keep_workspace;
@@ -179,8 +207,8 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
   const bool cell_state = s.cell_state;
   StackForward r;
   r.output = buffer({s.T, s.N, s.DP()}, opt);
-  r.h_n = at::empty({s.L * s.D, s.N, s.P}, opt);
-  if (cell_state) r.c_n = at::empty({s.L * s.D, s.N, s.H}, opt);
+  r.h_n = buffer({s.L * s.D, s.N, s.P}, opt);
+  if (cell_state) r.c_n = buffer({s.L * s.D, s.N, s.H}, opt);
   r.hidden_states = buffer({s.L - 1, s.T, s.N, s.DP()}, opt);
   // Faulting in a fresh workspace costs about a third of a long CPU
   // forward (42 MB for an LSTM of hidden 256, batch 64, 128 steps): where
@@ -243,8 +271,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
   // Without input_grad, the input's gradient (one GEMM of layer 0) is not
   // computed and comes back as zeros.
   r.grad_input = input_grad ? buffer({s.T, s.N, s.C}, opt) : at::zeros({s.T, s.N, s.C}, opt);
-  r.grad_hx = at::empty({s.L * s.D, s.N, s.P}, opt);
-  if (cell_state) r.grad_cx = at::empty({s.L * s.D, s.N, s.H}, opt);
+  r.grad_hx = buffer({s.L * s.D, s.N, s.P}, opt);
+  if (cell_state) r.grad_cx = buffer({s.L * s.D, s.N, s.H}, opt);
   r.grad_weights.resize(weights.size());
   if (s.T == 0) {
     // No step ran: h_n was h0 (c_n was c0), and nothing else saw the weights.
@@ -254,7 +282,7 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     return r;
   }
   const int64_t TN = s.T * s.N, GH = s.G * s.H;
-  const Tensor h0_rows = h0.view({s.L * s.D * s.N, s.P});
+  const Tensor h0_rows = view_of(h0, {s.L * s.D * s.N, s.P});
   // (T, N, 1): the step each row of direction 1 starts at, where lengths
   // make it differ from T - 1.
   const Tensor first_step = lens && s.D == 2
@@ -285,7 +313,7 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
                         cpu_loop(x);
   for (int64_t l = s.L - 1; l >= 0; --l) {
     const Tensor out = l == s.L - 1 ? y : hs[l];  // (T, N, D*P)
-    const Tensor in = layer_input(x, hs, mask, l).reshape({TN, s.in_size(l)});
+    const Tensor in = view_of(layer_input(x, hs, mask, l).contiguous(), {TN, s.in_size(l)});
     BackwardLoop b;
     b.dy = dy;
     if (dhn_last) b.dhn = part(*dhn_last, 0, l * s.D, s.D);
@@ -301,8 +329,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     // dgh and dgi as (D*T*N, G*H) rows, and the loop's (D, T, N, G*H) views.
     const Tensor dgh_rows = buffer({s.D * TN, GH}, opt);
     const Tensor dgi_rows = split_grad ? buffer({s.D * TN, GH}, opt) : dgh_rows;
-    b.dgh = dgh_rows.view({s.D, s.T, s.N, GH});
-    if (split_grad) b.dgi = dgi_rows.view({s.D, s.T, s.N, GH});
+    b.dgh = view_of(dgh_rows, {s.D, s.T, s.N, GH});
+    if (split_grad) b.dgi = view_of(dgi_rows, {s.D, s.T, s.N, GH});
     if (s.proj) b.dhr = buffer({s.D, s.T, s.N, s.P}, opt);
     b.dh0 = part(r.grad_hx, 0, l * s.D, s.D);
     if (cell_state) b.dc0 = part(r.grad_cx, 0, l * s.D, s.D);
@@ -313,12 +341,12 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     } else {
       backward_recurrence(s.cell, b);
     }
-    Tensor din = l == 0 ? r.grad_input.view({TN, s.C}) : buffer({TN, s.DP()}, opt);
+    Tensor din = l == 0 ? view_of(r.grad_input, {TN, s.C}) : buffer({TN, s.DP()}, opt);
     const bool one_pass =
         few_rows && GH * (s.in_size(l) + s.P) * x.element_size() <= kFewGradBytes;
     if (one_pass) {
-      one_pass_weight_grads(s, l, weights, dgi_rows, dgh_rows, in, h0_rows.narrow(0, l * s.N, s.N),
-                            out.view({TN, s.P}), l > 0 || input_grad ? din : Tensor(),
+      one_pass_weight_grads(s, l, weights, dgi_rows, dgh_rows, in, part(h0_rows, 0, l * s.N, s.N),
+                            view_of(out, {TN, s.P}), l > 0 || input_grad ? din : Tensor(),
                             r.grad_weights);
     } else {
       for (int64_t d = 0; d < s.D; ++d) {
@@ -357,8 +385,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
   // unwritten and skip what makes them (for a single step, one of its four
   // GEMMs); they come back as zeros from every device.
   if (!state_grad) {
-    r.grad_hx.zero_();
-    if (cell_state) r.grad_cx.zero_();
+    zero_buffer(r.grad_hx);
+    if (cell_state) zero_buffer(r.grad_cx);
   }
   return r;
 }

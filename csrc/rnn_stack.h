@@ -13,6 +13,12 @@
 
 namespace fastrnn {
 
+// t's memory seen as a contiguous tensor of `sizes`, made without the
+// dispatcher (an alias with a version counter of its own, for the ops'
+// kernels below autograd; t contiguous, of as many elements): the shape a
+// time loop reads.
+at::Tensor shaped(const at::Tensor& t, at::IntArrayRef sizes);
+
 struct StackForward {
   at::Tensor output;         // (T, N, D*P)
   at::Tensor h_n;            // (L*D, N, P)

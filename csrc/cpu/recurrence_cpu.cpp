@@ -4,6 +4,7 @@
 // arithmetic and state carry, rounding only what is stored.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/alloc_cpu.h>
 
@@ -67,8 +68,10 @@ void advise_huge_pages(void* data, size_t bytes) {
 }  // namespace
 
 at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt) {
-  at::Tensor t = at::empty(sizes, opt);
-  if (t.is_cpu()) advise_huge_pages(t.data_ptr(), t.nbytes());
+  if (opt.device().type() != c10::DeviceType::CPU || opt.pinned_memory()) return at::empty(sizes, opt);
+  // Without the dispatcher: a small call's backward asks for a dozen.
+  at::Tensor t = at::detail::empty_cpu(sizes, opt);
+  advise_huge_pages(t.data_ptr(), t.nbytes());
   return t;
 }
 
