@@ -583,6 +583,10 @@ struct FusedBackward final : torch::autograd::Node {
     const bool input_grad = task_should_compute_output(0);
     const bool state_grad =
         task_should_compute_output(1) || (width == 2 && task_should_compute_output(2));
+    // As torch.nn's autograd, no weight's gradient where none is asked for
+    // (frozen weights, a gradient of the input alone).
+    bool weight_grad = false;
+    for (size_t i = 0; i < w.size(); ++i) weight_grad |= task_should_compute_output(1 + width + i);
     RECORD_FUNCTION("fastrnn::backward", std::vector<c10::IValue>());
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t T = s.T, N = s.N, H = s.H;
@@ -597,7 +601,7 @@ struct FusedBackward final : torch::autograd::Node {
         s, layer(x, T, s.C), layer(h0, 1, H),
         width == 2 ? optional<Tensor>(layer(c0, 1, H)) : std::nullopt, w, std::nullopt,
         std::nullopt, layer(output.unpack(getptr()), T, H), Tensor(), workspace.unpack(),
-        grad(dy, T), grad(dh, 1), grad(dc, 1), input_grad, state_grad);
+        grad(dy, T), grad(dh, 1), grad(dc, 1), input_grad, state_grad, weight_grad);
     const auto back = [&](const Tensor& g, const Tensor& like) {
       return step ? shaped(g, like.sizes()) : g;
     };

@@ -253,7 +253,7 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
                              const Tensor& hidden_states, const Tensor& workspace,
                              const optional<Tensor>& grad_output, const optional<Tensor>& grad_hn,
                              const optional<Tensor>& grad_cn, bool input_grad,
-                             bool state_grad) {
+                             bool state_grad, bool weight_grad) {
   const Tensor x = input.contiguous();           // (T, N, C)
   const Tensor h0 = hx.contiguous();             // (L*D, N, P)
   const Tensor c0 = cx ? cx->contiguous() : Tensor();  // (L*D, N, H)
@@ -342,8 +342,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
       backward_recurrence(s.cell, b);
     }
     Tensor din = l == 0 ? view_of(r.grad_input, {TN, s.C}) : buffer({TN, s.DP()}, opt);
-    const bool one_pass =
-        few_rows && GH * (s.in_size(l) + s.P) * x.element_size() <= kFewGradBytes;
+    const bool one_pass = weight_grad && few_rows &&
+                          GH * (s.in_size(l) + s.P) * x.element_size() <= kFewGradBytes;
     if (one_pass) {
       one_pass_weight_grads(s, l, weights, dgi_rows, dgh_rows, in, part(h0_rows, 0, l * s.N, s.N),
                             view_of(out, {TN, s.P}), l > 0 || input_grad ? din : Tensor(),
@@ -354,18 +354,21 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
         const CellWeights w = cell_weights(weights, s, l, d);
         const Tensor dgh_flat = part(dgh_rows, 0, d * TN, TN);  // (T*N, G*H)
         const Tensor dgi_flat = part(dgi_rows, 0, d * TN, TN);
-        r.grad_weights[k] = mm_buffer(dgi_flat.t(), in);
-        r.grad_weights[k + 1] = hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P),
-                                                   part(h0_rows, 0, (l * s.D + d) * s.N, s.N), d,
-                                                   first_step);
-        if (s.biases) {
-          r.grad_weights[k + 2] = dgi_flat.sum(0);
-          r.grad_weights[k + 3] = split_grad ? hidden_bias_grad(dgh_flat, r.grad_weights[k + 2], s)
-                                             : r.grad_weights[k + 2].clone();
-        }
-        if (s.proj) {
-          r.grad_weights[k + (s.biases ? 4 : 2)] =
-              at::mm(b.dhr[d].view({TN, s.P}).t(), projection_input(s, ws[l][d]));
+        if (weight_grad) {
+          r.grad_weights[k] = mm_buffer(dgi_flat.t(), in);
+          r.grad_weights[k + 1] = hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P),
+                                                     part(h0_rows, 0, (l * s.D + d) * s.N, s.N),
+                                                     d, first_step);
+          if (s.biases) {
+            r.grad_weights[k + 2] = dgi_flat.sum(0);
+            r.grad_weights[k + 3] = split_grad
+                                        ? hidden_bias_grad(dgh_flat, r.grad_weights[k + 2], s)
+                                        : r.grad_weights[k + 2].clone();
+          }
+          if (s.proj) {
+            r.grad_weights[k + (s.biases ? 4 : 2)] =
+                at::mm(b.dhr[d].view({TN, s.P}).t(), projection_input(s, ws[l][d]));
+          }
         }
         if (l > 0 || input_grad) {
           if (d == 0) {

@@ -63,7 +63,8 @@ struct StackBackward {
 
 // The gradients of every input of stack_forward from those of its outputs
 // (grad_output, grad_hn, grad_cn: none for zero) and what it returned
-// (hidden_states may be undefined for one layer).
+// (hidden_states may be undefined for one layer). Without weight_grad the
+// weights' gradients are not computed (and left undefined).
 StackBackward stack_backward(const Stack& s, const at::Tensor& input, const at::Tensor& hx,
                              const std::optional<at::Tensor>& cx, at::TensorList weights,
                              const std::optional<at::Tensor>& lengths,
@@ -73,7 +74,7 @@ StackBackward stack_backward(const Stack& s, const at::Tensor& input, const at::
                              const std::optional<at::Tensor>& grad_output,
                              const std::optional<at::Tensor>& grad_hn,
                              const std::optional<at::Tensor>& grad_cn, bool input_grad,
-                             bool state_grad);
+                             bool state_grad, bool weight_grad = true);
 
 // The stack's forward as plain differentiable ATen ops, one step at a time,
 // from the same cell definitions: what double backward differentiates, and

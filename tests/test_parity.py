@@ -441,3 +441,31 @@ def test_plain_call_node_keeps_autograds_rules(cell, options):
     small = leaf(3, 2, C, dtype=torch.float64)
     assert ours(small)[0].grad_fn.name() == "fastrnn::FusedBackward"
     assert torch.autograd.gradgradcheck(lambda v: ours(v)[0], (small,))
+
+
+@pytest.mark.parametrize("frozen", ["all", "weight_hh", "biases", "input_only"])
+@pytest.mark.parametrize("cell,options", PLAIN_CELLS)
+def test_plain_call_with_frozen_weights(cell, options, frozen):
+    """Where no weight needs a gradient (frozen, or only the input's asked
+    for) the node computes none, as torch.nn's autograd; where some do,
+    each is torch.nn's."""
+    ref, ours = pair(C, H, cell, dtype=torch.float64, **options)
+    x = leaf(T, N, C, dtype=torch.float64)
+    hx = initial_state(ref, N, dtype=torch.float64)
+    for m in (ref, ours):
+        for name, p in m.named_parameters():
+            if frozen == "all" or (frozen == "weight_hh" and name.startswith("weight_hh")) or \
+                    (frozen == "biases" and name.startswith("bias")):
+                p.requires_grad_(False)
+    grads = []
+    for m in (ref, ours):
+        y, finals = m(x, hx)
+        loss = (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + \
+            sum((f * 0.5).sum() for f in states(finals))
+        wanted = [x, *states(hx)]
+        if frozen != "input_only":
+            wanted += [p for p in m.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(loss, wanted))
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, **TOL[torch.float64])
