@@ -600,7 +600,8 @@ struct FusedBackward final : torch::autograd::Node {
     const StackBackward b = stack_backward(
         s, layer(x, T, s.C), layer(h0, 1, H),
         width == 2 ? optional<Tensor>(layer(c0, 1, H)) : std::nullopt, w, std::nullopt,
-        std::nullopt, layer(output.unpack(getptr()), T, H), Tensor(), workspace.unpack(),
+        std::nullopt, layer(output.unpack(), T, H), Tensor(),
+        s.Ws > 0 ? workspace.unpack() : Tensor(),
         grad(dy, T), grad(dh, 1), grad(dc, 1), input_grad, state_grad, weight_grad);
     const auto back = [&](const Tensor& g, const Tensor& like) {
       return step ? shaped(g, like.sizes()) : g;
@@ -632,7 +633,9 @@ void record_fused(CellKind cell, bool step, const Tensor& input, const Tensor& x
   node->step = step;
   node->width = width;
   const int64_t T = node->s.T, N = node->s.N, Ws = node->s.Ws;
-  const Tensor ws = at::detail::empty_cpu({1, 1, T, N, Ws}, x.scalar_type());
+  // A cell that keeps nothing for the backward (Elman's) has no workspace.
+  const Tensor ws = Ws > 0 ? Tensor(at::detail::empty_cpu({1, 1, T, N, Ws}, x.scalar_type()))
+                           : Tensor();
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     direct_forward(cell, x, h3[0], h3[1], weights, has_biases, y, hn, cn,
@@ -648,8 +651,14 @@ void record_fused(CellKind cell, bool step, const Tensor& input, const Tensor& x
   if (width == 2) node->c = SavedVariable(states[1], false);
   node->weights.reserve(weights.size());
   for (const Tensor& w : weights) node->weights.emplace_back(w, false);
-  node->output = SavedVariable(outputs[0], true);
-  node->workspace = SavedVariable(ws, false);
+  // The output as an alias without its grad_fn that shares its version
+  // counter: written in place after the call, it fails the backward as
+  // an output saved as one would, and unpacking it makes no new variable.
+  Tensor output = shaped(outputs[0], outputs[0].sizes());
+  output.unsafeGetTensorImpl()->set_version_counter(
+      outputs[0].unsafeGetTensorImpl()->version_counter());
+  node->output = SavedVariable(output, false);
+  if (Ws > 0) node->workspace = SavedVariable(ws, false);
   const decltype(node->getptr()) base = node;
   node_created(base);
 }

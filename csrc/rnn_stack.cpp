@@ -260,7 +260,9 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
   const Tensor y = output.contiguous();          // (T, N, D*P)
   // (L-1, T, N, D*P); for one layer, none is read (and may be undefined).
   const Tensor hs = s.L > 1 ? hidden_states.contiguous() : hidden_states;
-  const Tensor ws = workspace.contiguous();      // (L, D, T, N, Ws)
+  // (L, D, T, N, Ws); for a cell that keeps nothing (Ws == 0), none is read
+  // (and may be undefined).
+  const Tensor ws = s.Ws > 0 ? workspace.contiguous() : workspace;
   const optional<Tensor> lens = contiguous(lengths);
   const optional<Tensor> mask = contiguous(dropout_mask);
   const optional<Tensor> dhn = contiguous(grad_hn);  // (L*D, N, P)

@@ -248,6 +248,10 @@ def test_step_node_keeps_autograds_rules(ref_cls, our_cls, options):
         ours.weight_hh.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+    out = _outs(ours(x, hx))[0]
+    out.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
     packed = []
 

@@ -431,6 +431,10 @@ def test_plain_call_node_keeps_autograds_rules(cell, options):
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
     ours.load_state_dict(ref.state_dict())
+    y = ours(x)[0]
+    y[0].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
     grads = torch.randn(3, T, N, H, dtype=torch.float64)
     (got,) = torch.autograd.grad(ours(x)[0], x, grads, is_grads_batched=True)
