@@ -29,7 +29,8 @@ Tensor view_of(const Tensor& t, at::IntArrayRef sizes) {
 // t.zero_() of a buffer(); on the CPU without the dispatcher.
 void zero_buffer(const Tensor& t) {
   if (t.is_cpu() && t.is_contiguous()) {
-    std::memset(t.data_ptr(), 0, t.nbytes());
+    // An empty tensor's data may be null, which memset must not be given.
+    if (t.nbytes() > 0) std::memset(t.data_ptr(), 0, t.nbytes());
   } else {
     t.zero_();
   }
