@@ -388,20 +388,15 @@ bool plain_cpu(const Tensor& t, at::ScalarType dtype) {
 }
 
 // H for a forward of one layer, one direction, no projections, that the
-// CPU's own kernels can run without the dispatcher; 0 where it cannot. It
-// must be one that no backward can follow (no grad mode, or nothing
-// requiring grad) unless `graph` (the caller records the graph itself),
-// outside autocast, dispatch modes, the JIT tracer and transforms, on plain
-// CPU tensors of float or double, with input (..., C), C > 0, and the
-// cell's weights W_ih (G*H, C), W_hh (G*H, H) and with biases b_ih, b_hh
-// (G*H). The caller checks the states' shapes.
+// CPU's own kernels can run without the dispatcher (direct_call()); 0 where
+// it cannot. It must be outside autocast, dispatch modes, the JIT tracer
+// and transforms, on plain CPU tensors of float or double, with input
+// (..., C), C > 0, and the cell's weights W_ih (G*H, C), W_hh (G*H, H) and
+// with biases b_ih, b_hh (G*H). The caller checks the states' shapes.
 int64_t direct_hidden(CellKind cell, const Tensor& input, at::TensorList states,
-                      const std::vector<Tensor>& weights, bool has_biases, bool graph = false) {
+                      const std::vector<Tensor>& weights, bool has_biases) {
   const at::ScalarType dtype = input.scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return 0;
-  if (!graph && torch::autograd::GradMode::is_enabled() &&
-      any_tensor({input, states, weights}, wants_grad))
-    return 0;
   // The JIT tracer records ops as the dispatcher sees them.
   if (at::autocast::is_autocast_enabled(at::kCPU) || c10::impl::dispatch_mode_enabled() ||
       torch::jit::tracer::isTracing() || transform_active())
@@ -447,34 +442,6 @@ void direct_forward(CellKind cell, const Tensor& x, const Tensor& h0, const Tens
   a.cn = cn;
   a.saved = saved;
   forward_recurrence_cpu(cell, a);
-}
-
-// A cell's eager step that no backward can follow, by direct_forward():
-// without the op's dispatch, views and the outputs a step does not return
-// (its output is h_n, the hidden states, the workspace). Nothing where the
-// step is any other: the op then runs it, with every check and error.
-std::optional<std::vector<Tensor>> direct_step(CellKind cell, const Tensor& input,
-                                               const std::array<Tensor, 2>& h, int64_t width,
-                                               const std::vector<Tensor>& weights,
-                                               bool has_biases) {
-  const at::TensorList states(h.data(), width);
-  const int64_t H = direct_hidden(cell, input, states, weights, has_biases);
-  const bool batched = input.dim() == 2;
-  const int64_t N = batched ? input.size(0) : 1;
-  if (H == 0 || N == 0) return std::nullopt;
-  for (const Tensor& t : states)
-    if (t.dim() != input.dim() || t.size(0) != (batched ? N : H) || t.size(-1) != H)
-      return std::nullopt;
-  std::vector<Tensor> out;
-  for (const Tensor& t : states)
-    out.emplace_back(at::detail::empty_cpu(t.sizes(), t.scalar_type()));
-  // One step's output is its last state: the loop writes both, the same
-  // values, to the same memory.
-  const Tensor hn = shaped(out[0], {1, N, H});
-  direct_forward(cell, shaped(input, {1, N, input.size(-1)}), shaped(h[0], {1, N, H}),
-                 width == 2 ? shaped(h[1], {1, N, H}) : Tensor(), weights, has_biases, hn, hn,
-                 width == 2 ? shaped(out[1], {1, N, H}) : Tensor());
-  return out;
 }
 
 // g (a gradient of a step's states or a call's output) as a contiguous
@@ -533,7 +500,7 @@ void node_created(const P& node) {
 }
 
 // The autograd node of an eager call of one layer and direction, no
-// projections, on the CPU's own kernels: a cell's step (graph_step) or a
+// projections, on the CPU's own kernels: a cell's step (direct_step) or a
 // layer's plainest call (layer_forward). Its backward is the backward op's
 // (stack_backward) without an autograd Function's context, the
 // dispatcher, the op's argument checks and the views around a step. Its
@@ -663,15 +630,34 @@ void record_fused(CellKind cell, bool step, const Tensor& input, const Tensor& x
   node_created(base);
 }
 
-// A cell's eager step with a graph to record, on the CPU's own kernels
-// (direct_hidden's tensors) and a FusedBackward: the new states, or
-// nothing where the step is any other.
-std::optional<std::vector<Tensor>> graph_step(CellKind cell, const Tensor& input,
-                                              const std::array<Tensor, 2>& h, int64_t width,
-                                              const std::vector<Tensor>& weights,
-                                              bool has_biases) {
+// The forward of a call direct_hidden() allows, into y, hn (and cn) (see
+// record_fused): where a backward can follow (grad mode, and a tensor
+// requiring grad) with a FusedBackward recorded for it, else the kernel
+// alone (direct_forward()).
+void direct_call(CellKind cell, bool step, const Tensor& input, const Tensor& x,
+                 const std::array<Tensor, 2>& states, const std::array<Tensor, 2>& h3,
+                 int64_t width, const std::vector<Tensor>& weights, bool has_biases,
+                 const Tensor& y, const Tensor& hn, const Tensor& cn,
+                 std::vector<Tensor>& outputs) {
+  if (torch::autograd::GradMode::is_enabled() &&
+      any_tensor({input, at::TensorList(states.data(), width), weights}, wants_grad)) {
+    record_fused(cell, step, input, x, states, h3, width, weights, has_biases, y, hn, cn,
+                 outputs);
+  } else {
+    direct_forward(cell, x, h3[0], h3[1], weights, has_biases, y, hn, cn);
+  }
+}
+
+// A cell's eager step on the CPU's own kernels (direct_call()): without the
+// op's dispatch, views and the outputs a step does not return (its output
+// is h_n, the hidden states, the workspace). Nothing where the step is any
+// other: the op then runs it, with every check and error.
+std::optional<std::vector<Tensor>> direct_step(CellKind cell, const Tensor& input,
+                                               const std::array<Tensor, 2>& h, int64_t width,
+                                               const std::vector<Tensor>& weights,
+                                               bool has_biases) {
   const at::TensorList states(h.data(), width);
-  const int64_t H = direct_hidden(cell, input, states, weights, has_biases, /*graph=*/true);
+  const int64_t H = direct_hidden(cell, input, states, weights, has_biases);
   const bool batched = input.dim() == 2;
   const int64_t N = batched ? input.size(0) : 1;
   if (H == 0 || N == 0) return std::nullopt;
@@ -686,9 +672,9 @@ std::optional<std::vector<Tensor>> graph_step(CellKind cell, const Tensor& input
   // One step's output is its last state: the loop writes both, the same
   // values, to the same memory.
   const Tensor hn = shaped(out[0], {1, N, H});
-  record_fused(cell, /*step=*/true, input, shaped(input, {1, N, input.size(-1)}), h, h3, width,
-               weights, has_biases, hn, hn, width == 2 ? shaped(out[1], {1, N, H}) : Tensor(),
-               out);
+  direct_call(cell, /*step=*/true, input, shaped(input, {1, N, input.size(-1)}), h, h3, width,
+              weights, has_biases, hn, hn, width == 2 ? shaped(out[1], {1, N, H}) : Tensor(),
+              out);
   return out;
 }
 
@@ -719,7 +705,6 @@ std::vector<Tensor> cell_step(c10::string_view name, const Tensor& input,
   const KeepWorkspace keep(grad);
   if (grad && any_requires_grad(c) && !needs_steps(c) &&
       !at::autocast::is_autocast_enabled(input.device().type())) {
-    if (auto out = graph_step(cell, input, h, width, weights, has_biases)) return std::move(*out);
     // The autograd Function with the step's views inside it: no view nodes
     // in the graph, no dispatch to the op's autograd kernel.
     variable_list out = StackFunction::apply(static_cast<int64_t>(cell), c.input, c.hx, c.cx,
@@ -767,25 +752,13 @@ std::vector<Tensor> layer_forward(c10::string_view name, const Tensor& input,
     if (!same(w)) return {};
   if (num_layers == 1 && !bidirectional && proj_size == 0 && N > 0 &&
       direct_hidden(cell, x, hx, weights, has_biases) == hidden_size) {
-    // A call no backward can follow (a stream's step without grad) on the
-    // CPU kernels without the op's dispatch and outputs.
+    // A call of one layer and direction (a stream's step) on the CPU
+    // kernels without the op's dispatch and outputs (direct_call()).
     std::vector<Tensor> out = {buffer({T, N, hidden_size}, x.options())};
-    for (int64_t i = 0; i < width; ++i) out.push_back(at::empty({1, N, hidden_size}, x.options()));
-    direct_forward(cell, x, hx[0], width == 2 ? hx[1] : Tensor(), weights, has_biases, out[0],
-                   out[1], width == 2 ? out[2] : Tensor());
-    if (batch_first) out[0] = out[0].transpose(0, 1);
-    return out;
-  }
-  if (num_layers == 1 && !bidirectional && proj_size == 0 && N > 0 &&
-      torch::autograd::GradMode::is_enabled() &&
-      direct_hidden(cell, x, hx, weights, has_biases, /*graph=*/true) == hidden_size) {
-    // The same call with a graph to record (direct_hidden() passed it over
-    // without the graph): the same kernels and a FusedBackward.
-    std::vector<Tensor> out = {buffer({T, N, hidden_size}, x.options())};
-    for (int64_t i = 0; i < width; ++i) out.push_back(at::empty({1, N, hidden_size}, x.options()));
+    for (int64_t i = 0; i < width; ++i) out.push_back(buffer({1, N, hidden_size}, x.options()));
     const std::array<Tensor, 2> states = {hx[0], width == 2 ? hx[1] : Tensor()};
-    record_fused(cell, /*step=*/false, x, x, states, states, width, weights, has_biases, out[0],
-                 out[1], width == 2 ? out[2] : Tensor(), out);
+    direct_call(cell, /*step=*/false, x, x, states, states, width, weights, has_biases, out[0],
+                out[1], width == 2 ? out[2] : Tensor(), out);
     if (batch_first) out[0] = out[0].transpose(0, 1);
     return out;
   }
