@@ -89,12 +89,12 @@ void backward_recurrence(CellKind cell, const BackwardLoop& a);
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a);
 
 // at::empty(sizes, opt), asking for transparent huge pages where it is a CPU
-// buffer of several MB (recurrence_cpu.cpp): for buffers that grow with the
-// steps and the batch (outputs, workspace, gate gradients, packed weights).
+// buffer of several MB (recurrence_cpu.cpp), without the dispatcher.
 at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt);
 
-// buffer(sizes, opt) for a tensor that is handed to autograd and freed soon
-// after, each call again at the same size (a weight's gradient): on the CPU,
+// buffer(sizes, opt) for a tensor that is freed soon after and asked for
+// again at the same size by the next call (the output, the workspace, the
+// gate gradients, the packed weights, the weights' gradients): on the CPU,
 // from 256 KB, memory that an earlier one of the same size gave back where
 // there is some (recurrence_cpu.cpp), so that it is not faulted in afresh.
 at::Tensor recycled(at::IntArrayRef sizes, const at::TensorOptions& opt);

@@ -601,8 +601,7 @@ void record_fused(CellKind cell, bool step, const Tensor& input, const Tensor& x
   node->width = width;
   const int64_t T = node->s.T, N = node->s.N, Ws = node->s.Ws;
   // A cell that keeps nothing for the backward (Elman's) has no workspace.
-  const Tensor ws = Ws > 0 ? Tensor(at::detail::empty_cpu({1, 1, T, N, Ws}, x.scalar_type()))
-                           : Tensor();
+  const Tensor ws = Ws > 0 ? recycled({1, 1, T, N, Ws}, x.options()) : Tensor();
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     direct_forward(cell, x, h3[0], h3[1], weights, has_biases, y, hn, cn,
@@ -754,7 +753,7 @@ std::vector<Tensor> layer_forward(c10::string_view name, const Tensor& input,
       direct_hidden(cell, x, hx, weights, has_biases) == hidden_size) {
     // A call of one layer and direction (a stream's step) on the CPU
     // kernels without the op's dispatch and outputs (direct_call()).
-    std::vector<Tensor> out = {buffer({T, N, hidden_size}, x.options())};
+    std::vector<Tensor> out = {recycled({T, N, hidden_size}, x.options())};
     for (int64_t i = 0; i < width; ++i) out.push_back(buffer({1, N, hidden_size}, x.options()));
     const std::array<Tensor, 2> states = {hx[0], width == 2 ? hx[1] : Tensor()};
     direct_call(cell, /*step=*/false, x, x, states, states, width, weights, has_biases, out[0],

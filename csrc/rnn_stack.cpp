@@ -207,7 +207,7 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
   const auto opt = x.options();
   const bool cell_state = s.cell_state;
   StackForward r;
-  r.output = buffer({s.T, s.N, s.DP()}, opt);
+  r.output = recycled({s.T, s.N, s.DP()}, opt);
   r.h_n = buffer({s.L * s.D, s.N, s.P}, opt);
   if (cell_state) r.c_n = buffer({s.L * s.D, s.N, s.H}, opt);
   r.hidden_states = buffer({s.L - 1, s.T, s.N, s.DP()}, opt);
@@ -215,7 +215,7 @@ StackForward stack_forward(const Stack& s, const Tensor& input, const Tensor& hx
   // forward (42 MB for an LSTM of hidden 256, batch 64, 128 steps): where
   // nothing can read it, none (set_keep_workspace).
   const bool workspace = s.Ws > 0 && (keep_workspace || !cpu_loop(x));
-  r.workspace = workspace || s.Ws == 0 ? buffer({s.L, s.D, s.T, s.N, s.Ws}, opt)
+  r.workspace = workspace || s.Ws == 0 ? recycled({s.L, s.D, s.T, s.N, s.Ws}, opt)
                                        : at::zeros({1}, opt).expand({s.L, s.D, s.T, s.N, s.Ws});
   for (int64_t l = 0; l < s.L; ++l) {
     // The time loop computes the input term (input_term(), or in its GEMM)
@@ -330,11 +330,11 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     b.lengths = lens;
     b.state_grad = state_grad;
     // dgh and dgi as (D*T*N, G*H) rows, and the loop's (D, T, N, G*H) views.
-    const Tensor dgh_rows = buffer({s.D * TN, GH}, opt);
-    const Tensor dgi_rows = split_grad ? buffer({s.D * TN, GH}, opt) : dgh_rows;
+    const Tensor dgh_rows = recycled({s.D * TN, GH}, opt);
+    const Tensor dgi_rows = split_grad ? recycled({s.D * TN, GH}, opt) : dgh_rows;
     b.dgh = view_of(dgh_rows, {s.D, s.T, s.N, GH});
     if (split_grad) b.dgi = view_of(dgi_rows, {s.D, s.T, s.N, GH});
-    if (s.proj) b.dhr = buffer({s.D, s.T, s.N, s.P}, opt);
+    if (s.proj) b.dhr = recycled({s.D, s.T, s.N, s.P}, opt);
     b.dh0 = part(r.grad_hx, 0, l * s.D, s.D);
     if (cell_state) b.dc0 = part(r.grad_cx, 0, l * s.D, s.D);
     if (s.N == 0) {
@@ -344,7 +344,7 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
     } else {
       backward_recurrence(s.cell, b);
     }
-    Tensor din = l == 0 ? view_of(r.grad_input, {TN, s.C}) : buffer({TN, s.DP()}, opt);
+    Tensor din = l == 0 ? view_of(r.grad_input, {TN, s.C}) : recycled({TN, s.DP()}, opt);
     const bool one_pass = weight_grad && few_rows &&
                           GH * (s.in_size(l) + s.P) * x.element_size() <= kFewGradBytes;
     if (one_pass) {

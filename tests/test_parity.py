@@ -374,12 +374,61 @@ def test_initial_state_without_grad_changes_no_other_gradient(cell, options, rou
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_buffers_of_32_mb_and_more(cell):
     """A long batch whose workspace and gate gradients pass 32 MB (42 and
-    34 MB for the LSTM), allocated with a request for huge pages
-    (recurrence_cpu.cpp, buffer()), and whose packed weights (1 MB) are
-    packed by both threads, a range of panels each: results as torch.nn's."""
+    34 MB for the LSTM), taken afresh with a request for huge pages or out
+    of the freed blocks (recurrence_cpu.cpp, recycled()), and whose packed
+    weights (1 MB) are packed by both threads, a range of panels each:
+    results as torch.nn's."""
     ref, ours = pair(32, 256, cell)
     x = leaf(128, 64, 32, scale=0.5)
     compare(ref, ours, x)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_buffers_in_recycled_memory_stay_apart(cell, num_layers, bidirectional):
+    """A CPU call's buffers of 256 KB or more (output, workspace, gate
+    gradients, packed weights) come from memory that earlier ones gave back
+    (recurrence_cpu.cpp, recycled()): two graphs alive at once, their
+    backwards run in the other order, give torch.nn's values; an output
+    still held is not handed out again; an output resizes as one of
+    empty() does."""
+    dtype = torch.float64
+    ref, ours = pair(32, 256, cell, num_layers=num_layers, bidirectional=bidirectional,
+                     dtype=dtype)
+    xs = [leaf(40, 8, 32, dtype=dtype) for _ in range(3)]
+    params = [list(m.parameters()) for m in (ref, ours)]
+
+    def grads(module, weights):
+        ys = [module(x)[0] for x in xs[:2]]
+        kept = [y.detach().clone() for y in ys]
+        got = []
+        for x, y in zip(xs[1::-1], ys[::-1]):
+            w = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+            got.append(torch.autograd.grad((y * w).sum(), [x] + weights))
+        # Both outputs as written, though the other call and both backwards
+        # ran since.
+        for y, k in zip(ys, kept):
+            assert torch.equal(y.detach(), k)
+        return ys, got
+
+    with fastrnn.kernels(cpu_packing="always"):
+        expected = grads(ref, params[0])
+        got = grads(ours, params[1])
+        assert ours.last_path == "fused"
+    assert got[0][0].untyped_storage().nbytes() >= 256 << 10
+    assert got[0][0].data_ptr() != got[0][1].data_ptr()
+    for a, b in zip(expected[0], got[0]):
+        torch.testing.assert_close(b, a, **TOL[dtype])
+    for ga, gb in zip(expected[1], got[1]):
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(b, a, **TOL[dtype])
+    # A third call while the first two outputs are alive: memory of its own.
+    with torch.no_grad():
+        y3 = ours(xs[2])[0]
+    assert y3.data_ptr() not in {y.data_ptr() for y in got[0]}
+    values = y3.clone()
+    y3.resize_(2 * y3.numel())
+    assert torch.equal(y3[:values.numel()], values.view(-1))
 
 
 # The layers' cells without projections: a plain call of one of them (one

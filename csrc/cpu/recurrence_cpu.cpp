@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <omp.h>
@@ -78,17 +79,20 @@ at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt) {
 namespace {
 
 // Freed blocks of CPU memory by size, for recycled(): a weight's gradient is
-// handed to autograd, added into .grad and freed, and the next backward asks
-// for one of the same size. glibc returns such a block to the kernel (past
-// its mmap threshold, or trimming the heap's top), and the next one is
-// faulted in a page at a time: GRUCell(256, 512) forward+backward at batch 1
-// took 27-107 minor faults a call, 20-25% of its time (785-992 us without
-// them, against 992-1433). Up to kCacheBytes in all and kPerSize blocks of
+// handed to autograd, added into .grad and freed, the workspace and the gate
+// gradients live until the backward, the packed weights for a call, and the
+// next call asks for each again at the same size. glibc returns such a
+// block to the kernel (past its mmap threshold, or trimming the heap's top),
+// and the next one is faulted in a page at a time: GRUCell(256, 512)
+// forward+backward at batch 1 took 27-107 minor faults a call, 20-25% of its
+// time (785-992 us without them, against 992-1433), and LSTM(32, 256) at
+// batch 64, 128 steps about 10700 (its workspace and gate gradients are 34
+// MB each), 10-15% of it. Up to kCacheBytes in all and kPerSize blocks of
 // one size are kept; a block past that is freed. One instance, never
 // destroyed: a tensor may outlive static destruction.
 class BlockCache {
  public:
-  static constexpr size_t kCacheBytes = size_t{64} << 20, kPerSize = 4;
+  static constexpr size_t kCacheBytes = size_t{256} << 20, kPerSize = 4;
 
   static BlockCache& instance() {
     static BlockCache* cache = new BlockCache();
@@ -145,8 +149,14 @@ at::Tensor recycled(at::IntArrayRef sizes, const at::TensorOptions& opt) {
     p = c10::alloc_cpu(bytes);
     advise_huge_pages(p, bytes);
   }
-  return at::from_blob(p, sizes, [bytes](void* q) { BlockCache::instance().give(q, bytes); },
-                       opt);
+  // Resizable as a tensor of empty() is: a resize_() that grows it takes
+  // new memory from the CPU allocator and gives the block back.
+  return at::for_blob(p, sizes)
+      .deleter([bytes](void* q) { BlockCache::instance().give(q, bytes); })
+      .options(opt)
+      .resizeable_storage()
+      .allocator(c10::GetCPUAllocator())
+      .make_tensor();
 }
 
 namespace {
@@ -219,7 +229,7 @@ at::Tensor packed(const Table<S, Cell>& k, const std::array<at::Tensor, 2>& w, i
                   int64_t sk, int64_t sc, int64_t K, int64_t J, int64_t blocks) {
   if (!w[0].defined()) return at::Tensor();
   const int64_t Jp = blocks * k.padded_width(J);
-  at::Tensor out = buffer({D, K, Jp}, w[0].options());
+  at::Tensor out = recycled({D, K, Jp}, w[0].options());
   // Column ranges of kPackColumns, a multiple of every panel width, about
   // 256 KB of a matrix with K of 1024.
   constexpr int64_t kPackColumns = 64;
@@ -315,7 +325,7 @@ std::vector<at::Tensor> packed_slices(const Table<S, Cell>& k, const std::array<
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t i = 0; i < parts; ++i) {
       const int64_t J = std::max<int64_t>(b[i + 1] - b[i], 1);
-      out.push_back(at::empty({K, blocks * k.padded_width(J)}, w[0].options()));
+      out.push_back(recycled({K, blocks * k.padded_width(J)}, w[0].options()));
     }
   }
   at::parallel_for(0, D * parts, 1, [&](int64_t begin, int64_t end) {
