@@ -374,10 +374,9 @@ def test_initial_state_without_grad_changes_no_other_gradient(cell, options, rou
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_buffers_of_32_mb_and_more(cell):
     """A long batch whose workspace and gate gradients pass 32 MB (42 and
-    34 MB for the LSTM), taken afresh with a request for huge pages or out
-    of the freed blocks (recurrence_cpu.cpp, recycled()), and whose packed
-    weights (1 MB) are packed by both threads, a range of panels each:
-    results as torch.nn's."""
+    34 MB for the LSTM), taken afresh or out of the freed blocks
+    (recurrence_cpu.cpp, recycled()), and whose packed weights (1 MB) are
+    packed by both threads, a range of panels each: results as torch.nn's."""
     ref, ours = pair(32, 256, cell)
     x = leaf(128, 64, 32, scale=0.5)
     compare(ref, ours, x)
