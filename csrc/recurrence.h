@@ -95,8 +95,9 @@ at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt);
 // buffer(sizes, opt) for a tensor that is freed soon after and asked for
 // again at the same size by the next call (the output, the workspace, the
 // gate gradients, the packed weights, the weights' gradients): on the CPU,
-// from 256 KB, memory that an earlier one of the same size gave back where
-// there is some (recurrence_cpu.cpp), so that it is not faulted in afresh.
+// not pinned, from 256 KB, memory that an earlier one of the same size gave
+// back where there is some (recurrence_cpu.cpp), so that it is not faulted
+// in afresh.
 at::Tensor recycled(at::IntArrayRef sizes, const at::TensorOptions& opt);
 
 // Whether the CPU's own kernels run the time loop of t (no device claims it).

@@ -142,7 +142,10 @@ at::Tensor recycled(at::IntArrayRef sizes, const at::TensorOptions& opt) {
   constexpr size_t kMinBytes = size_t{256} << 10;
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
                        c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
-  if (opt.device().type() != c10::DeviceType::CPU || bytes < kMinBytes) return buffer(sizes, opt);
+  // Where buffer() leaves the CPU allocator (another device, pinned memory),
+  // its tensor as it is.
+  if (opt.device().type() != c10::DeviceType::CPU || opt.pinned_memory() || bytes < kMinBytes)
+    return buffer(sizes, opt);
   BlockCache& cache = BlockCache::instance();
   void* p = cache.take(bytes);
   // A block taken afresh is not advised into huge pages as buffer()'s are:
