@@ -82,12 +82,18 @@ const DeviceInfo& device_info(int device) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(device);
   if (it != cache.end()) return it->second;
-  int smem = 0, sms = 0, major = 0, cooperative = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
-  return cache.emplace(device, DeviceInfo{smem, sms, major, cooperative != 0}).first->second;
+  // Each field by name: the positional form once swapped the two counts.
+  const auto attribute = [device](cudaDeviceAttr what) {
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, what, device));
+    return value;
+  };
+  DeviceInfo info{};
+  info.sms = attribute(cudaDevAttrMultiProcessorCount);
+  info.smem_optin = attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  info.major = attribute(cudaDevAttrComputeCapabilityMajor);
+  info.cooperative = attribute(cudaDevAttrCooperativeLaunch) != 0;
+  return cache.emplace(device, info).first->second;
 }
 
 // The device as the chooser sees it, for the kernels of one cell and type:
