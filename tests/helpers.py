@@ -133,6 +133,9 @@ def compare(ref, ours, x, hx=None):
     checks that ours ran its fused kernel and matches; below float64, against
     a float64 run of ref as well."""
     data = x.data if isinstance(x, PackedSequence) else x
+    # Both layers run on x: a graph in front of it would be freed by the
+    # first backward, and its gradient would not be the one compared.
+    assert data.is_leaf, "compare() takes a leaf input (pack a detached tensor, then make its data the leaf)"
     expected = run(ref, x, hx)
     got = run(ours, x, hx)
     assert ours.last_path == "fused"

@@ -39,7 +39,12 @@ def check_path(path, cell, options, hidden, lengths):
                      bidirectional=True, **options)
     x = leaf(9, 4, 7, device="cuda", dtype=torch.float64)
     if lengths is not None:
-        x = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        # The packed data is the leaf: compare() runs both layers on the same
+        # input, and a graph from x through the packing would be freed by
+        # the first one's backward.
+        p = pack_padded_sequence(x.detach(), torch.tensor(lengths), enforce_sorted=False)
+        x = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                           p.unsorted_indices)
     compare(ref, ours, x)
     assert fastrnn.last_cuda_path() == path
     assert fastrnn.last_cuda_path(backward=True) == path  # on autograd's thread
