@@ -261,6 +261,22 @@ def test_choice_follows_the_problem():
     assert choose("lstm", True, 64, 8, 64, 32, 1, 4, True, "auto", 0)[0] == "step"
 
 
+@pytest.mark.parametrize("cell,hidden,batch,path", [
+    ("rnn_tanh", 1024, 8, "grid"),    # 2^23 multiply-adds a step
+    ("rnn_tanh", 1024, 16, "grid"),   # 2^24
+    ("rnn_tanh", 1024, 20, "grid"),   # 5 * 2^22, the bound
+    ("rnn_tanh", 1024, 21, "step"),
+    ("lstm", 512, 8, "grid"),         # 2^23
+    ("gru", 1024, 8, "step"),         # 3 * 2^23
+    ("lstm", 1024, 8, "step"),        # 2^25
+])
+def test_grid_path_up_to_its_measured_bound(cell, hidden, batch, path):
+    """Automatic mode takes the grid path, where W_hh fits the device, up to
+    5 * 2^22 multiply-adds a step: on an H200 the step path's GEMM was
+    faster from about 2^24.4 on (docs/h200/paths.json)."""
+    assert choose(cell, True, 512, batch, hidden, hidden, 1, 4, False, "auto", 0)[0] == path
+
+
 def test_backward_path_is_seen_from_any_thread():
     """autograd runs a CUDA backward on a thread of its own: the backward's
     path is recorded for every thread to read, the forward's per thread."""

@@ -34,12 +34,17 @@ int64_t dot_chunks_of(const Problem& pr) {
 // are bound by shared-memory reads, at a quarter (one row a thread) to a
 // half (tiles of four rows) of the multiprocessors' multiply-add rate, where
 // cuBLAS runs near that rate but pays a few launches a step (a few
-// microseconds): past about 2^25 multiply-adds a step (an Elman layer of
-// hidden 1024 at batch 32) the per-step GEMM is expected to win. A model, to
-// be checked against bench/gpu_check.sh's forced-path timings.
+// microseconds), so past some multiply-adds a step the per-step GEMM wins.
+// On an H200 (bench/gpu_check.sh's forced paths, float32, 512 steps,
+// docs/h200/paths.json) the grid's forward against the step path's: 2^23 a
+// step (RNN 1024, batch 8) 4.3 against 9.1 ms, 2^24 (LSTM 256, batch 64)
+// 8.2 against 11.2, 2^25 (LSTM 1024, batch 8; the grid as the automatic
+// choice ran it, forced it refuses the backward) 13.2 against 8.6, 2^26
+// (RNN 1024, batch 64) 12.8 against 9.5: the crossing lies near 2^24.4, and
+// the bound is 5 * 2^22.
 bool grid_pays(const Problem& pr) {
   const int64_t G = with_cell(pr.cell, [](auto c) { return int64_t{decltype(c)::kGates}; });
-  return pr.D * pr.N * G * pr.H * pr.P <= (int64_t(1) << 25);
+  return pr.D * pr.N * G * pr.H * pr.P <= (int64_t(5) << 22);
 }
 
 Launch make_launch(const Problem& pr, Path path, int64_t rows, int64_t size, int64_t share) {
