@@ -17,7 +17,9 @@
 # torch.nn in float64; the CUDA tests (parity on CUDA, then
 # tests/test_cuda.py, whose grid-path tests come last); compute-sanitizer
 # memcheck, synccheck and racecheck on small calls of every path and cell
-# plus the near-full-shared-memory configurations; the benchmark in float32,
+# plus the near-full-shared-memory configurations; the benchmark in float32;
+# Nsight Compute on the shapes where cuDNN was faster (bench/profile_case.py;
+# the dry run runs those calls through the emulator); the benchmark with
 # each path forced in turn, and in bfloat16.
 #
 # GPU_CHECK_BUDGET (seconds, default 540; 3600 for the dry run) bounds the
@@ -209,6 +211,17 @@ if [[ $DRY == 1 ]]; then
 else
   step "benchmark float32" 120 30 "${BENCH[@]}" --seconds 0.2 --json "$OUT_DIR/bench_float32.json" \
     --plot "$OUT_DIR/speedup_float32.png"
+fi
+# Where the time of a step goes on the shapes where cuDNN beat the
+# single-kernel paths on an H200 (bench/profile_case.py): Nsight Compute's
+# stall reasons for one launch of each, the clocks left as they are.
+if [[ $DRY == 1 ]]; then
+  step "profile (ncu)" 60 5 "$PY" bench/profile_case.py --emulate
+else
+  step "profile (ncu)" 90 20 ncu --clock-control none --kernel-name-base demangled \
+    --kernel-name "regex:(persistent|cluster)_kernel" --launch-count 3 --section SpeedOfLight \
+    --section Occupancy --section SchedulerStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis "$PY" bench/profile_case.py
 fi
 # The same shapes with each path forced: the thresholds of the automatic choice.
 for path in persistent cluster grid step; do

@@ -54,7 +54,7 @@ def test_dry_run_passes_every_step(tmp_path):
     assert [s["step"] for s in v["steps"]] == [
         "environment", "build (checked)", "smoke: persistent", "smoke: cluster", "smoke: grid", "smoke: step",
         "CUDA tests", "compute-sanitizer memcheck", "compute-sanitizer synccheck",
-        "compute-sanitizer racecheck", "benchmark float32", "benchmark: persistent forced",
+        "compute-sanitizer racecheck", "benchmark float32", "profile (ncu)", "benchmark: persistent forced",
         "benchmark: cluster forced", "benchmark: grid forced", "benchmark: step forced",
         "benchmark bfloat16"]
     assert v["dry_run"] is True and v["budget_s"] == 3600
@@ -76,7 +76,7 @@ def test_steps_that_do_not_fit_the_budget_are_skipped(tmp_path):
     proc = dry_run(tmp_path, budget=3)
     v = verdict(tmp_path)
     assert proc.returncode == 1 and v["verdict"] == "INCOMPLETE"
-    assert {s["status"] for s in v["steps"]} == {"SKIPPED"} and len(v["steps"]) == 16
+    assert {s["status"] for s in v["steps"]} == {"SKIPPED"} and len(v["steps"]) == 17
     assert "=== verdict: INCOMPLETE" in (tmp_path / "gpu_check.log").read_text()
 
 
