@@ -114,6 +114,9 @@ def parse_args(argv):
     p.add_argument("--retries", type=int, default=None,
                    help="re-measurements of a noisy row (default 2, 1 with --quick)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads before timing")
+    p.add_argument("--no-tf32", action="store_true",
+                   help="CUDA: float32 products in float32 on both sides (torch.backends.cudnn."
+                        "allow_tf32 and cuda.matmul.allow_tf32 off; cuDNN may use TF32 by default)")
     p.add_argument("--roofline", action="store_true",
                    help="CPU: measure this machine's float32 multiply-add peak with a probe of "
                    "twelve FMA chains before and after the rows, and report each side's "
@@ -385,6 +388,10 @@ def environment(args):
     if args.device == "cuda":
         env["device_name"] = torch.cuda.get_device_name()
         env["cudnn"] = torch.backends.cudnn.version()
+        # Whether torch.nn's float32 layers (cuDNN) may use TF32 tensor
+        # cores, and whether fastrnn's GEMMs (cuBLAS through ATen) may.
+        env["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        env["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return env
 
 
@@ -614,6 +621,9 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     env = environment(args)
     cases = [(cell, shape) for cell in args.cell for shape in shapes(args)]
     if args.emulate_cuda:

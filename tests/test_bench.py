@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 import fastrnn
 from fastrnn import _ops, bench
@@ -291,3 +292,17 @@ def test_calls_report_times_cells_and_one_step_layers(tmp_path, capsys, monkeypa
                 assert r["vs_onnxruntime"] == pytest.approx(r["onnxruntime_us"] / r["fastrnn_us"])
     out = capsys.readouterr().out
     assert "| LSTMCell 5, 8, batch 3 |" in out and "| GRU 5, 8, one step |" in out
+
+
+def test_no_tf32_turns_tf32_off_for_both_sides(tmp_path):
+    """--no-tf32: torch.nn's cuDNN layers and the GEMMs in plain float32 for
+    the run (cuDNN may use TF32 tensor cores for float32 by default)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        assert bench.main(TINY + ["--cell", "rnn", "--no-tf32", "--json", str(tmp_path / "b.json"),
+                                  "--plot", ""]) == 0
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
