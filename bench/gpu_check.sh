@@ -19,8 +19,9 @@
 # memcheck, synccheck and racecheck on small calls of every path and cell
 # plus the near-full-shared-memory configurations; the benchmark in float32;
 # Nsight Compute on the shapes where cuDNN was faster (bench/profile_case.py;
-# the dry run runs those calls through the emulator); the benchmark with
-# each path forced in turn, and in bfloat16.
+# the dry run runs those calls through the emulator); float32 with TF32 off
+# on both sides; the benchmark with each path forced in turn, and in
+# bfloat16.
 #
 # GPU_CHECK_BUDGET (seconds, default 540; 3600 for the dry run) bounds the
 # whole run: each step gets at most what is left, and a step that no longer
@@ -31,9 +32,10 @@
 # timeout, SIGTERM), an EXIT trap writes the verdict table (step, PASS, FAIL,
 # TIMEOUT, BUDGET or SKIPPED, exit status, seconds; INTERRUPTED for a step
 # cut by a signal) as the last lines of $OUT/gpu_check.log and as
-# $OUT/verdict.json. $OUT (default bench-results/gpu) receives at most 6
+# $OUT/verdict.json. $OUT (default bench-results/gpu) receives at most 7
 # files: gpu_check.log, verdict.json, bench_float32.json,
-# speedup_float32.png, paths.json, bench_bfloat16.json.
+# speedup_float32.png, bench_float32_no_tf32.json, paths.json,
+# bench_bfloat16.json.
 # Exit status: 0 when every step passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -222,6 +224,17 @@ else
     --kernel-name "regex:(persistent|cluster)_kernel" --launch-count 3 --section SpeedOfLight \
     --section Occupancy --section SchedulerStats --section WarpStateStats \
     --section MemoryWorkloadAnalysis "$PY" bench/profile_case.py
+fi
+# Float32 against torch.nn with TF32 off on both sides: cuDNN may run a
+# float32 layer on TF32 tensor cores by default, fastrnn's products are
+# float32 (its GEMMs follow torch.backends.cuda.matmul.allow_tf32, off by
+# default).
+if [[ $DRY == 1 ]]; then
+  step "benchmark float32, no TF32" 30 5 "${BENCH[@]}" --cell rnn --no-named --no-tf32 \
+    --json "$OUT_DIR/bench_float32_no_tf32.json" --plot ""
+else
+  step "benchmark float32, no TF32" 45 10 "${BENCH[@]}" --no-named --no-tf32 --hidden 64,256,1024 \
+    --batch 8,64 --seconds 0.1 --min-reps 3 --retries 0 --json "$OUT_DIR/bench_float32_no_tf32.json" --plot ""
 fi
 # The same shapes with each path forced: the thresholds of the automatic choice.
 for path in persistent cluster grid step; do

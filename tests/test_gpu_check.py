@@ -54,12 +54,14 @@ def test_dry_run_passes_every_step(tmp_path):
     assert [s["step"] for s in v["steps"]] == [
         "environment", "build (checked)", "smoke: persistent", "smoke: cluster", "smoke: grid", "smoke: step",
         "CUDA tests", "compute-sanitizer memcheck", "compute-sanitizer synccheck",
-        "compute-sanitizer racecheck", "benchmark float32", "profile (ncu)", "benchmark: persistent forced",
+        "compute-sanitizer racecheck", "benchmark float32", "profile (ncu)", "benchmark float32, no TF32",
+        "benchmark: persistent forced",
         "benchmark: cluster forced", "benchmark: grid forced", "benchmark: step forced",
         "benchmark bfloat16"]
     assert v["dry_run"] is True and v["budget_s"] == 3600
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["bench_bfloat16.json", "bench_float32.json", "gpu_check.log", "paths.json",
+    assert files == ["bench_bfloat16.json", "bench_float32.json", "bench_float32_no_tf32.json",
+                     "gpu_check.log", "paths.json",
                      "speedup_float32.png", "verdict.json"]
     paths = json.loads((tmp_path / "paths.json").read_text())
     assert {name: {r["cuda_path"] for r in report["results"]} for name, report in paths.items()} == {
@@ -76,7 +78,7 @@ def test_steps_that_do_not_fit_the_budget_are_skipped(tmp_path):
     proc = dry_run(tmp_path, budget=3)
     v = verdict(tmp_path)
     assert proc.returncode == 1 and v["verdict"] == "INCOMPLETE"
-    assert {s["status"] for s in v["steps"]} == {"SKIPPED"} and len(v["steps"]) == 17
+    assert {s["status"] for s in v["steps"]} == {"SKIPPED"} and len(v["steps"]) == 18
     assert "=== verdict: INCOMPLETE" in (tmp_path / "gpu_check.log").read_text()
 
 
