@@ -19,10 +19,10 @@ import sys
 import torch
 
 import fastrnn
+from fastrnn.bench import layer_classes
 
 # (cell, hidden, batch, path); input 32.
 CASES = (("rnn", 64, 8, "persistent"), ("lstm", 64, 8, "persistent"), ("rnn", 256, 8, "cluster"))
-LAYERS = {"rnn": fastrnn.RNN, "lstm": fastrnn.LSTM}
 
 
 def main(argv):
@@ -32,7 +32,7 @@ def main(argv):
     for cell, hidden, batch, path in CASES:
         if emulate:
             hidden = min(hidden, 16)
-        m = LAYERS[cell](32, hidden, backend="fused", device=device)
+        m = layer_classes(cell)[1](32, hidden, backend="fused", device=device)
         x = torch.randn(steps, batch, 32, device=device)
         with torch.no_grad(), fastrnn.kernels(cuda_path=path, emulate_cuda=True if emulate else None):
             y, _ = m(x)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
 
@@ -116,6 +116,15 @@ def assert_close_all(a, b, dtype, truth=None):
         err = (q.to(torch.float64) - r).abs().max().item() if r.numel() else 0.0
         bound = 2 * err_ref + 1e-5 * (r.abs().max().item() if r.numel() else 0.0)
         assert err <= bound, f"{name}: error {err:.3g} against float64, torch.nn's {err_ref:.3g}"
+
+
+def packed_leaf(x, lengths, enforce_sorted=False, batch_first=False):
+    """x packed by `lengths`, its packed data a fresh leaf: the input that
+    compare() and run() take gradients of."""
+    p = pack_padded_sequence(x.detach(), torch.as_tensor(lengths), batch_first=batch_first,
+                             enforce_sorted=enforce_sorted)
+    return PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
+                          p.unsorted_indices)
 
 
 def double(x):

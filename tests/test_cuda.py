@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from helpers import CELLS, CUDA, LAYERS, compare, initial_state, leaf, pair, run
+from helpers import CELLS, CUDA, LAYERS, compare, initial_state, leaf, packed_leaf, pair, run
 
 pytestmark = CUDA
 
@@ -42,9 +42,7 @@ def check_path(path, cell, options, hidden, lengths):
         # The packed data is the leaf: compare() runs both layers on the same
         # input, and a graph from x through the packing would be freed by
         # the first one's backward.
-        p = pack_padded_sequence(x.detach(), torch.tensor(lengths), enforce_sorted=False)
-        x = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                           p.unsorted_indices)
+        x = packed_leaf(x, lengths)
     compare(ref, ours, x)
     assert fastrnn.last_cuda_path() == path
     assert fastrnn.last_cuda_path(backward=True) == path  # on autograd's thread
@@ -109,13 +107,18 @@ def test_gradcheck_on_cuda(cell):
     assert torch.autograd.gradcheck(f, (x, *states))
 
 
-@pytest.mark.parametrize("cell,options", KERNEL_CELLS)
-def test_deterministic_bits(cuda_path, cell, options):
+def check_same_bits(cell, options):
+    """Two calls give the same output, final states and gradients, bit for bit."""
     _, ours = pair(16, 48, cell, device="cuda", num_layers=2, bidirectional=True, **options)
     x = leaf(40, 5, 16, device="cuda")
     a, b = run(ours, x), run(ours, x)
     for p, q in zip([a[0], *a[1], *a[2]], [b[0], *b[1], *b[2]]):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cell,options", KERNEL_CELLS)
+def test_deterministic_bits(cuda_path, cell, options):
+    check_same_bits(cell, options)
 
 
 @pytest.mark.parametrize("cell", list(LAYERS))
@@ -207,8 +210,4 @@ def test_zz_grid_path_deterministic(grid_path, cell, options):
     """The same bits on every call. (Unlike the other paths, the grid path
     waits for the device after each launch: it reads its barrier's abort
     flag there, to raise on a timeout instead of returning garbage.)"""
-    _, ours = pair(16, 48, cell, device="cuda", num_layers=2, bidirectional=True, **options)
-    x = leaf(40, 5, 16, device="cuda")
-    a, b = run(ours, x), run(ours, x)
-    for p, q in zip([a[0], *a[1], *a[2]], [b[0], *b[1], *b[2]]):
-        assert torch.equal(p, q)
+    check_same_bits(cell, options)

@@ -9,10 +9,9 @@ path choice itself, a pure function of a model of the device."""
 
 import pytest
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from helpers import CELLS, compare, initial_state, leaf, pair, pairwise
+from helpers import CELLS, compare, initial_state, leaf, packed_leaf, pair, pairwise
 
 pytestmark = pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
 
@@ -26,10 +25,7 @@ def emulated(path=None, blocks=0):
 
 
 def packed_input(T, lengths, C, dtype=torch.float64):
-    x = torch.randn(T, len(lengths), C, dtype=dtype)
-    p = pack_padded_sequence(x, torch.as_tensor(lengths), enforce_sorted=False)
-    return PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                          p.unsorted_indices)
+    return packed_leaf(torch.randn(T, len(lengths), C, dtype=dtype), lengths)
 
 
 @pairwise("bidirectional,hidden,dtype,path", [False, True], [1, 7, 33],

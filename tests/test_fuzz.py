@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
-from helpers import CELLS, DEVICES, compare, initial_state, pair
+from helpers import CELLS, DEVICES, compare, initial_state, packed_leaf, pair
 
 EXAMPLES = int(os.environ.get("FASTRNN_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
@@ -66,9 +66,7 @@ def build_input(c, device):
     x = torch.randn(*shape, generator=g, dtype=dt).to(device)
     if layout == "packed":
         lengths = torch.randint(1, T + 1, (N,), generator=g)
-        p = pack_padded_sequence(x, lengths, batch_first=c["batch_first"], enforce_sorted=False)
-        return PackedSequence(p.data.detach().requires_grad_(), p.batch_sizes, p.sorted_indices,
-                              p.unsorted_indices), lengths
+        return packed_leaf(x, lengths, batch_first=c["batch_first"]), lengths
     return x.requires_grad_(), None
 
 

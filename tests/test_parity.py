@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastrnn
 from helpers import (CELLS, DEVICES, TOL, assert_backward_twice_needs_retain_graph, compare,
-                     initial_state, leaf, pair, pairwise, run, states)
+                     initial_state, leaf, packed_leaf, pair, pairwise, run, states)
 
 T, N, C, H = 7, 3, 5, 6
 
@@ -75,9 +75,7 @@ def test_packed(cell, options, device, dtype, enforce_sorted, with_h0, bidirecti
                      bidirectional=bidirectional, **options)
     lengths = [7, 7, 4, 2, 1] if enforce_sorted else [3, 7, 1, 7, 5]
     x = torch.randn(T, len(lengths), C, device=device, dtype=dtype)
-    p = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=enforce_sorted)
-    packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                            p.unsorted_indices)
+    packed = packed_leaf(x, lengths, enforce_sorted=enforce_sorted)
     h0 = initial_state(ref, len(lengths), device, dtype) if with_h0 else None
     compare(ref, ours, packed, h0)
     out, _ = ours(packed, h0)
@@ -249,9 +247,7 @@ def test_small_calls_one_pass_weight_gradients(cell, options, layers, steps, bat
         return
     lens = torch.randint(1, steps + 1, (batch,))
     lens[0] = steps
-    p = pack_padded_sequence(torch.randn(steps, batch, 5, dtype=dtype), lens, enforce_sorted=False)
-    packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                            p.unsorted_indices)
+    packed = packed_leaf(torch.randn(steps, batch, 5, dtype=dtype), lens)
     compare(ref, ours, packed, hx)
 
 
@@ -285,9 +281,7 @@ def test_column_split_loops_match_torch_nn(cell, hidden, options, dtype):
     ref, ours = pair(5, hidden, cell, dtype=dtype, num_layers=2, bidirectional=True, **options)
     lengths = [6, 2, 5, 1, 6]
     x = torch.randn(6, len(lengths), 5, dtype=dtype)
-    p = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
-    packed = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                            p.unsorted_indices)
+    packed = packed_leaf(x, lengths)
     with num_threads(2):
         compare(ref, ours, packed, initial_state(ref, len(lengths), dtype=dtype))
 
@@ -343,9 +337,7 @@ def test_initial_state_without_grad_changes_no_other_gradient(cell, options, rou
                      num_layers=1 if one_step else 2, **options)
     x = leaf(steps, batch, 5, dtype=torch.float64)
     if lengths is not None:
-        p = pack_padded_sequence(x.detach(), torch.tensor(lengths), enforce_sorted=False)
-        x = PackedSequence(p.data.requires_grad_(), p.batch_sizes, p.sorted_indices,
-                           p.unsorted_indices)
+        x = packed_leaf(x, lengths)
     hx = initial_state(ref, batch, dtype=torch.float64)
     detached = tuple(t.detach() for t in hx) if isinstance(hx, tuple) else hx.detach()
     wanting = [hx]
