@@ -102,22 +102,30 @@ Tensor mm_buffer(const Tensor& a, const Tensor& b) {
 // d's order, and h0_d (N, P) at each row's first step. Direction 0 starts
 // every row at step 0; direction 1 at T - 1, or where first_step (T, N, 1)
 // says with lengths. Past a row's end it is whatever: the gradients it meets
-// there are zero. Without lengths, two GEMMs on views (h0's rows and the
-// output's) rather than one on a copy of every state.
+// there are zero. Without lengths, on views of h0's rows and the output's
+// rather than a copy of every state: two GEMMs, or one pass of the narrow
+// tiles (narrow_weight_grad_cpu) where `narrow`.
 Tensor hidden_weight_grad(const Tensor& dgh_flat, const Tensor& out_d, const Tensor& h0_d,
-                          int64_t d, const Tensor& first_step) {
+                          int64_t d, const Tensor& first_step, bool narrow) {
   const int64_t T = out_d.size(0), N = out_d.size(1), P = out_d.size(2);
-  if (T == 1) return mm_buffer(dgh_flat.t(), h0_d);
+  const auto product = [&](const Tensor& g, const Tensor& z) {
+    return narrow ? narrow_weight_grad_cpu(g, z) : mm_buffer(g.t(), z);
+  };
+  if (T == 1) return product(dgh_flat, h0_d);
   if (d == 1 && first_step.defined()) {
     const Tensor h0_step = h0_d.unsqueeze(0);
     const Tensor shifted = at::cat({out_d.narrow(0, 1, T - 1), h0_step});
-    return mm_buffer(dgh_flat.t(), at::where(first_step, h0_step, shifted).view({T * N, P}));
+    return product(dgh_flat, at::where(first_step, h0_step, shifted).view({T * N, P}));
   }
   // Direction 0: h0 before step 0, y_{t-1} before t; direction 1: h0
   // before T - 1, y_{t+1} before t.
+  const Tensor before = out_d.narrow(0, d == 0 ? 0 : 1, T - 1).reshape({(T - 1) * N, P});
+  if (narrow) {
+    return d == 0 ? narrow_weight_grad_cpu(dgh_flat, h0_d, before)
+                  : narrow_weight_grad_cpu(dgh_flat, before, h0_d);
+  }
   const int64_t first = d == 0 ? 0 : (T - 1) * N, rest = d == 0 ? N : 0;
   Tensor g = mm_buffer(dgh_flat.narrow(0, first, N).t(), h0_d);
-  const Tensor before = out_d.narrow(0, d == 0 ? 0 : 1, T - 1).reshape({(T - 1) * N, P});
   return g.addmm_(dgh_flat.narrow(0, rest, (T - 1) * N).t(), before);
 }
 
@@ -145,6 +153,16 @@ Tensor hidden_bias_grad(const Tensor& dgh_flat, const Tensor& input_bias_grad, c
 // loses, LSTMCell 1024->1024 (32 MB of gradients) batch 1 1.32x -> 0.87x.
 constexpr int64_t kFewRows = 16;
 constexpr int64_t kFewGradBytes = int64_t{16} << 20;
+
+// Whether a layer's backward products with few columns (dW_ih = dgi^T x,
+// dW_hh = dgh^T h, dx = dgi W_ih) may run in the CPU kernels' narrow tiles
+// (narrow_weight_grad_cpu, narrow_input_grad_cpu) rather than ATen's GEMMs:
+// on the CPU's own loops, float or double. narrow_*_pays() says for which
+// numbers of columns they win.
+bool cpu_narrow(const Tensor& x) {
+  return x.is_cpu() && cpu_loop(x) &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
+}
 
 // A layer's weight gradients (into grads, at the layer's place) and, where
 // dx is defined, its input's gradient, in one pass of the CPU kernels
@@ -345,6 +363,9 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
       backward_recurrence(s.cell, b);
     }
     Tensor din = l == 0 ? view_of(r.grad_input, {TN, s.C}) : recycled({TN, s.DP()}, opt);
+    const bool narrow_dw = cpu_narrow(x) && narrow_weight_grad_pays(x, s.in_size(l));
+    const bool narrow_dwh = cpu_narrow(x) && narrow_weight_grad_pays(x, s.P);
+    const bool narrow_dx = cpu_narrow(x) && narrow_input_grad_pays(x, s.in_size(l));
     const bool one_pass = weight_grad && few_rows &&
                           GH * (s.in_size(l) + s.P) * x.element_size() <= kFewGradBytes;
     if (one_pass) {
@@ -358,10 +379,11 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
         const Tensor dgh_flat = part(dgh_rows, 0, d * TN, TN);  // (T*N, G*H)
         const Tensor dgi_flat = part(dgi_rows, 0, d * TN, TN);
         if (weight_grad) {
-          r.grad_weights[k] = mm_buffer(dgi_flat.t(), in);
+          r.grad_weights[k] =
+              narrow_dw ? narrow_weight_grad_cpu(dgi_flat, in) : mm_buffer(dgi_flat.t(), in);
           r.grad_weights[k + 1] = hidden_weight_grad(dgh_flat, part(out, 2, d * s.P, s.P),
                                                      part(h0_rows, 0, (l * s.D + d) * s.N, s.N),
-                                                     d, first_step);
+                                                     d, first_step, narrow_dwh);
           if (s.biases) {
             r.grad_weights[k + 2] = dgi_flat.sum(0);
             r.grad_weights[k + 3] = split_grad
@@ -374,7 +396,9 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
           }
         }
         if (l > 0 || input_grad) {
-          if (d == 0) {
+          if (narrow_dx) {
+            narrow_input_grad_cpu(dgi_flat, w.w_ih.contiguous(), din, d == 1);
+          } else if (d == 0) {
             at::mm_out(din, dgi_flat, w.w_ih);
           } else {
             din.addmm_(dgi_flat, w.w_ih);

@@ -251,6 +251,35 @@ def test_small_calls_one_pass_weight_gradients(cell, options, layers, steps, bat
     compare(ref, ours, packed, hx)
 
 
+@pytest.mark.parametrize("cpu_isa", _isa_params(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("input_size,hidden,bidirectional,lengths", [
+    (3, 7, False, False), (17, 7, True, False), (40, 130, False, True), (100, 9, True, True),
+    (130, 33, True, False)])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_narrow_products_of_long_calls(cpu_isa, cell, input_size, hidden, bidirectional, lengths,
+                                       dtype):
+    """A call of 585 rows (steps times batch) takes the CPU kernels' narrow
+    tiles (recurrence_cpu_kernels.h, narrow_sums) for dW_ih, dW_hh and dx
+    where they beat ATen's GEMMs: inputs of one to nine vectors, units and
+    rows that leave partial tiles, sums over two runs of 512 rows or units,
+    the states before each step of both directions, with and without
+    lengths, and the second direction's term added to dx. As torch.nn's,
+    and the same bits on two threads as on one."""
+    ref, ours = pair(input_size, hidden, cell, dtype=dtype, bidirectional=bidirectional)
+    steps, batch = 45, 13
+    hx = initial_state(ref, batch, dtype=dtype)
+    x = torch.randn(steps, batch, input_size, dtype=dtype)
+    if lengths:
+        lens = torch.randint(1, steps + 1, (batch,))
+        lens[0] = steps
+        data = packed_leaf(x, lens, enforce_sorted=False)
+    else:
+        data = x.clone().requires_grad_()
+    compare(ref, ours, data, hx)
+    assert_same_bits(on_threads(1, ours, data), on_threads(2, ours, data))
+
+
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_nonfinite_propagates_like_torch(cell, options):
     ref, ours = pair(3, 4, cell, dtype=torch.float64, num_layers=2, **options)

@@ -736,6 +736,67 @@ void weight_grads_typed(const WeightGradLoop& a) {
   }
 }
 
+// The narrow products' kernels of the instruction set this call runs.
+template <typename S>
+struct NarrowKernels {
+  void (*weight_grad)(const S*, int64_t, int64_t, const S*, int64_t, int64_t, const S*, int64_t,
+                      int64_t, S*, int64_t, int64_t);
+  void (*input_grad)(const S*, int64_t, const S*, int64_t, S*, bool, int64_t, int64_t);
+};
+
+template <typename S>
+NarrowKernels<S> narrow_kernels() {
+#if defined(__x86_64__)
+  if (current_isa() == Isa::avx512)
+    return {cpu::avx512::narrow_weight_grad<S>, cpu::avx512::narrow_input_grad<S>};
+  if (current_isa() == Isa::avx2)
+    return {cpu::avx2::narrow_weight_grad<S>, cpu::avx2::narrow_input_grad<S>};
+#endif
+  return {cpu::base::narrow_weight_grad<S>, cpu::base::narrow_input_grad<S>};
+}
+
+// Units (dW_ih) or rows (dx) go to threads in blocks of kNarrowBlock, a
+// multiple of every tile's results (kTileAccumulators / NV), so that only
+// the last block of all has a ragged tail. Each result is one thread's sum
+// in a fixed order: the same bits on any number of threads.
+constexpr int64_t kNarrowBlock = 24;
+
+template <typename S>
+void narrow_weight_grad_typed(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b,
+                              const at::Tensor& dw) {
+  const int64_t R = g.size(0), GH = g.size(1), C = a.size(1), Ra = a.size(0);
+  const auto k = narrow_kernels<S>();
+  const S* gp = g.data_ptr<S>();
+  const S* ap = a.data_ptr<S>();
+  const S* bp = b.defined() ? b.data_ptr<S>() : nullptr;
+  const int64_t lda = a.stride(0), ldb = b.defined() ? b.stride(0) : 0;
+  S* out = dw.data_ptr<S>();
+  const int64_t blocks = (GH + kNarrowBlock - 1) / kNarrowBlock;
+  const int64_t per_block = std::max<int64_t>(1, kNarrowBlock * R * C);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / per_block),
+                   [&](int64_t b0, int64_t b1) {
+                     k.weight_grad(gp, R, GH, ap, lda, Ra, bp, ldb, C, out, b0 * kNarrowBlock,
+                                   std::min(GH, b1 * kNarrowBlock));
+                   });
+}
+
+template <typename S>
+void narrow_input_grad_typed(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx,
+                             bool add) {
+  const int64_t R = g.size(0), GH = g.size(1), C = w.size(1);
+  const auto k = narrow_kernels<S>();
+  const S* gp = g.data_ptr<S>();
+  const S* wp = w.data_ptr<S>();
+  S* out = dx.data_ptr<S>();
+  const int64_t blocks = (R + kNarrowBlock - 1) / kNarrowBlock;
+  const int64_t per_block = std::max<int64_t>(1, kNarrowBlock * GH * C);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / per_block),
+                   [&](int64_t b0, int64_t b1) {
+                     k.input_grad(gp, GH, wp, C, out, add, b0 * kNarrowBlock,
+                                  std::min(R, b1 * kNarrowBlock));
+                   });
+}
+
 }  // namespace
 
 const char* cpu_isa() {
@@ -849,6 +910,60 @@ void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a) {
     AT_DISPATCH_FLOATING_TYPES(a.dgh.scalar_type(), "fastrnn_backward_cpu",
                                [&] { backward_typed<scalar_t, Cell>(a); });
   });
+}
+
+namespace {
+
+// Lanes of one vector of the kernels this call runs, for dtype t.
+int64_t vector_lanes(at::ScalarType t) {
+  const int64_t bytes = current_isa() == Isa::avx512 ? 64 : current_isa() == Isa::avx2 ? 32 : 16;
+  return bytes / static_cast<int64_t>(c10::elementSize(t));
+}
+
+// A matrix of rows any distance apart: (rows, C) with unit column stride.
+bool unit_rows(const at::Tensor& t) { return t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1); }
+
+}  // namespace
+
+// Measured here (AVX-512, one thread, 8192 rows, G*H 1024 and 4096,
+// GFMA/s, narrow tiles / ATen's GEMM, which is MKL; the probe's float32
+// peak 58, float64's half that): g^T z float32 C 16 27-31 / 14, C 32 42-53
+// / 24, C 64 47-55 / 32-33, C 256 (dW_hh of hidden 256) 49-53 / 43-46, C
+// 512 52 / 49, C 1024 50 / 48; float64 C 32 19-21 / 6, C 256 26 / 19, C
+// 1024 15 / 23. dx float32 C 16 (one vector: a broadcast for every
+// multiply-add) 13 / 16-17, C 32 45-47 / 26-27, C 64 51-54 / 32-35, C 256
+// 51 / 39-42, C 512 53 / 45, C 1024 41 / 46; float64 C 16 22-24 / 4, C 512
+// 27 / 22. Two threads alike (C 32: 87-104 / 42-60).
+bool narrow_weight_grad_pays(const at::Tensor& x, int64_t C) {
+  return C <= 32 * vector_lanes(x.scalar_type());
+}
+bool narrow_input_grad_pays(const at::Tensor& x, int64_t C) {
+  const int64_t lanes = vector_lanes(x.scalar_type());
+  return C > lanes && C <= 32 * lanes;
+}
+
+at::Tensor narrow_weight_grad_cpu(const at::Tensor& g, const at::Tensor& a, const at::Tensor& b) {
+  TORCH_INTERNAL_ASSERT(g.dim() == 2 && g.is_contiguous() && unit_rows(a) &&
+                        g.scalar_type() == a.scalar_type() &&
+                        g.size(0) == a.size(0) + (b.defined() ? b.size(0) : 0));
+  TORCH_INTERNAL_ASSERT(!b.defined() || (unit_rows(b) && b.size(1) == a.size(1) &&
+                                         b.scalar_type() == a.scalar_type()));
+  at::Tensor dw = recycled({g.size(1), a.size(1)}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "fastrnn_narrow_weight_grad_cpu",
+                             [&] { narrow_weight_grad_typed<scalar_t>(g, a, b, dw); });
+  return dw;
+}
+
+void narrow_input_grad_cpu(const at::Tensor& dgi, const at::Tensor& w_ih, const at::Tensor& dx,
+                           bool add) {
+  TORCH_INTERNAL_ASSERT(dgi.dim() == 2 && w_ih.dim() == 2 && dx.dim() == 2 &&
+                        dgi.size(1) == w_ih.size(0) && dx.size(0) == dgi.size(0) &&
+                        dx.size(1) == w_ih.size(1) && dgi.is_contiguous() &&
+                        w_ih.is_contiguous() && dx.is_contiguous() &&
+                        dgi.scalar_type() == w_ih.scalar_type() &&
+                        dx.scalar_type() == dgi.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(dgi.scalar_type(), "fastrnn_narrow_input_grad_cpu",
+                             [&] { narrow_input_grad_typed<scalar_t>(dgi, w_ih, dx, add); });
 }
 
 void weight_grads_cpu(const WeightGradLoop& a) {

@@ -55,6 +55,16 @@
   void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1);                    \
   template <typename S>                                                                       \
   void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1);                      \
+  /* Units [j0, j1) of dW = g^T z, g (R, GH), z the Ra rows of a then those of b (each */ \
+  /* lda, ldb apart, C columns); rows [r0, r1) of dx = g W_ih, or dx += g W_ih where */    \
+  /* `add`. */                                                                               \
+  template <typename S>                                                                       \
+  void narrow_weight_grad(const S* g, int64_t R, int64_t GH, const S* a, int64_t lda,        \
+                          int64_t Ra, const S* b, int64_t ldb, int64_t C, S* dw, int64_t j0, \
+                          int64_t j1);                                                        \
+  template <typename S>                                                                       \
+  void narrow_input_grad(const S* g, int64_t GH, const S* w, int64_t C, S* dx, bool add,     \
+                         int64_t r0, int64_t r1);                                             \
   /* The multiply-add probe of the roofline: lane FMAs done in `rounds`. */                  \
   int64_t fma_probe_entry(int64_t rounds, float* sink);                                       \
   template <typename S, typename Cell>                                                        \

@@ -1206,6 +1206,160 @@ void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1) {
   for (; r < r1; ++r) rank_sums<1>(p.dx + r * C, C, C, p.dgi + r * GH, GH, 1, GH, w_row);
 }
 
+// The products of a layer's backward with a narrow side of C columns (the
+// input's features, an LSTM of input 32, or the hidden state's) against
+// the R rows of the gate gradients g: dW_ih = g^T x and dW_hh = g^T h
+// reduce over the rows, dx = g W_ih over the G*H units. As GEMMs of 32
+// columns they ran at 40-50% of the multiply-add peak here (MKL, one
+// thread; recurrence_cpu.cpp has the measurements). tile_sums() holds U
+// rows of the result, NV vectors of columns each, in registers: each step
+// of the reduction loads the NV vectors of one row of x (or h, or W_ih) and
+// multiplies them by U elements of g, each broadcast by its multiply-add.
+// U * NV accumulators fill most of the register file (24 of 32 with
+// AVX-512, 12 of 16 below it).
+constexpr int kTileAccumulators = FASTRNN_VEC_BYTES == 64 ? 24 : 12;
+
+// For each of U results u: dst[u * ldd + (c, c + n)] = (add ? itself : 0)
+// + the sum over k in [k0, k1), in order, of g[u * gu + k * gs] times
+// row(k)[c, c + n), n at most NV vectors. kAdjacent: gu is 1 (the results
+// are adjacent units of g's rows: dW), so that their elements need no
+// index registers, and each k's line of g, gs apart, is fetched kAhead
+// steps early: the prefetchers do not follow a stride of pages. A result's
+// sums are the same for any U and wherever its columns fall (the lanes
+// past n are zero), so that how the results are split between threads
+// changes no bit.
+template <int U, int NV, bool kAdjacent, bool kFull, typename S, typename Row>
+inline void tile_sums(S* dst, int64_t ldd, int64_t c, int64_t n, const S* g, int64_t gu,
+                      int64_t gs, int64_t k0, int64_t k1, const Row& row, bool add) {
+  using K = Kernels<S, ElmanTanh>;
+  using V = typename K::V;
+  constexpr int64_t W = K::W;
+  constexpr int64_t kAhead = 16;
+  const int64_t du = kAdjacent ? 1 : gu;
+  int64_t w[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t left = n - v * W;
+    w[v] = left < 0 ? 0 : left < W ? left : W;
+  }
+  V a[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < NV; ++v) a[u][v] = V{};
+  for (int64_t k = k0; k < k1; ++k) {
+    const S* x = row(k) + c;
+    const S* gk = g + k * gs;
+    if (kAdjacent && k + kAhead < k1) {
+      __builtin_prefetch(gk + kAhead * gs, 0, 3);
+      __builtin_prefetch(gk + kAhead * gs + (U - 1), 0, 3);
+    }
+    V xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = kFull ? K::load(x + v * W) : K::load_n(x + v * W, w[v]);
+#pragma GCC unroll 24
+    for (int u = 0; u < U; ++u) {
+      const S b = gk[u * du];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) a[u][v] += b * xv[v];
+    }
+  }
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < NV; ++v) {
+      if (w[v] == 0) continue;
+      S* out = dst + u * ldd + c + v * W;
+      K::store_n(out, add ? K::load_n(out, w[v]) + a[u][v] : a[u][v], w[v]);
+    }
+}
+
+// Results [u0, u1) (dst's rows, ldd apart) over all C columns, NV vectors at
+// a time, in tiles of kTileAccumulators / NV results and one result at a
+// time for the last few.
+template <int NV, typename S, typename Row>
+inline void narrow_sums(S* dst, int64_t ldd, int64_t C, const S* g, int64_t gu, int64_t gs,
+                        int64_t u0, int64_t u1, int64_t k0, int64_t k1, const Row& row,
+                        bool add) {
+  constexpr int U = kTileAccumulators / NV;
+  constexpr int64_t W = Kernels<S, ElmanTanh>::W;
+  for (int64_t c = 0; c < C; c += NV * W) {
+    const int64_t n = C - c < NV * W ? C - c : NV * W;
+    const bool full = n == NV * W;
+    int64_t u = u0;
+    for (; u + U <= u1; u += U) {
+      S* d = dst + u * ldd;
+      const S* gu0 = g + u * gu;
+      if (gu == 1 && full) tile_sums<U, NV, true, true>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
+      else if (gu == 1) tile_sums<U, NV, true, false>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
+      else if (full) tile_sums<U, NV, false, true>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
+      else tile_sums<U, NV, false, false>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
+    }
+    for (; u < u1; ++u)
+      tile_sums<1, NV, false, false>(dst + u * ldd, ldd, c, n, g + u * gu, gu, gs, k0, k1, row,
+                                     add);
+  }
+}
+
+// narrow_sums() with NV = the vectors C takes, at most four.
+template <typename S, typename Row>
+inline void narrow_sums_any(S* dst, int64_t ldd, int64_t C, const S* g, int64_t gu, int64_t gs,
+                            int64_t u0, int64_t u1, int64_t k0, int64_t k1, const Row& row,
+                            bool add) {
+  constexpr int64_t W = Kernels<S, ElmanTanh>::W;
+  switch (C <= W ? 1 : C <= 2 * W ? 2 : C <= 3 * W ? 3 : 4) {
+    case 1: return narrow_sums<1>(dst, ldd, C, g, gu, gs, u0, u1, k0, k1, row, add);
+    case 2: return narrow_sums<2>(dst, ldd, C, g, gu, gs, u0, u1, k0, k1, row, add);
+    case 3: return narrow_sums<3>(dst, ldd, C, g, gu, gs, u0, u1, k0, k1, row, add);
+    default: return narrow_sums<4>(dst, ldd, C, g, gu, gs, u0, u1, k0, k1, row, add);
+  }
+}
+
+// Units [j0, j1) of dW (GH, C) = g^T z, g (R, GH) and z the rows of a (Ra
+// of them, lda apart) then those of b (ldb apart): dW_ih with z = x, dW_hh
+// with z = the states before each step (h0's rows, then the output's). The
+// rows are taken in runs of kRun, each run through every tile of units
+// before the next, its sums added to the runs' before (kRun terms a chain
+// in float32, not R: an error of about that of a GEMM blocked alike): a
+// tile reads a short piece of each of g's rows, a page or more apart, and
+// each run's first tile fetches them.
+// Measured here (float32, one thread, G*H 1024 and 4096, C 32): runs of
+// 64-256 KB of g 21-42 GFMA/s, of 256-512 rows 41-52, the whole of g 31.
+template <typename S>
+void narrow_weight_grad(const S* g, int64_t R, int64_t GH, const S* a, int64_t lda, int64_t Ra,
+                        const S* b, int64_t ldb, int64_t C, S* dw, int64_t j0, int64_t j1) {
+  constexpr int64_t kRun = 512;
+  const auto z_row = [&](int64_t r) { return r < Ra ? a + r * lda : b + (r - Ra) * ldb; };
+  if (R == 0) {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t c = 0; c < C; ++c) dw[j * C + c] = S(0);
+    return;
+  }
+  for (int64_t r0 = 0; r0 < R; r0 += kRun) {
+    const int64_t r1 = r0 + kRun < R ? r0 + kRun : R;
+    narrow_sums_any(dw, C, C, g, 1, GH, j0, j1, r0, r1, z_row, r0 > 0);
+  }
+}
+
+// Rows [r0, r1) of dx (R, C) = g W_ih, g (R, GH), W_ih (GH, C); added to
+// dx's values where `add` (the second direction's term). The units in runs
+// of kRun, each run's sums added to the runs' before, as above.
+template <typename S>
+void narrow_input_grad(const S* g, int64_t GH, const S* w, int64_t C, S* dx, bool add,
+                       int64_t r0, int64_t r1) {
+  constexpr int64_t kRun = 512;
+  const auto w_row = [&](int64_t j) { return w + j * C; };
+  if (GH == 0 && !add) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t c = 0; c < C; ++c) dx[r * C + c] = S(0);
+  }
+  // kGroup rows (whole tiles for every NV) through all runs, then the next:
+  // each of g's rows is read in order.
+  constexpr int64_t kGroup = 24;
+  for (int64_t q0 = r0; q0 < r1; q0 += kGroup) {
+    const int64_t q1 = q0 + kGroup < r1 ? q0 + kGroup : r1;
+    for (int64_t k0 = 0; k0 < GH; k0 += kRun) {
+      const int64_t k1 = k0 + kRun < GH ? k0 + kRun : GH;
+      narrow_sums_any(dx, C, C, g, GH, 1, q0, q1, k0, k1, w_row, add || k0 > 0);
+    }
+  }
+}
+
 // The multiply-add probe behind the benchmark's roofline: `rounds` times
 // twelve independent chains of float32 vector multiply-adds (a = a * b + c,
 // one fused instruction each with this instruction set's FMA), enough chains
@@ -1258,6 +1412,10 @@ int64_t fma_probe_entry(int64_t rounds, float* sink) {
                         int64_t, int64_t);                                                     \
   template void weight_grads<S>(const WeightGradParams<S>&, int64_t, int64_t);                 \
   template void input_grad<S>(const WeightGradParams<S>&, int64_t, int64_t);                   \
+  template void narrow_weight_grad<S>(const S*, int64_t, int64_t, const S*, int64_t, int64_t,  \
+                                      const S*, int64_t, int64_t, S*, int64_t, int64_t);       \
+  template void narrow_input_grad<S>(const S*, int64_t, const S*, int64_t, S*, bool, int64_t,  \
+                                     int64_t);                                                 \
   FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanTanh)                                                   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, ElmanRelu)                                                   \
   FASTRNN_CPU_INSTANTIATE_CELL(S, Lstm)                                                        \
