@@ -116,16 +116,16 @@ void weight_grads_cpu(const WeightGradLoop& a);
 // with unit column stride, rows any distance apart): dW_ih (z = the input)
 // and dW_hh (z = the states before each step). And dx = dgi w_ih (dx +=
 // where `add`), for dgi (R, G*H), w_ih (G*H, C) and dx (R, C), contiguous.
-// Each result is one thread's sum in order: the same bits on any number of
-// threads.
-// Whether they beat ATen's GEMMs on this CPU for C columns of x's dtype
-// (the choice depends on the shapes, dtype and instruction set alone).
-bool narrow_weight_grad_pays(const at::Tensor& x, int64_t C);
-bool narrow_input_grad_pays(const at::Tensor& x, int64_t C);
+// Each result is one thread's sum in a fixed order: the same bits on any
+// number of threads.
 at::Tensor narrow_weight_grad_cpu(const at::Tensor& g, const at::Tensor& a,
                                   const at::Tensor& b = at::Tensor());
 void narrow_input_grad_cpu(const at::Tensor& dgi, const at::Tensor& w_ih, const at::Tensor& dx,
                            bool add);
+// Whether those beat ATen's GEMMs on this CPU for C columns of x's dtype
+// (the choice depends on the shapes, dtype and instruction set alone).
+bool narrow_weight_grad_pays(const at::Tensor& x, int64_t C);
+bool narrow_input_grad_pays(const at::Tensor& x, int64_t C);
 
 // The instruction set the CPU kernels run with: "avx512", "avx2" or "base".
 const char* cpu_isa();

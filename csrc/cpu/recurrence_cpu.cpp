@@ -755,7 +755,7 @@ NarrowKernels<S> narrow_kernels() {
   return {cpu::base::narrow_weight_grad<S>, cpu::base::narrow_input_grad<S>};
 }
 
-// Units (dW_ih) or rows (dx) go to threads in blocks of kNarrowBlock, a
+// Units (dW) or rows (dx) go to threads in blocks of kNarrowBlock, a
 // multiple of every tile's results (kTileAccumulators / NV), so that only
 // the last block of all has a ragged tail. Each result is one thread's sum
 // in a fixed order: the same bits on any number of threads.
