@@ -154,12 +154,13 @@ Tensor hidden_bias_grad(const Tensor& dgh_flat, const Tensor& input_bias_grad, c
 constexpr int64_t kFewRows = 16;
 constexpr int64_t kFewGradBytes = int64_t{16} << 20;
 
-// Whether a layer's backward products with few columns (dW_ih = dgi^T x,
-// dW_hh = dgh^T h, dx = dgi W_ih) may run in the CPU kernels' narrow tiles
-// (narrow_weight_grad_cpu, narrow_input_grad_cpu) rather than ATen's GEMMs:
-// on the CPU's own loops, float or double. narrow_*_pays() says for which
-// numbers of columns they win.
-bool cpu_narrow(const Tensor& x) {
+// Whether a call's backward products (dW_ih = dgi^T x, dW_hh = dgh^T h, dx
+// = dgi W_ih) may run in the CPU kernels rather than ATen's GEMMs: on the
+// CPU's own loops, float or double. Then a small call takes them in one
+// pass (weight_grads_cpu), and a larger one in the narrow tiles
+// (narrow_weight_grad_cpu, narrow_input_grad_cpu) where narrow_*_pays()
+// says they win for its numbers of columns.
+bool cpu_products(const Tensor& x) {
   return x.is_cpu() && cpu_loop(x) &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
@@ -329,9 +330,8 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
   // call): a layer's weight gradients and its input's in one pass of the
   // CPU kernels (weight_grads_cpu) where that pass is mostly the fixed cost
   // it saves. The choice depends on the shapes alone.
-  const bool few_rows = s.D == 1 && !s.proj && s.N > 0 && TN <= kFewRows && x.is_cpu() &&
-                        (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
-                        cpu_loop(x);
+  const bool own_products = cpu_products(x);
+  const bool few_rows = s.D == 1 && !s.proj && s.N > 0 && TN <= kFewRows && own_products;
   for (int64_t l = s.L - 1; l >= 0; --l) {
     const Tensor out = l == s.L - 1 ? y : hs[l];  // (T, N, D*P)
     const Tensor in = view_of(layer_input(x, hs, mask, l).contiguous(), {TN, s.in_size(l)});
@@ -363,9 +363,9 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
       backward_recurrence(s.cell, b);
     }
     Tensor din = l == 0 ? view_of(r.grad_input, {TN, s.C}) : recycled({TN, s.DP()}, opt);
-    const bool narrow_dw = cpu_narrow(x) && narrow_weight_grad_pays(x, s.in_size(l));
-    const bool narrow_dwh = cpu_narrow(x) && narrow_weight_grad_pays(x, s.P);
-    const bool narrow_dx = cpu_narrow(x) && narrow_input_grad_pays(x, s.in_size(l));
+    const bool narrow_dw = own_products && narrow_weight_grad_pays(x, s.in_size(l));
+    const bool narrow_dwh = own_products && narrow_weight_grad_pays(x, s.P);
+    const bool narrow_dx = own_products && narrow_input_grad_pays(x, s.in_size(l));
     const bool one_pass = weight_grad && few_rows &&
                           GH * (s.in_size(l) + s.P) * x.element_size() <= kFewGradBytes;
     if (one_pass) {
