@@ -12,7 +12,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-extern "C" __m256d Sleef_tanhd4_u10avx2(__m256d);
+extern "C" __m256d Sleef_tanhd4_u35avx2(__m256d);
 extern "C" __m256d Sleef_expd4_u10avx2(__m256d);
 extern "C" __m256 Sleef_expf8_u10avx2(__m256);
 
@@ -22,7 +22,8 @@ namespace avx2 {
 
 typedef double vd __attribute__((vector_size(32)));
 typedef float vf __attribute__((vector_size(32)));
-inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd4_u10avx2((__m256d)x); }
+// SLEEF's 3.5-ulp tanh, as with AVX-512 (recurrence_cpu_avx512.cpp).
+inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd4_u35avx2((__m256d)x); }
 // p / q through a 12-bit reciprocal and one Newton step (about 2^-22
 // relative).
 inline vf divide(vf p, vf q) {
