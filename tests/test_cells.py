@@ -556,6 +556,33 @@ def test_step_of_many_rows_as_stored_matches_torch_nn(ref_cls, our_cls, options)
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_step_of_large_weights_splits_units_between_threads(ref_cls, our_cls, options, batch):
+    """Where a cell's weights pass 512 KB and its rows are few, two threads
+    each read the rows of the weights of their slice of the units
+    (recurrence_cpu.cpp, forward_columns_loop): as torch.nn's cell, with
+    its gradients, and one thread's bits. Hidden 300 leaves a slice that
+    ends inside a vector."""
+    ref, ours = cell_pair(ref_cls, our_cls, options, C=211, H=300)
+    x = torch.randn(batch, 211).requires_grad_()
+    hx = state(ref, batch)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_steps_match(ref, ours, x, hx, torch.float32)
+        with torch.no_grad():
+            two = ours(x, hx)
+            torch.testing.assert_close(two, ref(x, hx), **TOL[torch.float32])
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = ours(x, hx)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (one, two))):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_auto_packing_reads_few_rows_as_stored(cell):
     """On 'auto' a call of at most 32 rows times steps, or a single step of

@@ -197,9 +197,9 @@ struct Table {
   void (*backward_rows)(const BackwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
                         S*, bool);
   void (*forward_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
-                          const S*, const S*, const S*, S*, S*, S*, S*);
+                          const S*, const S*, const S*, S*, S*, S*, S*, bool);
   void (*project_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
-                          const S*, const S*, S*, S*);
+                          const S*, const S*, S*, S*, bool);
   void (*backward_columns)(const BackwardParams<S>&, int64_t, int64_t, int64_t, int64_t,
                            const S*, const S*, S*, S*, S*, S*);
   void (*carry_columns)(const BackwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
@@ -256,8 +256,8 @@ at::Tensor packed(const Table<S, Cell>& k, const std::array<at::Tensor, 2>& w, i
 // forward, input 64, packed / as stored): LSTM hidden 512 at 1 step 1257 /
 // 117 us for batch 1, 1737 / 658 us for batch 16, even at 64 steps of
 // batch 1; hidden 128 even at about 32 rows times steps. Where the weights
-// pass kColumnSplitBytes, the column split on two threads (which packs each
-// thread's slice) wins from about 8 steps on. A single step reads every
+// pass kColumnSplitBytes, the column split on two threads with each
+// thread's slice packed wins from about 8 steps on. A single step reads every
 // weight once as stored (the products loop over the weights outermost over
 // chunks of rows, dot_gemm), where packing reads it twice and writes it
 // once: up to kUnpackedStepRows rows it runs as stored (no-grad, one thread,
@@ -279,7 +279,10 @@ std::atomic<int>& packing_slot() {
 // step reads pass this many bytes and the batch is small, the threads split
 // units instead of rows, so that each reads its slice of the weights and
 // not all of them every step. About a core's share of L2 here (1 MB on the
-// development machine).
+// development machine). A call that reads the weights as stored splits
+// them too where its rows are fewer than the threads' dot-form blocks
+// (kStoredRowSplitRows): a cell's step of a few rows streams its weights
+// from L3 at what one core draws, and two draw about twice that.
 constexpr int64_t kColumnSplitBytes = 512 * 1024;
 // Rows per thread from which the row split pays even so: two register blocks
 // of rows make enough multiply-adds per weight loaded to stream the weights
@@ -288,6 +291,16 @@ constexpr int64_t kColumnSplitBytes = 512 * 1024;
 // against 50-54 ms by units, batch 16 and 32 about even, batch 1 and 2 (a
 // thread with one row or none) 30% slower.
 constexpr int64_t kRowSplitRows = 16;
+// The same for the weights as stored: a dot-form block of 4 rows a thread
+// (dot_gemm; fewer run a row at a time, reading each weight row once a
+// row). Measured here (two threads, no-grad, medians of 21 interleaved
+// blocks of 100 calls, rows split / units split): RNNCell 256->512 batch 1
+// 28.4 / 18.4 us, batch 2 30.9 / 24.2, batch 4 42.4 / 26.4, batch 8 42.9 /
+// 47.5, batch 16 76 / 83; LSTMCell alike 96 / 57, 101 / 78, 143 / 81, 144
+// / 147, 273 / 278; GRUCell 72 / 53, 77 / 61, 108 / 64, 133 / 138, 218 /
+// 290; LSTMCell 128->256 batch 1 30.4 / 20.1, batch 4 46.4 / 29.1, batch 8
+// 47.4 / 47.8.
+constexpr int64_t kStoredRowSplitRows = 4;
 
 // Whether a direction of T steps of N rows, whose steps read weight_bytes
 // of weights, packs them (above).
@@ -298,11 +311,12 @@ bool packs(int64_t T, int64_t N, int64_t weight_bytes) {
   return T * N > kUnpackedRowSteps || (weight_bytes > kColumnSplitBytes && T > kUnpackedLargeSteps);
 }
 
-// Threads for the column-split loops, or 1 where they do not pay.
-int64_t column_threads(int64_t weight_bytes, int64_t rows) {
+// Threads for the column-split loops, or 1 where they do not pay: from
+// row_split rows a thread on, the rows are split.
+int64_t column_threads(int64_t weight_bytes, int64_t rows, int64_t row_split = kRowSplitRows) {
   if (weight_bytes <= kColumnSplitBytes || at::in_parallel_region()) return 1;
   const int64_t nt = at::get_num_threads();
-  return rows >= kRowSplitRows * nt ? 1 : nt;
+  return rows >= row_split * nt ? 1 : nt;
 }
 
 // The slices [begin, begin + size) of `units` columns for `parts` threads,
@@ -462,10 +476,13 @@ const S* direction(const at::Tensor& packed, int64_t d) {
   return packed.defined() ? packed.data_ptr<S>() + d * packed.size(1) * packed.size(2) : nullptr;
 }
 
-// The column-split forward of every direction on `nt` threads.
+// The column-split forward of every direction on `nt` threads, each with
+// its slice of the weights packed, or, unless `pack`, reading its rows of
+// them as stored (a step too short to repay packing: the threads then
+// share the weights' traffic, which a few rows' step is bound by).
 template <typename S, typename Cell>
 void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
-                          const ForwardLoop& a, const S* bu, int64_t nt) {
+                          const ForwardLoop& a, const S* bu, int64_t nt, bool pack) {
   constexpr int64_t G = Cell::kGates;
   const int64_t D = p.D, T = p.T, N = p.N, H = p.H, P = p.P, lanes = k.padded_width(1);
   const int64_t Hp = k.padded_width(H), Pp = k.padded_width(P);
@@ -473,43 +490,49 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
   const std::vector<int64_t> ub = slices(H, nt, lanes), pb = slices(P, nt, lanes);
   // W_hh^T's columns are W_hh's rows, per gate block of H; W_ih^T's and
   // W_hr^T's, W_ih's and W_hr's.
-  const auto wf = packed_slices(k, a.w_hh, D, 1, P, P, H, G, ub);
-  const auto wi = packed_slices(k, a.w_ih, D, 1, p.C, p.C, H, G, ub);
-  const auto wr = packed_slices(k, a.w_hr, D, 1, H, H, P, 1, pb);
+  using Slices = std::vector<at::Tensor>;
+  const Slices wf = pack ? packed_slices(k, a.w_hh, D, 1, P, P, H, G, ub) : Slices();
+  const Slices wi = pack ? packed_slices(k, a.w_ih, D, 1, p.C, p.C, H, G, ub) : Slices();
+  const Slices wr = pack ? packed_slices(k, a.w_hr, D, 1, H, H, P, 1, pb) : Slices();
+  // Thread tid's weights of direction d: its packed slice, or the whole.
+  const auto mine = [&](const std::vector<at::Tensor>& sl, const std::array<at::Tensor, 2>& w,
+                        int64_t d, int64_t tid) {
+    return pack ? sl[d * nt + tid].template data_ptr<S>() : w[d].template data_ptr<S>();
+  };
+  // The states and each thread's scratch: the calling thread's arena where
+  // they fit (a few rows' step), as the row loops' scratch.
   const auto opt = a.h0.options();
-  at::Tensor state = at::zeros({D, 2, N, Pp}, opt), cs = at::zeros({D, N, Hp}, opt);
-  at::Tensor m = proj ? at::zeros({N, Hp}, opt) : at::Tensor();
-  at::Tensor gates =
-      at::zeros({nt, N, (G + Cell::kInputApart) * k.padded_width(ub[1] - ub[0])}, opt);
-  at::Tensor tmp = at::zeros({nt, N, k.padded_width(pb[1] - pb[0])}, opt);
-  S* st = state.data_ptr<S>();
+  const int64_t ldg = (G + Cell::kInputApart) * k.padded_width(ub[1] - ub[0]);
+  const int64_t ldt = k.padded_width(pb[1] - pb[0]);
+  const ZeroScratch<S> state(D * 2 * N * Pp, opt), cells(D * N * Hp, opt);
+  const ZeroScratch<S> mem(proj ? N * Hp : 0, opt), gates(nt * N * ldg, opt), tmp(nt * N * ldt, opt);
+  S* st = state.data();
+  S* cs = cells.data();
+  S* m = proj ? mem.data() : nullptr;
   for (int64_t d = 0; d < D; ++d)
     for (int64_t n = 0; n < N; ++n) {
       std::memcpy(st + (d * 2 * N + n) * Pp, p.h0 + (d * N + n) * P, sizeof(S) * P);
       if (Cell::kCellState)
-        std::memcpy(cs.data_ptr<S>() + (d * N + n) * Hp, p.c0 + (d * N + n) * H, sizeof(S) * H);
+        std::memcpy(cs + (d * N + n) * Hp, p.c0 + (d * N + n) * H, sizeof(S) * H);
     }
   on_threads(nt, [&](int64_t tid) {
     const int64_t j0 = ub[tid], nu = ub[tid + 1] - j0, k0 = pb[tid], np = pb[tid + 1] - k0;
     for (int64_t d = 0; d < D; ++d) {
       S* sd = st + d * 2 * N * Pp;
-      S* csd = cs.data_ptr<S>() + d * N * Hp;
+      S* csd = cs + d * N * Hp;
       for (int64_t s = 0; s < T; ++s) {
         const int64_t t = d == 0 ? s : T - 1 - s;
         const S* prev = sd + (s & 1) * N * Pp;
         S* next = sd + ((s + 1) & 1) * N * Pp;
         if (nu > 0)
-          k.forward_columns(p, d, t, j0, nu, wf[d * nt + tid].template data_ptr<S>(),
-                            wi[d * nt + tid].template data_ptr<S>(),
+          k.forward_columns(p, d, t, j0, nu, mine(wf, a.w_hh, d, tid), mine(wi, a.w_ih, d, tid),
                             bu + d * G * Hp, prev, next, csd,
-                            proj ? m.data_ptr<S>() : nullptr,
-                            gates.data_ptr<S>() + tid * gates.size(1) * gates.size(2));
+                            m, gates.data() + tid * N * ldg, pack);
         if (proj) {
 #pragma omp barrier
           if (np > 0)
-            k.project_columns(p, d, t, k0, np, wr[d * nt + tid].template data_ptr<S>(),
-                              m.data_ptr<S>(), prev, next,
-                              tmp.data_ptr<S>() + tid * tmp.size(1) * tmp.size(2));
+            k.project_columns(p, d, t, k0, np, mine(wr, a.w_hr, d, tid), m, prev, next,
+                              tmp.data() + tid * N * ldt, pack);
         }
 #pragma omp barrier
       }
@@ -519,7 +542,7 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
     for (int64_t n = 0; n < N; ++n) {
       std::memcpy(p.hn + (d * N + n) * P, st + ((d * 2 + (T & 1)) * N + n) * Pp, sizeof(S) * P);
       if (Cell::kCellState)
-        std::memcpy(p.cn + (d * N + n) * H, cs.data_ptr<S>() + (d * N + n) * Hp, sizeof(S) * H);
+        std::memcpy(p.cn + (d * N + n) * H, cs + (d * N + n) * Hp, sizeof(S) * H);
     }
 }
 
@@ -535,7 +558,7 @@ void forward_typed(const ForwardLoop& a) {
   // What a step reads of the weights: W_ih and W_hh.
   const int64_t weight_bytes = Cell::kGates * H * (P + C) * static_cast<int64_t>(sizeof(S));
   const bool pack = packs(T, N, weight_bytes);
-  const int64_t nt = pack ? column_threads(weight_bytes, D * N) : 1;
+  const int64_t nt = column_threads(weight_bytes, D * N, pack ? kRowSplitRows : kStoredRowSplitRows);
   const bool columns = nt > 1;
   // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_ih (G*H, C) alike;
   // W_hr (P, H) as W_hr^T.
@@ -564,7 +587,7 @@ void forward_typed(const ForwardLoop& a) {
   p.hn = a.hn.data_ptr<S>();
   p.cn = a.cn.defined() ? a.cn.data_ptr<S>() : nullptr;
   p.saved = a.saved.defined() ? a.saved.data_ptr<S>() : nullptr;
-  if (columns) return forward_columns_loop(k, p, a, bu, nt);
+  if (columns) return forward_columns_loop(k, p, a, bu, nt, pack);
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * (P + C),
               a.h0.options(), [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
                 if (pack)

@@ -38,14 +38,16 @@
   template <typename S, typename Cell>                                                        \
   void backward_rows(const BackwardParams<S>& p, int64_t d, int64_t n0, int64_t n1,           \
                      const S* wb, const S* wr, S* scratch, bool packed);                      \
-  /* One thread's share of a step of the column-split loops (recurrence_cpu_kernels.h). */   \
+  /* One thread's share of a step of the column-split loops (recurrence_cpu_kernels.h); */  \
+  /* unless `packed`, the weights as stored, whole. */                                        \
   template <typename S, typename Cell>                                                        \
   void forward_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0,          \
                        int64_t nu, const S* wf, const S* wi, const S* bu, const S* prev,     \
-                       S* next, S* cs, S* m, S* gates);                                       \
+                       S* next, S* cs, S* m, S* gates, bool packed);                          \
   template <typename S, typename Cell>                                                        \
   void project_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t k0,          \
-                       int64_t np, const S* wr, const S* m, const S* prev, S* next, S* tmp); \
+                       int64_t np, const S* wr, const S* m, const S* prev, S* next, S* tmp,  \
+                       bool packed);                                                          \
   template <typename S, typename Cell>                                                        \
   void backward_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t j0,        \
                         int64_t nu, const S* wr, const S* dh, S* dh_next, S* dc, S* gp,      \

@@ -574,14 +574,14 @@ struct Kernels {
   // The rows' inputs a dot-form GEMM keeps in L2 while the weights pass.
   static constexpr int64_t kDotRowBytes = int64_t{256} << 10;
 
-  // c[r][blk * Jb + j] = x_r . x.w_(blk*J + j) + h_r . h.w_(blk*J + j) for
-  // Gb blocks of J weight rows; the columns past J of each block are left
-  // as they are. Weight rows outermost over chunks of rows whose inputs
-  // stay in L2, so that the weights are read from memory once a chunk
-  // (rows outermost, an LSTMCell's step at batch 16 read its 32 MB of
-  // weights four times).
-  static void dot_gemm(int64_t R, const Rows& x, const Rows& h, int64_t J, int64_t Gb, int64_t Jb,
-                       S* c, int64_t ldc) {
+  // c[r][blk * Jb + j] = x_r . x.w_(blk*bs + j) + h_r . h.w_(blk*bs + j) for
+  // Gb blocks of J weight rows, bs rows apart (J for a whole matrix, H for
+  // a slice of units); the columns past J of each block are left as they
+  // are. Weight rows outermost over chunks of rows whose inputs stay in L2,
+  // so that the weights are read from memory once a chunk (rows outermost,
+  // an LSTMCell's step at batch 16 read its 32 MB of weights four times).
+  static void dot_gemm(int64_t R, const Rows& x, const Rows& h, int64_t J, int64_t Gb, int64_t bs,
+                       int64_t Jb, S* c, int64_t ldc) {
     const int64_t row_bytes = std::max<int64_t>(1, (x.K + h.K) * int64_t{sizeof(S)});
     const int64_t chunk = std::max<int64_t>(4, kDotRowBytes / row_bytes / 4 * 4);
     for (int64_t r0 = 0; r0 < R; r0 += chunk) {
@@ -590,21 +590,22 @@ struct Kernels {
       S* cc = c + r0 * ldc;
       for (int64_t blk = 0; blk < Gb; ++blk) {
         int64_t j = 0;
-        for (; j + 4 <= J; j += 4) dot_column<4>(rc, xc, hc, blk * J + j, cc + blk * Jb + j, ldc);
-        for (; j < J; ++j) dot_column<1>(rc, xc, hc, blk * J + j, cc + blk * Jb + j, ldc);
+        for (; j + 4 <= J; j += 4) dot_column<4>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
+        for (; j < J; ++j) dot_column<1>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
       }
     }
   }
 
   // step_gemm() on weights as stored: x against W_ih's rows, h against
-  // W_hh's.
-  static void step_dot(int64_t R, int64_t Jb, int64_t H, const Rows& x, const Rows& h, S* gates,
-                       int64_t ldg) {
+  // W_hh's, J units of each gate block of H rows (x.w and h.w at the first
+  // unit's row of the first block).
+  static void step_dot(int64_t R, int64_t Jb, int64_t J, int64_t H, const Rows& x, const Rows& h,
+                       S* gates, int64_t ldg) {
     constexpr int kAdd = G - kApart;
-    dot_gemm(R, x, h, H, kAdd, Jb, gates, ldg);
+    dot_gemm(R, x, h, J, kAdd, H, Jb, gates, ldg);
     if constexpr (kApart > 0) {
-      dot_gemm(R, Rows{}, h.from_row(kAdd * H), H, kApart, Jb, gates + kAdd * Jb, ldg);
-      dot_gemm(R, x.from_row(kAdd * H), Rows{}, H, kApart, Jb, gates + G * Jb, ldg);
+      dot_gemm(R, Rows{}, h.from_row(kAdd * H), J, kApart, H, Jb, gates + kAdd * Jb, ldg);
+      dot_gemm(R, x.from_row(kAdd * H), Rows{}, J, kApart, H, Jb, gates + G * Jb, ldg);
     }
   }
 
@@ -754,7 +755,7 @@ struct Kernels {
         gemm_fused(R, H, x, hw, next, Pp, out, DP, bu);
       } else {
         if (packed) step_gemm(R, Hp, x, hw, gates, ldg);
-        else step_dot(R, Hp, H, Rows{x.a, x.lda, wi, p.C}, Rows{prev, Pp, wf, P}, gates, ldg);
+        else step_dot(R, Hp, H, H, Rows{x.a, x.lda, wi, p.C}, Rows{prev, Pp, wf, P}, gates, ldg);
         for (int64_t r = 0; r < R; ++r) {
           if (row_active(p.lengths, n0 + r, t)) {
             forward_units(H, H, bu, Hp, gates + r * ldg, Hp, p.b_hh[d],
@@ -767,7 +768,7 @@ struct Kernels {
           }
         }
         if (proj && packed) gemm(R, Pp, H, m, Hp, wr, next, Pp);
-        if (proj && !packed) dot_gemm(R, Rows{}, Rows{m, Hp, wr, H}, P, 1, Pp, next, Pp);
+        if (proj && !packed) dot_gemm(R, Rows{}, Rows{m, Hp, wr, H}, P, 1, P, Pp, next, Pp);
         for (int64_t r = 0; r < R; ++r) {
           if (!row_active(p.lengths, n0 + r, t)) {
             std::memcpy(next + r * Pp, prev + r * Pp, sizeof(S) * P);
@@ -933,21 +934,26 @@ struct Columns {
 
   // One thread's share of forward step t, units [j0, j0 + nu) of every row.
   // wf: its slice of W_hh^T packed (P x G blocks of padded(nu)); wi: the
-  // same of W_ih^T (C x ...); bu (G
-  // blocks of padded(H)); prev (N, Pp) the state before the step; next, cs
-  // and m (rows of Pp, Hp and Hp): it writes their columns [j0, j0 + nu);
-  // gates (N, (G + kApart) * padded(nu)) its own scratch.
+  // same of W_ih^T (C x ...); unless `packed`, W_hh and W_ih as stored,
+  // whole. bu (G blocks of padded(H)); prev (N, Pp) the state before the
+  // step; next, cs and m (rows of Pp, Hp and Hp): it writes their columns
+  // [j0, j0 + nu); gates (N, (G + kApart) * padded(nu)) its own scratch.
   static void forward(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
                       const S* wf, const S* wi, const S* bu, const S* prev, S* next, S* cs, S* m,
-                      S* gates) {
+                      S* gates, bool packed) {
     using Operand = typename Kn::Operand;
+    using Rows = typename Kn::Rows;
     const int64_t N = p.N, H = p.H, P = p.P, DP = p.D * P;
     const int64_t Ws = p.saved != nullptr ? saved_width<Cell>(H) : 0;  // none without a backward
     const int64_t Hp = Kn::padded(H), Pp = Kn::padded(P), nup = Kn::padded(nu);
     const bool proj = m != nullptr;
     const int64_t ldg = (G + Kn::kApart) * nup;
-    Kn::step_gemm(N, nup, Operand{p.x + t * N * p.C, p.C, wi, p.C}, Operand{prev, Pp, wf, P}, gates,
-                  ldg);
+    if (packed)
+      Kn::step_gemm(N, nup, Operand{p.x + t * N * p.C, p.C, wi, p.C}, Operand{prev, Pp, wf, P},
+                    gates, ldg);
+    else
+      Kn::step_dot(N, nup, nu, H, Rows{p.x + t * N * p.C, p.C, wi + j0 * p.C, p.C},
+                   Rows{prev, Pp, wf + j0 * P, P}, gates, ldg);
     for (int64_t n = 0; n < N; ++n) {
       S* out = p.y + (t * N + n) * DP + d * P + j0;
       S* saved = Ws ? p.saved + ((d * p.T + t) * N + n) * Ws + j0 : nullptr;
@@ -971,12 +977,15 @@ struct Columns {
 
   // With projections, after a barrier: columns [k0, k0 + np) of the new
   // state, m W_hr^T, and of the output. wr: W_hr^T's slice packed (H x
-  // padded(np)); tmp (N, padded(np)) the thread's own.
+  // padded(np)), unless `packed` W_hr as stored, whole; tmp (N,
+  // padded(np)) the thread's own.
   static void project(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t k0, int64_t np,
-                      const S* wr, const S* m, const S* prev, S* next, S* tmp) {
+                      const S* wr, const S* m, const S* prev, S* next, S* tmp, bool packed) {
+    using Rows = typename Kn::Rows;
     const int64_t N = p.N, P = p.P, DP = p.D * P, Hp = Kn::padded(p.H), Pp = Kn::padded(P);
     const int64_t npp = Kn::padded(np);
-    Kn::gemm(N, npp, p.H, m, Hp, wr, tmp, npp);
+    if (packed) Kn::gemm(N, npp, p.H, m, Hp, wr, tmp, npp);
+    else Kn::dot_gemm(N, Rows{}, Rows{m, Hp, wr + k0 * p.H, p.H}, np, 1, np, npp, tmp, npp);
     for (int64_t n = 0; n < N; ++n) {
       S* out = p.y + (t * N + n) * DP + d * P + k0;
       if (row_active(p.lengths, n, t)) {
@@ -1088,14 +1097,14 @@ int64_t scratch_per_row(int64_t H, int64_t P, bool proj) {
 template <typename S, typename Cell>
 void forward_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0, int64_t nu,
                      const S* wf, const S* wi, const S* bu, const S* prev, S* next, S* cs, S* m,
-                     S* gates) {
-  Columns<S, Cell>::forward(p, d, t, j0, nu, wf, wi, bu, prev, next, cs, m, gates);
+                     S* gates, bool packed) {
+  Columns<S, Cell>::forward(p, d, t, j0, nu, wf, wi, bu, prev, next, cs, m, gates, packed);
 }
 
 template <typename S, typename Cell>
 void project_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t k0, int64_t np,
-                     const S* wr, const S* m, const S* prev, S* next, S* tmp) {
-  Columns<S, Cell>::project(p, d, t, k0, np, wr, m, prev, next, tmp);
+                     const S* wr, const S* m, const S* prev, S* next, S* tmp, bool packed) {
+  Columns<S, Cell>::project(p, d, t, k0, np, wr, m, prev, next, tmp, packed);
 }
 
 template <typename S, typename Cell>
@@ -1404,9 +1413,9 @@ int64_t fma_probe_entry(int64_t rounds, float* sink) {
   template int64_t scratch_per_row<S, Cell>(int64_t, int64_t, bool);                          \
   template void forward_columns<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,   \
                                          int64_t, const S*, const S*, const S*, const S*, S*,  \
-                                         S*, S*, S*);                                           \
+                                         S*, S*, S*, bool);                                     \
   template void project_columns<S, Cell>(const ForwardParams<S>&, int64_t, int64_t, int64_t,   \
-                                         int64_t, const S*, const S*, const S*, S*, S*);        \
+                                         int64_t, const S*, const S*, const S*, S*, S*, bool);  \
   template void backward_columns<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t, \
                                           int64_t, const S*, const S*, S*, S*, S*, S*);         \
   template void carry_columns<S, Cell>(const BackwardParams<S>&, int64_t, int64_t, int64_t,    \
