@@ -14,7 +14,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp,
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastrnn
-from helpers import CELLS, LAYERS, compare, initial_state, leaf, pair
+from helpers import CELLS, LAYERS, compare, initial_state, leaf, packed_leaf, pair
 
 F64 = torch.float64
 
@@ -253,20 +253,26 @@ def test_jit_script_takes_the_torch_layer_with_the_same_parameters(cell):
     torch.testing.assert_close(scripted(x), model(x))
 
 
+@pytest.mark.parametrize("lengths", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cell,options", CELLS)
-def test_cpu_half_types_within_twice_torch_nn_error(cell, options, dtype):
+def test_cpu_half_types_within_twice_torch_nn_error(cell, options, dtype, lengths):
     """float32 arithmetic and state carry on the CPU, rounding only what is
-    stored: within twice torch.nn's own error against float64. For relu the
-    outputs only: a pre-activation within rounding of zero takes either side
-    of the kink in either implementation, and its gradient with it."""
+    stored: within twice torch.nn's own error against float64, padded or
+    packed (rows past their lengths). For relu the outputs only: a
+    pre-activation within rounding of zero takes either side of the kink in
+    either implementation, and its gradient with it."""
     ref, ours = pair(4, 16, cell, dtype=dtype, num_layers=2, bidirectional=True, **options)
     x = leaf(12, 3, 4, dtype=dtype)
+    if lengths:
+        x = packed_leaf(x, [12, 7, 3])
     if options.get("nonlinearity") == "relu":
         truth = copy.deepcopy(ref).double()
         with torch.no_grad():
             want, got, exact = ref(x), ours(x), truth(x.double())
         for a, b, r in zip(want, got, exact):
+            a, b, r = (t.data if isinstance(t, nn.utils.rnn.PackedSequence) else t
+                       for t in (a, b, r))
             assert b.dtype == dtype
             err_ref = (a.double() - r).abs().max().item()
             assert (b.double() - r).abs().max().item() <= 2 * err_ref + 1e-5 * r.abs().max().item()

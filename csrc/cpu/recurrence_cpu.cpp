@@ -705,12 +705,27 @@ void backward_typed(const BackwardLoop& a) {
 
 bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-at::Tensor to_float(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+// A half type's tensor in float32 for the float32 kernels: a contiguous
+// one in a recycled() block (a workspace's conversion into fresh memory
+// spent more on faulting its pages in than on converting: LSTM 32->256,
+// batch 64, 128 steps, 10 ms against 2.5).
+at::Tensor to_float(const at::Tensor& t) {
+  if (!t.defined()) return t;
+  if (!t.is_contiguous()) return t.to(at::kFloat);
+  return recycled(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
+}
 std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
 }
 std::array<at::Tensor, 2> to_float(const std::array<at::Tensor, 2>& w) {
   return {to_float(w[0]), to_float(w[1])};
+}
+// An output the kernels write whole (every row of every step, zeros where
+// a row is past its length): float32 memory of its shape rather than a
+// conversion of what it holds.
+at::Tensor float_output(const at::Tensor& t) {
+  return t.defined() && t.is_contiguous() ? recycled(t.sizes(), t.options().dtype(at::kFloat))
+                                          : to_float(t);
 }
 void copy_back(const at::Tensor& to, const at::Tensor& from) {
   if (to.defined()) to.copy_(from);
@@ -898,8 +913,8 @@ void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
   if (half_type(a.h0.scalar_type())) {
     ForwardLoop f{to_float(a.x), to_float(a.w_ih), at::Tensor(), to_float(a.w_hh),
                   to_float(a.b_ih), to_float(a.b_hh), to_float(a.w_hr), to_float(a.h0),
-                  to_float(a.c0), a.lengths, to_float(a.y), to_float(a.hn), to_float(a.cn),
-                  to_float(a.saved)};
+                  to_float(a.c0), a.lengths, float_output(a.y), to_float(a.hn), to_float(a.cn),
+                  float_output(a.saved)};
     forward_recurrence_cpu(cell, f);
     copy_back(a.y, f.y);
     copy_back(a.hn, f.hn);
@@ -918,7 +933,7 @@ void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a) {
   if (half_type(a.dgh.scalar_type())) {
     BackwardLoop f{to_float(a.dy), to_float(a.dhn), to_float(a.dcn), to_float(a.y),
                    to_float(a.h0), to_float(a.c0), to_float(a.saved), to_float(a.w_hh),
-                   to_float(a.w_hr), a.lengths, to_float(a.dgh), to_float(a.dgi),
+                   to_float(a.w_hr), a.lengths, float_output(a.dgh), float_output(a.dgi),
                    to_float(a.dhr), to_float(a.dh0), to_float(a.dc0)};
     backward_recurrence_cpu(cell, f);
     copy_back(a.dgh, f.dgh);
