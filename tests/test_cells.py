@@ -606,6 +606,50 @@ def test_auto_packing_reads_few_rows_as_stored(cell):
         assert not torch.equal(bits(x, h, "auto"), bits(x, h, other))
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_auto_packing_reads_large_weights_as_stored_for_one_row(cell):
+    """Where a step's weights pass 512 KB, a call of one row a direction
+    reads them as stored however many steps it has (a row cannot repay the
+    packing, and two threads split the weights' rows), and a call of two
+    rows packs them from 33 rows times steps as before; each gives the bits
+    of the layout forced, and torch.nn's results."""
+    cls = {"rnn": (nn.RNN, fastrnn.RNN), "lstm": (nn.LSTM, fastrnn.LSTM),
+           "gru": (nn.GRU, fastrnn.GRU)}[cell]
+    hidden = {"rnn": 400, "lstm": 200, "gru": 240}[cell]  # weights over 512 KB
+    ref = cls[0](5, hidden, bidirectional=True)
+    layer = cls[1](5, hidden, bidirectional=True, backend="fused")
+    layer.load_state_dict(ref.state_dict())
+
+    def bits(x, packing):
+        with fastrnn.kernels(cpu_packing=packing), torch.no_grad():
+            return layer(x)[0]
+
+    for shape, layout in (((40, 1, 5), "never"), ((17, 2, 5), "always")):
+        x = torch.randn(*shape)
+        other = "always" if layout == "never" else "never"
+        assert torch.equal(bits(x, "auto"), bits(x, layout))
+        assert not torch.equal(bits(x, "auto"), bits(x, other))
+        with torch.no_grad():
+            torch.testing.assert_close(bits(x, "auto"), ref(x)[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dot_form_prefetch_of_weights_past_16_mb(dtype):
+    """A step whose weights pass 16 MB prefetches the next block of weight
+    rows in the dot form (recurrence_cpu_kernels.h, kDotAheadBytes): a
+    layer's call of one row and a cell's step, as torch.nn's."""
+    hidden = 1024 if dtype == torch.float32 else 724
+    ref = nn.LSTM(32, hidden, dtype=dtype)
+    ours = fastrnn.LSTM(32, hidden, dtype=dtype, backend="fused")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 1, 32, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], ref(x)[0], **TOL[dtype])
+    cref, cours = cell_pair(nn.LSTMCell, fastrnn.LSTMCell, {}, C=32, H=hidden, dtype=dtype)
+    assert_steps_match(cref, cours, torch.randn(2, 32, dtype=dtype).requires_grad_(),
+                       state(cref, 2, dtype=dtype), dtype)
+
+
 @pytest.mark.skipif(not fastrnn.cuda_built(), reason="needs the CUDA build")
 @pytest.mark.parametrize("path", ["persistent", "cluster", "grid", "step"])
 @pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
