@@ -726,7 +726,7 @@ at::Tensor to_float(const at::Tensor& t) {
   return recycled(t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
 }
 std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
-  return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+  return t ? std::optional<at::Tensor>(to_float(*t)) : std::nullopt;
 }
 std::array<at::Tensor, 2> to_float(const std::array<at::Tensor, 2>& w) {
   return {to_float(w[0]), to_float(w[1])};
