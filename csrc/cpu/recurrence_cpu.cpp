@@ -657,7 +657,14 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
         if (np > 0)
           k.carry_columns(p, d, t, k0, np, wb[d * nt + tid].template data_ptr<S>(), cur, next,
                           tmp.data_ptr<S>() + tid * tmp.size(1) * tmp.size(2));
+        // Without projections a thread's carry slice is its units (P == H,
+        // the same slices), and the next step's first phase reads and
+        // writes dh in that slice alone: the one barrier before the carry,
+        // which reads every unit's dgh, is all a step needs. The
+        // projection's first phase reads all of dh.
+        if (proj) {
 #pragma omp barrier
+        }
       }
     }
   });
