@@ -627,17 +627,20 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
   const auto wb = carries > 0 ? packed_slices(k, a.w_hh, D, P, 1, GH, P, 1, pb)
                               : std::vector<at::Tensor>();
   const auto wr = packed_slices(k, a.w_hr, D, H, 1, P, H, 1, ub);
+  // The states' gradients and each thread's scratch: the calling thread's
+  // arena where they fit (a few rows' step), as the forward's.
   const auto opt = a.dgh.options();
-  at::Tensor dh = at::zeros({D, 2, N, Pp}, opt), dc = at::zeros({D, N, Hp}, opt);
-  at::Tensor gp = at::zeros({nt, N, Pp}, opt);
-  at::Tensor gm = at::zeros({nt, N, k.padded_width(ub[1] - ub[0])}, opt);
-  at::Tensor tmp = at::zeros({nt, N, k.padded_width(pb[1] - pb[0])}, opt);
-  S* dhp = dh.data_ptr<S>();
+  const int64_t ldm = k.padded_width(ub[1] - ub[0]), ldt = k.padded_width(pb[1] - pb[0]);
+  const ZeroScratch<S> dh(D * 2 * N * Pp, opt), dc(D * N * Hp, opt);
+  const ZeroScratch<S> gp(proj ? nt * N * Pp : 0, opt), gm(proj ? nt * N * ldm : 0, opt);
+  const ZeroScratch<S> tmp(nt * N * ldt, opt);
+  S* dhp = dh.data();
+  S* dcp = dc.data();
   for (int64_t d = 0; d < D; ++d)
     for (int64_t n = 0; n < N; ++n) {
       if (p.dhn) std::memcpy(dhp + (d * 2 * N + n) * Pp, p.dhn + (d * N + n) * P, sizeof(S) * P);
       if (Cell::kCellState && p.dcn)
-        std::memcpy(dc.data_ptr<S>() + (d * N + n) * Hp, p.dcn + (d * N + n) * H, sizeof(S) * H);
+        std::memcpy(dcp + (d * N + n) * Hp, p.dcn + (d * N + n) * H, sizeof(S) * H);
     }
   on_threads(nt, [&](int64_t tid) {
     const int64_t j0 = ub[tid], nu = ub[tid + 1] - j0, k0 = pb[tid], np = pb[tid + 1] - k0;
@@ -649,14 +652,13 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
         S* next = dhd + ((s + 1) & 1) * N * Pp;
         if (nu > 0 || (proj && j0 == 0))
           k.backward_columns(p, d, t, j0, nu, proj ? wr[d * nt + tid].template data_ptr<S>() : nullptr,
-                             cur, next, dc.data_ptr<S>() + d * N * Hp,
-                             gp.data_ptr<S>() + tid * N * Pp,
-                             gm.data_ptr<S>() + tid * gm.size(1) * gm.size(2));
+                             cur, next, dcp + d * N * Hp, proj ? gp.data() + tid * N * Pp : nullptr,
+                             proj ? gm.data() + tid * N * ldm : nullptr);
 #pragma omp barrier
         if (s == carries) break;
         if (np > 0)
           k.carry_columns(p, d, t, k0, np, wb[d * nt + tid].template data_ptr<S>(), cur, next,
-                          tmp.data_ptr<S>() + tid * tmp.size(1) * tmp.size(2));
+                          tmp.data() + tid * N * ldt);
         // Without projections a thread's carry slice is its units (P == H,
         // the same slices), and the next step's first phase reads and
         // writes dh in that slice alone: the one barrier before the carry,
@@ -672,7 +674,7 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
     for (int64_t n = 0; n < N; ++n) {
       std::memcpy(p.dh0 + (d * N + n) * P, dhp + ((d * 2 + (T & 1)) * N + n) * Pp, sizeof(S) * P);
       if (Cell::kCellState)
-        std::memcpy(p.dc0 + (d * N + n) * H, dc.data_ptr<S>() + (d * N + n) * Hp, sizeof(S) * H);
+        std::memcpy(p.dc0 + (d * N + n) * H, dcp + (d * N + n) * Hp, sizeof(S) * H);
     }
 }
 
