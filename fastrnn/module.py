@@ -668,12 +668,65 @@ class _FusedCell(_Backend):
         return self._cell
 
     def _run(self, input, hx):
-        out = self._eager_step(input, hx)
-        if out is not None:
-            return out
-        if not self._fused_applies(input):
+        fused = self._eager_step(input, hx)
+        if fused is _NOT_PLAIN:
+            fused = self._checked_step(input, hx)
+        if fused is None:
+            # What the op does not take (another dtype or device among the
+            # arguments, a shape nn rejects, a nonlinearity it does not know,
+            # a backend that is not the fused one) runs through nn's own
+            # implementation: its result, or its error.
             self._ran_torch()
             return self._torch_cell.forward(self, input, hx)
+        if self._promotes and torch._C._is_any_autocast_enabled():
+            fused = self._promoted(fused, input, hx)
+        return fused
+
+    def _eager_step(self, input, hx):
+        """The common call, where _checked_step would come to _fused_step's
+        call of the extension, tested in one expression: a plain tensor, the
+        fused backend, no compile, export or torch function mode, states of
+        the input's dim. A small step's call costs about 5 us, and the
+        method calls and tests this skips about 0.3-0.4 of it. The step (None
+        where the extension refuses it), or _NOT_PLAIN for every other call,
+        which _checked_step takes from the start."""
+        backend = self.backend
+        if backend is None:
+            backend = _backend.resolve(None)
+        if not (_cell_step is not None and type(input) is Tensor and backend != "torch"
+                and (backend == "fused" or (input.is_cuda and _ops.cuda_built()
+                                            and input.dtype in _ops.DTYPES))
+                and not torch.compiler.is_compiling()
+                and not torch._C._is_torch_function_mode_enabled()
+                and not _exporting_to_onnx()):
+            return _NOT_PLAIN
+        dim = input.dim()
+        if dim != 2 and dim != 1:
+            return _NOT_PLAIN
+        if hx is None:
+            states = ()
+        elif self._pair:
+            if type(hx) is not tuple or len(hx) != 2:
+                return _NOT_PLAIN
+            h, c = states = hx
+            if type(h) is not Tensor or type(c) is not Tensor or h.dim() != dim \
+                    or c.dim() != dim:
+                return _NOT_PLAIN
+        else:
+            if type(hx) is not Tensor or hx.dim() != dim:
+                return _NOT_PLAIN
+            states = (hx,)
+        name = self._cell_name()
+        if name is None:
+            return _NOT_PLAIN
+        return self._extension_step(name, input, states)
+
+    def _checked_step(self, input, hx):
+        """The fused step after nn's checks, or None where nn's cell must run
+        (the fused backend does not apply, or the op does not take the
+        arguments)."""
+        if not self._fused_applies(input):
+            return None
         dim = input.dim()
         states = () if hx is None else tuple(hx) if self._pair else (hx,)
         if (dim != 2 and dim != 1) or (states and (len(states) != (2 if self._pair else 1)
@@ -689,63 +742,8 @@ class _FusedCell(_Backend):
                     what = f"hx[{i}]" if self._pair else "hidden"
                     raise ValueError(
                         f"{self._name}: Expected {what} to be 1D or 2D, got {h_dim}D instead")
-            fused = None
-        else:
-            fused = self._fused_step(input, states, dim)
-        if fused is None:
-            # What the op does not take (another dtype or device among the
-            # arguments, a shape nn rejects, a nonlinearity it does not know)
-            # runs through nn's own implementation: its result, or its error.
-            self._ran_torch()
-            return self._torch_cell.forward(self, input, hx)
-        if self._promotes and torch._C._is_any_autocast_enabled():
-            fused = self._promoted(fused, input, hx)
-        return fused
-
-    def _eager_step(self, input, hx):
-        """The common call, where _run would come to _fused_step's call of
-        the extension, tested in one expression: a plain tensor, the fused
-        backend, no compile, export or torch function mode, states of the
-        input's dim. A small step's call costs about 5 us, and the method
-        calls and tests this skips about 0.3-0.4 of it. None for every
-        other call, which _run takes from the start."""
-        backend = self.backend
-        if backend is None:
-            backend = _backend.resolve(None)
-        if not (_cell_step is not None and type(input) is Tensor and backend != "torch"
-                and (backend == "fused" or (input.is_cuda and _ops.cuda_built()
-                                            and input.dtype in _ops.DTYPES))
-                and not torch.compiler.is_compiling()
-                and not torch._C._is_torch_function_mode_enabled()
-                and not _exporting_to_onnx()):
             return None
-        dim = input.dim()
-        if dim != 2 and dim != 1:
-            return None
-        if hx is None:
-            states = ()
-        elif self._pair:
-            if type(hx) is not tuple or len(hx) != 2:
-                return None
-            h, c = states = hx
-            if type(h) is not Tensor or type(c) is not Tensor or h.dim() != dim \
-                    or c.dim() != dim:
-                return None
-        else:
-            if type(hx) is not Tensor or hx.dim() != dim:
-                return None
-            states = (hx,)
-        name = self._cell_name()
-        if name is None:
-            return None
-        out = self._extension_step(name, input, states)
-        if out is None:
-            # As _run would: what the extension refuses runs nn's cell.
-            self._ran_torch()
-            return self._torch_cell.forward(self, input, hx)
-        if self._promotes and torch._C._is_any_autocast_enabled():
-            out = self._promoted(out, input, hx)
-        return out
+        return self._fused_step(input, states, dim)
 
     # Under autocast, nn's LSTMCell and GRUCell end their step with the
     # state they were given (c, or h), which promotes the autocast dtype's
@@ -810,6 +808,9 @@ class _FusedCell(_Backend):
         new = tuple(h[0] if dim == 2 else h[0, 0] for h in out[1])
         return new if self._pair else new[0]
 
+
+# _FusedCell._eager_step's answer for a call that is not the plain one.
+_NOT_PLAIN = object()
 
 # The forward op's one overload and the cells' eager step, looked up once:
 # calling the overload skips the packet's overload resolution on every call.
