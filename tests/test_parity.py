@@ -188,16 +188,19 @@ def test_cpu_kernel_variants(cpu_isa, cell, options, dtype, hidden, packing):
 
 @pytest.mark.parametrize("cpu_isa", _isa_params(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [1, 3, 7])
+@pytest.mark.parametrize("batch", [1, 2, 3, 7])
+@pytest.mark.parametrize("packing", ["always", "never"])
 @pytest.mark.parametrize("cell,options", CELLS)
-def test_cpu_kernel_few_rows(cpu_isa, cell, options, dtype, batch):
-    """Packed weights with fewer rows than a register block: the rows run in
-    blocks of 4, 2 and 1 over groups of panels (few_rows), at a hidden size
-    whose panels leave every group size and a last panel outside the groups,
-    on one thread so that the rows are not split."""
-    ref, ours = pair(6, 300, cell, dtype=dtype, bidirectional=True, **options)
+def test_cpu_kernel_few_rows(cpu_isa, cell, options, packing, dtype, batch):
+    """Fewer rows than a register block, on one thread so that the rows are
+    not split. Packed weights: the rows run in blocks of 4, 2 and 1 over
+    groups of panels (few_rows), at a hidden size whose panels leave every
+    group size and a last panel outside the groups. Weights as stored: 2
+    and 3 rows run over blocks of eight weight rows (dot_few_rows), then of
+    four, then one (303 = 37 * 8 + 4 + 3)."""
+    ref, ours = pair(6, 303, cell, dtype=dtype, bidirectional=True, **options)
     x = leaf(9, batch, 6, dtype=dtype)
-    with fastrnn.kernels(cpu_packing="always"), num_threads(1):
+    with fastrnn.kernels(cpu_packing=packing), num_threads(1):
         compare(ref, ours, x, initial_state(ref, batch, dtype=dtype))
 
 
