@@ -652,10 +652,10 @@ struct Kernels {
   // GRUCell alike batch 2 103 / 81 and batch 3 135 / 118, RNNCell batch 2
   // 39.1 / 32.3, one step of LSTM 64->256 batch 2 38.2 / 31.8, the seed
   // shape (9 -> 16, batch 2, 5 steps) LSTM 19.9 / 15.8, GRU 17.1 / 13.7,
-  // RNN 11.5 / 10.5. A lone row
-  // (batch 1) ran as fast either way (LSTMCell 256->512 97 / 96 us), and
-  // two-row blocks for the rows after the blocks of four (batch 6, 7) no
-  // faster than one-row ones: those rows find the weights in L1.
+  // RNN 11.5 / 10.5. A lone row (batch 1) ran as fast either way (LSTMCell
+  // 256->512 96-98 / 96 us), and two-row blocks for the rows after the
+  // blocks of four (batch 6, 7) no faster than one-row ones: those rows
+  // find the weights in L1.
   static inline void dot_few_rows(int64_t R, const Rows& x, const Rows& h, int64_t i, S* c,
                                   int64_t ldc) {
     int64_t r = 0;
