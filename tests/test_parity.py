@@ -196,8 +196,8 @@ def test_cpu_kernel_few_rows(cpu_isa, cell, options, packing, dtype, batch):
     not split. Packed weights: the rows run in blocks of 4, 2 and 1 over
     groups of panels (few_rows), at a hidden size whose panels leave every
     group size and a last panel outside the groups. Weights as stored: 2
-    and 3 rows run over blocks of eight weight rows (dot_few_rows), then of
-    four, then one (303 = 37 * 8 + 4 + 3)."""
+    and 3 rows run over blocks of eight weight rows (dot_column<8, 2>),
+    then of four, then one (303 = 37 * 8 + 4 + 3)."""
     ref, ours = pair(6, 303, cell, dtype=dtype, bidirectional=True, **options)
     x = leaf(9, batch, 6, dtype=dtype)
     with fastrnn.kernels(cpu_packing=packing), num_threads(1):

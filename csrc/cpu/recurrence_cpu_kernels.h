@@ -634,33 +634,14 @@ struct Kernels {
   }
 
   // Columns i .. i + JR of c's R rows: JR weight rows meet every row of a
-  // while they are in L1.
-  template <int JR>
+  // while they are in L1, in blocks of RR rows, then one row at a time.
+  template <int JR, int RR = 4>
   static inline void dot_column(int64_t R, const Rows& x, const Rows& h, int64_t i, S* c,
                                 int64_t ldc) {
     int64_t r = 0;
-    for (; r + 4 <= R; r += 4) dot_block<4, JR>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
+    for (; r + RR <= R; r += RR)
+      dot_block<RR, JR>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
     for (; r < R; ++r) dot_block<1, JR>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
-  }
-
-  // Columns i .. i + 8 of 2 or 3 rows: eight weight rows a block, over
-  // two rows and then the third. In blocks of four weight rows a row at a
-  // time, each row read the block's weights on its own. The sums are
-  // dot_block()'s whatever the block, so the bits do not change. Measured
-  // here (one thread, no-grad, medians of three processes each, blocks of
-  // four weight rows / eight): LSTMCell 256->512 batch 2 138 / 107 us,
-  // GRUCell alike batch 2 103 / 81 and batch 3 135 / 118, RNNCell batch 2
-  // 39.1 / 32.3, one step of LSTM 64->256 batch 2 38.2 / 31.8, the seed
-  // shape (9 -> 16, batch 2, 5 steps) LSTM 19.9 / 15.8, GRU 17.1 / 13.7,
-  // RNN 11.5 / 10.5. A lone row (batch 1) ran as fast either way (LSTMCell
-  // 256->512 96-98 / 96 us), and two-row blocks for the rows after the
-  // blocks of four (batch 6, 7) no faster than one-row ones: those rows
-  // find the weights in L1.
-  static inline void dot_few_rows(int64_t R, const Rows& x, const Rows& h, int64_t i, S* c,
-                                  int64_t ldc) {
-    int64_t r = 0;
-    for (; r + 2 <= R; r += 2) dot_block<2, 8>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
-    if (r < R) dot_block<1, 8>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
   }
 
   // The rows' inputs a dot-form GEMM keeps in L2 while the weights pass.
@@ -682,8 +663,22 @@ struct Kernels {
       S* cc = c + r0 * ldc;
       for (int64_t blk = 0; blk < Gb; ++blk) {
         int64_t j = 0;
+        // 2 or 3 rows: eight weight rows a block, over two rows and then the
+        // third. In blocks of four weight rows a row at a time, each row
+        // read the block's weights on its own. The sums are dot_block()'s
+        // whatever the block, so the bits do not change. Measured here (one
+        // thread, no-grad, medians of three processes each, blocks of four
+        // weight rows / eight): LSTMCell 256->512 batch 2 138 / 107 us,
+        // GRUCell alike batch 2 103 / 81 and batch 3 135 / 118, RNNCell
+        // batch 2 39.1 / 32.3, one step of LSTM 64->256 batch 2 38.2 / 31.8,
+        // the seed shape (9 -> 16, batch 2, 5 steps) LSTM 19.9 / 15.8, GRU
+        // 17.1 / 13.7, RNN 11.5 / 10.5. A lone row (batch 1) ran as fast
+        // either way (LSTMCell 256->512 96-98 / 96 us), and two-row blocks
+        // for the rows after the blocks of four (batch 6, 7) no faster than
+        // one-row ones: those rows find the weights in L1.
         if (rc == 2 || rc == 3)
-          for (; j + 8 <= J; j += 8) dot_few_rows(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
+          for (; j + 8 <= J; j += 8)
+            dot_column<8, 2>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
         for (; j + 4 <= J; j += 4) dot_column<4>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
         for (; j < J; ++j) dot_column<1>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
       }
