@@ -1226,10 +1226,12 @@ inline void rank_sums(S* dst, int64_t ldd, int64_t n, const S* g, int64_t gu, in
   using V = typename K::V;
   constexpr int64_t W = K::W;
   for (int64_t c = 0; c < n; c += 4 * W) {
-    V a[U][4];
-    for (int u = 0; u < U; ++u)
-      for (int k = 0; k < 4; ++k) a[u][k] = V{};
+    // Each branch has its own accumulators: one array shared by both was
+    // kept on the stack, its zeroing and reloads as many as the stores.
     if (c + 4 * W <= n) {
+      V a[U][4];
+      for (int u = 0; u < U; ++u)
+        for (int k = 0; k < 4; ++k) a[u][k] = V{};
       for (int64_t r = 0; r < R; ++r) {
         const S* x = row(r) + c;
         V xv[4];
@@ -1250,6 +1252,9 @@ inline void rank_sums(S* dst, int64_t ldd, int64_t n, const S* g, int64_t gu, in
       const int64_t left = n - c - k * W;
       w[k] = left < 0 ? 0 : left < W ? left : W;
     }
+    V a[U][4];
+    for (int u = 0; u < U; ++u)
+      for (int k = 0; k < 4; ++k) a[u][k] = V{};
     for (int64_t r = 0; r < R; ++r) {
       const S* x = row(r) + c;
       for (int k = 0; k < 4; ++k) {
