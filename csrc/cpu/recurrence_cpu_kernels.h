@@ -1283,7 +1283,17 @@ void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   const S* y = p.y;
   const auto x_row = [&](int64_t r) { return x + r * C; };
   const auto h_row = [&](int64_t r) { return r < N ? h0 + r * P : y + (r - N) * P; };
+  // Four units at a time where the registers hold their 16 accumulators
+  // (AVX-512), two with AVX2's 16 registers. With one row the sums are
+  // stores of products, and more rows of dW written side by side keep more
+  // stores in flight: writing a 512 x 768 gradient took 25.5 us two units
+  // at a time and 21.8 four (a probe of both, one thread, its lines in L3).
+  constexpr int kUnits = FASTRNN_VEC_BYTES == 64 ? 4 : 2;
   int64_t j = j0;
+  for (; j + kUnits <= j1; j += kUnits) {
+    rank_sums<kUnits>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
+    rank_sums<kUnits>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
+  }
   for (; j + 2 <= j1; j += 2) {
     rank_sums<2>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
     rank_sums<2>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
