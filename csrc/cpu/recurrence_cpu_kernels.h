@@ -1271,10 +1271,11 @@ inline void rank_sums(S* dst, int64_t ldd, int64_t n, const S* g, int64_t gu, in
 
 // The weight gradients of a few rows (WeightGradParams), for units
 // [j0, j1): each unit's rows of dW_ih and dW_hh (rank_sums() over the rows,
-// two units at a time) and its biases' gradients, so that a unit's result
-// does not depend on how the units are split between threads. A call of a few rows is all fixed
-// cost: this writes each gradient once where four ATen GEMMs and sums would
-// each be dispatched, allocate and read the gate gradients.
+// several units at a time) and its biases' gradients, so that a unit's
+// result does not depend on how the units are split between threads. A
+// call of a few rows is all fixed cost: this writes each gradient once
+// where four ATen GEMMs and sums would each be dispatched, allocate and
+// read the gate gradients.
 template <typename S>
 void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   const int64_t R = p.R, N = p.N, C = p.C, P = p.P, GH = p.GH;
