@@ -99,6 +99,12 @@ at::Tensor buffer(at::IntArrayRef sizes, const at::TensorOptions& opt);
 // back where there is some (recurrence_cpu.cpp), so that it is not faulted
 // in afresh.
 at::Tensor recycled(at::IntArrayRef sizes, const at::TensorOptions& opt);
+// The bytes of recycled() blocks cached (freed, kept for the next call),
+// live, and the most ever live at once.
+std::array<int64_t, 3> recycled_bytes();
+// Frees the blocks recycled() keeps; the most ever live starts again from
+// the blocks live now.
+void release_recycled();
 
 // Whether the CPU's own kernels run the time loop of t (no device claims it).
 bool cpu_loop(const at::Tensor& t);

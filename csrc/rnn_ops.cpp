@@ -167,6 +167,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_keep_workspace", &fastrnn::set_keep_workspace, pybind11::arg("keep"),
         "Whether the forward keeps its workspace for a backward on this thread; returns the "
         "previous setting (the layers' eager calls without grad turn it off)");
+  m.def("recycled_bytes", &fastrnn::recycled_bytes,
+        "Bytes of the CPU buffers' cache of freed blocks: (cached, live, most ever live at once)");
+  m.def("release_recycled", &fastrnn::release_recycled,
+        "Free the CPU buffers' cached blocks; the most ever live starts again from the live ones");
   m.def("cpu_isa", &fastrnn::cpu_isa, "The instruction set the CPU kernels run with");
   m.def("cpu_fma_rate", &fastrnn::cpu_fma_rate, pybind11::arg("seconds") = 0.1,
         pybind11::arg("threads") = 1, pybind11::arg("trials") = 3,

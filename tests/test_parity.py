@@ -481,6 +481,32 @@ def test_buffers_in_recycled_memory_stay_apart(cell, num_layers, bidirectional):
     assert torch.equal(y3[:values.numel()], values.view(-1))
 
 
+
+def test_freed_buffers_kept_at_most_twice_the_most_ever_live():
+    """The cache of freed CPU buffers (recurrence_cpu.cpp, recycled()) lets
+    go of the sizes calls no longer ask for: over calls of falling lengths,
+    each of new sizes, the blocks it keeps and the live ones together stay
+    within twice the most ever live at once (without the release they
+    would pile up, a set of blocks per length); and a call repeated at the
+    same sizes takes every block from it (its figures do not move)."""
+    from fastrnn import _ops
+    ref, ours = pair(16, 96, "lstm")
+    _ops._C.release_recycled()
+    assert _ops._C.recycled_bytes()[0] == 0
+    for T in (60, 50, 40, 30, 20):
+        x = leaf(T, 32, 16)
+        compare(ref, ours, x)
+        cached, live, peak = _ops._C.recycled_bytes()
+        assert 0 < cached and cached + live <= 2 * peak
+        assert cached <= 1 << 30
+    x = leaf(20, 32, 16)
+    ours(x)[0].sum().backward()
+    before = _ops._C.recycled_bytes()
+    for _ in range(2):
+        ours(x)[0].sum().backward()
+        assert _ops._C.recycled_bytes() == before
+
+
 # The layers' cells without projections: a plain call of one of them (one
 # layer and direction, plain CPU tensors) records fastrnn's own node.
 PLAIN_CELLS = [p for p in CELLS if "proj_size" not in p.values[1]]
