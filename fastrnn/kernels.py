@@ -95,6 +95,20 @@ def set_cpu_isa(name: str) -> None:
                            f"{', '.join(available_cpu_isas())}")
 
 
+def empty_cpu_cache() -> None:
+    """Frees the CPU buffers that fused calls freed and fastrnn keeps for the
+    next calls (outputs, saved values, gate and weight gradients of 256 KB
+    or more: up to 1 GB, and at most twice what the calls held at once)."""
+    _extension().release_recycled()
+
+
+def cpu_cache_bytes():
+    """``(cached, live, peak)``: the bytes of those CPU buffers kept for the
+    next calls, those in use now, and the most in use at once since the
+    process began or ``empty_cpu_cache()`` last ran."""
+    return tuple(_extension().recycled_bytes())
+
+
 CPU_PACKINGS = ("auto", "always", "never")
 
 

@@ -488,23 +488,23 @@ def test_freed_buffers_kept_at_most_twice_the_most_ever_live():
     each of new sizes, the blocks it keeps and the live ones together stay
     within twice the most ever live at once (without the release they
     would pile up, a set of blocks per length); and a call repeated at the
-    same sizes takes every block from it (its figures do not move)."""
-    from fastrnn import _ops
+    same sizes takes every block from it (its figures do not move).
+    fastrnn.empty_cpu_cache() empties it."""
     ref, ours = pair(16, 96, "lstm")
-    _ops._C.release_recycled()
-    assert _ops._C.recycled_bytes()[0] == 0
+    fastrnn.empty_cpu_cache()
+    assert fastrnn.cpu_cache_bytes()[0] == 0
     for T in (60, 50, 40, 30, 20):
         x = leaf(T, 32, 16)
         compare(ref, ours, x)
-        cached, live, peak = _ops._C.recycled_bytes()
+        cached, live, peak = fastrnn.cpu_cache_bytes()
         assert 0 < cached and cached + live <= 2 * peak
         assert cached <= 1 << 30
     x = leaf(20, 32, 16)
     ours(x)[0].sum().backward()
-    before = _ops._C.recycled_bytes()
+    before = fastrnn.cpu_cache_bytes()
     for _ in range(2):
         ours(x)[0].sum().backward()
-        assert _ops._C.recycled_bytes() == before
+        assert fastrnn.cpu_cache_bytes() == before
 
 
 # The layers' cells without projections: a plain call of one of them (one
