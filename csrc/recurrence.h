@@ -128,6 +128,9 @@ at::Tensor narrow_weight_grad_cpu(const at::Tensor& g, const at::Tensor& a,
                                   const at::Tensor& b = at::Tensor());
 void narrow_input_grad_cpu(const at::Tensor& dgi, const at::Tensor& w_ih, const at::Tensor& dx,
                            bool add);
+// out = a b (out += a b where `add`), 2-D, on the CPU: ATen's GEMM (MKL)
+// with the same bits on any number of threads.
+void product_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool add);
 // Whether those beat ATen's GEMMs on this CPU for C columns of x's dtype
 // (the choice depends on the shapes, dtype and instruction set alone).
 bool narrow_weight_grad_pays(const at::Tensor& x, int64_t C);

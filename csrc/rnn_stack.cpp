@@ -89,12 +89,25 @@ Tensor projection_input(const Stack& s, const Tensor& ws_d) {
   });
 }
 
+// out = a b, or out += a b where `add`: on the CPU with the same bits on
+// any number of threads (product_cpu), elsewhere ATen's GEMM.
+void product_into(Tensor out, const Tensor& a, const Tensor& b, bool add) {
+  if (out.is_cpu()) {
+    product_cpu(out, a, b, add);
+  } else if (add) {
+    out.addmm_(a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
 // a b into a recycled() buffer of its own: a weight's gradient (W_hh's 16
 // MB for an LSTM of hidden 1024), which the caller's autograd frees after
 // each call.
 Tensor mm_buffer(const Tensor& a, const Tensor& b) {
   Tensor out = recycled({a.size(0), b.size(1)}, a.options());
-  return at::mm_out(out, a, b);
+  product_into(out, a, b, false);
+  return out;
 }
 
 // W_hh's gradient of direction d: the sum over steps of dgh_t^T times the
@@ -126,7 +139,8 @@ Tensor hidden_weight_grad(const Tensor& dgh_flat, const Tensor& out_d, const Ten
   }
   const int64_t first = d == 0 ? 0 : (T - 1) * N, rest = d == 0 ? N : 0;
   Tensor g = mm_buffer(dgh_flat.narrow(0, first, N).t(), h0_d);
-  return g.addmm_(dgh_flat.narrow(0, rest, (T - 1) * N).t(), before);
+  product_into(g, dgh_flat.narrow(0, rest, (T - 1) * N).t(), before, true);
+  return g;
 }
 
 // b_hh's gradient where the cell keeps it apart from b_ih (kHiddenBias):
@@ -392,16 +406,14 @@ StackBackward stack_backward(const Stack& s, const Tensor& input, const Tensor& 
           }
           if (s.proj) {
             r.grad_weights[k + (s.biases ? 4 : 2)] =
-                at::mm(b.dhr[d].view({TN, s.P}).t(), projection_input(s, ws[l][d]));
+                mm_buffer(b.dhr[d].view({TN, s.P}).t(), projection_input(s, ws[l][d]));
           }
         }
         if (l > 0 || input_grad) {
           if (narrow_dx) {
             narrow_input_grad_cpu(dgi_flat, w.w_ih.contiguous(), din, d == 1);
-          } else if (d == 0) {
-            at::mm_out(din, dgi_flat, w.w_ih);
           } else {
-            din.addmm_(dgi_flat, w.w_ih);
+            product_into(din, dgi_flat, w.w_ih, d == 1);
           }
         }
       }

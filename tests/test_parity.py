@@ -238,6 +238,25 @@ def test_threads_give_identical_bits(cell, options, threads, packing):
     assert_same_bits(on_threads(1, ours, x), on_threads(threads, ours, x))
 
 
+@pytest.mark.parametrize(
+    "cell,C,H,N,T,dtype",
+    [
+        pytest.param("lstm", 5, 200, 17, 3, torch.float64, id="dx_few_rows"),
+        pytest.param("rnn", 300, 64, 64, 40, torch.float64, id="dw_ih_many_rows"),
+        pytest.param("gru", 32, 512, 1, 3, torch.float32, id="inner_dx_wide"),
+    ],
+)
+def test_threads_give_identical_bits_through_atens_products(cell, C, H, N, T, dtype):
+    """The backward's products that go to ATen's GEMM (dx of few columns,
+    dW of many in float64, a second layer's dx of 1024 columns) at shapes
+    where MKL, left to itself, splits the sums between threads on some
+    processors (Xeons): cut into tiles by shape, each on one thread
+    (product_cpu), they keep the same bits on one thread and two."""
+    _, ours = pair(C, H, cell, dtype=dtype, num_layers=2, bidirectional=True)
+    x = leaf(T, N, C, dtype=dtype)
+    assert_same_bits(on_threads(1, ours, x), on_threads(2, ours, x))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_long_sequence_float32(cell, options, device):
