@@ -1057,17 +1057,28 @@ bool unit_rows(const at::Tensor& t) { return t.dim() == 2 && (t.size(1) <= 1 || 
 
 }  // namespace
 
-// Measured here (AVX-512, one thread, 8192 rows, G*H 1024 and 4096,
-// GFMA/s, narrow tiles / ATen's GEMM, which is MKL; the probe's float32
-// peak 58, float64's half that): g^T z float32 C 16 27-31 / 14, C 32 42-53
+// Measured on an AMD EPYC (AVX-512, one thread, 8192 rows, G*H 1024 and
+// 4096, GFMA/s, narrow tiles / ATen's GEMM, which is MKL; the probe's
+// float32 peak 58, float64's half that): g^T z float32 C 16 27-31 / 14, C 32 42-53
 // / 24, C 64 47-55 / 32-33, C 256 (dW_hh of hidden 256) 49-53 / 43-46, C
 // 512 52 / 49, C 1024 50 / 48; float64 C 32 19-21 / 6, C 256 26 / 19, C
 // 1024 15 / 23. dx float32 C 16 (one vector: a broadcast for every
 // multiply-add) 13 / 16-17, C 32 45-47 / 26-27, C 64 51-54 / 32-35, C 256
 // 51 / 39-42, C 512 53 / 45, C 1024 41 / 46; float64 C 16 22-24 / 4, C 512
-// 27 / 22. Two threads alike (C 32: 87-104 / 42-60).
+// 27 / 22. Two threads alike (C 32: 87-104 / 42-60). On an Intel Xeon,
+// whose cores have two 512-bit FMA units (probe 115), MKL runs g^T z
+// faster from a few vectors on: float32 C 32 77 / 73, C 256 80 / 92
+// (G*H 1024 over 1024 and 8192 rows); LSTM 256, one thread, 128 steps,
+// forward+backward with W_hh's gradient in MKL: batch 64 100-108 ms ->
+// 90-92, batch 8 11.2-12.4 -> 10.3-11.0, at 64 and 128 units and in the
+// GRU within the noise. So there the narrow tiles take up to 12 vectors.
 bool narrow_weight_grad_pays(const at::Tensor& x, int64_t C) {
-  return C <= 32 * vector_lanes(x.scalar_type());
+#if defined(__x86_64__) || defined(__i386__)
+  static const int64_t vectors = __builtin_cpu_is("intel") ? 12 : 32;
+#else
+  constexpr int64_t vectors = 32;
+#endif
+  return C <= vectors * vector_lanes(x.scalar_type());
 }
 bool narrow_input_grad_pays(const at::Tensor& x, int64_t C) {
   const int64_t lanes = vector_lanes(x.scalar_type());
@@ -1136,11 +1147,12 @@ class OneMklThread {
 // and so the order of each sum, follows the product's shape: the same
 // product cut into tiles narrower than 512 rows or columns gives other
 // bits. So the output is cut by its shape alone, along its longer side,
-// into tiles of about 1024 (an even number of them from 1024 on, for two
+// into tiles of about 1024 (an even number of them from 512 on, for two
 // and four threads, at most 8), and each tile is one GEMM with MKL on one
 // thread. Narrower tiles cost: one thread, 4096 x 8192 x 1024, tiles of
 // 1024 0.96-1.06 of one call, of 512 1.05-1.09; 1024 x 8192 x 1024, tiles
-// of 128 1.29-2.72.
+// of 128 1.29-2.72. A GRU's W_hh gradient at hidden 256 (768 rows) in one
+// tile took 15-18% longer on two threads than in the narrow tiles.
 void product_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool add) {
   constexpr int64_t kTile = 1024, kTiles = 8;
   TORCH_INTERNAL_ASSERT(out.is_cpu() && out.dim() == 2 && a.dim() == 2 && b.dim() == 2 &&
@@ -1149,7 +1161,7 @@ void product_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
   const bool by_rows = out.size(0) >= out.size(1);
   const int64_t extent = out.size(by_rows ? 0 : 1);
   const int64_t tiles =
-      extent < kTile ? 1 : std::min<int64_t>(kTiles, (extent / kTile + 1) / 2 * 2);
+      extent < kTile / 2 ? 1 : std::clamp<int64_t>((extent / kTile + 1) / 2 * 2, 2, kTiles);
   const int64_t size = (extent + tiles - 1) / tiles;
   // The views are made here: a thread of OpenMP's pool has none of this
   // thread's autograd state, and the tensors may require gradients.
