@@ -349,13 +349,25 @@ std::atomic<int>& packing_slot() {
   return slot;
 }
 
+// Whether this is an Intel processor, where some of the choices below were
+// measured to go the other way: a fixed fact of the machine, so a choice
+// still never depends on the number of threads.
+bool intel_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+#else
+  return false;
+#endif
+}
+
 // The column-split loops (recurrence_cpu_kernels.h): where the weights a
 // step reads pass this many bytes and the batch is small, the threads split
 // units instead of rows, so that each reads its slice of the weights and
 // not all of them every step. About a core's share of L2 here (1 MB on the
 // development machine). A call that reads the weights as stored splits
 // them too where its rows are fewer than the threads' dot-form blocks
-// (kStoredRowSplitRows): a cell's step of a few rows streams its weights
+// (stored_row_split_rows()): a cell's step of a few rows streams its weights
 // from L3 at what one core draws, and two draw about twice that.
 constexpr int64_t kColumnSplitBytes = 512 * 1024;
 // Rows per thread from which the row split pays even so: two register blocks
@@ -373,8 +385,12 @@ constexpr int64_t kRowSplitRows = 16;
 // 47.5, batch 16 76 / 83; LSTMCell alike 96 / 57, 101 / 78, 143 / 81, 144
 // / 147, 273 / 278; GRUCell 72 / 53, 77 / 61, 108 / 64, 133 / 138, 218 /
 // 290; LSTMCell 128->256 batch 1 30.4 / 20.1, batch 4 46.4 / 29.1, batch 8
-// 47.4 / 47.8.
-constexpr int64_t kStoredRowSplitRows = 4;
+// 47.4 / 47.8. On an Intel Xeon (2 MB of L2 a core, weights streamed from
+// L3 at 34-35 GB/s a core) the units win at batch 8 too (two threads,
+// cells 256->512, rows split / units split): GRUCell 191-211 / 142-149 us,
+// LSTMCell 270-291 / 201-207, RNNCell 53 / 44-47; at batch 1 and at
+// 64->128 alike. So there it is 8 rows.
+int64_t stored_row_split_rows() { return intel_cpu() ? 8 : 4; }
 
 // Whether a direction of T steps of N rows, whose steps read weight_bytes
 // of weights, packs them (above). The forward reads the weights of a lone
@@ -643,7 +659,7 @@ void forward_typed(const ForwardLoop& a) {
   // What a step reads of the weights: W_ih and W_hh.
   const int64_t weight_bytes = Cell::kGates * H * (P + C) * static_cast<int64_t>(sizeof(S));
   const bool pack = packs(T, N, weight_bytes, true);
-  const int64_t nt = column_threads(weight_bytes, D * N, pack ? kRowSplitRows : kStoredRowSplitRows);
+  const int64_t nt = column_threads(weight_bytes, D * N, pack ? kRowSplitRows : stored_row_split_rows());
   const bool columns = nt > 1;
   // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_ih (G*H, C) alike;
   // W_hr (P, H) as W_hr^T.
@@ -1073,12 +1089,7 @@ bool unit_rows(const at::Tensor& t) { return t.dim() == 2 && (t.size(1) <= 1 || 
 // 90-92, batch 8 11.2-12.4 -> 10.3-11.0, at 64 and 128 units and in the
 // GRU within the noise. So there the narrow tiles take up to 12 vectors.
 bool narrow_weight_grad_pays(const at::Tensor& x, int64_t C) {
-#if defined(__x86_64__) || defined(__i386__)
-  static const int64_t vectors = __builtin_cpu_is("intel") ? 12 : 32;
-#else
-  constexpr int64_t vectors = 32;
-#endif
-  return C <= vectors * vector_lanes(x.scalar_type());
+  return C <= (intel_cpu() ? 12 : 32) * vector_lanes(x.scalar_type());
 }
 bool narrow_input_grad_pays(const at::Tensor& x, int64_t C) {
   const int64_t lanes = vector_lanes(x.scalar_type());
