@@ -132,7 +132,8 @@ void narrow_input_grad_cpu(const at::Tensor& dgi, const at::Tensor& w_ih, const 
 // with the same bits on any number of threads.
 void product_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool add);
 // Whether those beat ATen's GEMMs on this CPU for C columns of x's dtype
-// (the choice depends on the shapes, dtype and instruction set alone).
+// (the choice depends on the shapes, dtype, instruction set and the
+// processor's maker alone, never on the threads).
 bool narrow_weight_grad_pays(const at::Tensor& x, int64_t C);
 bool narrow_input_grad_pays(const at::Tensor& x, int64_t C);
 
