@@ -30,7 +30,6 @@
 #include <array>
 #include <atomic>
 #include <cstring>
-#include <exception>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -1193,23 +1192,9 @@ void product_cpu(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b
       at::cpu::mm_out(o, x, y);
     }
   };
-  const int64_t n = static_cast<int64_t>(work.size());
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < n; ++i) run(i);
-    return;
-  }
-  std::exception_ptr error;
-#pragma omp parallel num_threads(threads)
-  {
-    try {
-      for (int64_t i = omp_get_thread_num(); i < n; i += omp_get_num_threads()) run(i);
-    } catch (...) {
-#pragma omp critical(fastrnn_product_cpu)
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) run(i);
+  });
 }
 
 }  // namespace fastrnn
