@@ -297,6 +297,23 @@ Table<S, Cell> kernels(Isa isa) {
   }
 }
 
+// The multiply-adds a thread's share of a parallel loop should hold before a
+// second thread joins: about 10 us of work. Waking a sleeping OpenMP thread
+// costs 13-14 us here (OMP_WAIT_POLICY=PASSIVE: torch's mul_ of 40,000
+// floats 5.3 us on one thread, 18.2 on two), a spinning one about 1 us; a
+// cell's step of 8 rows was cut into four chunks of 2^16 and ran slower on
+// two threads than on one. Measured (two threads, cells' calls in
+// interleaved blocks, grain 2^16 / 2^20, us): passive RNNCell 64->128
+// batch 8 29.3 / 12.3 no-grad, 155 / 85 forward+backward, LSTMCell
+// 16->64 batch 32 37.5 / 24.6 and 177 / 106, GRUCell 64->128 batch 8 30.7
+// / 17.9; spinning (libgomp's default) RNNCell 64->128 batch 8 14.1 /
+// 10.8, others within 5%; 2^21 lost (RNNCell 128->128 batch 64 34.6 ->
+// 41.4 us). The calls' table (`--calls`, two threads) against torch.nn's
+// RNNCell 64->128 batch 8: 1.80-1.82x -> 2.14-2.21x no-grad, 1.32-1.46x ->
+// 1.58-1.66x forward+backward; layers of 128 steps within the noise. Rows and units are each one thread's sums in a fixed order, so
+// the grain, like the thread count, leaves the bits alone.
+constexpr int64_t kThreadGrainMacs = int64_t{1} << 20;
+
 // Packs b (K x blocks*J), b[k][c] = w[d][k * sk + c * sc], of every direction:
 // (D, K, blocks * padded_width(J)). Undefined where w is. Large weights are
 // packed by every thread, each a range of columns (whole panels): an LSTM's
@@ -475,7 +492,7 @@ const S* data_or_null(const std::optional<at::Tensor>& t) {
 // multiply-adds; small problems stay on the calling thread.
 template <typename Fn>
 void for_each_row_range(int64_t D, int64_t N, int64_t per_row, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, per_row));
+  const int64_t grain = std::max<int64_t>(1, kThreadGrainMacs / std::max<int64_t>(1, per_row));
   at::parallel_for(0, D * N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t d = i / N, n0 = i % N;
@@ -872,13 +889,16 @@ void weight_grads_typed(const WeightGradLoop& a) {
 #endif
   // A unit's gradients, and a row of dx, are each one thread's sum in a
   // fixed order: the same bits on any number of threads. Small calls stay
-  // on the calling thread.
-  const int64_t per_unit = p.R * (p.C + p.P);
-  at::parallel_for(0, p.GH, std::max<int64_t>(1, (int64_t{1} << 15) / per_unit),
+  // on the calling thread. A unit's weights are written as well as summed
+  // into, which a few rows cannot hide: each written weight counts as 8
+  // multiply-adds (RNNCell 256->512 at batch 1 on two threads, forward+
+  // backward: 203-221 us with the unit loop split, 293-320 on one thread).
+  const int64_t per_unit = (p.R + 8) * (p.C + p.P);
+  at::parallel_for(0, p.GH, std::max<int64_t>(1, (kThreadGrainMacs / 2) / per_unit),
                    [&](int64_t j0, int64_t j1) { weight_grads(p, j0, j1); });
   if (p.dx) {
     const int64_t per_row = p.GH * p.C;
-    at::parallel_for(0, p.R, std::max<int64_t>(1, (int64_t{1} << 15) / per_row),
+    at::parallel_for(0, p.R, std::max<int64_t>(1, (kThreadGrainMacs / 2) / per_row),
                      [&](int64_t r0, int64_t r1) { input_grad(p, r0, r1); });
   }
 }
@@ -920,7 +940,7 @@ void narrow_weight_grad_typed(const at::Tensor& g, const at::Tensor& a, const at
   S* out = dw.data_ptr<S>();
   const int64_t blocks = (GH + kNarrowBlock - 1) / kNarrowBlock;
   const int64_t per_block = std::max<int64_t>(1, kNarrowBlock * R * C);
-  at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / per_block),
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kThreadGrainMacs / per_block),
                    [&](int64_t b0, int64_t b1) {
                      k.weight_grad(gp, R, GH, ap, lda, Ra, bp, ldb, C, out, b0 * kNarrowBlock,
                                    std::min(GH, b1 * kNarrowBlock));
@@ -937,7 +957,7 @@ void narrow_input_grad_typed(const at::Tensor& g, const at::Tensor& w, const at:
   S* out = dx.data_ptr<S>();
   const int64_t blocks = (R + kNarrowBlock - 1) / kNarrowBlock;
   const int64_t per_block = std::max<int64_t>(1, kNarrowBlock * GH * C);
-  at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / per_block),
+  at::parallel_for(0, blocks, std::max<int64_t>(1, kThreadGrainMacs / per_block),
                    [&](int64_t b0, int64_t b1) {
                      k.input_grad(gp, GH, wp, C, out, add, b0 * kNarrowBlock,
                                   std::min(R, b1 * kNarrowBlock));
