@@ -310,8 +310,9 @@ Table<S, Cell> kernels(Isa isa) {
 // 10.8, others within 5%; 2^21 lost (RNNCell 128->128 batch 64 34.6 ->
 // 41.4 us). The calls' table (`--calls`, two threads) against torch.nn's
 // RNNCell 64->128 batch 8: 1.80-1.82x -> 2.14-2.21x no-grad, 1.32-1.46x ->
-// 1.58-1.66x forward+backward; layers of 128 steps within the noise. Rows and units are each one thread's sums in a fixed order, so
-// the grain, like the thread count, leaves the bits alone.
+// 1.58-1.66x forward+backward; layers of 128 steps within the noise. Rows
+// and units are each one thread's sums in a fixed order, so the grain, like
+// the thread count, leaves the bits alone.
 constexpr int64_t kThreadGrainMacs = int64_t{1} << 20;
 
 // Packs b (K x blocks*J), b[k][c] = w[d][k * sk + c * sc], of every direction:
@@ -1112,7 +1113,9 @@ bool unit_rows(const at::Tensor& t) { return t.dim() == 2 && (t.size(1) <= 1 || 
 // pairs, one thread / two): input 32, 64 and 128 0.99-1.02x; LSTM 256->1024
 // (batch 16, 64 steps) 1.02x / 1.04x, GRU 256->256 (batch 64) 0.99x /
 // 1.02x, LSTM 512->512 (batch 32, 64 steps) 1.05x / 1.11x.
+namespace {
 int64_t narrow_vectors() { return intel_cpu() ? 12 : 32; }
+}  // namespace
 bool narrow_weight_grad_pays(const at::Tensor& x, int64_t C) {
   return C <= narrow_vectors() * vector_lanes(x.scalar_type());
 }
