@@ -1,6 +1,6 @@
-// The CPU time loops compiled for AVX2 and FMA (x86-64 only). float's tanh is
-// the kernels' own; double's tanh and both exps are SLEEF's, which torch's
-// CPU library exports.
+// The CPU time loops compiled for AVX2 and FMA (x86-64 only). float's tanh
+// and sigmoid are the kernels' own; double's tanh and exp are SLEEF's, which
+// torch's CPU library exports.
 #include <cstdint>
 #include <cstring>
 
@@ -14,7 +14,6 @@
 
 extern "C" __m256d Sleef_tanhd4_u35avx2(__m256d);
 extern "C" __m256d Sleef_expd4_u10avx2(__m256d);
-extern "C" __m256 Sleef_expf8_u10avx2(__m256);
 
 namespace fastrnn {
 namespace cpu {
@@ -24,15 +23,13 @@ typedef double vd __attribute__((vector_size(32)));
 typedef float vf __attribute__((vector_size(32)));
 // SLEEF's 3.5-ulp tanh, as with AVX-512 (recurrence_cpu_avx512.cpp).
 inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd4_u35avx2((__m256d)x); }
-// p / q through a 12-bit reciprocal and one Newton step (about 2^-22
-// relative).
-inline vf divide(vf p, vf q) {
-  vf r = (vf)_mm256_rcp_ps((__m256)q);
-  r = r * (2.f - q * r);
-  return p * r;
+// 1 / q from a 12-bit estimate and one Newton step (about 2^-22), which
+// its callers refine.
+inline vf reciprocal(vf q) {
+  const vf r = (vf)_mm256_rcp_ps((__m256)q);
+  return r * (2.f - q * r);
 }
 inline vd exp_vec(vd x) { return (vd)Sleef_expd4_u10avx2((__m256d)x); }
-inline vf exp_vec(vf x) { return (vf)Sleef_expf8_u10avx2((__m256)x); }
 
 }  // namespace avx2
 }  // namespace cpu

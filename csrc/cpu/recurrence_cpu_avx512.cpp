@@ -1,6 +1,6 @@
-// The CPU time loops compiled for AVX-512 (x86-64 only). float's tanh is the
-// kernels' own; double's tanh and both exps are SLEEF's, which torch's CPU
-// library exports.
+// The CPU time loops compiled for AVX-512 (x86-64 only). float's tanh and
+// sigmoid are the kernels' own; double's tanh and exp are SLEEF's, which
+// torch's CPU library exports.
 #include <cstdint>
 #include <cstring>
 
@@ -14,7 +14,6 @@
 
 extern "C" __m512d Sleef_tanhd8_u35avx512f(__m512d);
 extern "C" __m512d Sleef_expd8_u10avx512f(__m512d);
-extern "C" __m512 Sleef_expf16_u10avx512f(__m512);
 
 namespace fastrnn {
 namespace cpu {
@@ -26,15 +25,10 @@ typedef float vf __attribute__((vector_size(64)));
 // (a quarter of an Elman float64 forward's time at hidden 256), and within
 // 3 ulp of the C library's over [-20, 20].
 inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd8_u35avx512f((__m512d)x); }
-// p / q through a 14-bit reciprocal and one Newton step (about 2^-26
-// relative): a few cycles where vdivps costs a dozen.
-inline vf divide(vf p, vf q) {
-  vf r = (vf)_mm512_rcp14_ps((__m512)q);
-  r = r * (2.f - q * r);
-  return p * r;
-}
+// An estimate of 1 / q to 14 bits, which its callers refine: a few cycles
+// where vdivps costs a dozen.
+inline vf reciprocal(vf q) { return (vf)_mm512_rcp14_ps((__m512)q); }
 inline vd exp_vec(vd x) { return (vd)Sleef_expd8_u10avx512f((__m512d)x); }
-inline vf exp_vec(vf x) { return (vf)Sleef_expf16_u10avx512f((__m512)x); }
 
 }  // namespace avx512
 }  // namespace cpu

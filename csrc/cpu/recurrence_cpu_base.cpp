@@ -1,5 +1,6 @@
 // The CPU time loops for any processor: the compiler's baseline vectors;
-// float's tanh is the kernels' own, the rest the C library's, lane by lane.
+// float's tanh and sigmoid are the kernels' own, double's the C library's,
+// lane by lane.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -20,11 +21,7 @@ inline vd exp_vec(vd x) {
   for (int i = 0; i < 2; ++i) x[i] = std::exp(x[i]);
   return x;
 }
-inline vf divide(vf p, vf q) { return p / q; }
-inline vf exp_vec(vf x) {
-  for (int i = 0; i < 4; ++i) x[i] = std::exp(x[i]);
-  return x;
-}
+inline vf reciprocal(vf q) { return 1.f / q; }
 
 }  // namespace base
 }  // namespace cpu

@@ -5,10 +5,9 @@
 // target`, having defined
 //   FASTRNN_CPU_ISA    the namespace these kernels land in (avx512, avx2, base)
 //   FASTRNN_VEC_BYTES  the width of one vector register in bytes
-// and, in that namespace, the vector functions exp_vec (float and double),
-// tanh_vec (double) and divide (float: p / q, or p times a refined
-// reciprocal of q where the instruction set has one) on GCC vectors of
-// FASTRNN_VEC_BYTES bytes. Nothing
+// and, in that namespace, the vector functions exp_vec and tanh_vec (double)
+// and reciprocal (float: 1 / q, or an estimate of it where the instruction
+// set has one) on GCC vectors of FASTRNN_VEC_BYTES bytes. Nothing
 // here may use a template from the standard library: an out-of-line copy
 // compiled for AVX-512 could be picked by the linker for every caller.
 //
@@ -42,51 +41,96 @@ struct VecOf<double> {
   typedef double type __attribute__((vector_size(FASTRNN_VEC_BYTES)));
 };
 
-// tanh for float: a 13/6-degree rational approximation, accurate to a few
-// ulp, evaluated in vector registers (the C library's tanhf costs about 20
-// times more per element here). The input is clamped to [-c, c], where the
-// approximation reaches +-1 (to within the quotient's rounding), which also
-// maps +-inf there; NaN fails every comparison and so passes through the
-// clamp and the quotient as NaN. Below |x| = 4e-4, tanh(x) rounds to x
-// itself. The quotient is the instruction set's divide(): a vector division
-// costs as much as the rest together on some processors.
+// float's tanh and sigmoid, in vector registers (the C library's tanhf
+// costs about 20 times more per element here), both from exp: within 3 ulp
+// over the whole range, and as accurate as the C library's where they
+// saturate. That is where it counts: the backward takes their derivatives
+// from the outputs, 1 - y^2 and s (1 - s), which lose to cancellation what
+// y and s get wrong near 1. A rational approximation of tanh (4-6 ulp, and
+// sigmoid as 1/2 + tanh(x/2)/2) took about three quarters of the time, but
+// left those derivatives 5-10 times less accurate than torch's (a tanh
+// RNN's gradients through units with |x| > 2), and its sigmoid of x < -10
+// was off by thousands of ulp, 0 below -17.
+//
+// exp(z) = s (1 + em) with s = 2^n, n = round(z / ln 2) (adding 1.5 * 2^23
+// rounds to an integer, whose bits then give s), and em = expm1(r) of r =
+// z - n ln 2 (ln 2 in two parts, so that r is exact to float's precision),
+// |r| <= ln(2)/2, by its Taylor polynomial of degree 7 (the remainder is
+// below 2e-8 of em). z in [-88, 88], so that s is a normal float or 0
+// (n = -127). NaN stays NaN.
 template <typename V>
-inline V tanh_rational(V x) {
-  const V c = V{} + 7.99881172180175781f;
-  V a = x > c ? c : x;
-  a = a < -c ? -c : a;
-  const V x2 = a * a;
-  V p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
-  p = p * x2 + -8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  p = p * a;
-  V q = x2 * 1.19825839466702e-06f + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  const V ax = x < 0 ? -x : x;
-  return ax < 4e-4f ? x : divide(p, q);
+inline void exp_parts(V z, V& s, V& em) {
+  typedef int Bits __attribute__((vector_size(sizeof(V))));
+  const V magic = V{} + 12582912.f;
+  const V nm = z * 1.44269504088896341f + magic;
+  const V n = nm - magic;
+  V r = z - n * 0.693145751953125f;
+  r = r - n * 1.42860682030941723212e-6f;
+  // Estrin's scheme: the terms in pairs, a shorter chain than Horner's.
+  const V r2 = r * r, r4 = r2 * r2;
+  const V p01 = r * (1.f / 6) + 0.5f, p23 = r * (1.f / 120) + 1.f / 24;
+  const V p45 = r * (1.f / 5040) + 1.f / 720;
+  em = r + r2 * (p01 + r2 * p23 + r4 * p45);
+  s = (V)(((Bits)nm - (Bits)magic + 127) << 23);
 }
 
-// The cells' math on vectors of units (cells.h): float's tanh is the
-// rational one above, double's and both exps are the instruction set's.
+// 1 / q refined once by its residual, 1 - q r, exact with a fused
+// multiply-add: from the instruction set's reciprocal() (on x86 an
+// estimate of 14 bits, or of 12 and a Newton step), to float's precision.
+template <typename V>
+inline V refined_reciprocal(V q) {
+  const V r = reciprocal(q);
+  return r + r * (1.f - q * r);
+}
+
+// tanh(x) = d / (d + 2) with d = expm1(2|x|) below |x| = atanh(1/2), where
+// d keeps its relative precision near 0 (and a zero its sign), and
+// 1 - 2 / (d + 2) above, where y's error is that of the small 2 / (d + 2)
+// and y is within an ulp of tanh; then x's sign. |x| is clamped to 9.1,
+// past which tanh rounds to 1, which also maps inf there; NaN passes the
+// clamp (its comparison fails) and every step after as NaN.
+template <typename V>
+inline V tanh_float(V x) {
+  typedef int Bits __attribute__((vector_size(sizeof(V))));
+  const V ax = (V)((Bits)x & 0x7fffffff);
+  const V lim = V{} + 9.1f;
+  const V a = lim < ax ? lim : ax;
+  V s, em;
+  exp_parts(a + a, s, em);
+  const V d = s * em + (s - 1.f);
+  const V r = refined_reciprocal(d + 2.f);
+  const V y = a < 0.549306144f ? d * r : 1.f - 2.f * r;
+  return (V)((Bits)y | ((Bits)x & int(0x80000000)));
+}
+
+// sigmoid(x) = 1 / (1 + exp(-x)), x clamped to [-88, 88] (past 88 it
+// rounds to 1; below -88, where exp(-x) would overflow, it is 0, as
+// torch's is from -88.7 on; NaN passes).
+template <typename V>
+inline V sigmoid_float(V x) {
+  const V hi = V{} + 88.f, lo = V{} - 88.f;
+  V a = hi < x ? hi : x;
+  a = lo > a ? lo : a;
+  V s, em;
+  exp_parts(-a, s, em);
+  const V y = refined_reciprocal(s * em + s + 1.f);
+  return x < lo ? V{} : y;
+}
+
+// The cells' math on vectors of units (cells.h): float's tanh and sigmoid
+// are the ones above, double's tanh and exp the instruction set's.
 template <typename Scalar>
 struct VecMath {
   using S = Scalar;
   using V = typename VecOf<S>::type;
   static inline V tanh(V x) {
-    if constexpr (sizeof(S) == 4) return tanh_rational(x);
+    if constexpr (sizeof(S) == 4) return tanh_float(x);
     else return tanh_vec(x);
   }
-  // float: 1/2 + tanh(x/2)/2 with the rational tanh, in registers (a
-  // library exp and a division cost about twice as much); its error is a
-  // few ulp of 1 near saturation, far below what float32 resolves in the
-  // cells' sums. double: 1 / (1 + exp(-x)). Both give 0 at -inf, 1 at inf
-  // and keep NaN.
+  // double: 1 / (1 + exp(-x)) with the instruction set's exp. Both give 0
+  // at -inf, 1 at inf and keep NaN.
   static inline V sigmoid(V x) {
-    if constexpr (sizeof(S) == 4) return S(0.5) + S(0.5) * tanh_rational(S(0.5) * x);
+    if constexpr (sizeof(S) == 4) return sigmoid_float(x);
     else return S(1) / (S(1) + exp_vec(-x));
   }
   // `x < 0 ? 0 : x` keeps NaN, as torch.relu does.
