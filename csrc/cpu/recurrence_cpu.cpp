@@ -315,6 +315,12 @@ Table<S, Cell> kernels(Isa isa) {
 // the thread count, leaves the bits alone.
 constexpr int64_t kThreadGrainMacs = int64_t{1} << 20;
 
+// The grain of a parallel loop over items of `per_item` multiply-adds each:
+// how many a thread's share holds before a second thread joins, at least 1.
+int64_t thread_grain(int64_t per_item, int64_t macs = kThreadGrainMacs) {
+  return std::max<int64_t>(1, macs / std::max<int64_t>(1, per_item));
+}
+
 // Packs b (K x blocks*J), b[k][c] = w[d][k * sk + c * sc], of every direction:
 // (D, K, blocks * padded_width(J)). Undefined where w is. Large weights are
 // packed by every thread, each a range of columns (whole panels): an LSTM's
@@ -493,8 +499,7 @@ const S* data_or_null(const std::optional<at::Tensor>& t) {
 // multiply-adds; small problems stay on the calling thread.
 template <typename Fn>
 void for_each_row_range(int64_t D, int64_t N, int64_t per_row, const Fn& fn) {
-  const int64_t grain = std::max<int64_t>(1, kThreadGrainMacs / std::max<int64_t>(1, per_row));
-  at::parallel_for(0, D * N, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, D * N, thread_grain(per_row), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t d = i / N, n0 = i % N;
       const int64_t n1 = std::min(N, n0 + (end - i));
@@ -895,11 +900,11 @@ void weight_grads_typed(const WeightGradLoop& a) {
   // multiply-adds (RNNCell 256->512 at batch 1 on two threads, forward+
   // backward: 203-221 us with the unit loop split, 293-320 on one thread).
   const int64_t per_unit = (p.R + 8) * (p.C + p.P);
-  at::parallel_for(0, p.GH, std::max<int64_t>(1, (kThreadGrainMacs / 2) / per_unit),
+  at::parallel_for(0, p.GH, thread_grain(per_unit, kThreadGrainMacs / 2),
                    [&](int64_t j0, int64_t j1) { weight_grads(p, j0, j1); });
   if (p.dx) {
     const int64_t per_row = p.GH * p.C;
-    at::parallel_for(0, p.R, std::max<int64_t>(1, (kThreadGrainMacs / 2) / per_row),
+    at::parallel_for(0, p.R, thread_grain(per_row, kThreadGrainMacs / 2),
                      [&](int64_t r0, int64_t r1) { input_grad(p, r0, r1); });
   }
 }
@@ -940,8 +945,8 @@ void narrow_weight_grad_typed(const at::Tensor& g, const at::Tensor& a, const at
   const int64_t lda = a.stride(0), ldb = b.defined() ? b.stride(0) : 0;
   S* out = dw.data_ptr<S>();
   const int64_t blocks = (GH + kNarrowBlock - 1) / kNarrowBlock;
-  const int64_t per_block = std::max<int64_t>(1, kNarrowBlock * R * C);
-  at::parallel_for(0, blocks, std::max<int64_t>(1, kThreadGrainMacs / per_block),
+  const int64_t per_block = kNarrowBlock * R * C;
+  at::parallel_for(0, blocks, thread_grain(per_block),
                    [&](int64_t b0, int64_t b1) {
                      k.weight_grad(gp, R, GH, ap, lda, Ra, bp, ldb, C, out, b0 * kNarrowBlock,
                                    std::min(GH, b1 * kNarrowBlock));
@@ -957,8 +962,8 @@ void narrow_input_grad_typed(const at::Tensor& g, const at::Tensor& w, const at:
   const S* wp = w.data_ptr<S>();
   S* out = dx.data_ptr<S>();
   const int64_t blocks = (R + kNarrowBlock - 1) / kNarrowBlock;
-  const int64_t per_block = std::max<int64_t>(1, kNarrowBlock * GH * C);
-  at::parallel_for(0, blocks, std::max<int64_t>(1, kThreadGrainMacs / per_block),
+  const int64_t per_block = kNarrowBlock * GH * C;
+  at::parallel_for(0, blocks, thread_grain(per_block),
                    [&](int64_t b0, int64_t b1) {
                      k.input_grad(gp, GH, wp, C, out, add, b0 * kNarrowBlock,
                                   std::min(R, b1 * kNarrowBlock));

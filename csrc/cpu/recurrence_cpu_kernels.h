@@ -127,8 +127,8 @@ struct VecMath {
     if constexpr (sizeof(S) == 4) return tanh_float(x);
     else return tanh_vec(x);
   }
-  // double: 1 / (1 + exp(-x)) with the instruction set's exp. Both give 0
-  // at -inf, 1 at inf and keep NaN.
+  // double: 1 / (1 + exp(-x)) with the instruction set's exp. float's and
+  // double's give 0 at -inf, 1 at inf and keep NaN.
   static inline V sigmoid(V x) {
     if constexpr (sizeof(S) == 4) return sigmoid_float(x);
     else return S(1) / (S(1) + exp_vec(-x));
