@@ -45,8 +45,10 @@
 //
 // The math policy M gives the cell its functions for the value type V:
 // M::tanh, M::sigmoid, M::relu (x < 0 ? 0 : x, NaN kept, as torch.relu),
-// M::relu_backward(g, h) (h <= 0 ? 0 : g, torch's threshold_backward), and
-// M::S, the scalar type of literals.
+// M::relu_backward(g, h) (h <= 0 ? 0 : g, torch's threshold_backward),
+// M::mul_add(a, b, c) (a b + c, rounded once where M fuses products: a sum
+// of two products names the one it fuses, so that no compiler's choice
+// between them decides the bits), and M::S, the scalar type of literals.
 #pragma once
 
 #include <stdexcept>
@@ -112,7 +114,7 @@ struct Lstm {
     const V f = M::sigmoid(u[1] + hw[1]);
     const V g = M::tanh(u[2] + hw[2]);
     const V o = M::sigmoid(u[3] + hw[3]);
-    c = f * c + i * g;
+    c = M::mul_add(f, c, i * g);
     h = o * M::tanh(c);
     saved[0] = i, saved[1] = f, saved[2] = g, saved[3] = o;
   }

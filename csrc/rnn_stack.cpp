@@ -71,6 +71,7 @@ struct TensorMath {
   static Tensor relu_backward(const Tensor& g, const Tensor& h) {
     return at::threshold_backward(g, h, 0);
   }
+  static Tensor mul_add(const Tensor& a, const Tensor& b, const Tensor& c) { return a * b + c; }
 };
 
 // The cell's output before the projection, (T*N, H), from the workspace of

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cells.h"
 #include "recurrence_params.h"
@@ -40,6 +41,96 @@ template <>
 struct VecOf<double> {
   typedef double type __attribute__((vector_size(FASTRNN_VEC_BYTES)));
 };
+
+// Two vectors of units stepped as one (Twin<V>, or Twin<Twin<V>> for
+// four): every operation on the halves side by side, so that their
+// dependency chains interleave in the instruction stream. A cell's
+// pointwise step is one long chain (three sigmoids and a tanh, then the
+// cell state's tanh): a vector at a time, the core waits on its latency,
+// and the steps of the next vectors come too late in the stream for the
+// scheduler to fill the wait. Each lane's arithmetic is the same whatever
+// its vector is stepped with (the same operations in the same order; the
+// cells name which product of a sum they fuse, M::mul_add), so the bits do
+// not depend on the grouping.
+template <typename V>
+struct Twin {
+  V a, b;
+};
+template <typename T>
+struct IsTwin : std::false_type {};
+template <typename V>
+struct IsTwin<Twin<V>> : std::true_type {};
+template <typename T, typename U>
+using IfScalar = std::enable_if_t<std::is_arithmetic_v<U>, T>;
+
+#define FASTRNN_TWIN_OPERATOR(op)                                                              \
+  template <typename V>                                                                        \
+  inline Twin<V> operator op(const Twin<V>& x, const Twin<V>& y) {                           \
+    return {x.a op y.a, x.b op y.b};                                                           \
+  }                                                                                            \
+  template <typename V, typename U>                                                            \
+  inline IfScalar<Twin<V>, U> operator op(const Twin<V>& x, U y) {                            \
+    return {x.a op y, x.b op y};                                                               \
+  }                                                                                            \
+  template <typename V, typename U>                                                            \
+  inline IfScalar<Twin<V>, U> operator op(U x, const Twin<V>& y) {                            \
+    return {x op y.a, x op y.b};                                                               \
+  }
+FASTRNN_TWIN_OPERATOR(+)
+FASTRNN_TWIN_OPERATOR(-)
+FASTRNN_TWIN_OPERATOR(*)
+#undef FASTRNN_TWIN_OPERATOR
+template <typename V>
+inline Twin<V> operator-(const Twin<V>& x) {
+  return {-x.a, -x.b};
+}
+
+// What the activations need beyond arithmetic, on a vector or a Twin.
+// a < b ? x : y, lane by lane (false where either is NaN).
+template <typename V>
+inline V select_less(V a, V b, V x, V y) {
+  if constexpr (IsTwin<V>::value)
+    return {select_less(a.a, b.a, x.a, y.a), select_less(a.b, b.b, x.b, y.b)};
+  else
+    return a < b ? x : y;
+}
+// float's bits: x & mask, x | (y & mask).
+template <typename V>
+inline V and_bits(V x, int mask) {
+  if constexpr (IsTwin<V>::value) {
+    return {and_bits(x.a, mask), and_bits(x.b, mask)};
+  } else {
+    typedef int Bits __attribute__((vector_size(sizeof(V))));
+    return (V)((Bits)x & mask);
+  }
+}
+template <typename V>
+inline V or_bits_of(V x, V y, int mask) {
+  if constexpr (IsTwin<V>::value) {
+    return {or_bits_of(x.a, y.a, mask), or_bits_of(x.b, y.b, mask)};
+  } else {
+    typedef int Bits __attribute__((vector_size(sizeof(V))));
+    return (V)((Bits)x | ((Bits)y & mask));
+  }
+}
+// 2^n from nm = n + magic (exp_parts()).
+template <typename V>
+inline V power_of_two(V nm, V magic) {
+  if constexpr (IsTwin<V>::value) {
+    return {power_of_two(nm.a, magic.a), power_of_two(nm.b, magic.b)};
+  } else {
+    typedef int Bits __attribute__((vector_size(sizeof(V))));
+    return (V)(((Bits)nm - (Bits)magic + 127) << 23);
+  }
+}
+template <typename V>
+inline Twin<V> reciprocal(const Twin<V>& q) {
+  return {reciprocal(q.a), reciprocal(q.b)};
+}
+template <typename V>
+inline Twin<V> multiply_add(const Twin<V>& a, const Twin<V>& b, const Twin<V>& c) {
+  return {multiply_add(a.a, b.a, c.a), multiply_add(a.b, b.b, c.b)};
+}
 
 // float's tanh and sigmoid, in vector registers (the C library's tanhf
 // costs about 20 times more per element here), both from exp: within 3 ulp
@@ -60,7 +151,6 @@ struct VecOf<double> {
 // (n = -127). NaN stays NaN.
 template <typename V>
 inline void exp_parts(V z, V& s, V& em) {
-  typedef int Bits __attribute__((vector_size(sizeof(V))));
   const V magic = V{} + 12582912.f;
   const V nm = z * 1.44269504088896341f + magic;
   const V n = nm - magic;
@@ -71,7 +161,7 @@ inline void exp_parts(V z, V& s, V& em) {
   const V p01 = r * (1.f / 6) + 0.5f, p23 = r * (1.f / 120) + 1.f / 24;
   const V p45 = r * (1.f / 5040) + 1.f / 720;
   em = r + r2 * (p01 + r2 * p23 + r4 * p45);
-  s = (V)(((Bits)nm - (Bits)magic + 127) << 23);
+  s = power_of_two(nm, magic);
 }
 
 // 1 / q refined once by its residual, 1 - q r, exact with a fused
@@ -91,16 +181,15 @@ inline V refined_reciprocal(V q) {
 // clamp (its comparison fails) and every step after as NaN.
 template <typename V>
 inline V tanh_float(V x) {
-  typedef int Bits __attribute__((vector_size(sizeof(V))));
-  const V ax = (V)((Bits)x & 0x7fffffff);
+  const V ax = and_bits(x, 0x7fffffff);
   const V lim = V{} + 9.1f;
-  const V a = lim < ax ? lim : ax;
+  const V a = select_less(lim, ax, lim, ax);
   V s, em;
   exp_parts(a + a, s, em);
   const V d = s * em + (s - 1.f);
   const V r = refined_reciprocal(d + 2.f);
-  const V y = a < 0.549306144f ? d * r : 1.f - 2.f * r;
-  return (V)((Bits)y | ((Bits)x & int(0x80000000)));
+  const V y = select_less(a, V{} + 0.549306144f, d * r, 1.f - 2.f * r);
+  return or_bits_of(y, x, int(0x80000000));
 }
 
 // sigmoid(x) = 1 / (1 + exp(-x)), x clamped to [-88, 88] (past 88 it
@@ -109,20 +198,22 @@ inline V tanh_float(V x) {
 template <typename V>
 inline V sigmoid_float(V x) {
   const V hi = V{} + 88.f, lo = V{} - 88.f;
-  V a = hi < x ? hi : x;
-  a = lo > a ? lo : a;
+  V a = select_less(hi, x, hi, x);
+  a = select_less(a, lo, lo, a);
   V s, em;
   exp_parts(-a, s, em);
   const V y = refined_reciprocal(s * em + s + 1.f);
-  return x < lo ? V{} : y;
+  return select_less(x, lo, V{}, y);
 }
 
-// The cells' math on vectors of units (cells.h): float's tanh and sigmoid
-// are the ones above, double's tanh and exp the instruction set's.
-template <typename Scalar>
+// The cells' math on vectors of units, or Twins of them (float's only)
+// (cells.h): float's tanh and sigmoid are the ones above, double's tanh
+// and exp the instruction set's.
+template <typename Scalar, typename Vec = typename VecOf<Scalar>::type>
 struct VecMath {
   using S = Scalar;
-  using V = typename VecOf<S>::type;
+  using V = Vec;
+  static_assert(sizeof(S) == 4 || !IsTwin<V>::value, "double's vectors step one at a time");
   static inline V tanh(V x) {
     if constexpr (sizeof(S) == 4) return tanh_float(x);
     else return tanh_vec(x);
@@ -134,9 +225,11 @@ struct VecMath {
     else return S(1) / (S(1) + exp_vec(-x));
   }
   // `x < 0 ? 0 : x` keeps NaN, as torch.relu does.
-  static inline V relu(V x) { return x < S(0) ? V{} : x; }
+  static inline V relu(V x) { return select_less(x, V{}, V{}, x); }
   // torch's threshold_backward: zero where the output is <= 0.
   static inline V relu_backward(V g, V h) { return h <= S(0) ? V{} : g; }
+  // The instruction set's: fused where it has fused multiply-adds.
+  static inline V mul_add(V a, V b, V c) { return multiply_add(a, b, c); }
 };
 
 // Lane indices 0 .. n-1 as a parameter pack (for __builtin_shufflevector).
@@ -815,31 +908,71 @@ struct Kernels {
     else store_n(p, v, n);
   }
 
-  template <bool kFull>
+  // A vector, or a Twin of them, from p on and to p on.
+  template <typename T>
+  static inline T load_as(const S* p) {
+    if constexpr (IsTwin<T>::value) {
+      using Half = decltype(T::a);
+      return T{load_as<Half>(p), load_as<Half>(p + sizeof(Half) / sizeof(S))};
+    } else {
+      return load(p);
+    }
+  }
+  template <typename T>
+  static inline void store_as(S* p, const T& v) {
+    if constexpr (IsTwin<T>::value) {
+      using Half = decltype(T::a);
+      store_as(p, v.a);
+      store_as(p + sizeof(Half) / sizeof(S), v.b);
+    } else {
+      store(p, v);
+    }
+  }
+
+  // Units [j, j + n) of a row: T, a vector or a Twin, whole (kFull), or a
+  // vector's first n lanes.
+  template <bool kFull, typename T = V>
   static inline void forward_chunk(int64_t j, int64_t n, int64_t ld, const S* bu, int64_t bu_ld,
                                    const S* hw, int64_t hw_ld, const S* bh, const S* h_prev,
                                    S* c, S* h, S* out, S* saved) {
-    V uv[G], hwv[G], bhv[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
+    static_assert(kFull || std::is_same_v<T, V>, "a part of a vector");
+    const auto part = [&](const S* p) {
+      if constexpr (kFull) return load_as<T>(p);
+      else return load_n(p, n);
+    };
+    const auto store_out = [&](S* p, const T& v) {
+      if constexpr (kFull) store_as(p, v);
+      else store_n(p, v, n);
+    };
+    T uv[G], hwv[G], bhv[G], sv[Cell::kSaved > 0 ? Cell::kSaved : 1];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
       // The input term of an apart gate g sits in block g + kApart.
-      uv[g] = g >= G - kApart ? load(hw + (g + kApart) * hw_ld + j) + load(bu + g * bu_ld + j)
-                              : load(bu + g * bu_ld + j);
-      hwv[g] = load(hw + g * hw_ld + j);
-      bhv[g] = Cell::kHiddenBias && bh != nullptr ? load_part<kFull>(bh + g * ld + j, n) : V{};
+      uv[g] = g >= G - kApart ? load_as<T>(hw + (g + kApart) * hw_ld + j) + load_as<T>(bu + g * bu_ld + j)
+                              : load_as<T>(bu + g * bu_ld + j);
+      hwv[g] = load_as<T>(hw + g * hw_ld + j);
+      bhv[g] = Cell::kHiddenBias && bh != nullptr ? part(bh + g * ld + j) : T{};
     }
-    const V hp = Cell::kPrevState ? load(h_prev + j) : V{};
-    V cv = Cell::kCellState ? load(c + j) : V{};
-    V hv;
-    Cell::template forward<M, V>(uv, hwv, bhv, hp, cv, hv, sv);
-    store(h + j, hv);
-    if (out != nullptr) store_part<kFull>(out + j, hv, n);
-    if constexpr (Cell::kCellState) store(c + j, cv);
+    const T hp = Cell::kPrevState ? load_as<T>(h_prev + j) : T{};
+    T cv = Cell::kCellState ? load_as<T>(c + j) : T{};
+    T hv;
+    Cell::template forward<VecMath<S, T>, T>(uv, hwv, bhv, hp, cv, hv, sv);
+    store_as(h + j, hv);
+    if (out != nullptr) store_out(out + j, hv);
+    if constexpr (Cell::kCellState) store_as(c + j, cv);
     if (saved == nullptr) return;  // no backward to come
 #pragma GCC unroll 4
-    for (int k = 0; k < Cell::kSaved; ++k) store_part<kFull>(saved + k * ld + j, sv[k], n);
-    if constexpr (Cell::kCellState) store_part<kFull>(saved + Cell::kSaved * ld + j, cv, n);
+    for (int k = 0; k < Cell::kSaved; ++k) store_out(saved + k * ld + j, sv[k]);
+    if constexpr (Cell::kCellState) store_out(saved + Cell::kSaved * ld + j, cv);
   }
+
+  // Vectors a forward_chunk() steps together: four with AVX-512's 32
+  // registers (AVX2's 16 untried), float only (double's tanh and exp are
+  // calls). Measured here (one thread, 64 rows of 64 units, no saved values,
+  // both versions in one test program): an LSTM's step 12.6 us a vector at
+  // a time, 9.9 in fours; a GRU's 8.4 and 6.3; in twos 10% slower than in
+  // fours.
+  static constexpr int kStepVectors = sizeof(S) == 4 && FASTRNN_VEC_BYTES == 64 ? 4 : 1;
 
   // The forward step of one row's units [0, units) (pointers at the first):
   // hw, the step_gemm() blocks, and bu, the bias added to the input term,
@@ -851,6 +984,16 @@ struct Kernels {
                             int64_t hw_ld, const S* bh, const S* h_prev, S* c, S* h, S* out,
                             S* saved) {
     int64_t j = 0;
+    if constexpr (kStepVectors >= 4) {
+      for (; j + 4 * W <= units; j += 4 * W)
+        forward_chunk<true, Twin<Twin<V>>>(j, 4 * W, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h,
+                                           out, saved);
+    }
+    if constexpr (kStepVectors >= 2) {
+      for (; j + 2 * W <= units; j += 2 * W)
+        forward_chunk<true, Twin<V>>(j, 2 * W, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out,
+                                     saved);
+    }
     for (; j + W <= units; j += W)
       forward_chunk<true>(j, W, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
     if (j < units)
