@@ -31,7 +31,9 @@ inline vf reciprocal(vf q) {
 }
 inline vd exp_vec(vd x) { return (vd)Sleef_expd4_u10avx2((__m256d)x); }
 // a b + c rounded once.
-inline vf multiply_add(vf a, vf b, vf c) { return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c); }
+inline vf multiply_add(vf a, vf b, vf c) {
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+}
 inline vd multiply_add(vd a, vd b, vd c) {
   return (vd)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 }

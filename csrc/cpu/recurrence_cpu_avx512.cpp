@@ -30,7 +30,9 @@ inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd8_u35avx512f((__m512d)x); }
 inline vf reciprocal(vf q) { return (vf)_mm512_rcp14_ps((__m512)q); }
 inline vd exp_vec(vd x) { return (vd)Sleef_expd8_u10avx512f((__m512d)x); }
 // a b + c rounded once.
-inline vf multiply_add(vf a, vf b, vf c) { return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
+inline vf multiply_add(vf a, vf b, vf c) {
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
 inline vd multiply_add(vd a, vd b, vd c) {
   return (vd)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
 }
