@@ -27,7 +27,9 @@ typedef float vf __attribute__((vector_size(64)));
 inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd8_u35avx512f((__m512d)x); }
 // An estimate of 1 / q to 14 bits, which its callers refine: a few cycles
 // where vdivps costs a dozen.
-inline vf reciprocal(vf q) { return (vf)_mm512_rcp14_ps((__m512)q); }
+// (The zero-masked form with every lane set: the same instruction, and
+// GCC 12 warns of the plain form's undefined pass-through operand.)
+inline vf reciprocal(vf q) { return (vf)_mm512_maskz_rcp14_ps(__mmask16(-1), (__m512)q); }
 inline vd exp_vec(vd x) { return (vd)Sleef_expd8_u10avx512f((__m512d)x); }
 // a b + c rounded once.
 inline vf multiply_add(vf a, vf b, vf c) {
