@@ -1102,7 +1102,7 @@ struct Kernels {
                              S* dgi, S* dh_prev) {
     int64_t j = 0;
     // The Elman cell's backward is a product or two a unit, too short a
-    // chain to gain (1.2-1.5x slower in fours at hidden 64 and 256).
+    // chain to gain (1.04-1.5x as long in fours at hidden 64 and 256).
     constexpr int kVectors = G > 1 ? kStepVectors : 1;
     if constexpr (kVectors >= 4) {
       for (; j + 4 * W <= units; j += 4 * W)
