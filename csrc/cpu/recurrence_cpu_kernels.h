@@ -975,6 +975,25 @@ struct Kernels {
   // fours.
   static constexpr int kStepVectors = sizeof(S) == 4 && FASTRNN_VEC_BYTES == 64 ? 4 : 1;
 
+  // Calls step.operator()<kFull, T>(j, n) over the units [0, units) in
+  // chunks: four vectors at a time (T = Twin<Twin<V>>) while kVectors >= 4,
+  // then two, then one (T = V), then the partial rest (kFull false, n < W).
+  // The callers' lambdas are always_inline: left to GCC, the Elman cell's
+  // forward at hidden 64 ran 7% longer (one thread, 64 rows, 2.05 against
+  // 2.19 us), its chunk no longer inlined.
+  template <int kVectors, typename Step>
+  static inline __attribute__((always_inline)) void for_each_chunk(int64_t units,
+                                                                   const Step& step) {
+    int64_t j = 0;
+    if constexpr (kVectors >= 4)
+      for (; j + 4 * W <= units; j += 4 * W)
+        step.template operator()<true, Twin<Twin<V>>>(j, 4 * W);
+    if constexpr (kVectors >= 2)
+      for (; j + 2 * W <= units; j += 2 * W) step.template operator()<true, Twin<V>>(j, 2 * W);
+    for (; j + W <= units; j += W) step.template operator()<true, V>(j, W);
+    if (j < units) step.template operator()<false, V>(j, units - j);
+  }
+
   // The forward step of one row's units [0, units) (pointers at the first):
   // hw, the step_gemm() blocks, and bu, the bias added to the input term,
   // gate blocks hw_ld and bu_ld apart in scratch; saved and bh (kHiddenBias,
@@ -984,21 +1003,10 @@ struct Kernels {
   static void forward_units(int64_t units, int64_t ld, const S* bu, int64_t bu_ld, const S* hw,
                             int64_t hw_ld, const S* bh, const S* h_prev, S* c, S* h, S* out,
                             S* saved) {
-    int64_t j = 0;
-    if constexpr (kStepVectors >= 4) {
-      for (; j + 4 * W <= units; j += 4 * W)
-        forward_chunk<true, Twin<Twin<V>>>(j, 4 * W, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h,
-                                           out, saved);
-    }
-    if constexpr (kStepVectors >= 2) {
-      for (; j + 2 * W <= units; j += 2 * W)
-        forward_chunk<true, Twin<V>>(j, 2 * W, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out,
-                                     saved);
-    }
-    for (; j + W <= units; j += W)
-      forward_chunk<true>(j, W, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
-    if (j < units)
-      forward_chunk<false>(j, units - j, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
+    for_each_chunk<kStepVectors>(units, [&]<bool kFull, typename T>(int64_t j, int64_t n)
+                                            __attribute__((always_inline)) {
+      forward_chunk<kFull, T>(j, n, ld, bu, bu_ld, hw, hw_ld, bh, h_prev, c, h, out, saved);
+    });
   }
 
   // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
@@ -1100,25 +1108,13 @@ struct Kernels {
   static void backward_units(int64_t units, int64_t ld, const S* gh, const S* dy, const S* y,
                              const S* saved, const S* h_prev, const S* c_prev, S* dc, S* dgh,
                              S* dgi, S* dh_prev) {
-    int64_t j = 0;
     // The Elman cell's backward is a product or two a unit, too short a
     // chain to gain (1.04-1.5x as long in fours at hidden 64 and 256).
     constexpr int kVectors = G > 1 ? kStepVectors : 1;
-    if constexpr (kVectors >= 4) {
-      for (; j + 4 * W <= units; j += 4 * W)
-        backward_chunk<true, Twin<Twin<V>>>(j, 4 * W, ld, gh, dy, y, saved, h_prev, c_prev, dc,
-                                            dgh, dgi, dh_prev);
-    }
-    if constexpr (kVectors >= 2) {
-      for (; j + 2 * W <= units; j += 2 * W)
-        backward_chunk<true, Twin<V>>(j, 2 * W, ld, gh, dy, y, saved, h_prev, c_prev, dc, dgh,
-                                      dgi, dh_prev);
-    }
-    for (; j + W <= units; j += W)
-      backward_chunk<true>(j, W, ld, gh, dy, y, saved, h_prev, c_prev, dc, dgh, dgi, dh_prev);
-    if (j < units)
-      backward_chunk<false>(j, units - j, ld, gh, dy, y, saved, h_prev, c_prev, dc, dgh, dgi,
-                            dh_prev);
+    for_each_chunk<kVectors>(units, [&]<bool kFull, typename T>(int64_t j, int64_t n)
+                                        __attribute__((always_inline)) {
+      backward_chunk<kFull, T>(j, n, ld, gh, dy, y, saved, h_prev, c_prev, dc, dgh, dgi, dh_prev);
+    });
   }
 
   // The states row n of direction d started step t from: h (P wide) from
