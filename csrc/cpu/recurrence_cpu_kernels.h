@@ -820,7 +820,16 @@ struct Kernels {
         // 17.1 / 13.7, RNN 11.5 / 10.5. A lone row (batch 1) ran as fast
         // either way (LSTMCell 256->512 96-98 / 96 us), and two-row blocks
         // for the rows after the blocks of four (batch 6, 7) no faster than
-        // one-row ones: those rows find the weights in L1.
+        // one-row ones: those rows find the weights in L1. Blocks of 8 rows
+        // (over 2 or 3 weight rows, so that batch 8 reads the weights in one
+        // pass) were no faster on the Xeon (one thread, LSTM step_dot(),
+        // blocks of 4 / 8x3 / 8x2): 64->128 batch 8 15.0 / 18.2 / 22.9 us,
+        // batch 16 26.6 / 33.9 / 39.1; 256->512 batch 8 341 / 326 / 415,
+        // batch 16 596 / 692 / 868. Asking for the next block's weights
+        // while the second block of rows runs was not kept either: cells
+        // 256->512, two threads, batch 16 0.77x-0.85x as long, batch 8 and
+        // one thread within the noise, batch 3 and 6 (a lone row's pass
+        // asking) 1.06x-1.18x.
         if (rc == 2 || rc == 3)
           for (; j + 8 <= J; j += 8)
             dot_column<8, 2>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
