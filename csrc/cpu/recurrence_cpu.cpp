@@ -902,10 +902,27 @@ void weight_grads_typed(const WeightGradLoop& a) {
   const int64_t per_unit = (p.R + 8) * (p.C + p.P);
   at::parallel_for(0, p.GH, thread_grain(per_unit, kThreadGrainMacs / 2),
                    [&](int64_t j0, int64_t j1) { weight_grads(p, j0, j1); });
+  // dx in tasks of up to four rows by kInputGradColumns columns, columns
+  // outermost, so that a thread reads its columns of W_ih and a lone row's
+  // columns are split between threads (by rows, one row read all of W_ih
+  // on one thread). Each weight read counts as 4 multiply-adds. Measured
+  // (LSTMCell 256->512, two threads, what the input's gradient adds to
+  // the backward op in the profiler, 100 calls, three runs, by rows / by
+  // columns): batch 1 82-145 / 38-59 us, batch 8 132-188 / 94-135 us.
   if (p.dx) {
-    const int64_t per_row = p.GH * p.C;
-    at::parallel_for(0, p.R, thread_grain(per_row, kThreadGrainMacs / 2),
-                     [&](int64_t r0, int64_t r1) { input_grad(p, r0, r1); });
+    constexpr int64_t kInputGradColumns = 64;
+    const int64_t row_blocks = (p.R + 3) / 4;
+    const int64_t column_blocks = (p.C + kInputGradColumns - 1) / kInputGradColumns;
+    const int64_t per_task = (std::min<int64_t>(p.R, 4) + 4) * p.GH * kInputGradColumns;
+    at::parallel_for(0, row_blocks * column_blocks, thread_grain(per_task),
+                     [&](int64_t t0, int64_t t1) {
+                       for (int64_t t = t0; t < t1; ++t) {
+                         const int64_t r0 = t % row_blocks * 4;
+                         const int64_t c0 = t / row_blocks * kInputGradColumns;
+                         input_grad(p, r0, std::min(p.R, r0 + 4), c0,
+                                    std::min(p.C, c0 + kInputGradColumns));
+                       }
+                     });
   }
 }
 

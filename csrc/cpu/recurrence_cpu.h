@@ -52,11 +52,13 @@
   void backward_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t j0,        \
                         int64_t nu, const S* wr, const S* dh, S* dh_next, S* dc, S* gp,      \
                         S* gm);                                                               \
-  /* Units [j0, j1) of a few rows' weight gradients; rows [r0, r1) of their dx. */          \
+  /* Units [j0, j1) of a few rows' weight gradients; columns [c0, c1) of rows [r0, r1) */     \
+  /* of their dx. */                                                                          \
   template <typename S>                                                                       \
   void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1);                    \
   template <typename S>                                                                       \
-  void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1);                      \
+  void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1, int64_t c0,           \
+                  int64_t c1);                                                                \
   /* Units [j0, j1) of dW = g^T z, g (R, GH), z the Ra rows of a then those of b (each */ \
   /* lda, ldb apart, C columns); rows [r0, r1) of dx = g W_ih, or dx += g W_ih where */    \
   /* `add`. */                                                                               \

@@ -1524,16 +1524,22 @@ void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   }
 }
 
-// Rows [r0, r1) of the input's gradient dx = dgi W_ih, each a rank_sums()
-// over the units in order, two rows at a time.
+// Columns [c0, c1) of rows [r0, r1) of the input's gradient dx = dgi W_ih,
+// each a rank_sums() over the units in order, four rows at a time (two
+// with AVX2's registers): a column's sums do not depend on which others
+// are summed with it, so the columns can be split between threads.
 template <typename S>
-void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1) {
-  const int64_t C = p.C, GH = p.GH;
-  const S* w = p.w_ih;
+void input_grad(const WeightGradParams<S>& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  const int64_t C = p.C, GH = p.GH, n = c1 - c0;
+  const S* w = p.w_ih + c0;
   const auto w_row = [&](int64_t j) { return w + j * C; };
+  S* dx = p.dx + c0;
+  constexpr int kRows = FASTRNN_VEC_BYTES == 64 ? 4 : 2;
   int64_t r = r0;
-  for (; r + 2 <= r1; r += 2) rank_sums<2>(p.dx + r * C, C, C, p.dgi + r * GH, GH, 1, GH, w_row);
-  for (; r < r1; ++r) rank_sums<1>(p.dx + r * C, C, C, p.dgi + r * GH, GH, 1, GH, w_row);
+  for (; r + kRows <= r1; r += kRows)
+    rank_sums<kRows>(dx + r * C, C, n, p.dgi + r * GH, GH, 1, GH, w_row);
+  for (; r + 2 <= r1; r += 2) rank_sums<2>(dx + r * C, C, n, p.dgi + r * GH, GH, 1, GH, w_row);
+  for (; r < r1; ++r) rank_sums<1>(dx + r * C, C, n, p.dgi + r * GH, GH, 1, GH, w_row);
 }
 
 // The products of a layer's backward with a narrow side of C columns (the
@@ -1741,7 +1747,7 @@ int64_t fma_probe_entry(int64_t rounds, float* sink) {
   template void pack<S>(const S*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, S*,    \
                         int64_t, int64_t);                                                     \
   template void weight_grads<S>(const WeightGradParams<S>&, int64_t, int64_t);                 \
-  template void input_grad<S>(const WeightGradParams<S>&, int64_t, int64_t);                   \
+  template void input_grad<S>(const WeightGradParams<S>&, int64_t, int64_t, int64_t, int64_t); \
   template void narrow_weight_grad<S>(const S*, int64_t, int64_t, const S*, int64_t, int64_t,  \
                                       const S*, int64_t, int64_t, S*, int64_t, int64_t);       \
   template void narrow_input_grad<S>(const S*, int64_t, const S*, int64_t, S*, bool, int64_t,  \
