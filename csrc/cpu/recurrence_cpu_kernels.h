@@ -825,11 +825,13 @@ struct Kernels {
         // pass) were no faster on the Xeon (one thread, LSTM step_dot(),
         // blocks of 4 / 8x3 / 8x2): 64->128 batch 8 15.0 / 18.2 / 22.9 us,
         // batch 16 26.6 / 33.9 / 39.1; 256->512 batch 8 341 / 326 / 415,
-        // batch 16 596 / 692 / 868. Asking for the next block's weights
-        // while the second block of rows runs was not kept either: cells
-        // 256->512, two threads, batch 16 0.77x-0.85x as long, batch 8 and
-        // one thread within the noise, batch 3 and 6 (a lone row's pass
-        // asking) 1.06x-1.18x.
+        // batch 16 596 / 692 / 868; blocks of 8 weight rows by 2 rows, as
+        // for batch 2 and 3, took 1.4x-1.9x as long from batch 4 on. Nor
+        // was asking for the next block's weights while the second block of
+        // rows runs: step_dot() alone on one thread no faster (256->512
+        // batch 8, asking / not, 311-440 / 313-339 us), whole cells on two
+        // threads 0.77x-0.85x as long at batch 16, within the noise at 8,
+        // and 1.06x-1.18x at batch 3 and 6 (a lone row's pass asking).
         if (rc == 2 || rc == 3)
           for (; j + 8 <= J; j += 8)
             dot_column<8, 2>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
