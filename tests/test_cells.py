@@ -584,6 +584,42 @@ def test_step_of_large_weights_splits_units_between_threads(ref_cls, our_cls, op
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("ref_cls,our_cls,options", CELL_KINDS)
+def test_rows_do_not_depend_on_the_rows_beside_them(ref_cls, our_cls, options, threads):
+    """A step's products with its weights as stored (up to 128 rows) sum each
+    row's products in one order whatever block of rows it falls in (blocks
+    of 4, of 2 over more weight rows for 2 and 3 rows, and single rows), and
+    the input's gradient likewise (tasks of up to four rows by 64 columns):
+    each row's outputs and dx are, bit for bit, those of the row called
+    alone, on one thread or two. Input 211 spans four blocks of columns, the
+    last one partial; hidden 100 ends inside a vector."""
+    _, ours = cell_pair(ref_cls, our_cls, options, C=211, H=100)
+    lstm = isinstance(ours, nn.LSTMCell)
+
+    def run(x, hx):
+        x = x.detach().requires_grad_()
+        out = ours(x, hx)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum((o * torch.linspace(-1, 2, o.shape[-1])).sum() for o in outs).backward()
+        return [o.detach() for o in outs] + [x.grad]
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for batch in (3, 9):
+            x = torch.randn(batch, 211)
+            h = torch.randn(batch, 100)
+            hx = (h, torch.randn(batch, 100)) if lstm else h
+            whole = run(x, hx)
+            for r in range(batch):
+                hr = tuple(t[r:r + 1] for t in hx) if lstm else hx[r:r + 1]
+                for a, b in zip(run(x[r:r + 1], hr), whole):
+                    assert torch.equal(a, b[r:r + 1]), (batch, r)
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_auto_packing_reads_few_rows_as_stored(cell):
     """On 'auto' a call of at most 32 rows times steps, or a single step of
