@@ -800,6 +800,17 @@ struct Kernels {
     for (; r < R; ++r) dot_block<1, JR>(x.rows_from(r), h.rows_from(r), i, c + r * ldc, ldc);
   }
 
+  // Columns lo .. hi of c's rows (hi - lo a multiple of n), n at a time,
+  // from the last when back.
+  template <int n, int RR = 4>
+  static inline void dot_columns(int64_t R, const Rows& x, const Rows& h, int64_t i, S* c,
+                                 int64_t ldc, int64_t lo, int64_t hi, bool back) {
+    for (int64_t q = 0; q < (hi - lo) / n; ++q) {
+      const int64_t j = back ? hi - (q + 1) * n : lo + q * n;
+      dot_column<n, RR>(R, x, h, i + j, c + j, ldc);
+    }
+  }
+
   // The rows' inputs a dot-form GEMM keeps in L2 while the weights pass.
   static constexpr int64_t kDotRowBytes = int64_t{256} << 10;
 
@@ -815,23 +826,14 @@ struct Kernels {
                        int64_t Jb, S* c, int64_t ldc, bool back = false) {
     const int64_t row_bytes = std::max<int64_t>(1, (x.K + h.K) * int64_t{sizeof(S)});
     const int64_t chunk = std::max<int64_t>(4, kDotRowBytes / row_bytes / 4 * 4);
-    if (back && R == 1) {
-      Rows xb = x, hb = h;
-      xb.back = hb.back = true;
-      for (int64_t blk = Gb - 1; blk >= 0; --blk) {
-        int64_t j = J;
-        for (; j % 4 != 0; --j)
-          dot_column<1>(1, xb, hb, blk * bs + j - 1, c + blk * Jb + j - 1, ldc);
-        for (; j >= 4; j -= 4) dot_column<4>(1, xb, hb, blk * bs + j - 4, c + blk * Jb + j - 4, ldc);
-      }
-      return;
-    }
+    back = back && R == 1;
     for (int64_t r0 = 0; r0 < R; r0 += chunk) {
       const int64_t rc = std::min(chunk, R - r0);
-      const Rows xc = x.rows_from(r0), hc = h.rows_from(r0);
+      Rows xc = x.rows_from(r0), hc = h.rows_from(r0);
+      xc.back = hc.back = back;
       S* cc = c + r0 * ldc;
-      for (int64_t blk = 0; blk < Gb; ++blk) {
-        int64_t j = 0;
+      for (int64_t b = 0; b < Gb; ++b) {
+        const int64_t blk = back ? Gb - 1 - b : b;
         // 2 or 3 rows: eight weight rows a block, over two rows and then the
         // third. In blocks of four weight rows a row at a time, each row
         // read the block's weights on its own. The sums are dot_block()'s
@@ -856,11 +858,15 @@ struct Kernels {
         // batch 8, asking / not, 311-440 / 313-339 us), whole cells on two
         // threads 0.77x-0.85x as long at batch 16, within the noise at 8,
         // and 1.06x-1.18x at batch 3 and 6 (a lone row's pass asking).
-        if (rc == 2 || rc == 3)
-          for (; j + 8 <= J; j += 8)
-            dot_column<8, 2>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
-        for (; j + 4 <= J; j += 4) dot_column<4>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
-        for (; j < J; ++j) dot_column<1>(rc, xc, hc, blk * bs + j, cc + blk * Jb + j, ldc);
+        // back (a lone row: no blocks of eight) walks the same columns from
+        // the last.
+        const int64_t i = blk * bs, j8 = rc == 2 || rc == 3 ? J / 8 * 8 : 0;
+        const int64_t j4 = j8 + (J - j8) / 4 * 4;
+        S* cb = cc + blk * Jb;
+        dot_columns<8, 2>(rc, xc, hc, i, cb, ldc, 0, j8, false);
+        if (back) dot_columns<1>(rc, xc, hc, i, cb, ldc, j4, J, true);
+        dot_columns<4>(rc, xc, hc, i, cb, ldc, j8, j4, back);
+        if (!back) dot_columns<1>(rc, xc, hc, i, cb, ldc, j4, J, false);
       }
     }
   }
@@ -881,17 +887,18 @@ struct Kernels {
   static void step_dot(int64_t R, int64_t Jb, int64_t J, int64_t H, const Rows& x, const Rows& h,
                        S* gates, int64_t ldg, bool back = false) {
     constexpr int kAdd = G - kApart;
-    if (!back || R != 1) dot_gemm(R, x, h, J, kAdd, H, Jb, gates, ldg);
+    back = back && R == 1;
+    // The summed gate blocks, then the hidden part of those apart, then
+    // their input part; back in the opposite order.
+    if (!back) dot_gemm(R, x, h, J, kAdd, H, Jb, gates, ldg);
     if constexpr (kApart > 0) {
-      if (back && R == 1) {
-        dot_gemm(R, x.from_row(kAdd * H), Rows{}, J, kApart, H, Jb, gates + G * Jb, ldg, true);
-        dot_gemm(R, Rows{}, h.from_row(kAdd * H), J, kApart, H, Jb, gates + kAdd * Jb, ldg, true);
-      } else {
-        dot_gemm(R, Rows{}, h.from_row(kAdd * H), J, kApart, H, Jb, gates + kAdd * Jb, ldg);
-        dot_gemm(R, x.from_row(kAdd * H), Rows{}, J, kApart, H, Jb, gates + G * Jb, ldg);
+      for (int p = 0; p < 2; ++p) {
+        const bool hidden = (p == 0) != back;
+        dot_gemm(R, hidden ? Rows{} : x.from_row(kAdd * H), hidden ? h.from_row(kAdd * H) : Rows{},
+                 J, kApart, H, Jb, gates + (hidden ? kAdd : G) * Jb, ldg, back);
       }
     }
-    if (back && R == 1) dot_gemm(R, x, h, J, kAdd, H, Jb, gates, ldg, true);
+    if (back) dot_gemm(R, x, h, J, kAdd, H, Jb, gates, ldg, true);
   }
 
   // c (R x padded(J)) = a (R x K) w (K x J, as stored, rows J apart), or c
