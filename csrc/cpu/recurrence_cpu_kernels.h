@@ -536,17 +536,18 @@ struct Kernels {
     if (r < R) block<1, JV, MODE>(xb(1), hb(1), j0, c + r * ldc, ldc, e.shifted(r, 0));
   }
 
-  // R < RB rows over np whole panels from j0 (c and e at column j0): the
-  // rows in blocks of 4, 2 and 1, each over a group of panels that gives it
-  // the 2 * RB accumulators of a whole block (4 rows over 2 panels, 2 over 4,
-  // 1 over 8 with AVX-512). A block of a few rows over one panel has too
-  // few to hide the multiply-add latency (one row: two chains), and its
-  // broadcasts serve fewer columns. Each sum runs as in block() over one
-  // panel, so the results' bits are the same. Measured here (one thread,
-  // input 32, 128 steps, medians of three processes each, one panel a
-  // block / groups): no-grad LSTM 64 batch 1 0.183 / 0.159 ms, LSTM 128
-  // batch 2 0.740 / 0.549, GRU 64 batch 1 0.141 / 0.120, RNN 64 batch 1
-  // 0.042 / 0.034; forward+backward 5-18% faster; batch 4 even.
+  // R < RB rows over np whole panels from j0 (c and e at column j0): all
+  // R rows in one block over each group of panels, as many panels as keep
+  // the accumulators within a whole block's 2 * RB (1 row over 8 panels, 2
+  // over 4, 3 and 4 over 2, 5 to 7 over one, with AVX-512). A block of a
+  // few rows over one panel has too few to hide the multiply-add latency
+  // (one row: two chains), and its broadcasts serve fewer columns. Each sum
+  // runs as in block() over one panel, so the results' bits are the same.
+  // Measured here (one thread, input 32, 128 steps, medians of three
+  // processes each, one panel a block / groups): no-grad LSTM 64 batch 1
+  // 0.183 / 0.159 ms, LSTM 128 batch 2 0.740 / 0.549, GRU 64 batch 1 0.141
+  // / 0.120, RNN 64 batch 1 0.042 / 0.034; forward+backward 5-18% faster;
+  // batch 4 even.
   template <int NR, int NP, Mode MODE>
   static inline void few_rows_panels(int64_t r, const Operand& x, const Operand& h, int64_t j0,
                                      int64_t np, S* c, int64_t ldc, const Epilogue& e) {
@@ -560,15 +561,39 @@ struct Kernels {
                                           e.shifted(0, q * 2 * W));
     }
   }
+  // The panels a block of NR rows spans: the largest power of two that
+  // keeps its accumulators within 2 * RB.
+  static constexpr int group_panels(int NR) {
+    int np = 1;
+    while (NR * np * 2 <= RB) np *= 2;
+    return np;
+  }
+  template <int NR, Mode MODE>
+  static inline void few_rows_of(int64_t R, const Operand& x, const Operand& h, int64_t j0,
+                                 int64_t np, S* c, int64_t ldc, const Epilogue& e) {
+    if constexpr (NR < RB) {
+      if (R == NR) return few_rows_panels<NR, group_panels(NR), MODE>(0, x, h, j0, np, c, ldc, e);
+      few_rows_of<NR + 1, MODE>(R, x, h, j0, np, c, ldc, e);
+    }
+  }
+  // The panels in chunks of RB, the most a block spans, for back: the
+  // chunks from the last (gemm()). All the rows run in one pass over the
+  // panels: in blocks of 4, 2 and 1 rows, each over every panel in turn, a
+  // step of 7 rows read weights larger than L2 three times from L3.
+  // Measured here (input 32, no-grad, the builds alternating, blocks of
+  // 4-2-1 / one block): two threads, 32 steps, against nn.LSTM in the same
+  // process, LSTM 1024 batch 7 0.46x / 1.10x, batch 3 0.62x / 1.22x, LSTM
+  // 512 batch 6 0.88x / 1.40x-1.49x; one thread, 128 steps, LSTM 64 batch
+  // 7 0.53 / 0.41 ms, LSTM 128 batch 6 1.29 / 0.97, GRU 128 batch 7 1.14 /
+  // 0.85, RNN 256 batch 5 0.85 / 0.69; batch 2 and 4 the same.
   template <Mode MODE>
   static inline void few_rows(int64_t R, const Operand& x, const Operand& h, int64_t j0,
-                              int64_t np, S* c, int64_t ldc, const Epilogue& e) {
-    int64_t r = 0;
-    if constexpr (RB > 4) {
-      if (r + 4 <= R) few_rows_panels<4, RB / 4, MODE>(r, x, h, j0, np, c, ldc, e), r += 4;
+                              int64_t np, S* c, int64_t ldc, const Epilogue& e, bool back) {
+    const int64_t chunks = (np + RB - 1) / RB;
+    for (int64_t i = 0; i < chunks; ++i) {
+      const int64_t q = (back ? chunks - 1 - i : i) * RB, nq = std::min<int64_t>(RB, np - q);
+      few_rows_of<1, MODE>(R, x, h, j0 + q * 2 * W, nq, c + q * 2 * W, ldc, e.shifted(0, q * 2 * W));
     }
-    if (r + 2 <= R) few_rows_panels<2, RB / 2, MODE>(r, x, h, j0, np, c, ldc, e), r += 2;
-    if (r < R) few_rows_panels<1, RB, MODE>(r, x, h, j0, np, c, ldc, e);
   }
 
   // Panel j0 (w wide), all R rows, prefetching the panel that runs next
@@ -601,19 +626,19 @@ struct Kernels {
   // c (R x Jp) = x.a x.b + h.a h.b, or c += that (accumulate), both b packed
   // by pack() into Jp columns. The sums run in the same order for every
   // element (x's k, then h's), so no result depends on where its row or
-  // column falls. back: the panels from the last (a whole register block
-  // of rows; fewer run from the first), for the steps that alternate
-  // direction (step_gemm()).
+  // column falls. back: the panels from the last (fewer rows than a
+  // register block: their chunks), for the steps that alternate direction
+  // (step_gemm()).
   static void gemm(int64_t R, int64_t Jp, const Operand& x, const Operand& h, S* c, int64_t ldc,
                    bool accumulate = false, bool back = false) {
     int64_t j0 = 0;
     if (R < RB) {  // the whole panels in groups, the last one alone below
       const int64_t np = Jp / (2 * W);
-      if (accumulate) few_rows<kAccumulate>(R, x, h, 0, np, c, ldc, {});
-      else few_rows<kStore>(R, x, h, 0, np, c, ldc, {});
+      if (accumulate) few_rows<kAccumulate>(R, x, h, 0, np, c, ldc, {}, back);
+      else few_rows<kStore>(R, x, h, 0, np, c, ldc, {}, back);
       j0 = np * 2 * W;
     }
-    walk_panels(j0, Jp, back && R >= RB, [&](int64_t j, int64_t w, int64_t jn, int64_t wn) {
+    walk_panels(j0, Jp, back, [&](int64_t j, int64_t w, int64_t jn, int64_t wn) {
       if (accumulate) panel_rows<kAccumulate>(w, R, x, h, j, jn, wn, c + j, ldc, {});
       else panel_rows<kStore>(w, R, x, h, j, jn, wn, c + j, ldc, {});
     });
@@ -633,10 +658,10 @@ struct Kernels {
     int64_t j0 = 0;
     if (R < RB) {  // the whole panels inside H in groups, the rest below
       const int64_t np = H / (2 * W);  // H <= Jp
-      few_rows<kFused>(R, x, hw, 0, np, c, ldc, Epilogue{out, ldo, bu});
+      few_rows<kFused>(R, x, hw, 0, np, c, ldc, Epilogue{out, ldo, bu}, back);
       j0 = np * 2 * W;
     }
-    walk_panels(j0, Jp, back && R >= RB, [&](int64_t j0, int64_t w, int64_t jn, int64_t wn) {
+    walk_panels(j0, Jp, back, [&](int64_t j0, int64_t w, int64_t jn, int64_t wn) {
       if (j0 + w <= H) {
         panel_rows<kFused>(w, R, x, hw, j0, jn, wn, c + j0, ldc, Epilogue{out + j0, ldo, bu + j0});
         return;
@@ -672,7 +697,6 @@ struct Kernels {
   static void step_gemm(int64_t R, int64_t Jb, const Operand& x, const Operand& h, S* gates,
                         int64_t ldg, bool back = false) {
     constexpr int kAdd = G - kApart;
-    back = back && R >= RB;
     if (!back) gemm(R, kAdd * Jb, x, h, gates, ldg);
     if constexpr (kApart > 0) {
       for (int p = 0; p < 2; ++p) {
