@@ -591,11 +591,12 @@ struct Kernels {
   // panels: in blocks of 4, 2 and 1 rows, each over every panel in turn, a
   // step of 7 rows read weights larger than L2 three times from L3.
   // Measured here (input 32, no-grad, the builds alternating, blocks of
-  // 4-2-1 / one block): two threads, 32 steps, against nn.LSTM in the same
-  // process, LSTM 1024 batch 7 0.46x / 1.10x, batch 3 0.62x / 1.22x, LSTM
-  // 512 batch 6 0.88x / 1.40x-1.49x; one thread, 128 steps, LSTM 64 batch
-  // 7 0.53 / 0.41 ms, LSTM 128 batch 6 1.29 / 0.97, GRU 128 batch 7 1.14 /
-  // 0.85, RNN 256 batch 5 0.85 / 0.69; batch 2 and 4 the same.
+  // 4-2-1 with the panels in one direction / one block): two threads, 32
+  // steps, against nn.LSTM in the same process, LSTM 1024 batch 7 0.38x /
+  // 1.06x-1.10x, batch 3 0.51x-0.60x / 1.16x-1.18x, LSTM 512 batch 6
+  // 0.65x-0.70x / 1.16x-1.19x; one thread, 128 steps, LSTM 64 batch 7 0.53
+  // / 0.41 ms, LSTM 128 batch 6 1.29 / 0.97, GRU 128 batch 7 1.14 / 0.85,
+  // RNN 256 batch 5 0.85 / 0.69; batch 2 and 4 the same.
   template <Mode MODE>
   static inline void few_rows(int64_t R, const Operand& x, const Operand& h, int64_t j0,
                               int64_t np, S* c, int64_t ldc, const Epilogue& e, bool back) {
@@ -699,11 +700,12 @@ struct Kernels {
   // (gemm()), as step_dot() walks a lone row's weights: every other step,
   // so that where a thread's panels pass L2 the ones it read last are still
   // there for the next step. Measured here (input 32, batch 8, the builds
-  // alternating process by process, three pairs on two threads, two on one;
-  // this / one direction): no-grad forward of 128 steps, two threads, LSTM
-  // 1024 0.91, GRU 1024 0.92, RNN 1024 0.84-0.88, LSTM 512 0.85; one thread
-  // 0.96, 0.94, 0.83, 0.84. The backward's dh W_hh alike (forward+backward,
-  // two threads): LSTM 1024 0.97, GRU 1024 0.97.
+  // alternating process by process, three pairs on two threads in two
+  // runs, two on one; this / one direction): no-grad forward of 128 steps,
+  // two threads, LSTM 1024 0.91-0.95, GRU 1024 0.91-0.92, RNN 1024
+  // 0.82-0.88, LSTM 512 0.83-0.85; one thread 0.96, 0.94, 0.83, 0.84;
+  // batch 64 within the noise (0.98-1.05). The backward's dh W_hh alike
+  // (forward+backward, two threads): LSTM 1024 0.97, GRU 1024 0.97.
   static void step_gemm(int64_t R, int64_t Jb, const Operand& x, const Operand& h, S* gates,
                         int64_t ldg, bool back = false) {
     constexpr int kAdd = G - kApart;
