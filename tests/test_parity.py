@@ -195,15 +195,48 @@ def test_cpu_kernel_variants(cpu_isa, cell, options, dtype, hidden, packing):
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_cpu_kernel_few_rows(cpu_isa, cell, options, packing, dtype, batch):
     """Fewer rows than a register block, on one thread so that the rows are
-    not split. Packed weights: the rows run in blocks of 4, 2 and 1 over
-    groups of panels (few_rows), at a hidden size whose panels leave every
-    group size and a last panel outside the groups. Weights as stored: 2
-    and 3 rows run over blocks of eight weight rows (dot_column<8, 2>),
-    then of four, then one (303 = 37 * 8 + 4 + 3)."""
+    not split. Packed weights: all the rows run in one block over groups of
+    panels (few_rows_of), in chunks, at a hidden size whose panels leave
+    every group size and a last panel outside the groups. Weights as
+    stored: 2 and 3 rows run over blocks of eight weight rows
+    (dot_column<8, 2>), then of four, then one (303 = 37 * 8 + 4 + 3)."""
     ref, ours = pair(6, 303, cell, dtype=dtype, bidirectional=True, **options)
     x = leaf(9, batch, 6, dtype=dtype)
     with fastrnn.kernels(cpu_packing=packing), num_threads(1):
         compare(ref, ours, x, initial_state(ref, batch, dtype=dtype))
+
+
+@pytest.mark.parametrize("cpu_isa", _isa_params(), indirect=True)
+@pytest.mark.parametrize("cell,options", CELLS)
+def test_layer_rows_do_not_depend_on_the_rows_beside_them(cpu_isa, cell, options):
+    """Packed steps run the rows in whole register blocks (8 rows with
+    AVX-512, 4 below it), the rest in one block (one more than a whole
+    block where a single row would be left), and fewer rows than a block
+    over groups of panels, in chunks that walk backwards every other step;
+    each sum runs in one order whatever block and direction it falls in.
+    So each row's output, final states and initial states' gradients are,
+    bit for bit, those of the row run alone, at every batch from 2 to 17
+    (packed, one thread)."""
+    ref, ours = pair(6, 70, cell, **options)
+    x = torch.randn(6, 17, 6)
+    hx = initial_state(ref, 17)
+
+    def rows(n0, n1):
+        h = tuple(t[:, n0:n1].detach().requires_grad_() for t in states(hx))
+        out, finals = ours(x[:, n0:n1], h if len(h) == 2 else h[0])
+        loss = (out * torch.linspace(-1, 2, out.shape[-1])).sum()
+        for f in states(finals):
+            loss = loss + (f * torch.linspace(2, -1, f.shape[-1])).sum()
+        loss.backward()
+        return [out.detach()] + [f.detach() for f in states(finals)] + [t.grad for t in h]
+
+    with fastrnn.kernels(cpu_packing="always"), num_threads(1):
+        alone = [rows(n, n + 1) for n in range(17)]
+        for batch in range(2, 18):
+            whole = rows(0, batch)
+            for n in range(batch):
+                for a, b in zip(alone[n], whole):
+                    assert torch.equal(a, b[:, n:n + 1]), (batch, n)
 
 
 def _mean_relative_error(got, truth):
