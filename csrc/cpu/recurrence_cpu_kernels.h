@@ -603,7 +603,8 @@ struct Kernels {
     const int64_t chunks = (np + RB - 1) / RB;
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t q = (back ? chunks - 1 - i : i) * RB, nq = std::min<int64_t>(RB, np - q);
-      few_rows_of<1, MODE>(R, x, h, j0 + q * 2 * W, nq, c + q * 2 * W, ldc, e.shifted(0, q * 2 * W));
+      const int64_t jq = q * 2 * W;
+      few_rows_of<1, MODE>(R, x, h, j0 + jq, nq, c + jq, ldc, e.shifted(0, jq));
     }
   }
 
@@ -672,14 +673,14 @@ struct Kernels {
       few_rows<kFused>(R, x, hw, 0, np, c, ldc, Epilogue{out, ldo, bu}, back);
       j0 = np * 2 * W;
     }
-    walk_panels(j0, Jp, back, [&](int64_t j0, int64_t w, int64_t jn, int64_t wn) {
-      if (j0 + w <= H) {
-        panel_rows<kFused>(w, R, x, hw, j0, jn, wn, c + j0, ldc, Epilogue{out + j0, ldo, bu + j0});
+    walk_panels(j0, Jp, back, [&](int64_t jp, int64_t w, int64_t jn, int64_t wn) {
+      if (jp + w <= H) {
+        panel_rows<kFused>(w, R, x, hw, jp, jn, wn, c + jp, ldc, Epilogue{out + jp, ldo, bu + jp});
         return;
       }
-      panel_rows<kStore>(w, R, x, hw, j0, jn, wn, c + j0, ldc, {});
+      panel_rows<kStore>(w, R, x, hw, jp, jn, wn, c + jp, ldc, {});
       for (int64_t r = 0; r < R; ++r) {
-        for (int64_t j = j0; j < H; j += W) {
+        for (int64_t j = jp; j < H; j += W) {
           const int64_t n = H - j < W ? H - j : W;
           const V h = fused_step(load(c + r * ldc + j), load(bu + j));
           store(c + r * ldc + j, h);
