@@ -421,9 +421,11 @@ COLUMN_SPLIT = [
 @pytest.mark.parametrize("cell,hidden,options", COLUMN_SPLIT)
 def test_column_split_loops_match_torch_nn(cell, hidden, options, dtype, steps):
     ref, ours = pair(5, hidden, cell, dtype=dtype, num_layers=2, bidirectional=True, **options)
-    # Rows of both directions: 10 (packed slices), 6 (fewer than two
-    # threads' blocks of 4 rows: rows of the weights as stored).
-    lengths = [6, 2, 5, 1, 6] if steps == 6 else [3, 1, 2]
+    # Rows of both directions: 6 at 6 steps (packed slices: fewer than
+    # two threads' 4 rows each, from which packed weights that fit in L2
+    # split rows), 6 at 3 steps (fewer than two threads' blocks of 4 rows:
+    # rows of the weights as stored).
+    lengths = [6, 2, 5] if steps == 6 else [3, 1, 2]
     x = torch.randn(steps, len(lengths), 5, dtype=dtype)
     packed = packed_leaf(x, lengths)
     with num_threads(2):
