@@ -511,6 +511,17 @@ struct Kernels {
     }
   }
 
+  // f(std::integral_constant<int, N>{}) for the N in [Lo, Hi] equal to n,
+  // nothing where none is: a count known at run time as a block's template
+  // argument.
+  template <int Lo, int Hi, typename F>
+  static inline __attribute__((always_inline)) void with_count(int64_t n, const F& f) {
+    if constexpr (Lo <= Hi) {
+      if (n == Lo) return f(std::integral_constant<int, Lo>{});
+      with_count<Lo + 1, Hi>(n, f);
+    }
+  }
+
   // Rows in blocks of RB, then the rest in one block over the same panel
   // while it is in L1, RB + 1 rows where one would be left over: in blocks
   // of 4, 2 and 1, a row past a whole block ran on two multiply-add chains
@@ -524,28 +535,19 @@ struct Kernels {
   // to 12 rows ran out of registers (1.4x-2.2x as long).
   // Columns [j0, j0 + JV*W) of R rows (c and e at column j0); the blocks
   // share the prefetch of the next panel, columns [jn, jn + wn).
-  template <int JV, Mode MODE, int NR = 1>
-  static inline void rest_rows(int64_t r, int64_t R, const Operand& x, const Operand& h,
-                               int64_t j0, S* c, int64_t ldc, const Epilogue& e, int64_t jn,
-                               int64_t wn) {
-    if constexpr (NR <= RB + 1) {
-      if (R - r != NR) return rest_rows<JV, MODE, NR + 1>(r, R, x, h, j0, c, ldc, e, jn, wn);
-      block<NR, JV, MODE>(x.rows_from(r).prefetching(jn, wn, r, NR, R),
-                          h.rows_from(r).prefetching(jn, wn, r, NR, R), j0, c + r * ldc, ldc,
-                          e.shifted(r, 0));
-    }
-  }
   template <int JV, Mode MODE>
   static inline void rows(int64_t R, const Operand& x, const Operand& h, int64_t j0, S* c,
                           int64_t ldc, const Epilogue& e, int64_t jn, int64_t wn) {
     int64_t r = 0;
-    for (; R - r > RB + 1; r += RB)
-      block<RB, JV, MODE>(x.rows_from(r).prefetching(jn, wn, r, RB, R),
-                          h.rows_from(r).prefetching(jn, wn, r, RB, R), j0, c + r * ldc, ldc,
+    const auto rows_block = [&]<int NR>(std::integral_constant<int, NR>)
+                                __attribute__((always_inline)) {
+      block<NR, JV, MODE>(x.rows_from(r).prefetching(jn, wn, r, NR, R),
+                          h.rows_from(r).prefetching(jn, wn, r, NR, R), j0, c + r * ldc, ldc,
                           e.shifted(r, 0));
-    if (r < R) rest_rows<JV, MODE>(r, R, x, h, j0, c, ldc, e, jn, wn);
+    };
+    for (; R - r > RB + 1; r += RB) rows_block(std::integral_constant<int, RB>{});
+    with_count<1, RB + 1>(R - r, rows_block);
   }
-
   // R < RB rows over np whole panels from j0 (c and e at column j0): all
   // R rows in one block over each group of panels, as many panels as keep
   // the accumulators within a whole block's 2 * RB (1 row over 8 panels, 2
@@ -559,15 +561,14 @@ struct Kernels {
   // / 0.120, RNN 64 batch 1 0.042 / 0.034; forward+backward 5-18% faster;
   // batch 4 even.
   template <int NR, int NP, Mode MODE>
-  static inline void few_rows_panels(int64_t r, const Operand& x, const Operand& h, int64_t j0,
-                                     int64_t np, S* c, int64_t ldc, const Epilogue& e) {
+  static inline void few_rows_panels(const Operand& x, const Operand& h, int64_t j0, int64_t np,
+                                     S* c, int64_t ldc, const Epilogue& e) {
     int64_t q = 0;
     for (; q + NP <= np; q += NP)
-      block<NR, 2 * NP, MODE>(x.rows_from(r), h.rows_from(r), j0 + q * 2 * W,
-                              c + r * ldc + q * 2 * W, ldc, e.shifted(r, q * 2 * W));
+      block<NR, 2 * NP, MODE>(x, h, j0 + q * 2 * W, c + q * 2 * W, ldc, e.shifted(0, q * 2 * W));
     if constexpr (NP > 1) {
       if (q < np)
-        few_rows_panels<NR, NP / 2, MODE>(r, x, h, j0 + q * 2 * W, np - q, c + q * 2 * W, ldc,
+        few_rows_panels<NR, NP / 2, MODE>(x, h, j0 + q * 2 * W, np - q, c + q * 2 * W, ldc,
                                           e.shifted(0, q * 2 * W));
     }
   }
@@ -577,14 +578,6 @@ struct Kernels {
     int np = 1;
     while (NR * np * 2 <= RB) np *= 2;
     return np;
-  }
-  template <int NR, Mode MODE>
-  static inline void few_rows_of(int64_t R, const Operand& x, const Operand& h, int64_t j0,
-                                 int64_t np, S* c, int64_t ldc, const Epilogue& e) {
-    if constexpr (NR < RB) {
-      if (R == NR) return few_rows_panels<NR, group_panels(NR), MODE>(0, x, h, j0, np, c, ldc, e);
-      few_rows_of<NR + 1, MODE>(R, x, h, j0, np, c, ldc, e);
-    }
   }
   // The panels in chunks of RB, the most a block spans, for back: the
   // chunks from the last (gemm()). All the rows run in one pass over the
@@ -604,7 +597,11 @@ struct Kernels {
     for (int64_t i = 0; i < chunks; ++i) {
       const int64_t q = (back ? chunks - 1 - i : i) * RB, nq = std::min<int64_t>(RB, np - q);
       const int64_t jq = q * 2 * W;
-      few_rows_of<1, MODE>(R, x, h, j0 + jq, nq, c + jq, ldc, e.shifted(0, jq));
+      with_count<1, RB - 1>(R, [&]<int NR>(std::integral_constant<int, NR>)
+                                   __attribute__((always_inline)) {
+        few_rows_panels<NR, group_panels(NR), MODE>(x, h, j0 + jq, nq, c + jq, ldc,
+                                                    e.shifted(0, jq));
+      });
     }
   }
 
@@ -694,6 +691,15 @@ struct Kernels {
   // (GRU's n); the others add them.
   static constexpr int kApart = Cell::kInputApart;
 
+  // f(part) for a step's products in order: the summed gate blocks (part
+  // 0), then the hidden part of the gates apart (1), then their input part
+  // (2); from the last where back.
+  template <typename F>
+  static inline void step_parts(bool back, const F& f) {
+    constexpr int n = kApart > 0 ? 3 : 1;
+    for (int i = 0; i < n; ++i) f(back ? n - 1 - i : i);
+  }
+
   // The gate pre-activations of a step, G + kApart blocks of Jb columns
   // (rows ldg apart): x W_ih^T + h W_hh^T for the first G - kApart gates,
   // h W_hh^T alone for the others, then their x W_ih^T in blocks G onwards.
@@ -710,16 +716,13 @@ struct Kernels {
   static void step_gemm(int64_t R, int64_t Jb, const Operand& x, const Operand& h, S* gates,
                         int64_t ldg, bool back = false) {
     constexpr int kAdd = G - kApart;
-    if (!back) gemm(R, kAdd * Jb, x, h, gates, ldg);
-    if constexpr (kApart > 0) {
-      for (int p = 0; p < 2; ++p) {
-        const bool hidden = (p == 0) != back;
-        gemm(R, kApart * Jb, hidden ? Operand{} : x.from_block(kAdd, Jb),
-             hidden ? h.from_block(kAdd, Jb) : Operand{}, gates + (hidden ? kAdd : G) * Jb, ldg,
-             false, back);
-      }
-    }
-    if (back) gemm(R, kAdd * Jb, x, h, gates, ldg, false, true);
+    step_parts(back, [&](int part) {
+      if (part == 0) return gemm(R, kAdd * Jb, x, h, gates, ldg, false, back);
+      const bool hidden = part == 1;
+      gemm(R, kApart * Jb, hidden ? Operand{} : x.from_block(kAdd, Jb),
+           hidden ? h.from_block(kAdd, Jb) : Operand{}, gates + (hidden ? kAdd : G) * Jb, ldg,
+           false, back);
+    });
   }
 
   // The GEMMs on weights as they are stored, for a call whose rows times
@@ -888,13 +891,12 @@ struct Kernels {
   // are. Weight rows outermost over chunks of rows whose inputs stay in L2,
   // so that the weights are read from memory once a chunk (rows outermost,
   // an LSTMCell's step at batch 16 read its 32 MB of weights four times).
-  // back: a lone row (R of 1) runs the blocks from the last weight row to
-  // the first (step_dot()).
+  // back: the blocks from the last weight row to the first, for a lone row
+  // (step_dot() passes it for no other).
   static void dot_gemm(int64_t R, const Rows& x, const Rows& h, int64_t J, int64_t Gb, int64_t bs,
                        int64_t Jb, S* c, int64_t ldc, bool back = false) {
     const int64_t row_bytes = std::max<int64_t>(1, (x.K + h.K) * int64_t{sizeof(S)});
     const int64_t chunk = std::max<int64_t>(4, kDotRowBytes / row_bytes / 4 * 4);
-    back = back && R == 1;
     for (int64_t r0 = 0; r0 < R; r0 += chunk) {
       const int64_t rc = std::min(chunk, R - r0);
       Rows xc = x.rows_from(r0), hc = h.rows_from(r0);
@@ -956,17 +958,12 @@ struct Kernels {
                        S* gates, int64_t ldg, bool back = false) {
     constexpr int kAdd = G - kApart;
     back = back && R == 1;
-    // The summed gate blocks, then the hidden part of those apart, then
-    // their input part; back in the opposite order.
-    if (!back) dot_gemm(R, x, h, J, kAdd, H, Jb, gates, ldg);
-    if constexpr (kApart > 0) {
-      for (int p = 0; p < 2; ++p) {
-        const bool hidden = (p == 0) != back;
-        dot_gemm(R, hidden ? Rows{} : x.from_row(kAdd * H), hidden ? h.from_row(kAdd * H) : Rows{},
-                 J, kApart, H, Jb, gates + (hidden ? kAdd : G) * Jb, ldg, back);
-      }
-    }
-    if (back) dot_gemm(R, x, h, J, kAdd, H, Jb, gates, ldg, true);
+    step_parts(back, [&](int part) {
+      if (part == 0) return dot_gemm(R, x, h, J, kAdd, H, Jb, gates, ldg, back);
+      const bool hidden = part == 1;
+      dot_gemm(R, hidden ? Rows{} : x.from_row(kAdd * H), hidden ? h.from_row(kAdd * H) : Rows{},
+               J, kApart, H, Jb, gates + (hidden ? kAdd : G) * Jb, ldg, back);
+    });
   }
 
   // c (R x padded(J)) = a (R x K) w (K x J, as stored, rows J apart), or c
