@@ -196,7 +196,7 @@ def test_cpu_kernel_variants(cpu_isa, cell, options, dtype, hidden, packing):
 def test_cpu_kernel_few_rows(cpu_isa, cell, options, packing, dtype, batch):
     """Fewer rows than a register block, on one thread so that the rows are
     not split. Packed weights: all the rows run in one block over groups of
-    panels (few_rows_of), in chunks, at a hidden size whose panels leave
+    panels (few_rows_panels), in chunks, at a hidden size whose panels leave
     every group size and a last panel outside the groups. Weights as
     stored: 2 and 3 rows run over blocks of eight weight rows
     (dot_column<8, 2>), then of four, then one (303 = 37 * 8 + 4 + 3)."""
