@@ -271,13 +271,13 @@ struct Table {
   void (*backward_rows)(const BackwardParams<S>&, int64_t, int64_t, int64_t, const S*, const S*,
                         S*, bool);
   void (*forward_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
-                          const S*, const S*, const S*, S*, S*, S*, S*, bool);
+                          const S*, const S*, const S*, S*, S*, S*, S*, S*, bool);
   void (*project_columns)(const ForwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
                           const S*, const S*, S*, S*, bool);
   void (*backward_columns)(const BackwardParams<S>&, int64_t, int64_t, int64_t, int64_t,
                            const S*, const S*, S*, S*, S*, S*);
   void (*carry_columns)(const BackwardParams<S>&, int64_t, int64_t, int64_t, int64_t, const S*,
-                        const S*, S*, S*);
+                        const S*, S*, S*, S*);
 };
 
 #define FASTRNN_ISA_TABLE(isa)                                                               \
@@ -655,6 +655,9 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
   const int64_t ldt = k.padded_width(pb[1] - pb[0]);
   const ZeroScratch<S> state(D * 2 * N * Pp, opt), cells(D * N * Hp, opt);
   const ZeroScratch<S> mem(proj ? N * Hp : 0, opt), gates(nt * N * ldg, opt), tmp(nt * N * ldt, opt);
+  // Each thread's copy of the state's rows for its packed step (Columns::own_ld()).
+  const int64_t ldr = Pp + lanes;
+  const ZeroScratch<S> rows(pack ? nt * N * ldr : 0, opt);
   S* st = state.data();
   S* cs = cells.data();
   S* m = proj ? mem.data() : nullptr;
@@ -676,7 +679,8 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
         if (nu > 0)
           k.forward_columns(p, d, t, j0, nu, mine(wf, a.w_hh, d, tid), mine(wi, a.w_ih, d, tid),
                             bu + d * G * Hp, prev, next, csd,
-                            m, gates.data() + tid * N * ldg, pack);
+                            m, gates.data() + tid * N * ldg,
+                            pack ? rows.data() + tid * N * ldr : nullptr, pack);
         if (proj) {
 #pragma omp barrier
           if (np > 0)
@@ -775,6 +779,9 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
   const ZeroScratch<S> dh(D * 2 * N * Pp, opt), dc(D * N * Hp, opt);
   const ZeroScratch<S> gp(proj ? nt * N * Pp : 0, opt), gm(proj ? nt * N * ldm : 0, opt);
   const ZeroScratch<S> tmp(nt * N * ldt, opt);
+  // Each thread's copy of a step's gate gradients for its carry (Columns::own_ld()).
+  const int64_t ldr = k.padded_width(GH) + lanes;
+  const ZeroScratch<S> rows(carries > 0 ? nt * N * ldr : 0, opt);
   S* dhp = dh.data();
   S* dcp = dc.data();
   for (int64_t d = 0; d < D; ++d)
@@ -799,7 +806,7 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
         if (s == carries) break;
         if (np > 0)
           k.carry_columns(p, d, t, k0, np, wb[d * nt + tid].template data_ptr<S>(), cur, next,
-                          tmp.data() + tid * N * ldt);
+                          tmp.data() + tid * N * ldt, rows.data() + tid * N * ldr);
         // Without projections a thread's carry slice is its units (P == H,
         // the same slices), and the next step's first phase reads and
         // writes dh in that slice alone: the one barrier before the carry,

@@ -43,7 +43,7 @@
   template <typename S, typename Cell>                                                        \
   void forward_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t j0,          \
                        int64_t nu, const S* wf, const S* wi, const S* bu, const S* prev,     \
-                       S* next, S* cs, S* m, S* gates, bool packed);                          \
+                       S* next, S* cs, S* m, S* gates, S* rows, bool packed);                 \
   template <typename S, typename Cell>                                                        \
   void project_columns(const ForwardParams<S>& p, int64_t d, int64_t t, int64_t k0,          \
                        int64_t np, const S* wr, const S* m, const S* prev, S* next, S* tmp,  \
@@ -73,7 +73,7 @@
   int64_t fma_probe_entry(int64_t rounds, float* sink);                                       \
   template <typename S, typename Cell>                                                        \
   void carry_columns(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0,           \
-                     int64_t np, const S* wb, const S* dh, S* dh_next, S* tmp);               \
+                     int64_t np, const S* wb, const S* dh, S* dh_next, S* tmp, S* rows);      \
   }                                                                                           \
   }                                                                                           \
   }
