@@ -460,6 +460,17 @@ int64_t l2_bytes() {
 // keeps the column split there: split by rows too, a forward+backward of
 // LSTM 256 and RNN 512 at batch 8 took 1.15x as long (GRU 256 0.90x).
 constexpr int64_t kRowSplitRowsInL2 = 4;
+// An Elman cell's forward past that: its step runs in the GEMM's epilogue, so
+// the step is almost all products, and a row split, each thread reading all
+// of the weights, streams twice the weights from L3 that a column split does.
+// Measured on the Xeon (two threads, input 32, no-grad, the builds
+// alternating four times, medians of the pairs' ratios, rows from 48 / from
+// 16): RNN 1024 (4.3 MB) batch 32 0.82x as long, batch 64 0.93x, RNN 2048
+// batch 32 0.73x, RNN 768 batch 48 0.89x, RNN 1024 batch 32 forward+backward
+// 0.95x; split by units at batch 96, RNN 1024 ran even (0.99x, rows from 64 /
+// 16). The LSTM's and GRU's forwards split by units at 32 and 48 rows ranged
+// from 0.91x (LSTM 1024) to 1.08x (GRU 512) as long: they keep 16.
+constexpr int64_t kRowSplitRowsElman = 48;
 
 // Threads for the column-split loops, or 1 where they do not pay: from
 // row_split rows a thread on, the rows are split.
@@ -713,6 +724,7 @@ void forward_typed(const ForwardLoop& a) {
   const bool pack = packs(T, N, weight_bytes, true);
   const int64_t row_split = !pack                                  ? stored_row_split_rows()
                             : weight_bytes <= l2_bytes() / 4 * 3 ? kRowSplitRowsInL2
+                            : Cell::kGates == 1                  ? kRowSplitRowsElman
                                                                  : kRowSplitRows;
   const int64_t nt = column_threads(weight_bytes, D * N, row_split);
   const bool columns = nt > 1;
