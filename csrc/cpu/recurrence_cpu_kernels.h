@@ -548,6 +548,7 @@ struct Kernels {
     for (; R - r > RB + 1; r += RB) rows_block(std::integral_constant<int, RB>{});
     with_count<1, RB + 1>(R - r, rows_block);
   }
+
   // R < RB rows over np whole panels from j0 (c and e at column j0): all
   // R rows in one block over each group of panels, as many panels as keep
   // the accumulators within a whole block's 2 * RB (1 row over 8 panels, 2
