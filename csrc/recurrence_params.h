@@ -26,6 +26,8 @@
 
 namespace fastrnn {
 
+struct TileProducts;  // the CPU's bfloat16 step products (cpu/recurrence_cpu_tiles.h)
+
 template <typename scalar_t>
 struct ForwardParams {
   int64_t T, N, H, P, D;
@@ -44,6 +46,9 @@ struct ForwardParams {
   scalar_t* hn;               // (D, N, P) contiguous, the last state of every row
   scalar_t* cn;               // (D, N, H) contiguous, kCellState cells
   scalar_t* saved;            // (D, T, N, Ws) contiguous, or nullptr where Ws == 0
+  // CPU, float32 from bfloat16 tensors: where not null, each step's products
+  // run on the matrix unit's tiles in bfloat16 instead of the kernels' own.
+  const TileProducts* tiles = nullptr;
 };
 
 template <typename scalar_t>

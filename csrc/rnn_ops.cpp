@@ -180,6 +180,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the CPU time loops pack the weights: 'auto' (where the call's rows times steps "
         "repay it), 'always' or 'never' (tests and benchmarks)");
   m.def("cpu_packing", &fastrnn::cpu_packing, "The CPU time loops' packing: auto, always, never");
+  m.def("set_cpu_tiles", &fastrnn::set_cpu_tiles,
+        "Whether bfloat16 calls run their steps' products on AMX tiles where they can: 'auto' "
+        "or 'never'");
+  m.def("cpu_tiles", &fastrnn::cpu_tiles, "The bfloat16 tiles' setting: auto or never");
+  m.def("cpu_tiles_available", &fastrnn::cpu_tiles_available,
+        "Whether this processor runs bfloat16 products on AMX tiles (with the AVX-512 kernels)");
   m.def("set_cpu_isa", &fastrnn::set_cpu_isa,
         "Force the CPU kernels' instruction set ('avx512', 'avx2', 'base' or 'auto'); "
         "returns False when this processor lacks it");

@@ -7,8 +7,15 @@ has. Both can be forced, process-wide, for benchmarks and tests:
     fastrnn.set_cuda_path("grid", blocks=3)   # or "persistent", "cluster", "step", "auto"
     fastrnn.set_cpu_isa("avx2")               # or "avx512", "base", "auto"
     fastrnn.set_cpu_packing("never")          # or "always", "auto"
+    fastrnn.set_cpu_tiles("never")            # or "auto"
     with fastrnn.kernels(cuda_path="step", cpu_isa="base"):
         ...                                   # both restored on exit
+
+Where the processor has AMX-BF16 (Intel Xeon from Sapphire Rapids on), the
+CPU kernels run a bfloat16 call's step products on its tiles: x_t and h
+rounded to bfloat16, as torch.nn's bfloat16 layers round them, summed in
+float32; ``set_cpu_tiles("never")`` keeps such calls on the float32
+products of the float32 kernels (h carried unrounded).
 
 The CPU time loops pack the weights into panels where a call's rows times
 steps repay it, and read them as stored where they do not (a cell, a call
@@ -125,15 +132,40 @@ def cpu_packing() -> str:
     return _extension().cpu_packing()
 
 
+CPU_TILES = ("auto", "never")
+
+
+def set_cpu_tiles(name: str) -> None:
+    """Whether bfloat16 calls on the CPU run their steps' products on AMX
+    tiles where the processor has them ('auto', the default) or on the
+    float32 kernels ('never')."""
+    if name not in CPU_TILES:
+        raise ValueError(f"Unknown tiles setting '{name}'. Select from {', '.join(map(repr, CPU_TILES))}.")
+    _extension().set_cpu_tiles(name)
+
+
+def cpu_tiles() -> str:
+    """The bfloat16 tiles' setting: 'auto' unless set."""
+    return _extension().cpu_tiles()
+
+
+def cpu_tiles_available() -> bool:
+    """Whether this processor runs bfloat16 products on AMX tiles (AMX-BF16,
+    the system's leave, and the AVX-512 kernels in use)."""
+    return bool(_extension().cpu_tiles_available())
+
+
 @contextlib.contextmanager
-def kernels(cuda_path=None, blocks=0, cpu_isa=None, emulate_cuda=None, cpu_packing=None):
+def kernels(cuda_path=None, blocks=0, cpu_isa=None, emulate_cuda=None, cpu_packing=None,
+            cpu_tiles=None):
     """Forces the CUDA path (and its blocks), the CPU instruction set, CUDA
-    emulation and the CPU packing inside the block, restoring each on exit;
-    None leaves one as it is."""
+    emulation, the CPU packing and the bfloat16 tiles inside the block,
+    restoring each on exit; None leaves one as it is."""
     ext = _extension()
     saved_path = ext.cuda_path() if ext.cuda_built else None
     saved_isa = ext.cpu_isa()
     saved_packing = ext.cpu_packing()
+    saved_tiles = ext.cpu_tiles()
     saved_emulation = ext.cuda_emulation() if ext.cuda_built else None
     try:
         if cuda_path is not None:
@@ -144,6 +176,8 @@ def kernels(cuda_path=None, blocks=0, cpu_isa=None, emulate_cuda=None, cpu_packi
             _cuda_extension().set_cuda_emulation(bool(emulate_cuda))
         if cpu_packing is not None:
             set_cpu_packing(cpu_packing)
+        if cpu_tiles is not None:
+            set_cpu_tiles(cpu_tiles)
         yield
     finally:
         if saved_path is not None:
@@ -151,3 +185,4 @@ def kernels(cuda_path=None, blocks=0, cpu_isa=None, emulate_cuda=None, cpu_packi
             ext.set_cuda_emulation(saved_emulation)
         ext.set_cpu_isa(saved_isa)
         ext.set_cpu_packing(saved_packing)
+        ext.set_cpu_tiles(saved_tiles)

@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "cpu/recurrence_cpu.h"
+#include "cpu/recurrence_cpu_tiles.h"
 #include "recurrence.h"
 
 namespace fastrnn {
@@ -370,6 +371,11 @@ constexpr int64_t kUnpackedStepRows = 128;
 
 std::atomic<int>& packing_slot() {
   static std::atomic<int> slot{0};  // 0 auto, 1 always, 2 never
+  return slot;
+}
+
+std::atomic<int>& tiles_slot() {
+  static std::atomic<int> slot{0};  // 0 auto, 1 never
   return slot;
 }
 
@@ -713,20 +719,22 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
 // The kernels compute the input term x W_ih^T themselves, step by step in
 // the recurrent GEMM: a pass over a precomputed u through memory costs more
 // than the multiply-adds.
+// tiles: the steps' products on the matrix unit (forward_on_tiles()), rows
+// split between threads; null: the kernels' own.
 template <typename S, typename Cell>
-void forward_typed(const ForwardLoop& a) {
+void forward_typed(const ForwardLoop& a, const TileProducts* tiles = nullptr) {
   const Table<S, Cell> k = kernels<S, Cell>(current_isa());
   const int64_t D = a.h0.size(0), T = a.y.size(0), N = a.y.size(1), P = a.h0.size(2);
   const int64_t H = a.w_hh[0].size(0) / Cell::kGates, C = a.x.size(2);
   const bool proj = a.w_hr[0].defined();
   // What a step reads of the weights: W_ih and W_hh.
   const int64_t weight_bytes = Cell::kGates * H * (P + C) * static_cast<int64_t>(sizeof(S));
-  const bool pack = packs(T, N, weight_bytes, true);
+  const bool pack = tiles == nullptr && packs(T, N, weight_bytes, true);
   const int64_t row_split = !pack                                  ? stored_row_split_rows()
                             : weight_bytes <= l2_bytes() / 4 * 3 ? kRowSplitRowsInL2
                             : Cell::kGates == 1                  ? kRowSplitRowsElman
                                                                  : kRowSplitRows;
-  const int64_t nt = column_threads(weight_bytes, D * N, row_split);
+  const int64_t nt = tiles != nullptr ? 1 : column_threads(weight_bytes, D * N, row_split);
   const bool columns = nt > 1;
   // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_ih (G*H, C) alike;
   // W_hr (P, H) as W_hr^T.
@@ -755,6 +763,7 @@ void forward_typed(const ForwardLoop& a) {
   p.hn = a.hn.data_ptr<S>();
   p.cn = a.cn.defined() ? a.cn.data_ptr<S>() : nullptr;
   p.saved = a.saved.defined() ? a.saved.data_ptr<S>() : nullptr;
+  p.tiles = tiles;
   if (columns) return forward_columns_loop(k, p, a, bu, nt, pack);
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * (P + C),
               a.h0.options(), [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
@@ -1055,6 +1064,18 @@ void set_cpu_packing(const std::string& name) {
   packing_slot().store(mode, std::memory_order_relaxed);
 }
 
+void set_cpu_tiles(const std::string& name) {
+  int mode;
+  if (name == "auto") mode = 0;
+  else if (name == "never") mode = 1;
+  else TORCH_CHECK(false, "unknown tiles setting '", name, "': expected auto or never");
+  tiles_slot().store(mode, std::memory_order_relaxed);
+}
+
+const char* cpu_tiles() { return tiles_slot().load(std::memory_order_relaxed) != 0 ? "never" : "auto"; }
+
+bool cpu_tiles_available() { return current_isa() == Isa::avx512 && cpu::tiles_available(); }
+
 const char* cpu_packing() {
   switch (packing_slot().load(std::memory_order_relaxed)) {
     case 1: return "always";
@@ -1110,13 +1131,65 @@ double cpu_fma_rate(double seconds, int64_t threads, int64_t trials) {
   return best;
 }
 
+// Whether a bfloat16 call's steps run their products on the matrix unit:
+// AMX-BF16 present and allowed (cpu::tiles_available(), set_cpu_tiles()),
+// the AVX-512 kernels for the cell's step, no projections, and a call long
+// enough to repay packing the weights (packs(), as for the kernels' own
+// panels: a cell's step or a short call reads them as stored in float32).
+bool tiles_apply(int64_t T, int64_t N, int64_t weight_bytes, bool proj) {
+  return tiles_slot().load(std::memory_order_relaxed) == 0 && current_isa() == Isa::avx512 &&
+         !proj && cpu::tiles_available() && packs(T, N, weight_bytes, true);
+}
+
+// The forward of f (float32 copies of bfloat16 tensors) with each step's
+// products [x_t | h] [W_ih | W_hh]^T on the matrix unit's tiles in bfloat16
+// (recurrence_cpu_tiles.h): x_t and the weights are bfloat16 values, h is
+// rounded to bfloat16 for the product as torch.nn's bfloat16 layers round
+// their state, and the sums are float32, as oneDNN's bfloat16 RNNs take
+// them; the cell's step runs on them in float32, as for float32 tensors.
+// False, having done nothing, where tiles_apply() does not hold.
+bool forward_on_tiles(CellKind cell, const ForwardLoop& f) {
+  bool done = false;
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    const int64_t D = f.h0.size(0), T = f.y.size(0), N = f.y.size(1), P = f.h0.size(2);
+    const int64_t H = f.w_hh[0].size(0) / Cell::kGates, C = f.x.size(2);
+    const int64_t weight_bytes = Cell::kGates * H * (P + C) * int64_t{sizeof(float)};
+    if (!tiles_apply(T, N, weight_bytes, f.w_hr[0].defined())) return;
+    const int64_t Hp = kernels<float, Cell>(Isa::avx512).padded_width(H);
+    const int64_t ldg = (Cell::kGates + Cell::kInputApart) * Hp, kp = cpu::tile_depth(C, P);
+    const at::TensorOptions opt = f.x.options().dtype(at::kBFloat16);
+    const at::Tensor b = recycled({D, kp * ldg}, opt);
+    TileProducts t;
+    t.C = C;
+    t.P = P;
+    t.kp = kp;
+    t.ldg = ldg;
+    for (int64_t d = 0; d < D; ++d) {
+      uint16_t* out = static_cast<uint16_t*>(b.data_ptr()) + d * kp * ldg;
+      t.b[d] = out;
+      // Columns in whole tiles of 16 to each thread.
+      at::parallel_for(0, ldg / 16, std::max<int64_t>(1, (int64_t{1} << 14) / kp),
+                       [&](int64_t begin, int64_t end) {
+                         cpu::tile_pack(f.w_ih[d].data_ptr<float>(), f.w_hh[d].data_ptr<float>(),
+                                        Cell::kGates, Cell::kInputApart, H, Hp, C, P, kp, out,
+                                        begin * 16, end * 16);
+                       });
+    }
+    forward_typed<float, Cell>(f, &t);
+    done = true;
+  });
+  return done;
+}
+
 void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
   if (half_type(a.h0.scalar_type())) {
     ForwardLoop f{to_float(a.x), to_float(a.w_ih), at::Tensor(), to_float(a.w_hh),
                   to_float(a.b_ih), to_float(a.b_hh), to_float(a.w_hr), to_float(a.h0),
                   to_float(a.c0), a.lengths, float_output(a.y), to_float(a.hn), to_float(a.cn),
                   float_output(a.saved)};
-    forward_recurrence_cpu(cell, f);
+    if (a.h0.scalar_type() != at::kBFloat16 || !forward_on_tiles(cell, f))
+      forward_recurrence_cpu(cell, f);
     copy_back(a.y, f.y);
     copy_back(a.hn, f.hn);
     copy_back(a.cn, f.cn);

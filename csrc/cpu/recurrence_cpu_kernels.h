@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "cells.h"
+#include "cpu/recurrence_cpu_tiles.h"
 #include "recurrence_params.h"
 
 namespace fastrnn {
@@ -1133,6 +1134,14 @@ struct Kernels {
     });
   }
 
+  // step_gemm() on the matrix unit's tiles in bfloat16 (p.tiles: float32
+  // from bfloat16 tensors, with AVX-512's vectors of 16, the tiles' width).
+  static void step_tiles(const ForwardParams<S>& p, int64_t d, int64_t R, const S* x, const S* h,
+                         int64_t ldh, S* gates, int64_t ldg) {
+    if constexpr (std::is_same_v<S, float> && W == 16)
+      tile_step(*p.tiles, d, R, x, p.C, h, ldh, gates, ldg);
+  }
+
   // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
   // packed (P x G blocks of padded(H)); wi: W_ih^T alike (C x ...); wr: W_hr^T
   // packed (H x padded(P)), or null without projections; bu: the bias added
@@ -1164,7 +1173,8 @@ struct Kernels {
       if (kFusable && p.lengths == nullptr && packed) {
         gemm_fused(R, H, x, hw, next, Pp, out, DP, bu, s % 2 == 1);
       } else {
-        if (packed) step_gemm(R, Hp, x, hw, gates, ldg, s % 2 == 1);
+        if (p.tiles != nullptr) step_tiles(p, d, R, x.a, prev, Pp, gates, ldg);
+        else if (packed) step_gemm(R, Hp, x, hw, gates, ldg, s % 2 == 1);
         else step_dot(R, Hp, H, H, Rows{x.a, x.lda, wi, p.C, ahead}, Rows{prev, Pp, wf, P, ahead},
                       gates, ldg, s % 2 == 1);
         for (int64_t r = 0; r < R; ++r) {

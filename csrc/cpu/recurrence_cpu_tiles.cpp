@@ -1,0 +1,241 @@
+// The bfloat16 step products on AMX tiles (recurrence_cpu_tiles.h). Only
+// the functions marked FASTRNN_TILE_TARGET are compiled for AMX and
+// AVX-512, and only tile_step() calls them, after tiles_available().
+#include "cpu/recurrence_cpu_tiles.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#include <c10/util/Exception.h>
+
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define FASTRNN_TILES 1
+#define FASTRNN_TILE_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+#else
+#define FASTRNN_TILES 0
+#endif
+
+namespace fastrnn {
+namespace cpu {
+
+namespace {
+
+// float to bfloat16, rounded to nearest even as torch rounds (a NaN stays
+// a quiet NaN).
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+constexpr int64_t kTileRows = 16;  // rows of a tile register
+constexpr int64_t kTileDepth = 32;  // bfloat16 values of a row of A's tile (64 bytes)
+constexpr int64_t kTileCols = 16;   // float32 columns of a C tile
+constexpr int64_t kTileB = kTileDepth * kTileCols;  // elements of a B tile (16 pairs of rows)
+
+#if FASTRNN_TILES
+
+// The tile configuration (palette 1): tiles 0-3 hold C, 4-5 A (`rows`
+// rows), 6-7 B (16 rows of 16 pairs).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+FASTRNN_TILE_TARGET void configure(int64_t rows) {
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) {
+    c.colsb[i] = 64;
+    c.rows[i] = static_cast<uint8_t>(i < 6 ? rows : kTileRows);
+  }
+  _tile_loadconfig(&c);
+}
+
+// RT x CT tiles of C (rows 16 apart, columns 16): a's RT row tiles (rows
+// lda elements apart) times b's CT column tiles (bs elements apart), ks
+// tiles deep.
+template <int RT, int CT>
+FASTRNN_TILE_TARGET inline void tile_block(const uint16_t* a, int64_t lda, const uint16_t* b,
+                                           int64_t bs, int64_t ks, float* c, int64_t ldc) {
+  const int64_t sa = lda * 2, sc = ldc * 4;
+  _tile_zero(0);
+  if constexpr (CT > 1) _tile_zero(1);
+  if constexpr (RT > 1) _tile_zero(2);
+  if constexpr (RT > 1 && CT > 1) _tile_zero(3);
+  for (int64_t k = 0; k < ks; ++k) {
+    _tile_loadd(4, a + k * kTileDepth, sa);
+    if constexpr (RT > 1) _tile_loadd(5, a + kTileRows * lda + k * kTileDepth, sa);
+    _tile_loadd(6, b + k * kTileB, 64);
+    if constexpr (CT > 1) _tile_loadd(7, b + bs + k * kTileB, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (CT > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (RT > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (RT > 1 && CT > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, sc);
+  if constexpr (CT > 1) _tile_stored(1, c + kTileCols, sc);
+  if constexpr (RT > 1) _tile_stored(2, c + kTileRows * ldc, sc);
+  if constexpr (RT > 1 && CT > 1) _tile_stored(3, c + kTileRows * ldc + kTileCols, sc);
+}
+
+// float32 to bfloat16 as to_bf16() rounds, 16 at a time.
+FASTRNN_TILE_TARGET void to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  const __m512i abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i quiet = _mm512_set1_epi32(0x40);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512i u = _mm512_loadu_si512(src + k);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(hi, one), half)), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, quiet));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtepi32_epi16(r));
+  }
+  for (; k < n; ++k) dst[k] = to_bf16(src[k]);
+}
+
+// c (R x jt column tiles, rows ldc apart) = a (rows padded with zeros to
+// whole tiles, kp apart) b. Column tiles outermost, two at a time, so that
+// their weights (kp x 32 bfloat16 each) are read once a step from wherever
+// they are and then from L1 or L2 for every row tile; rows two tiles at a
+// time, the last tile of fewer than 16 through a scratch tile.
+FASTRNN_TILE_TARGET void tile_products(int64_t R, const uint16_t* a, int64_t kp,
+                                       const uint16_t* b, int64_t jt, float* c, int64_t ldc) {
+  const int64_t ks = kp / kTileDepth, bs = ks * kTileB, full = R / kTileRows;
+  const int64_t rest = R - full * kTileRows;
+  alignas(64) float tmp[kTileRows * 2 * kTileCols];
+  configure(kTileRows);
+  for (int64_t j = 0; j < jt; j += 2) {
+    const uint16_t* bj = b + j * bs;
+    float* cj = c + j * kTileCols;
+    const bool two = j + 2 <= jt;
+    int64_t r = 0;
+    for (; r + 2 <= full; r += 2) {
+      if (two) tile_block<2, 2>(a + r * kTileRows * kp, kp, bj, bs, ks, cj + r * kTileRows * ldc, ldc);
+      else tile_block<2, 1>(a + r * kTileRows * kp, kp, bj, bs, ks, cj + r * kTileRows * ldc, ldc);
+    }
+    if (r < full) {
+      if (two) tile_block<1, 2>(a + r * kTileRows * kp, kp, bj, bs, ks, cj + r * kTileRows * ldc, ldc);
+      else tile_block<1, 1>(a + r * kTileRows * kp, kp, bj, bs, ks, cj + r * kTileRows * ldc, ldc);
+    }
+    if (rest > 0) {
+      const int64_t w = two ? 2 * kTileCols : kTileCols;
+      if (two) tile_block<1, 2>(a + full * kTileRows * kp, kp, bj, bs, ks, tmp, 2 * kTileCols);
+      else tile_block<1, 1>(a + full * kTileRows * kp, kp, bj, bs, ks, tmp, 2 * kTileCols);
+      for (int64_t q = 0; q < rest; ++q)
+        std::memcpy(cj + (full * kTileRows + q) * ldc, tmp + q * 2 * kTileCols, sizeof(float) * w);
+    }
+  }
+  _tile_release();
+}
+
+bool os_allows_tiles() {
+  // Linux gives a process the tile registers' state only once asked for it
+  // (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;
+  return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+bool cpu_has_tiles() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+  // The AVX-512 kernels run the cell's step on the tiles' results.
+  return amx_bf16 && amx_tile && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw");
+}
+
+// This thread's rows of [x | h] in bfloat16, grown as needed and freed
+// with the thread.
+struct RowBuffer {
+  uint16_t* p = nullptr;
+  int64_t n = 0;
+  ~RowBuffer() { std::free(p); }
+};
+
+uint16_t* thread_rows(int64_t n) {
+  thread_local RowBuffer rows;
+  if (rows.n < n) {
+    std::free(rows.p);
+    rows.p = static_cast<uint16_t*>(std::aligned_alloc(64, (n * 2 + 63) / 64 * 64));
+    TORCH_CHECK(rows.p != nullptr, "fastrnn: out of memory for a bfloat16 step's rows");
+    rows.n = n;
+  }
+  return rows.p;
+}
+
+#endif  // FASTRNN_TILES
+
+}  // namespace
+
+bool tiles_available() {
+#if FASTRNN_TILES
+  static const bool available = cpu_has_tiles() && os_allows_tiles();
+  return available;
+#else
+  return false;
+#endif
+}
+
+int64_t tile_depth(int64_t C, int64_t P) {
+  return (C + P + kTileDepth - 1) / kTileDepth * kTileDepth;
+}
+
+void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, int64_t H,
+               int64_t Hp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
+               int64_t c1) {
+  const int64_t summed = G - apart;
+  for (int64_t col = c0; col < c1; ++col) {
+    const int64_t blk = col / Hp, j = col % Hp;
+    const float* xi = nullptr;
+    const float* hi = nullptr;
+    if (j < H) {
+      if (blk < summed) {
+        xi = w_ih + (blk * H + j) * C;
+        hi = w_hh + (blk * H + j) * P;
+      } else if (blk < G) {
+        hi = w_hh + (blk * H + j) * P;
+      } else {
+        xi = w_ih + ((summed + blk - G) * H + j) * C;
+      }
+    }
+    // Column col of tile col / 16: pairs of rows (k, k + 1) side by side,
+    // so that row k lands at (k / 2) * 32 + k % 2.
+    uint16_t* o = out + (col / kTileCols) * kp * kTileCols + (col % kTileCols) * 2;
+    auto at = [o](int64_t k) -> uint16_t& { return o[(k >> 1) * 2 * kTileCols + (k & 1)]; };
+    for (int64_t k = 0; k < C; ++k) at(k) = xi ? to_bf16(xi[k]) : 0;
+    for (int64_t k = 0; k < P; ++k) at(C + k) = hi ? to_bf16(hi[k]) : 0;
+    for (int64_t k = C + P; k < kp; ++k) at(k) = 0;
+  }
+}
+
+void tile_step(const TileProducts& t, int64_t d, int64_t R, const float* x, int64_t ldx,
+               const float* h, int64_t ldh, float* gates, int64_t ldg) {
+#if FASTRNN_TILES
+  const int64_t C = t.C, P = t.P, kp = t.kp;
+  const int64_t Rp = (R + kTileRows - 1) / kTileRows * kTileRows;
+  uint16_t* a = thread_rows(Rp * kp);
+  for (int64_t r = 0; r < R; ++r) {
+    uint16_t* row = a + r * kp;
+    to_bf16_row(x + r * ldx, C, row);
+    to_bf16_row(h + r * ldh, P, row + C);
+    std::memset(row + C + P, 0, sizeof(uint16_t) * (kp - C - P));
+  }
+  std::memset(a + R * kp, 0, sizeof(uint16_t) * (Rp - R) * kp);
+  tile_products(R, a, kp, t.b[d], ldg / kTileCols, gates, ldg);
+#else
+  (void)t, (void)d, (void)R, (void)x, (void)ldx, (void)h, (void)ldh, (void)gates, (void)ldg;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace fastrnn

@@ -1,0 +1,50 @@
+// A step's products on the processor's matrix unit in bfloat16 (Intel AMX:
+// tile registers of 16 rows, TDPBF16PS, products of bfloat16 pairs summed
+// in float32), for the layers whose tensors are bfloat16. The rows [x_t |
+// h] of a step, rounded to bfloat16 as torch.nn's bfloat16 layers round
+// their state, meet the weights [W_ih | W_hh]^T packed into tiles once a
+// call; the gates' pre-activations come out in float32, in the layout of
+// the kernels' own step products (Kernels::step_gemm), and the cell's step
+// runs on them in float32 as for every other type.
+#pragma once
+
+#include <cstdint>
+
+namespace fastrnn {
+
+// What a call's steps need: the packed weights of each direction and
+// their shape.
+struct TileProducts {
+  const uint16_t* b[2] = {nullptr, nullptr};  // per direction: kp x ldg in tiles (tile_pack)
+  int64_t C = 0, P = 0;
+  int64_t kp = 0;                             // C + P padded to a tile's 32
+  int64_t ldg = 0;                            // the step's gate columns, a multiple of 16
+};
+
+namespace cpu {
+
+// Whether this processor has AMX-BF16 and the system lets this process use
+// its tile registers (asked once).
+bool tiles_available();
+
+// C + P padded to whole tiles.
+int64_t tile_depth(int64_t C, int64_t P);
+
+// Packs one direction's weights for tile_step(): column c of the step's
+// (G + apart) blocks of Hp columns (Kernels::step_gemm's layout: the gates
+// summed, then the hidden and the input parts of the `apart` gates) holds
+// W_ih's row over the first C and W_hh's over the next P of kp (zeros for
+// a part a block does not sum, for the units past H and past C + P).
+// w_ih (G*H, C) and w_hh (G*H, P) hold bfloat16 values in float32.
+void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, int64_t H,
+               int64_t Hp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
+               int64_t c1);
+
+// gates (R x ldg, ldg = t.ldg) = [x | h] B of direction d for R rows: x's
+// rows ldx apart (C wide), h's ldh apart (P wide), each rounded to
+// bfloat16 into a buffer of the calling thread's.
+void tile_step(const TileProducts& t, int64_t d, int64_t R, const float* x, int64_t ldx,
+               const float* h, int64_t ldh, float* gates, int64_t ldg);
+
+}  // namespace cpu
+}  // namespace fastrnn
