@@ -3,8 +3,10 @@
 // AVX-512, and only tile_step() calls them, after tiles_available().
 #include "cpu/recurrence_cpu_tiles.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include <c10/util/Exception.h>
 
@@ -194,27 +196,26 @@ void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, i
                int64_t Hp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
                int64_t c1) {
   const int64_t summed = G - apart;
-  for (int64_t col = c0; col < c1; ++col) {
-    const int64_t blk = col / Hp, j = col % Hp;
-    const float* xi = nullptr;
-    const float* hi = nullptr;
-    if (j < H) {
-      if (blk < summed) {
-        xi = w_ih + (blk * H + j) * C;
-        hi = w_hh + (blk * H + j) * P;
-      } else if (blk < G) {
-        hi = w_hh + (blk * H + j) * P;
-      } else {
-        xi = w_ih + ((summed + blk - G) * H + j) * C;
-      }
+  // A column tile's 16 columns as rows of kp (zeros where a column has no
+  // weight), then written pair by pair of rows, in the order of the tile.
+  std::vector<float> cols(kTileCols * kp);
+  for (int64_t t0 = c0; t0 < c1; t0 += kTileCols) {
+    std::fill(cols.begin(), cols.end(), 0.f);
+    for (int64_t q = 0; q < kTileCols; ++q) {
+      const int64_t col = t0 + q, blk = col / Hp, j = col % Hp;
+      if (j >= H) continue;
+      float* row = cols.data() + q * kp;
+      const int64_t gate = blk < G ? blk : summed + blk - G;
+      if (blk < summed || blk >= G) std::memcpy(row, w_ih + (gate * H + j) * C, sizeof(float) * C);
+      if (blk < G) std::memcpy(row + C, w_hh + (gate * H + j) * P, sizeof(float) * P);
     }
-    // Column col of tile col / 16: pairs of rows (k, k + 1) side by side,
-    // so that row k lands at (k / 2) * 32 + k % 2.
-    uint16_t* o = out + (col / kTileCols) * kp * kTileCols + (col % kTileCols) * 2;
-    auto at = [o](int64_t k) -> uint16_t& { return o[(k >> 1) * 2 * kTileCols + (k & 1)]; };
-    for (int64_t k = 0; k < C; ++k) at(k) = xi ? to_bf16(xi[k]) : 0;
-    for (int64_t k = 0; k < P; ++k) at(C + k) = hi ? to_bf16(hi[k]) : 0;
-    for (int64_t k = C + P; k < kp; ++k) at(k) = 0;
+    // Column q of the tile: pairs of rows (k, k + 1) side by side.
+    uint16_t* o = out + t0 * kp;
+    for (int64_t k = 0; k < kp; k += 2)
+      for (int64_t q = 0; q < kTileCols; ++q) {
+        o[k * kTileCols + 2 * q] = to_bf16(cols[q * kp + k]);
+        o[k * kTileCols + 2 * q + 1] = to_bf16(cols[q * kp + k + 1]);
+      }
   }
 }
 

@@ -35,7 +35,8 @@ int64_t tile_depth(int64_t C, int64_t P);
 // summed, then the hidden and the input parts of the `apart` gates) holds
 // W_ih's row over the first C and W_hh's over the next P of kp (zeros for
 // a part a block does not sum, for the units past H and past C + P).
-// w_ih (G*H, C) and w_hh (G*H, P) hold bfloat16 values in float32.
+// w_ih (G*H, C) and w_hh (G*H, P) hold bfloat16 values in float32. Writes
+// the columns [c0, c1), whole tiles of 16, of out (kp * (G + apart) * Hp).
 void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, int64_t H,
                int64_t Hp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
                int64_t c1);
