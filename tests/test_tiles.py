@@ -104,6 +104,35 @@ def test_tiles_match_the_rounded_state_reference(cell, act, bidirectional, batch
 
 @TILES
 @pytest.mark.parametrize("cell,act", CELLS)
+def test_tiles_split_by_units_give_the_same_bits(cell, act):
+    """Weights past 512 KB in bfloat16 and 5 rows: two threads split the
+    units (each packs and reads its slice, the last one 154 units wide at
+    hidden 330), one thread runs them all; the same bits, and the rounded
+    state's reference."""
+    torch.manual_seed(3)
+    kw = dict(nonlinearity=act) if act else {}
+    hidden = 520 if cell == "rnn" else 330
+    ref, ours = pair(7, hidden, cell, dtype=torch.bfloat16, bidirectional=True, **kw)
+    x = torch.randn(6, 5, 7).bfloat16()
+    prev = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append(ours(x))
+    finally:
+        torch.set_num_threads(prev)
+    (y1, h1), (y2, h2) = outs
+    assert torch.equal(y1, y2)
+    for a, b in zip(h1 if isinstance(h1, tuple) else (h1,), h2 if isinstance(h2, tuple) else (h2,)):
+        assert torch.equal(a, b)
+    same, ulps = _agreement(y2, _reference(ref, cell, x, round_state=True))
+    assert same >= 0.97 and ulps <= 2, (same, ulps)
+
+
+@TILES
+@pytest.mark.parametrize("cell,act", CELLS)
 def test_tiles_train_within_twice_torch_nn_error(cell, act):
     """Outputs, final states and every gradient (the backward runs the
     float32 kernels on what the forward kept) against torch.nn's bfloat16

@@ -478,6 +478,17 @@ constexpr int64_t kRowSplitRowsInL2 = 4;
 // from 0.91x (LSTM 1024) to 1.08x (GRU 512) as long: they keep 16.
 constexpr int64_t kRowSplitRowsElman = 48;
 
+// The same for a bfloat16 call's products on the matrix unit's tiles
+// (forward_on_tiles()) whose weights pass what two cores' L2 hold: the
+// tiles take a step's products so fast that streaming all the weights to
+// each thread costs more than the barrier. Measured on the Xeon (two
+// threads, input 32, 32 steps, no-grad, the builds alternating three
+// times, medians in ms, rows from 16 a thread / from 64): LSTM 1024 batch
+// 32 11.99 / 8.24, batch 64 13.6 / 12.6, GRU 1024 batch 32 11.9 / 7.7,
+// batch 64 13.0 / 11.8; at 2.2 MB of weights (RNN 1024, LSTM 512) even at
+// batch 32, and RNN 1024 at batch 64 3.3 / 3.8: there kRowSplitRows.
+constexpr int64_t kRowSplitRowsTiles = 64;
+
 // Threads for the column-split loops, or 1 where they do not pay: from
 // row_split rows a thread on, the rows are split.
 int64_t column_threads(int64_t weight_bytes, int64_t rows, int64_t row_split = kRowSplitRows) {
@@ -646,9 +657,12 @@ const S* direction(const at::Tensor& packed, int64_t d) {
 // its slice of the weights packed, or, unless `pack`, reading its rows of
 // them as stored (a step too short to repay packing: the threads then
 // share the weights' traffic, which a few rows' step is bound by).
+// tiles: each thread's slice of the weights for the products on the matrix
+// unit (forward_on_tiles()), or null.
 template <typename S, typename Cell>
 void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
-                          const ForwardLoop& a, const S* bu, int64_t nt, bool pack) {
+                          const ForwardLoop& a, const S* bu, int64_t nt, bool pack,
+                          const TileProducts* tiles = nullptr) {
   constexpr int64_t G = Cell::kGates;
   const int64_t D = p.D, T = p.T, N = p.N, H = p.H, P = p.P, lanes = k.padded_width(1);
   const int64_t Hp = k.padded_width(H), Pp = k.padded_width(P);
@@ -686,6 +700,8 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
     }
   on_threads(nt, [&](int64_t tid) {
     const int64_t j0 = ub[tid], nu = ub[tid + 1] - j0, k0 = pb[tid], np = pb[tid + 1] - k0;
+    ForwardParams<S> pt = p;
+    pt.tiles = tiles != nullptr ? tiles + tid : nullptr;
     for (int64_t d = 0; d < D; ++d) {
       S* sd = st + d * 2 * N * Pp;
       S* csd = cs + d * N * Hp;
@@ -694,7 +710,7 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
         const S* prev = sd + (s & 1) * N * Pp;
         S* next = sd + ((s + 1) & 1) * N * Pp;
         if (nu > 0)
-          k.forward_columns(p, d, t, j0, nu, mine(wf, a.w_hh, d, tid), mine(wi, a.w_ih, d, tid),
+          k.forward_columns(pt, d, t, j0, nu, mine(wf, a.w_hh, d, tid), mine(wi, a.w_ih, d, tid),
                             bu + d * G * Hp, prev, next, csd,
                             m, gates.data() + tid * N * ldg,
                             pack ? rows.data() + tid * N * ldr : nullptr, pack);
@@ -719,10 +735,13 @@ void forward_columns_loop(const Table<S, Cell>& k, const ForwardParams<S>& p,
 // The kernels compute the input term x W_ih^T themselves, step by step in
 // the recurrent GEMM: a pass over a precomputed u through memory costs more
 // than the multiply-adds.
-// tiles: the steps' products on the matrix unit (forward_on_tiles()), rows
-// split between threads; null: the kernels' own.
+// tiles: the steps' products on the matrix unit (forward_on_tiles()), of
+// all the units (tile_threads 1, rows split between threads) or of each of
+// tile_threads slices of them (the column-split loop); null: the kernels'
+// own.
 template <typename S, typename Cell>
-void forward_typed(const ForwardLoop& a, const TileProducts* tiles = nullptr) {
+void forward_typed(const ForwardLoop& a, const TileProducts* tiles = nullptr,
+                   int64_t tile_threads = 1) {
   const Table<S, Cell> k = kernels<S, Cell>(current_isa());
   const int64_t D = a.h0.size(0), T = a.y.size(0), N = a.y.size(1), P = a.h0.size(2);
   const int64_t H = a.w_hh[0].size(0) / Cell::kGates, C = a.x.size(2);
@@ -734,7 +753,7 @@ void forward_typed(const ForwardLoop& a, const TileProducts* tiles = nullptr) {
                             : weight_bytes <= l2_bytes() / 4 * 3 ? kRowSplitRowsInL2
                             : Cell::kGates == 1                  ? kRowSplitRowsElman
                                                                  : kRowSplitRows;
-  const int64_t nt = tiles != nullptr ? 1 : column_threads(weight_bytes, D * N, row_split);
+  const int64_t nt = tiles != nullptr ? tile_threads : column_threads(weight_bytes, D * N, row_split);
   const bool columns = nt > 1;
   // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_ih (G*H, C) alike;
   // W_hr (P, H) as W_hr^T.
@@ -763,8 +782,8 @@ void forward_typed(const ForwardLoop& a, const TileProducts* tiles = nullptr) {
   p.hn = a.hn.data_ptr<S>();
   p.cn = a.cn.defined() ? a.cn.data_ptr<S>() : nullptr;
   p.saved = a.saved.defined() ? a.saved.data_ptr<S>() : nullptr;
+  if (columns) return forward_columns_loop(k, p, a, bu, nt, pack, tiles);
   p.tiles = tiles;
-  if (columns) return forward_columns_loop(k, p, a, bu, nt, pack);
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * (P + C),
               a.h0.options(), [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
                 if (pack)
@@ -1152,31 +1171,51 @@ bool forward_on_tiles(CellKind cell, const ForwardLoop& f) {
   bool done = false;
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
+    constexpr int64_t G = Cell::kGates, apart = Cell::kInputApart;
     const int64_t D = f.h0.size(0), T = f.y.size(0), N = f.y.size(1), P = f.h0.size(2);
-    const int64_t H = f.w_hh[0].size(0) / Cell::kGates, C = f.x.size(2);
-    const int64_t weight_bytes = Cell::kGates * H * (P + C) * int64_t{sizeof(float)};
+    const int64_t H = f.w_hh[0].size(0) / G, C = f.x.size(2);
+    const int64_t weight_bytes = G * H * (P + C) * int64_t{sizeof(float)};
     if (!tiles_apply(T, N, weight_bytes, f.w_hr[0].defined())) return;
-    const int64_t Hp = kernels<float, Cell>(Isa::avx512).padded_width(H);
-    const int64_t ldg = (Cell::kGates + Cell::kInputApart) * Hp, kp = cpu::tile_depth(C, P);
-    const at::TensorOptions opt = f.x.options().dtype(at::kBFloat16);
-    const at::Tensor b = recycled({D, kp * ldg}, opt);
-    TileProducts t;
-    t.C = C;
-    t.P = P;
-    t.kp = kp;
-    t.ldg = ldg;
-    for (int64_t d = 0; d < D; ++d) {
-      uint16_t* out = static_cast<uint16_t*>(b.data_ptr()) + d * kp * ldg;
-      t.b[d] = out;
-      // Columns in whole tiles of 16 to each thread.
-      at::parallel_for(0, ldg / 16, std::max<int64_t>(1, (int64_t{1} << 14) / kp),
-                       [&](int64_t begin, int64_t end) {
-                         cpu::tile_pack(f.w_ih[d].data_ptr<float>(), f.w_hh[d].data_ptr<float>(),
-                                        Cell::kGates, Cell::kInputApart, H, Hp, C, P, kp, out,
-                                        begin * 16, end * 16);
-                       });
+    const Table<float, Cell> k = kernels<float, Cell>(Isa::avx512);
+    // Split by units where the float32 kernels would split bfloat16's
+    // weights (half the bytes): each thread packs and reads its slice.
+    const int64_t nt = column_threads(
+        weight_bytes / 2, D * N,
+        weight_bytes / 2 > 2 * l2_bytes() ? kRowSplitRowsTiles : kRowSplitRows);
+    const std::vector<int64_t> ub = slices(H, nt, k.padded_width(1));
+    const int64_t kp = cpu::tile_depth(C, P);
+    std::vector<TileProducts> tiles(nt);
+    std::vector<int64_t> at(nt + 1, 0);  // each slice's offset in b, per direction
+    for (int64_t i = 0; i < nt; ++i) {
+      tiles[i].C = C;
+      tiles[i].P = P;
+      tiles[i].kp = kp;
+      tiles[i].ldg = (G + apart) * k.padded_width(ub[i + 1] - ub[i]);
+      at[i + 1] = at[i] + kp * tiles[i].ldg;
     }
-    forward_typed<float, Cell>(f, &t);
+    const at::Tensor b = recycled({D, at[nt]}, f.x.options().dtype(at::kBFloat16));
+    uint16_t* b0 = static_cast<uint16_t*>(b.data_ptr());
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t i = 0; i < nt; ++i) tiles[i].b[d] = b0 + d * at[nt] + at[i];
+    // Every slice's column tiles to the threads, a few at a time.
+    const int64_t col_tiles = at[nt] / kp / 16;
+    at::parallel_for(0, D * col_tiles, std::max<int64_t>(1, (int64_t{1} << 14) / kp),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t x = begin; x < end;) {
+                         const int64_t d = x / col_tiles;
+                         int64_t col = (x % col_tiles) * 16, i = 0;
+                         while (col >= tiles[i].ldg) col -= tiles[i++].ldg;
+                         const int64_t n = std::min((tiles[i].ldg - col) / 16,
+                                                    std::min(end - x, col_tiles - x % col_tiles));
+                         const int64_t j0 = ub[i];
+                         cpu::tile_pack(f.w_ih[d].data_ptr<float>() + j0 * C,
+                                        f.w_hh[d].data_ptr<float>() + j0 * P, G, apart, H,
+                                        ub[i + 1] - j0, tiles[i].ldg / (G + apart), C, P, kp,
+                                        const_cast<uint16_t*>(tiles[i].b[d]), col, col + n * 16);
+                         x += n;
+                       }
+                     });
+    forward_typed<float, Cell>(f, tiles.data(), nt);
     done = true;
   });
   return done;

@@ -1397,7 +1397,9 @@ struct Columns {
     const bool proj = m != nullptr;
     const int64_t ldg = (G + Kn::kApart) * nup;
     const bool ahead = !packed && Kn::dot_ahead(G * H * (P + p.C));
-    if (packed)
+    if (p.tiles != nullptr)
+      Kn::step_tiles(p, d, N, p.x + t * N * p.C, prev, Pp, gates, ldg);
+    else if (packed)
       Kn::step_gemm(N, nup, Operand{p.x + t * N * p.C, p.C, wi, p.C},
                     Operand{own_rows(N, prev, Pp, P, rows), own_ld(P), wf, P}, gates, ldg,
                     t % 2 == 1);

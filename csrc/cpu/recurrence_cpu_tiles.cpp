@@ -192,8 +192,8 @@ int64_t tile_depth(int64_t C, int64_t P) {
   return (C + P + kTileDepth - 1) / kTileDepth * kTileDepth;
 }
 
-void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, int64_t H,
-               int64_t Hp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
+void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, int64_t bs,
+               int64_t J, int64_t Jp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
                int64_t c1) {
   const int64_t summed = G - apart;
   // A column tile's 16 columns as rows of kp (zeros where a column has no
@@ -202,12 +202,12 @@ void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, i
   for (int64_t t0 = c0; t0 < c1; t0 += kTileCols) {
     std::fill(cols.begin(), cols.end(), 0.f);
     for (int64_t q = 0; q < kTileCols; ++q) {
-      const int64_t col = t0 + q, blk = col / Hp, j = col % Hp;
-      if (j >= H) continue;
+      const int64_t col = t0 + q, blk = col / Jp, j = col % Jp;
+      if (j >= J) continue;
       float* row = cols.data() + q * kp;
       const int64_t gate = blk < G ? blk : summed + blk - G;
-      if (blk < summed || blk >= G) std::memcpy(row, w_ih + (gate * H + j) * C, sizeof(float) * C);
-      if (blk < G) std::memcpy(row + C, w_hh + (gate * H + j) * P, sizeof(float) * P);
+      if (blk < summed || blk >= G) std::memcpy(row, w_ih + (gate * bs + j) * C, sizeof(float) * C);
+      if (blk < G) std::memcpy(row + C, w_hh + (gate * bs + j) * P, sizeof(float) * P);
     }
     // Column q of the tile: pairs of rows (k, k + 1) side by side.
     uint16_t* o = out + t0 * kp;

@@ -12,8 +12,8 @@
 
 namespace fastrnn {
 
-// What a call's steps need: the packed weights of each direction and
-// their shape.
+// What a call's steps need: the packed weights of each direction (all of
+// the units, or a thread's slice of them) and their shape.
 struct TileProducts {
   const uint16_t* b[2] = {nullptr, nullptr};  // per direction: kp x ldg in tiles (tile_pack)
   int64_t C = 0, P = 0;
@@ -30,15 +30,17 @@ bool tiles_available();
 // C + P padded to whole tiles.
 int64_t tile_depth(int64_t C, int64_t P);
 
-// Packs one direction's weights for tile_step(): column c of the step's
-// (G + apart) blocks of Hp columns (Kernels::step_gemm's layout: the gates
-// summed, then the hidden and the input parts of the `apart` gates) holds
-// W_ih's row over the first C and W_hh's over the next P of kp (zeros for
-// a part a block does not sum, for the units past H and past C + P).
-// w_ih (G*H, C) and w_hh (G*H, P) hold bfloat16 values in float32. Writes
-// the columns [c0, c1), whole tiles of 16, of out (kp * (G + apart) * Hp).
-void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, int64_t H,
-               int64_t Hp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
+// Packs one direction's weights, or a slice of their units, for
+// tile_step(): column c of the step's (G + apart) blocks of Jp columns
+// (Kernels::step_gemm's layout: the gates summed, then the hidden and the
+// input parts of the `apart` gates) holds W_ih's row over the first C and
+// W_hh's over the next P of kp (zeros for a part a block does not sum, for
+// the columns past J and the rows past C + P). Unit j of gate g is row
+// g * bs + j of w_ih (C wide) and w_hh (P wide), which hold bfloat16 values
+// in float32. Writes the columns [c0, c1), whole tiles of 16, of out
+// (kp * (G + apart) * Jp).
+void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, int64_t bs,
+               int64_t J, int64_t Jp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
                int64_t c1);
 
 // gates (R x ldg, ldg = t.ldg) = [x | h] B of direction d for R rows: x's
