@@ -157,5 +157,8 @@ bool cpu_tiles_available();
 // best of `trials` runs of a probe of twelve independent FMA chains taking
 // about `seconds` each. The benchmark's roofline.
 double cpu_fma_rate(double seconds, int64_t threads, int64_t trials);
+// a w (a and w rounded to bfloat16, float32 sums), or c + that, on the
+// CPU's bfloat16 tiles alone (the kernels' tile_gemm(), for the tests).
+at::Tensor tile_matmul(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& c);
 
 }  // namespace fastrnn

@@ -69,6 +69,9 @@ struct BackwardParams {
   scalar_t* dhr;              // (D, T, N, P) gradient of the projection's output (projections); else nullptr
   scalar_t* dh0;              // (D, N, P) gradient of h0
   scalar_t* dc0;              // (D, N, H) gradient of c0 (kCellState cells)
+  // CPU, float32 from bfloat16 tensors: where not null, the carry dgh W_hh
+  // runs on the matrix unit's tiles in bfloat16 (cpu/recurrence_cpu_tiles.h).
+  const TileProducts* tiles = nullptr;
   // False where no initial state needs a gradient: the CPU kernels then
   // leave dh0 and dc0 unwritten and skip the last step's product with W_hh
   // (all there is of a single step's but the gates' gradients).

@@ -107,25 +107,32 @@ def test_tiles_match_the_rounded_state_reference(cell, act, bidirectional, batch
 def test_tiles_split_by_units_give_the_same_bits(cell, act):
     """Weights past 512 KB in bfloat16 and 5 rows: two threads split the
     units (each packs and reads its slice, the last one 154 units wide at
-    hidden 330), one thread runs them all; the same bits, and the rounded
-    state's reference."""
+    hidden 330), one thread runs them all; the same bits, forward and
+    backward, and the rounded state's reference."""
     torch.manual_seed(3)
     kw = dict(nonlinearity=act) if act else {}
     hidden = 520 if cell == "rnn" else 330
     ref, ours = pair(7, hidden, cell, dtype=torch.bfloat16, bidirectional=True, **kw)
     x = torch.randn(6, 5, 7).bfloat16()
     prev = torch.get_num_threads()
-    outs = []
+    outs, grads = [], []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             with torch.no_grad():
                 outs.append(ours(x))
+            xi = x.clone().requires_grad_()
+            y = ours(xi)[0]
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
+            grads.append(torch.autograd.grad(y, [xi] + list(ours.parameters()), g))
     finally:
         torch.set_num_threads(prev)
     (y1, h1), (y2, h2) = outs
     assert torch.equal(y1, y2)
     for a, b in zip(h1 if isinstance(h1, tuple) else (h1,), h2 if isinstance(h2, tuple) else (h2,)):
+        assert torch.equal(a, b)
+    # The backward's carry split by columns of W_hh on two threads.
+    for a, b in zip(*grads):
         assert torch.equal(a, b)
     same, ulps = _agreement(y2, _reference(ref, cell, x, round_state=True))
     assert same >= 0.97 and ulps <= 2, (same, ulps)
@@ -163,6 +170,24 @@ def test_tiles_train_within_twice_torch_nn_error(cell, act):
         err_ref = (a - r).abs().max().item()
         err = (b - r).abs().max().item()
         assert err <= 2 * err_ref + 1e-3 * r.abs().max().item(), (err, err_ref)
+
+
+@TILES
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("rows,depth,cols", [(1, 1, 16), (5, 31, 40), (16, 33, 48), (17, 96, 7),
+                                             (37, 70, 33), (40, 64, 64)])
+def test_tile_matmul_is_the_rounded_product(rows, depth, cols, accumulate):
+    """The backward's carry product alone: rows in whole tiles and a last
+    partial one, depths that leave part of a tile, column tiles two at a
+    time and one alone; c + a w where it accumulates."""
+    torch.manual_seed(rows * depth)
+    a, w = torch.randn(rows, depth), torch.randn(depth, cols)
+    c = torch.randn(rows, cols) if accumulate else None
+    got = fastrnn._ops._C.tile_matmul(a, w, c)
+    want = a.bfloat16().double() @ w.bfloat16().double()
+    if accumulate:
+        want = want + c.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5 * depth ** 0.5)
 
 
 @TILES

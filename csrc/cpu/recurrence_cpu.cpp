@@ -797,10 +797,13 @@ void forward_typed(const ForwardLoop& a, const TileProducts* tiles = nullptr,
               });
 }
 
-// The column-split backward of every direction on `nt` threads.
+// The column-split backward of every direction on `nt` threads; tiles:
+// each thread's slice of W_hh for the carry on the matrix unit
+// (backward_on_tiles()), or null.
 template <typename S, typename Cell>
 void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
-                           const BackwardLoop& a, int64_t nt) {
+                           const BackwardLoop& a, int64_t nt,
+                           const TileProducts* tiles = nullptr) {
   const int64_t D = p.D, T = p.T, N = p.N, H = p.H, P = p.P, GH = Cell::kGates * H;
   const int64_t lanes = k.padded_width(1), Hp = k.padded_width(H), Pp = k.padded_width(P);
   const bool proj = a.w_hr[0].defined();
@@ -809,8 +812,8 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
   // columns [j0, j0 + nu), both as stored.
   // The last step's carry only makes the initial state's gradient.
   const int64_t carries = p.state_grad ? T : T - 1;
-  const auto wb = carries > 0 ? packed_slices(k, a.w_hh, D, P, 1, GH, P, 1, pb)
-                              : std::vector<at::Tensor>();
+  const auto wb = carries > 0 && tiles == nullptr ? packed_slices(k, a.w_hh, D, P, 1, GH, P, 1, pb)
+                                                  : std::vector<at::Tensor>();
   const auto wr = packed_slices(k, a.w_hr, D, H, 1, P, H, 1, ub);
   // The states' gradients and each thread's scratch: the calling thread's
   // arena where they fit (a few rows' step), as the forward's.
@@ -821,7 +824,7 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
   const ZeroScratch<S> tmp(nt * N * ldt, opt);
   // Each thread's copy of a step's gate gradients for its carry (Columns::own_ld()).
   const int64_t ldr = k.padded_width(GH) + lanes;
-  const ZeroScratch<S> rows(carries > 0 ? nt * N * ldr : 0, opt);
+  const ZeroScratch<S> rows(carries > 0 && tiles == nullptr ? nt * N * ldr : 0, opt);
   S* dhp = dh.data();
   S* dcp = dc.data();
   for (int64_t d = 0; d < D; ++d)
@@ -832,6 +835,8 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
     }
   on_threads(nt, [&](int64_t tid) {
     const int64_t j0 = ub[tid], nu = ub[tid + 1] - j0, k0 = pb[tid], np = pb[tid + 1] - k0;
+    BackwardParams<S> pt = p;
+    pt.tiles = tiles != nullptr ? tiles + tid : nullptr;
     for (int64_t d = 0; d < D; ++d) {
       S* dhd = dhp + d * 2 * N * Pp;
       for (int64_t s = 0; s < T; ++s) {
@@ -845,8 +850,9 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
 #pragma omp barrier
         if (s == carries) break;
         if (np > 0)
-          k.carry_columns(p, d, t, k0, np, wb[d * nt + tid].template data_ptr<S>(), cur, next,
-                          tmp.data() + tid * N * ldt, rows.data() + tid * N * ldr);
+          k.carry_columns(pt, d, t, k0, np,
+                          tiles ? nullptr : wb[d * nt + tid].template data_ptr<S>(), cur, next,
+                          tmp.data() + tid * N * ldt, tiles ? nullptr : rows.data() + tid * N * ldr);
         // Without projections a thread's carry slice is its units (P == H,
         // the same slices), and the next step's first phase reads and
         // writes dh in that slice alone: the one barrier before the carry,
@@ -866,15 +872,21 @@ void backward_columns_loop(const Table<S, Cell>& k, const BackwardParams<S>& p,
     }
 }
 
+// tiles: the carry's products on the matrix unit (backward_on_tiles()), of
+// all of W_hh's columns (tile_threads 1) or of each of tile_threads slices
+// of them (the column-split loop); null: the kernels' own.
 template <typename S, typename Cell>
-void backward_typed(const BackwardLoop& a) {
+void backward_typed(const BackwardLoop& a, const TileProducts* tiles = nullptr,
+                    int64_t tile_threads = 1) {
   const Table<S, Cell> k = kernels<S, Cell>(current_isa());
   const int64_t D = a.dgh.size(0), T = a.dgh.size(1), N = a.dgh.size(2);
   const int64_t GH = a.dgh.size(3), H = GH / Cell::kGates, P = a.h0.size(2);
   const bool proj = a.w_hr[0].defined();
   const int64_t weight_bytes = GH * P * static_cast<int64_t>(sizeof(S));
-  const bool pack = packs(T, N, weight_bytes);
-  const int64_t nt = pack ? column_threads(weight_bytes, D * N) : 1;
+  const bool pack = tiles == nullptr && packs(T, N, weight_bytes);
+  const int64_t nt = tiles != nullptr ? tile_threads
+                     : pack          ? column_threads(weight_bytes, D * N)
+                                     : 1;
   // W_hh (G*H, P) and W_hr (P, H) as stored.
   const bool rows_packed = pack && nt == 1;
   // W_hh is not read where its one product would make the initial state's
@@ -899,7 +911,8 @@ void backward_typed(const BackwardLoop& a) {
   p.dh0 = a.dh0.data_ptr<S>();
   p.dc0 = a.dc0.defined() ? a.dc0.data_ptr<S>() : nullptr;
   p.state_grad = a.state_grad;
-  if (nt > 1) return backward_columns_loop(k, p, a, nt);
+  if (nt > 1) return backward_columns_loop(k, p, a, nt, tiles);
+  p.tiles = tiles;
   run_rows<S>(D, N, k.scratch_per_row(H, P, proj), T * Cell::kGates * H * P, a.dgh.options(),
               [&](int64_t d, int64_t n0, int64_t n1, S* scratch) {
                 if (pack)
@@ -1116,6 +1129,28 @@ bool set_cpu_isa(const std::string& name) {
   return true;
 }
 
+at::Tensor tile_matmul(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& c) {
+  TORCH_CHECK(cpu_tiles_available(), "tile_matmul: this processor has no bfloat16 tiles");
+  TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(0) &&
+                  a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "tile_matmul: expected float32 a (R, K) and w (K, J)");
+  const int64_t R = a.size(0), K = a.size(1), J = w.size(1), Jp = (J + 15) / 16 * 16;
+  TORCH_CHECK(!c || (c->sizes() == at::IntArrayRef({R, J}) && c->scalar_type() == at::kFloat),
+              "tile_matmul: c must be float32 (R, J)");
+  const at::Tensor wc = w.contiguous(), ac = a.contiguous();
+  TileProducts t;
+  t.kp = cpu::tile_depth(K, 0);
+  t.ldg = Jp;
+  const at::Tensor b = at::empty({t.kp * Jp}, w.options().dtype(at::kBFloat16));
+  cpu::tile_pack_rows(wc.data_ptr<float>(), J, K, J, t.kp, static_cast<uint16_t*>(b.data_ptr()), 0,
+                      Jp);
+  t.b[0] = static_cast<const uint16_t*>(b.data_ptr());
+  at::Tensor out = at::zeros({R, Jp}, a.options());
+  if (c) out.narrow(1, 0, J).copy_(*c);
+  cpu::tile_gemm(t, 0, R, ac.data_ptr<float>(), K, K, out.data_ptr<float>(), Jp, c.has_value());
+  return out.narrow(1, 0, J).contiguous();
+}
+
 double cpu_fma_rate(double seconds, int64_t threads, int64_t trials) {
   TORCH_CHECK(seconds > 0 && threads >= 1 && trials >= 1,
               "cpu_fma_rate: seconds, threads and trials must be positive");
@@ -1153,11 +1188,12 @@ double cpu_fma_rate(double seconds, int64_t threads, int64_t trials) {
 // Whether a bfloat16 call's steps run their products on the matrix unit:
 // AMX-BF16 present and allowed (cpu::tiles_available(), set_cpu_tiles()),
 // the AVX-512 kernels for the cell's step, no projections, and a call long
-// enough to repay packing the weights (packs(), as for the kernels' own
-// panels: a cell's step or a short call reads them as stored in float32).
-bool tiles_apply(int64_t T, int64_t N, int64_t weight_bytes, bool proj) {
+// enough to repay packing the weights (packs() of the forward's weights or
+// the backward's W_hh, as for the kernels' own panels: a cell's step or a
+// short call reads them as stored in float32).
+bool tiles_apply(int64_t T, int64_t N, int64_t weight_bytes, bool proj, bool forward) {
   return tiles_slot().load(std::memory_order_relaxed) == 0 && current_isa() == Isa::avx512 &&
-         !proj && cpu::tiles_available() && packs(T, N, weight_bytes, true);
+         !proj && cpu::tiles_available() && packs(T, N, weight_bytes, forward);
 }
 
 // The forward of f (float32 copies of bfloat16 tensors) with each step's
@@ -1175,7 +1211,7 @@ bool forward_on_tiles(CellKind cell, const ForwardLoop& f) {
     const int64_t D = f.h0.size(0), T = f.y.size(0), N = f.y.size(1), P = f.h0.size(2);
     const int64_t H = f.w_hh[0].size(0) / G, C = f.x.size(2);
     const int64_t weight_bytes = G * H * (P + C) * int64_t{sizeof(float)};
-    if (!tiles_apply(T, N, weight_bytes, f.w_hr[0].defined())) return;
+    if (!tiles_apply(T, N, weight_bytes, f.w_hr[0].defined(), true)) return;
     const Table<float, Cell> k = kernels<float, Cell>(Isa::avx512);
     // Split by units where the float32 kernels would split bfloat16's
     // weights (half the bytes): each thread packs and reads its slice.
@@ -1242,13 +1278,56 @@ void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
   });
 }
 
+// The backward of f (float32 copies of bfloat16 tensors) with each step's
+// carry dgh W_hh on the matrix unit's tiles: dgh rounded to bfloat16 (as
+// it is stored for the weights' gradients), the sums float32. False,
+// having done nothing, where the forward's tiles would not apply or no
+// step carries.
+bool backward_on_tiles(CellKind cell, const BackwardLoop& f) {
+  bool done = false;
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    const int64_t D = f.dgh.size(0), T = f.dgh.size(1), N = f.dgh.size(2);
+    const int64_t GH = f.dgh.size(3), P = f.h0.size(2);
+    if (!(T > 1 || f.state_grad)) return;
+    if (!tiles_apply(T, N, GH * P * int64_t{sizeof(float)}, f.w_hr[0].defined(), false)) return;
+    const Table<float, Cell> k = kernels<float, Cell>(Isa::avx512);
+    const int64_t weight_bytes = GH * P * int64_t{sizeof(float)} / 2;
+    const int64_t nt = column_threads(weight_bytes, D * N);
+    const std::vector<int64_t> pb = slices(P, nt, k.padded_width(1));
+    const int64_t kp = cpu::tile_depth(GH, 0);
+    std::vector<TileProducts> tiles(nt);
+    std::vector<int64_t> at(nt + 1, 0);
+    for (int64_t i = 0; i < nt; ++i) {
+      tiles[i].kp = kp;
+      tiles[i].ldg = k.padded_width(pb[i + 1] - pb[i]);
+      at[i + 1] = at[i] + kp * tiles[i].ldg;
+    }
+    const at::Tensor b = recycled({D, at[nt]}, f.dgh.options().dtype(at::kBFloat16));
+    uint16_t* b0 = static_cast<uint16_t*>(b.data_ptr());
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t i = 0; i < nt; ++i) tiles[i].b[d] = b0 + d * at[nt] + at[i];
+    at::parallel_for(0, D * nt, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t x = begin; x < end; ++x) {
+        const int64_t d = x / nt, i = x % nt;
+        cpu::tile_pack_rows(f.w_hh[d].data_ptr<float>() + pb[i], P, GH, pb[i + 1] - pb[i], kp,
+                            const_cast<uint16_t*>(tiles[i].b[d]), 0, tiles[i].ldg);
+      }
+    });
+    backward_typed<float, Cell>(f, tiles.data(), nt);
+    done = true;
+  });
+  return done;
+}
+
 void backward_recurrence_cpu(CellKind cell, const BackwardLoop& a) {
   if (half_type(a.dgh.scalar_type())) {
     BackwardLoop f{to_float(a.dy), to_float(a.dhn), to_float(a.dcn), to_float(a.y),
                    to_float(a.h0), to_float(a.c0), to_float(a.saved), to_float(a.w_hh),
                    to_float(a.w_hr), a.lengths, float_output(a.dgh), float_output(a.dgi),
                    to_float(a.dhr), to_float(a.dh0), to_float(a.dc0)};
-    backward_recurrence_cpu(cell, f);
+    if (a.dgh.scalar_type() != at::kBFloat16 || !backward_on_tiles(cell, f))
+      backward_recurrence_cpu(cell, f);
     copy_back(a.dgh, f.dgh);
     copy_back(a.dgi, f.dgi);
     copy_back(a.dhr, f.dhr);

@@ -1142,6 +1142,13 @@ struct Kernels {
       tile_step(*p.tiles, d, R, x, p.C, h, ldh, gates, ldg);
   }
 
+  // The backward's carry c (+)= dgh W_hh on the tiles (p.tiles, as step_tiles()).
+  static void carry_tiles(const BackwardParams<S>& p, int64_t d, int64_t R, const S* dgh,
+                          int64_t ld, S* c, int64_t ldc, bool accumulate) {
+    if constexpr (std::is_same_v<S, float> && W == 16)
+      tile_gemm(*p.tiles, d, R, dgh, ld, G * p.H, c, ldc, accumulate);
+  }
+
   // Rows [n0, n1) of direction d, all T steps. wf: W_hh^T of this direction
   // packed (P x G blocks of padded(H)); wi: W_ih^T alike (C x ...); wr: W_hr^T
   // packed (H x padded(P)), or null without projections; bu: the bias added
@@ -1327,7 +1334,8 @@ struct Kernels {
       // dh_prev = dgh W_hh, added to the part outside W_hh where the cell has
       // one; not after the last step where nothing wants the initial state's.
       if (s == T - 1 && !p.state_grad) break;
-      if (packed) gemm(R, Pp, GH, dgh, GH, wb, dh_next, Pp, Cell::kPrevState, s % 2 == 1);
+      if (p.tiles != nullptr) carry_tiles(p, d, R, dgh, GH, dh_next, Pp, Cell::kPrevState);
+      else if (packed) gemm(R, Pp, GH, dgh, GH, wb, dh_next, Pp, Cell::kPrevState, s % 2 == 1);
       else axpy_gemm(R, GH, dgh, GH, wb, P, dh_next, Pp, Cell::kPrevState);
       for (int64_t r = 0; r < R; ++r)
         if (!row_active(p.lengths, n0 + r, t))
@@ -1503,8 +1511,12 @@ struct Columns {
   static void carry(const BackwardParams<S>& p, int64_t d, int64_t t, int64_t k0, int64_t np,
                     const S* wb, const S* dh, S* dh_next, S* tmp, S* rows) {
     const int64_t N = p.N, GH = G * p.H, Pp = Kn::padded(p.P), npp = Kn::padded(np);
-    const S* dgh = own_rows(N, p.dgh + ((d * p.T + t) * N) * GH, GH, GH, rows);
-    Kn::gemm(N, npp, GH, dgh, own_ld(GH), wb, tmp, npp, false, t % 2 == 1);
+    if (p.tiles != nullptr) {
+      Kn::carry_tiles(p, d, N, p.dgh + ((d * p.T + t) * N) * GH, GH, tmp, npp, false);
+    } else {
+      const S* dgh = own_rows(N, p.dgh + ((d * p.T + t) * N) * GH, GH, GH, rows);
+      Kn::gemm(N, npp, GH, dgh, own_ld(GH), wb, tmp, npp, false, t % 2 == 1);
+    }
     for (int64_t n = 0; n < N; ++n) {
       S* dst = dh_next + n * Pp + k0;
       const S* src = tmp + n * npp;

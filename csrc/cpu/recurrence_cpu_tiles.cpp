@@ -65,8 +65,9 @@ FASTRNN_TILE_TARGET void configure(int64_t rows) {
 // tiles deep.
 template <int RT, int CT>
 FASTRNN_TILE_TARGET inline void tile_block(const uint16_t* a, int64_t lda, const uint16_t* b,
-                                           int64_t bs, int64_t ks, float* c, int64_t ldc) {
-  const int64_t sa = lda * 2, sc = ldc * 4;
+                                           int64_t bs, int64_t ks, float* c, int64_t ldc,
+                                           bool accumulate) {
+  const int64_t sa = lda * 2;
   _tile_zero(0);
   if constexpr (CT > 1) _tile_zero(1);
   if constexpr (RT > 1) _tile_zero(2);
@@ -81,10 +82,19 @@ FASTRNN_TILE_TARGET inline void tile_block(const uint16_t* a, int64_t lda, const
     if constexpr (RT > 1) _tile_dpbf16ps(2, 5, 6);
     if constexpr (RT > 1 && CT > 1) _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, c, sc);
-  if constexpr (CT > 1) _tile_stored(1, c + kTileCols, sc);
-  if constexpr (RT > 1) _tile_stored(2, c + kTileRows * ldc, sc);
-  if constexpr (RT > 1 && CT > 1) _tile_stored(3, c + kTileRows * ldc + kTileCols, sc);
+  // c += the sums where accumulating (the sums from zero, then added, as
+  // the kernels' own GEMMs add them: the same bits however the columns are
+  // split), through a scratch block.
+  alignas(64) float sum[RT * kTileRows * CT * kTileCols];
+  float* out = accumulate ? sum : c;
+  const int64_t ld = accumulate ? CT * kTileCols : ldc, so = ld * 4;
+  _tile_stored(0, out, so);
+  if constexpr (CT > 1) _tile_stored(1, out + kTileCols, so);
+  if constexpr (RT > 1) _tile_stored(2, out + kTileRows * ld, so);
+  if constexpr (RT > 1 && CT > 1) _tile_stored(3, out + kTileRows * ld + kTileCols, so);
+  if (accumulate)
+    for (int64_t r = 0; r < RT * kTileRows; ++r)
+      for (int64_t j = 0; j < CT * kTileCols; ++j) c[r * ldc + j] += sum[r * ld + j];
 }
 
 // float32 to bfloat16 as to_bf16() rounds, 16 at a time.
@@ -106,12 +116,13 @@ FASTRNN_TILE_TARGET void to_bf16_row(const float* src, int64_t n, uint16_t* dst)
 }
 
 // c (R x jt column tiles, rows ldc apart) = a (rows padded with zeros to
-// whole tiles, kp apart) b. Column tiles outermost, two at a time, so that
+// whole tiles, kp apart) b, or c += that. Column tiles outermost, two at a time, so that
 // their weights (kp x 32 bfloat16 each) are read once a step from wherever
 // they are and then from L1 or L2 for every row tile; rows two tiles at a
 // time, the last tile of fewer than 16 through a scratch tile.
 FASTRNN_TILE_TARGET void tile_products(int64_t R, const uint16_t* a, int64_t kp,
-                                       const uint16_t* b, int64_t jt, float* c, int64_t ldc) {
+                                       const uint16_t* b, int64_t jt, float* c, int64_t ldc,
+                                       bool acc) {
   const int64_t ks = kp / kTileDepth, bs = ks * kTileB, full = R / kTileRows;
   const int64_t rest = R - full * kTileRows;
   alignas(64) float tmp[kTileRows * 2 * kTileCols];
@@ -122,19 +133,26 @@ FASTRNN_TILE_TARGET void tile_products(int64_t R, const uint16_t* a, int64_t kp,
     const bool two = j + 2 <= jt;
     int64_t r = 0;
     for (; r + 2 <= full; r += 2) {
-      if (two) tile_block<2, 2>(a + r * kTileRows * kp, kp, bj, bs, ks, cj + r * kTileRows * ldc, ldc);
-      else tile_block<2, 1>(a + r * kTileRows * kp, kp, bj, bs, ks, cj + r * kTileRows * ldc, ldc);
+      float* cr = cj + r * kTileRows * ldc;
+      if (two) tile_block<2, 2>(a + r * kTileRows * kp, kp, bj, bs, ks, cr, ldc, acc);
+      else tile_block<2, 1>(a + r * kTileRows * kp, kp, bj, bs, ks, cr, ldc, acc);
     }
     if (r < full) {
-      if (two) tile_block<1, 2>(a + r * kTileRows * kp, kp, bj, bs, ks, cj + r * kTileRows * ldc, ldc);
-      else tile_block<1, 1>(a + r * kTileRows * kp, kp, bj, bs, ks, cj + r * kTileRows * ldc, ldc);
+      float* cr = cj + r * kTileRows * ldc;
+      if (two) tile_block<1, 2>(a + r * kTileRows * kp, kp, bj, bs, ks, cr, ldc, acc);
+      else tile_block<1, 1>(a + r * kTileRows * kp, kp, bj, bs, ks, cr, ldc, acc);
     }
     if (rest > 0) {
       const int64_t w = two ? 2 * kTileCols : kTileCols;
-      if (two) tile_block<1, 2>(a + full * kTileRows * kp, kp, bj, bs, ks, tmp, 2 * kTileCols);
-      else tile_block<1, 1>(a + full * kTileRows * kp, kp, bj, bs, ks, tmp, 2 * kTileCols);
-      for (int64_t q = 0; q < rest; ++q)
-        std::memcpy(cj + (full * kTileRows + q) * ldc, tmp + q * 2 * kTileCols, sizeof(float) * w);
+      float* cr = cj + full * kTileRows * ldc;
+      if (two) tile_block<1, 2>(a + full * kTileRows * kp, kp, bj, bs, ks, tmp, 2 * kTileCols, false);
+      else tile_block<1, 1>(a + full * kTileRows * kp, kp, bj, bs, ks, tmp, 2 * kTileCols, false);
+      for (int64_t q = 0; q < rest; ++q) {
+        if (acc)
+          for (int64_t j = 0; j < w; ++j) cr[q * ldc + j] += tmp[q * 2 * kTileCols + j];
+        else
+          std::memcpy(cr + q * ldc, tmp + q * 2 * kTileCols, sizeof(float) * w);
+      }
     }
   }
   _tile_release();
@@ -219,6 +237,38 @@ void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, i
   }
 }
 
+void tile_pack_rows(const float* w, int64_t ldw, int64_t K, int64_t J, int64_t kp, uint16_t* out,
+                    int64_t c0, int64_t c1) {
+  std::vector<float> cols(kTileCols * kp);
+  for (int64_t t0 = c0; t0 < c1; t0 += kTileCols) {
+    std::fill(cols.begin(), cols.end(), 0.f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t q = 0; q < kTileCols && t0 + q < J; ++q) cols[q * kp + k] = w[k * ldw + t0 + q];
+    uint16_t* o = out + t0 * kp;
+    for (int64_t k = 0; k < kp; k += 2)
+      for (int64_t q = 0; q < kTileCols; ++q) {
+        o[k * kTileCols + 2 * q] = to_bf16(cols[q * kp + k]);
+        o[k * kTileCols + 2 * q + 1] = to_bf16(cols[q * kp + k + 1]);
+      }
+  }
+}
+
+void tile_gemm(const TileProducts& t, int64_t d, int64_t R, const float* a, int64_t lda, int64_t K,
+               float* c, int64_t ldc, bool accumulate) {
+#if FASTRNN_TILES
+  const int64_t kp = t.kp, Rp = (R + kTileRows - 1) / kTileRows * kTileRows;
+  uint16_t* rows = thread_rows(Rp * kp);
+  for (int64_t r = 0; r < R; ++r) {
+    to_bf16_row(a + r * lda, K, rows + r * kp);
+    std::memset(rows + r * kp + K, 0, sizeof(uint16_t) * (kp - K));
+  }
+  std::memset(rows + R * kp, 0, sizeof(uint16_t) * (Rp - R) * kp);
+  tile_products(R, rows, kp, t.b[d], t.ldg / kTileCols, c, ldc, accumulate);
+#else
+  (void)t, (void)d, (void)R, (void)a, (void)lda, (void)K, (void)c, (void)ldc, (void)accumulate;
+#endif
+}
+
 void tile_step(const TileProducts& t, int64_t d, int64_t R, const float* x, int64_t ldx,
                const float* h, int64_t ldh, float* gates, int64_t ldg) {
 #if FASTRNN_TILES
@@ -232,7 +282,7 @@ void tile_step(const TileProducts& t, int64_t d, int64_t R, const float* x, int6
     std::memset(row + C + P, 0, sizeof(uint16_t) * (kp - C - P));
   }
   std::memset(a + R * kp, 0, sizeof(uint16_t) * (Rp - R) * kp);
-  tile_products(R, a, kp, t.b[d], ldg / kTileCols, gates, ldg);
+  tile_products(R, a, kp, t.b[d], ldg / kTileCols, gates, ldg, false);
 #else
   (void)t, (void)d, (void)R, (void)x, (void)ldx, (void)h, (void)ldh, (void)gates, (void)ldg;
 #endif

@@ -13,7 +13,8 @@
 namespace fastrnn {
 
 // What a call's steps need: the packed weights of each direction (all of
-// the units, or a thread's slice of them) and their shape.
+// the units, or a thread's slice of them) and their shape. The backward's
+// carry (tile_gemm()) uses b, kp and ldg alone.
 struct TileProducts {
   const uint16_t* b[2] = {nullptr, nullptr};  // per direction: kp x ldg in tiles (tile_pack)
   int64_t C = 0, P = 0;
@@ -42,6 +43,17 @@ int64_t tile_depth(int64_t C, int64_t P);
 void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, int64_t bs,
                int64_t J, int64_t Jp, int64_t C, int64_t P, int64_t kp, uint16_t* out, int64_t c0,
                int64_t c1);
+
+// Packs columns [c0, c1) (whole tiles of 16) of a K x J matrix, element
+// (k, j) at w[k * ldw + j] (bfloat16 values in float32), for tile_gemm():
+// kp * padded(J) values of out, zeros past J and K.
+void tile_pack_rows(const float* w, int64_t ldw, int64_t K, int64_t J, int64_t kp, uint16_t* out,
+                    int64_t c0, int64_t c1);
+
+// c (R x t.ldg, rows ldc apart) = a (R x K, rows lda apart, rounded to
+// bfloat16) B of direction d (tile_pack_rows(), K <= t.kp), or c += that.
+void tile_gemm(const TileProducts& t, int64_t d, int64_t R, const float* a, int64_t lda, int64_t K,
+               float* c, int64_t ldc, bool accumulate);
 
 // gates (R x ldg, ldg = t.ldg) = [x | h] B of direction d for R rows: x's
 // rows ldx apart (C wide), h's ldh apart (P wide), each rounded to
