@@ -1281,8 +1281,9 @@ void forward_recurrence_cpu(CellKind cell, const ForwardLoop& a) {
 // The backward of f (float32 copies of bfloat16 tensors) with each step's
 // carry dgh W_hh on the matrix unit's tiles: dgh rounded to bfloat16 (as
 // it is stored for the weights' gradients), the sums float32. False,
-// having done nothing, where the forward's tiles would not apply or no
-// step carries.
+// having done nothing, where tiles_apply() does not hold for W_hh (packs()
+// of the backward, as the float32 kernels decide theirs) or no step
+// carries.
 bool backward_on_tiles(CellKind cell, const BackwardLoop& f) {
   bool done = false;
   with_cell(cell, [&](auto c) {

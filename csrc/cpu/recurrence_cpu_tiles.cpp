@@ -1,6 +1,7 @@
 // The bfloat16 step products on AMX tiles (recurrence_cpu_tiles.h). Only
 // the functions marked FASTRNN_TILE_TARGET are compiled for AMX and
-// AVX-512, and only tile_step() calls them, after tiles_available().
+// AVX-512, and only tile_step() and tile_gemm() call them, where
+// tiles_available() said yes.
 #include "cpu/recurrence_cpu_tiles.h"
 
 #include <algorithm>
@@ -42,8 +43,8 @@ constexpr int64_t kTileB = kTileDepth * kTileCols;  // elements of a B tile (16 
 
 #if FASTRNN_TILES
 
-// The tile configuration (palette 1): tiles 0-3 hold C, 4-5 A (`rows`
-// rows), 6-7 B (16 rows of 16 pairs).
+// The tile configuration (palette 1), every tile 16 rows of 64 bytes:
+// tiles 0-3 hold C, 4-5 A, 6-7 B (16 rows of 16 pairs).
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -51,11 +52,11 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-FASTRNN_TILE_TARGET void configure(int64_t rows) {
+FASTRNN_TILE_TARGET void configure() {
   TileConfig c;
   for (int i = 0; i < 8; ++i) {
     c.colsb[i] = 64;
-    c.rows[i] = static_cast<uint8_t>(i < 6 ? rows : kTileRows);
+    c.rows[i] = static_cast<uint8_t>(kTileRows);
   }
   _tile_loadconfig(&c);
 }
@@ -119,17 +120,18 @@ FASTRNN_TILE_TARGET void to_bf16_row(const float* src, int64_t n, uint16_t* dst)
 }
 
 // c (R x jt column tiles, rows ldc apart) = a (rows padded with zeros to
-// whole tiles, kp apart) b, or c += that. Column tiles outermost, two at a time, so that
-// their weights (kp x 32 bfloat16 each) are read once a step from wherever
-// they are and then from L1 or L2 for every row tile; rows two tiles at a
-// time, the last tile of fewer than 16 through a scratch tile.
+// whole tiles, kp apart) b, or c += that. Column tiles outermost, two at a
+// time, so that their weights (kp x 32 bfloat16 each) are read once a step
+// from wherever they are and then from L1 or L2 for every row tile; rows
+// two tiles at a time, the last tile of fewer than 16 through a scratch
+// tile.
 FASTRNN_TILE_TARGET void tile_products(int64_t R, const uint16_t* a, int64_t kp,
                                        const uint16_t* b, int64_t jt, float* c, int64_t ldc,
                                        bool acc) {
   const int64_t ks = kp / kTileDepth, bs = ks * kTileB, full = R / kTileRows;
   const int64_t rest = R - full * kTileRows;
   alignas(64) float tmp[kTileRows * 2 * kTileCols];
-  configure(kTileRows);
+  configure();
   for (int64_t j = 0; j < jt; j += 2) {
     const uint16_t* bj = b + j * bs;
     float* cj = c + j * kTileCols;
@@ -152,7 +154,7 @@ FASTRNN_TILE_TARGET void tile_products(int64_t R, const uint16_t* a, int64_t kp,
       else tile_block<1, 1>(a + full * kTileRows * kp, kp, bj, bs, ks, tmp, 2 * kTileCols, false);
       for (int64_t q = 0; q < rest; ++q) {
         if (acc)
-          for (int64_t j = 0; j < w; ++j) cr[q * ldc + j] += tmp[q * 2 * kTileCols + j];
+          for (int64_t v = 0; v < w; ++v) cr[q * ldc + v] += tmp[q * 2 * kTileCols + v];
         else
           std::memcpy(cr + q * ldc, tmp + q * 2 * kTileCols, sizeof(float) * w);
       }
@@ -177,8 +179,8 @@ bool cpu_has_tiles() {
          __builtin_cpu_supports("avx512bw");
 }
 
-// This thread's rows of [x | h] in bfloat16, grown as needed and freed
-// with the thread.
+// This thread's rows of a product's left side ([x | h], or dgh) in
+// bfloat16, grown as needed and freed with the thread.
 struct RowBuffer {
   uint16_t* p = nullptr;
   int64_t n = 0;
