@@ -30,6 +30,9 @@ inline vf reciprocal(vf q) {
   return r * (2.f - q * r);
 }
 inline vd exp_vec(vd x) { return (vd)Sleef_expd4_u10avx2((__m256d)x); }
+// a < b ? a : b and a > b ? a : b, b where either is NaN (as with AVX-512).
+inline vf lesser(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+inline vf greater(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
 // a b + c rounded once.
 inline vf multiply_add(vf a, vf b, vf c) {
   return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);

@@ -31,6 +31,15 @@ inline vd tanh_vec(vd x) { return (vd)Sleef_tanhd8_u35avx512f((__m512d)x); }
 // GCC 12 warns of the plain form's undefined pass-through operand.)
 inline vf reciprocal(vf q) { return (vf)_mm512_maskz_rcp14_ps(__mmask16(-1), (__m512)q); }
 inline vd exp_vec(vd x) { return (vd)Sleef_expd8_u10avx512f((__m512d)x); }
+// a < b ? a : b and a > b ? a : b, b where either is NaN: one instruction
+// each, where the compare and blend of the same select take two (the
+// zero-masked forms, as for reciprocal()).
+inline vf lesser(vf a, vf b) {
+  return (vf)_mm512_maskz_min_ps(__mmask16(-1), (__m512)a, (__m512)b);
+}
+inline vf greater(vf a, vf b) {
+  return (vf)_mm512_maskz_max_ps(__mmask16(-1), (__m512)a, (__m512)b);
+}
 // a b + c rounded once.
 inline vf multiply_add(vf a, vf b, vf c) {
   return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);

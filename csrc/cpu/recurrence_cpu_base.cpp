@@ -22,6 +22,9 @@ inline vd exp_vec(vd x) {
   return x;
 }
 inline vf reciprocal(vf q) { return 1.f / q; }
+// a < b ? a : b and a > b ? a : b, b where either is NaN.
+inline vf lesser(vf a, vf b) { return a < b ? a : b; }
+inline vf greater(vf a, vf b) { return a > b ? a : b; }
 // As written: x86-64's baseline has no fused multiply-add. (Where a
 // target has one, the compiler picks the product to fuse; these vectors
 // step one at a time, in the same code for every lane.)

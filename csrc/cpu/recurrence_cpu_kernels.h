@@ -5,9 +5,10 @@
 // target`, having defined
 //   FASTRNN_CPU_ISA    the namespace these kernels land in (avx512, avx2, base)
 //   FASTRNN_VEC_BYTES  the width of one vector register in bytes
-// and, in that namespace, the vector functions exp_vec and tanh_vec (double)
-// and reciprocal (float: 1 / q, or an estimate of it where the instruction
-// set has one) on GCC vectors of FASTRNN_VEC_BYTES bytes. Nothing
+// and, in that namespace, the vector functions exp_vec and tanh_vec (double),
+// reciprocal (float: 1 / q, or an estimate of it where the instruction set
+// has one), lesser and greater (float: a < b ? a : b and a > b ? a : b, b
+// where either is NaN) on GCC vectors of FASTRNN_VEC_BYTES bytes. Nothing
 // here may use a template from the standard library: an out-of-line copy
 // compiled for AVX-512 could be picked by the linker for every caller.
 //
@@ -137,6 +138,14 @@ inline Twin<V> reciprocal(const Twin<V>& q) {
   return {reciprocal(q.a), reciprocal(q.b)};
 }
 template <typename V>
+inline Twin<V> lesser(const Twin<V>& x, const Twin<V>& y) {
+  return {lesser(x.a, y.a), lesser(x.b, y.b)};
+}
+template <typename V>
+inline Twin<V> greater(const Twin<V>& x, const Twin<V>& y) {
+  return {greater(x.a, y.a), greater(x.b, y.b)};
+}
+template <typename V>
 inline Twin<V> multiply_add(const Twin<V>& a, const Twin<V>& b, const Twin<V>& c) {
   return {multiply_add(a.a, b.a, c.a), multiply_add(a.b, b.b, c.b)};
 }
@@ -191,8 +200,7 @@ inline V refined_reciprocal(V q) {
 template <typename V>
 inline V tanh_float(V x) {
   const V ax = and_bits(x, 0x7fffffff);
-  const V lim = V{} + 9.1f;
-  const V a = select_less(lim, ax, lim, ax);
+  const V a = lesser(V{} + 9.1f, ax);
   V s, em;
   exp_parts(a + a, s, em);
   const V d = s * em + (s - 1.f);
@@ -206,9 +214,8 @@ inline V tanh_float(V x) {
 // torch's is from -88.7 on; NaN passes).
 template <typename V>
 inline V sigmoid_float(V x) {
-  const V hi = V{} + 88.f, lo = V{} - 88.f;
-  V a = select_less(hi, x, hi, x);
-  a = select_less(a, lo, lo, a);
+  const V lo = V{} - 88.f;
+  const V a = greater(lo, lesser(V{} + 88.f, x));
   V s, em;
   exp_parts(-a, s, em);
   const V y = refined_reciprocal(s * em + s + 1.f);
