@@ -1196,6 +1196,29 @@ bool tiles_apply(int64_t T, int64_t N, int64_t weight_bytes, bool proj, bool for
          !proj && cpu::tiles_available() && packs(T, N, weight_bytes, forward);
 }
 
+// One TileProducts per slice of `units` (boundaries b, as slices() gives
+// them), each `blocks` blocks of the slice's padded width, kp deep, and the
+// bfloat16 tensor (D, all slices' tiles) their b[d] point into, which the
+// caller packs and keeps alive.
+template <typename Cell>
+[[nodiscard]] at::Tensor tile_slices(const Table<float, Cell>& k, const std::vector<int64_t>& b, int64_t blocks,
+                       int64_t kp, int64_t D, const at::TensorOptions& opt,
+                       std::vector<TileProducts>& tiles) {
+  const int64_t parts = static_cast<int64_t>(b.size()) - 1;
+  tiles.assign(parts, TileProducts{});
+  std::vector<int64_t> at(parts + 1, 0);  // each slice's offset in a direction's tiles
+  for (int64_t i = 0; i < parts; ++i) {
+    tiles[i].kp = kp;
+    tiles[i].ldg = blocks * k.padded_width(b[i + 1] - b[i]);
+    at[i + 1] = at[i] + kp * tiles[i].ldg;
+  }
+  const at::Tensor out = recycled({D, at[parts]}, opt.dtype(at::kBFloat16));
+  uint16_t* b0 = static_cast<uint16_t*>(out.data_ptr());
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t i = 0; i < parts; ++i) tiles[i].b[d] = b0 + d * at[parts] + at[i];
+  return out;
+}
+
 // The forward of f (float32 copies of bfloat16 tensors) with each step's
 // products [x_t | h] [W_ih | W_hh]^T on the matrix unit's tiles in bfloat16
 // (recurrence_cpu_tiles.h): x_t and the weights are bfloat16 values, h is
@@ -1220,21 +1243,14 @@ bool forward_on_tiles(CellKind cell, const ForwardLoop& f) {
         weight_bytes / 2 > 2 * l2_bytes() ? kRowSplitRowsTiles : kRowSplitRows);
     const std::vector<int64_t> ub = slices(H, nt, k.padded_width(1));
     const int64_t kp = cpu::tile_depth(C, P);
-    std::vector<TileProducts> tiles(nt);
-    std::vector<int64_t> at(nt + 1, 0);  // each slice's offset in b, per direction
-    for (int64_t i = 0; i < nt; ++i) {
-      tiles[i].C = C;
-      tiles[i].P = P;
-      tiles[i].kp = kp;
-      tiles[i].ldg = (G + apart) * k.padded_width(ub[i + 1] - ub[i]);
-      at[i + 1] = at[i] + kp * tiles[i].ldg;
+    std::vector<TileProducts> tiles;
+    const at::Tensor b = tile_slices(k, ub, G + apart, kp, D, f.x.options(), tiles);
+    for (TileProducts& t : tiles) {
+      t.C = C;
+      t.P = P;
     }
-    const at::Tensor b = recycled({D, at[nt]}, f.x.options().dtype(at::kBFloat16));
-    uint16_t* b0 = static_cast<uint16_t*>(b.data_ptr());
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t i = 0; i < nt; ++i) tiles[i].b[d] = b0 + d * at[nt] + at[i];
     // Every slice's column tiles to the threads, a few at a time.
-    const int64_t col_tiles = at[nt] / kp / 16;
+    const int64_t col_tiles = b.size(1) / kp / 16;
     at::parallel_for(0, D * col_tiles, std::max<int64_t>(1, (int64_t{1} << 14) / kp),
                      [&](int64_t begin, int64_t end) {
                        for (int64_t x = begin; x < end;) {
@@ -1297,17 +1313,8 @@ bool backward_on_tiles(CellKind cell, const BackwardLoop& f) {
     const int64_t nt = column_threads(weight_bytes, D * N);
     const std::vector<int64_t> pb = slices(P, nt, k.padded_width(1));
     const int64_t kp = cpu::tile_depth(GH, 0);
-    std::vector<TileProducts> tiles(nt);
-    std::vector<int64_t> at(nt + 1, 0);
-    for (int64_t i = 0; i < nt; ++i) {
-      tiles[i].kp = kp;
-      tiles[i].ldg = k.padded_width(pb[i + 1] - pb[i]);
-      at[i + 1] = at[i] + kp * tiles[i].ldg;
-    }
-    const at::Tensor b = recycled({D, at[nt]}, f.dgh.options().dtype(at::kBFloat16));
-    uint16_t* b0 = static_cast<uint16_t*>(b.data_ptr());
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t i = 0; i < nt; ++i) tiles[i].b[d] = b0 + d * at[nt] + at[i];
+    std::vector<TileProducts> tiles;
+    const at::Tensor b = tile_slices(k, pb, 1, kp, D, f.dgh.options(), tiles);
     at::parallel_for(0, D * nt, 1, [&](int64_t begin, int64_t end) {
       for (int64_t x = begin; x < end; ++x) {
         const int64_t d = x / nt, i = x % nt;

@@ -41,6 +41,17 @@ constexpr int64_t kTileDepth = 32;  // bfloat16 values of a row of A's tile (64 
 constexpr int64_t kTileCols = 16;   // float32 columns of a C tile
 constexpr int64_t kTileB = kTileDepth * kTileCols;  // elements of a B tile (16 pairs of rows)
 
+// A column tile of B from its 16 columns as rows of kp floats (cols): in
+// bfloat16, pairs of rows (k, k + 1) side by side for each column, so that
+// row k of column q lands at k * 16 + 2 * q + k % 2 of out.
+void write_tile_columns(const float* cols, int64_t kp, uint16_t* out) {
+  for (int64_t k = 0; k < kp; k += 2)
+    for (int64_t q = 0; q < kTileCols; ++q) {
+      out[k * kTileCols + 2 * q] = to_bf16(cols[q * kp + k]);
+      out[k * kTileCols + 2 * q + 1] = to_bf16(cols[q * kp + k + 1]);
+    }
+}
+
 #if FASTRNN_TILES
 
 // The tile configuration (palette 1), every tile 16 rows of 64 bytes:
@@ -232,13 +243,7 @@ void tile_pack(const float* w_ih, const float* w_hh, int64_t G, int64_t apart, i
       if (blk < summed || blk >= G) std::memcpy(row, w_ih + (gate * bs + j) * C, sizeof(float) * C);
       if (blk < G) std::memcpy(row + C, w_hh + (gate * bs + j) * P, sizeof(float) * P);
     }
-    // Column q of the tile: pairs of rows (k, k + 1) side by side.
-    uint16_t* o = out + t0 * kp;
-    for (int64_t k = 0; k < kp; k += 2)
-      for (int64_t q = 0; q < kTileCols; ++q) {
-        o[k * kTileCols + 2 * q] = to_bf16(cols[q * kp + k]);
-        o[k * kTileCols + 2 * q + 1] = to_bf16(cols[q * kp + k + 1]);
-      }
+    write_tile_columns(cols.data(), kp, out + t0 * kp);
   }
 }
 
@@ -249,26 +254,37 @@ void tile_pack_rows(const float* w, int64_t ldw, int64_t K, int64_t J, int64_t k
     std::fill(cols.begin(), cols.end(), 0.f);
     for (int64_t k = 0; k < K; ++k)
       for (int64_t q = 0; q < kTileCols && t0 + q < J; ++q) cols[q * kp + k] = w[k * ldw + t0 + q];
-    uint16_t* o = out + t0 * kp;
-    for (int64_t k = 0; k < kp; k += 2)
-      for (int64_t q = 0; q < kTileCols; ++q) {
-        o[k * kTileCols + 2 * q] = to_bf16(cols[q * kp + k]);
-        o[k * kTileCols + 2 * q + 1] = to_bf16(cols[q * kp + k + 1]);
-      }
+    write_tile_columns(cols.data(), kp, out + t0 * kp);
   }
 }
+
+#if FASTRNN_TILES
+namespace {
+// A product's left side for tile_products(): R rows of the calling
+// thread's buffer, each the bfloat16 of one span of a (na wide, rows lda
+// apart) and, where nh > 0, one of h (nh wide, rows ldh apart), padded with
+// zeros to kp; then zero rows to a whole tile.
+const uint16_t* left_rows(int64_t R, int64_t kp, const float* a, int64_t lda, int64_t na,
+                          const float* h = nullptr, int64_t ldh = 0, int64_t nh = 0) {
+  const int64_t Rp = (R + kTileRows - 1) / kTileRows * kTileRows;
+  uint16_t* rows = thread_rows(Rp * kp);
+  for (int64_t r = 0; r < R; ++r) {
+    uint16_t* row = rows + r * kp;
+    to_bf16_row(a + r * lda, na, row);
+    if (nh > 0) to_bf16_row(h + r * ldh, nh, row + na);
+    std::memset(row + na + nh, 0, sizeof(uint16_t) * (kp - na - nh));
+  }
+  std::memset(rows + R * kp, 0, sizeof(uint16_t) * (Rp - R) * kp);
+  return rows;
+}
+}  // namespace
+#endif
 
 void tile_gemm(const TileProducts& t, int64_t d, int64_t R, const float* a, int64_t lda, int64_t K,
                float* c, int64_t ldc, bool accumulate) {
 #if FASTRNN_TILES
-  const int64_t kp = t.kp, Rp = (R + kTileRows - 1) / kTileRows * kTileRows;
-  uint16_t* rows = thread_rows(Rp * kp);
-  for (int64_t r = 0; r < R; ++r) {
-    to_bf16_row(a + r * lda, K, rows + r * kp);
-    std::memset(rows + r * kp + K, 0, sizeof(uint16_t) * (kp - K));
-  }
-  std::memset(rows + R * kp, 0, sizeof(uint16_t) * (Rp - R) * kp);
-  tile_products(R, rows, kp, t.b[d], t.ldg / kTileCols, c, ldc, accumulate);
+  tile_products(R, left_rows(R, t.kp, a, lda, K), t.kp, t.b[d], t.ldg / kTileCols, c, ldc,
+                accumulate);
 #else
   (void)t, (void)d, (void)R, (void)a, (void)lda, (void)K, (void)c, (void)ldc, (void)accumulate;
 #endif
@@ -277,17 +293,8 @@ void tile_gemm(const TileProducts& t, int64_t d, int64_t R, const float* a, int6
 void tile_step(const TileProducts& t, int64_t d, int64_t R, const float* x, int64_t ldx,
                const float* h, int64_t ldh, float* gates, int64_t ldg) {
 #if FASTRNN_TILES
-  const int64_t C = t.C, P = t.P, kp = t.kp;
-  const int64_t Rp = (R + kTileRows - 1) / kTileRows * kTileRows;
-  uint16_t* a = thread_rows(Rp * kp);
-  for (int64_t r = 0; r < R; ++r) {
-    uint16_t* row = a + r * kp;
-    to_bf16_row(x + r * ldx, C, row);
-    to_bf16_row(h + r * ldh, P, row + C);
-    std::memset(row + C + P, 0, sizeof(uint16_t) * (kp - C - P));
-  }
-  std::memset(a + R * kp, 0, sizeof(uint16_t) * (Rp - R) * kp);
-  tile_products(R, a, kp, t.b[d], ldg / kTileCols, gates, ldg, false);
+  tile_products(R, left_rows(R, t.kp, x, ldx, t.C, h, ldh, t.P), t.kp, t.b[d], ldg / kTileCols,
+                gates, ldg, false);
 #else
   (void)t, (void)d, (void)R, (void)x, (void)ldx, (void)h, (void)ldh, (void)gates, (void)ldg;
 #endif
