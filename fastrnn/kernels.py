@@ -150,8 +150,9 @@ def cpu_tiles() -> str:
 
 
 def cpu_tiles_available() -> bool:
-    """Whether this processor runs bfloat16 products on AMX tiles (AMX-BF16,
-    the system's leave, and the AVX-512 kernels in use)."""
+    """Whether this processor runs bfloat16 products on AMX tiles: it has
+    AMX-BF16, the operating system lets this process use the tile state,
+    and the AVX-512 kernels are in use."""
     return bool(_extension().cpu_tiles_available())
 
 
