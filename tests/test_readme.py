@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def python_blocks(path):
-    text = open(path).read()
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
