@@ -13,8 +13,8 @@ in one process; the figures are medians per call in microseconds, the
 ratio is torch.nn's median over fastrnn's, and the spread the largest
 interquartile range over median of the row's timings. The no-grad rows run
 each block of calls inside one `torch.no_grad()`, as a sampling or
-streaming loop does: entering it costs about 1.3 us per
-call, which ONNX Runtime's column never pays.
+streaming loop does: entering it costs about 1.3 us a call, which ONNX
+Runtime's column never pays.
 """
 
 import contextlib
