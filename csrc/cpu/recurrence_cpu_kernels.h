@@ -670,6 +670,17 @@ struct Kernels {
   // The fusable cell's step (kFusable): c (R x padded(H)) = cell(x W_ih^T +
   // h W_hh^T + bu) and out = the same on the H real columns, in registers for
   // every panel that lies inside them and element by element for the last.
+  // forward() takes it for fewer rows than a register block only: on a whole
+  // block the GEMM then the step over its output (step_gemm(),
+  // forward_units()), the same sums and bits, ran faster on the Xeon (RNN,
+  // input 32, 128 steps, no-grad, one thread, medians of two runs each,
+  // fused / not): hidden 256 batch 8 1.41 / 0.98 ms, batch 32 3.86 / 3.41,
+  // batch 64 7.2 / 6.7, hidden 128 batch 16 0.66 / 0.56, hidden 512 batch 64
+  // 26.1 / 23.6, hidden 1024 batch 8 20.4 / 16.3; two threads (8 rows or
+  // more a thread) hidden 128 batch 16 0.47 / 0.34, hidden 256 batch 32 2.31
+  // / 1.90, hidden 512 batch 64 14.9 / 12.8. With 2 to 6 rows it ran as
+  // fast or a little faster (one thread, hidden 256: batch 2 0.44 / 0.45,
+  // batch 6 0.65 / 0.66; two threads, batch 12: 0.72 / 0.76).
   static void gemm_fused(int64_t R, int64_t H, const Operand& x, const Operand& hw, S* c,
                          int64_t ldc, S* out, int64_t ldo, const S* bu, bool back = false) {
     const int64_t Jp = padded(H);
@@ -1184,7 +1195,7 @@ struct Kernels {
       const Operand hw{prev, Pp, wf, P};
       S* out = p.y + (t * N + n0) * DP + d * P;                         // (R, P), row stride D*P
       S* saved = Ws ? p.saved + ((d * T + t) * N + n0) * Ws : nullptr;  // (R, Ws)
-      if (kFusable && p.lengths == nullptr && packed) {
+      if (kFusable && p.lengths == nullptr && packed && R < RB) {
         gemm_fused(R, H, x, hw, next, Pp, out, DP, bu, s % 2 == 1);
       } else {
         if (p.tiles != nullptr) step_tiles(p, d, R, x.a, prev, Pp, gates, ldg);
