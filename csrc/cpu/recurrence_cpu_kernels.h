@@ -681,16 +681,13 @@ struct Kernels {
   // / 1.90, hidden 512 batch 64 14.9 / 12.8. With 2 to 6 rows it ran as
   // fast or a little faster (one thread, hidden 256: batch 2 0.44 / 0.45,
   // batch 6 0.65 / 0.66; two threads, batch 12: 0.72 / 0.76).
+  // R < RB: the whole panels inside H in groups (few_rows()), the rest below.
   static void gemm_fused(int64_t R, int64_t H, const Operand& x, const Operand& hw, S* c,
                          int64_t ldc, S* out, int64_t ldo, const S* bu, bool back = false) {
     const int64_t Jp = padded(H);
-    int64_t j0 = 0;
-    if (R < RB) {  // the whole panels inside H in groups, the rest below
-      const int64_t np = H / (2 * W);  // H <= Jp
-      few_rows<kFused>(R, x, hw, 0, np, c, ldc, Epilogue{out, ldo, bu}, back);
-      j0 = np * 2 * W;
-    }
-    walk_panels(j0, Jp, back, [&](int64_t jp, int64_t w, int64_t jn, int64_t wn) {
+    const int64_t np = H / (2 * W);  // H <= Jp
+    few_rows<kFused>(R, x, hw, 0, np, c, ldc, Epilogue{out, ldo, bu}, back);
+    walk_panels(np * 2 * W, Jp, back, [&](int64_t jp, int64_t w, int64_t jn, int64_t wn) {
       if (jp + w <= H) {
         panel_rows<kFused>(w, R, x, hw, jp, jn, wn, c + jp, ldc, Epilogue{out + jp, ldo, bu + jp});
         return;
