@@ -461,6 +461,19 @@ def test_large_weights_at_a_large_batch_split_rows(cell, hidden, options):
     assert_same_bits(on_threads(1, ours, x), on_threads(2, ours, x))
 
 
+@pytest.mark.parametrize("cell,hidden,options", COLUMN_SPLIT)
+def test_large_weights_at_a_middle_batch(cell, hidden, options):
+    """4 to 15 rows a thread, weights past an AMD core's L2 (1 MB) in
+    float64: split by rows on an AMD processor, whose L3 streams them fast
+    enough (recurrence_cpu.cpp, rows_stream_weights), the backward by units
+    elsewhere; either way torch.nn's results and one thread's bits."""
+    ref, ours = pair(5, hidden, cell, dtype=torch.float64, **options)
+    x = leaf(7, 9, 5, dtype=torch.float64)
+    with num_threads(2):
+        compare(ref, ours, x, initial_state(ref, 9, dtype=torch.float64))
+    assert_same_bits(on_threads(1, ours, x), on_threads(2, ours, x))
+
+
 # Shapes (hidden, steps, batch, lengths, threads) that take each of the CPU
 # backward's routes: one step on the weights as stored and, past 128 rows,
 # packed, a few rows (the one pass for the weights' gradients), the row loop

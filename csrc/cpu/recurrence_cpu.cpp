@@ -379,17 +379,21 @@ std::atomic<int>& tiles_slot() {
   return slot;
 }
 
-// Whether this is an Intel processor, where some of the choices below were
-// measured to go the other way: a fixed fact of the machine, so a choice
-// still never depends on the number of threads.
-bool intel_cpu() {
+// The processor's maker, where some of the choices below were measured to
+// go the other way: a fixed fact of the machine, so a choice still never
+// depends on the number of threads.
+enum class Vendor { kIntel, kAmd, kOther };
+Vendor cpu_vendor() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool intel = __builtin_cpu_is("intel");
-  return intel;
+  static const Vendor vendor = __builtin_cpu_is("intel") ? Vendor::kIntel
+                               : __builtin_cpu_is("amd") ? Vendor::kAmd
+                                                         : Vendor::kOther;
+  return vendor;
 #else
-  return false;
+  return Vendor::kOther;
 #endif
 }
+bool intel_cpu() { return cpu_vendor() == Vendor::kIntel; }
 
 // The column-split loops (recurrence_cpu_kernels.h): where the weights a
 // step reads pass this many bytes and the batch is small, the threads split
@@ -466,6 +470,33 @@ int64_t l2_bytes() {
 // keeps the column split there: split by rows too, a forward+backward of
 // LSTM 256 and RNN 512 at batch 8 took 1.15x as long (GRU 256 0.90x).
 constexpr int64_t kRowSplitRowsInL2 = 4;
+// On an AMD EPYC, whose L2 (1 MB a core) holds none of the larger layers'
+// weights, L3 gives one core 94 GB/s and two at once 93 each
+// (bench/probes/stream_loads.c, 4.7 MB), three times the Xeon's 30: a
+// thread of the row split streams all the weights from there at the GEMM's
+// pace, so the rows are split from kRowSplitRowsInL2 a thread up to about
+// LSTM 1024's weights. Measured there (two threads, input 32, 128 steps,
+// no-grad, three processes each alternating, torch.nn over fastrnn in
+// each, units split / rows split): batch 8 LSTM 256 (1.2 MB) 1.07x-1.11x /
+// 1.22x-1.31x, LSTM 512 0.99x-1.02x / 1.07x-1.22x, LSTM 1024 (16.8 MB)
+// 1.09x-1.16x / 1.12x-1.25x, GRU 512 2.84x-3.25x / 3.28x-3.55x, GRU 1024
+// 3.94x-4.46x / 4.26x-4.58x, RNN 512 2.81x-3.80x / 3.76x-4.12x, RNN 1024
+// 3.62x-3.82x / 3.96x-4.05x; batch 16 LSTM 512 0.95x-0.99x / 1.00x-1.09x,
+// GRU 512, GRU 1024 and LSTM 1024 even; RNN 1024 at batch 32 (rows from 48
+// a thread before) 1.96x-2.01x / 2.02x-2.12x, at batch 64 100-108 / 91-97
+// ms, RNN 512 at batch 64 25-28 / 23-25. Past that, two processes
+// each: LSTM 1280 (26.9 MB) 1.10x-1.16x / 1.18x-1.22x, too noisy to call;
+// LSTM 1536 (38 MB, past L3's 32) 1.17x-1.33x / 0.85x-0.89x. The
+// backward's step (W_hh) likewise; forward+backward at batch 8, two
+// processes each, units / rows: LSTM 256 12.6-13.5 / 10.4-10.7 ms, LSTM
+// 512 37.5-37.8 / 35.3-36.4, GRU 256 9.2-9.4 / 8.0-8.4, RNN 512 10.2-10.7
+// / 9.8, LSTM 1024 147-158 / 144-157; LSTM 256 at batch 16 even.
+constexpr int64_t kRowSplitStreamBytes = int64_t{20} << 20;
+// Whether a step's packed weights past L2 stream from L3 fast enough for a
+// row split from kRowSplitRowsInL2 rows a thread (above).
+bool rows_stream_weights(int64_t weight_bytes) {
+  return cpu_vendor() == Vendor::kAmd && weight_bytes <= kRowSplitStreamBytes;
+}
 // An Elman cell's forward past that: its step runs in the GEMM's epilogue, so
 // the step is almost all products, and a row split, each thread reading all
 // of the weights, streams twice the weights from L3 that a column split does.
@@ -751,6 +782,7 @@ void forward_typed(const ForwardLoop& a, const TileProducts* tiles = nullptr,
   const bool pack = tiles == nullptr && packs(T, N, weight_bytes, true);
   const int64_t row_split = !pack                                  ? stored_row_split_rows()
                             : weight_bytes <= l2_bytes() / 4 * 3 ? kRowSplitRowsInL2
+                            : rows_stream_weights(weight_bytes)  ? kRowSplitRowsInL2
                             : Cell::kGates == 1                  ? kRowSplitRowsElman
                                                                  : kRowSplitRows;
   const int64_t nt = tiles != nullptr ? tile_threads : column_threads(weight_bytes, D * N, row_split);
@@ -885,7 +917,10 @@ void backward_typed(const BackwardLoop& a, const TileProducts* tiles = nullptr,
   const int64_t weight_bytes = GH * P * static_cast<int64_t>(sizeof(S));
   const bool pack = tiles == nullptr && packs(T, N, weight_bytes);
   const int64_t nt = tiles != nullptr ? tile_threads
-                     : pack          ? column_threads(weight_bytes, D * N)
+                     : pack          ? column_threads(weight_bytes, D * N,
+                                                      rows_stream_weights(weight_bytes)
+                                                          ? kRowSplitRowsInL2
+                                                          : kRowSplitRows)
                                      : 1;
   // W_hh (G*H, P) and W_hr (P, H) as stored.
   const bool rows_packed = pack && nt == 1;
