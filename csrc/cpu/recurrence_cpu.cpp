@@ -492,8 +492,13 @@ constexpr int64_t kRowSplitRowsInL2 = 4;
 // 512 37.5-37.8 / 35.3-36.4, GRU 256 9.2-9.4 / 8.0-8.4, RNN 512 10.2-10.7
 // / 9.8, LSTM 1024 147-158 / 144-157; LSTM 256 at batch 16 even.
 constexpr int64_t kRowSplitStreamBytes = int64_t{20} << 20;
-// Whether a step's packed weights past L2 stream from L3 fast enough for a
-// row split from kRowSplitRowsInL2 rows a thread (above).
+// Whether a step's packed weights stream from L3 fast enough for a row split
+// from kRowSplitRowsInL2 rows a thread (above). The forward asks past L2; the
+// backward asks at every size past kColumnSplitBytes, for on AMD its row
+// split gains in L2 as well (forward+backward, batch 8, two threads, three
+// processes each, units / rows, W_hh 640 KB: LSTM 200 12.1-14.3 / 10.1-10.4
+// ms, RNN 400 10.3-11.9 / 6.9-8.1; LSTM 200 at batch 16 20.3-20.5 /
+// 17.6-18.1).
 bool rows_stream_weights(int64_t weight_bytes) {
   return cpu_vendor() == Vendor::kAmd && weight_bytes <= kRowSplitStreamBytes;
 }
@@ -780,11 +785,12 @@ void forward_typed(const ForwardLoop& a, const TileProducts* tiles = nullptr,
   // What a step reads of the weights: W_ih and W_hh.
   const int64_t weight_bytes = Cell::kGates * H * (P + C) * static_cast<int64_t>(sizeof(S));
   const bool pack = tiles == nullptr && packs(T, N, weight_bytes, true);
-  const int64_t row_split = !pack                                  ? stored_row_split_rows()
-                            : weight_bytes <= l2_bytes() / 4 * 3 ? kRowSplitRowsInL2
-                            : rows_stream_weights(weight_bytes)  ? kRowSplitRowsInL2
-                            : Cell::kGates == 1                  ? kRowSplitRowsElman
-                                                                 : kRowSplitRows;
+  const bool rows_from_l2_or_l3 =
+      weight_bytes <= l2_bytes() / 4 * 3 || rows_stream_weights(weight_bytes);
+  const int64_t row_split = !pack               ? stored_row_split_rows()
+                            : rows_from_l2_or_l3 ? kRowSplitRowsInL2
+                            : Cell::kGates == 1  ? kRowSplitRowsElman
+                                                 : kRowSplitRows;
   const int64_t nt = tiles != nullptr ? tile_threads : column_threads(weight_bytes, D * N, row_split);
   const bool columns = nt > 1;
   // W_hh (G*H, P) read as W_hh^T, G blocks of H columns; W_ih (G*H, C) alike;
