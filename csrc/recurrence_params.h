@@ -49,6 +49,9 @@ struct ForwardParams {
   // CPU, float32 from bfloat16 tensors: where not null, each step's products
   // run on the matrix unit's tiles in bfloat16 instead of the kernels' own.
   const TileProducts* tiles = nullptr;
+  // CPU: every step walks a lone row's weights as stored the other way round
+  // (steps alternate direction from one to the next; so do a thread's calls).
+  bool flip = false;
 };
 
 template <typename scalar_t>

@@ -1192,13 +1192,14 @@ struct Kernels {
       const Operand hw{prev, Pp, wf, P};
       S* out = p.y + (t * N + n0) * DP + d * P;                         // (R, P), row stride D*P
       S* saved = Ws ? p.saved + ((d * T + t) * N + n0) * Ws : nullptr;  // (R, Ws)
+      const bool back = (s % 2 == 1) != p.flip;
       if (kFusable && p.lengths == nullptr && packed && R < RB) {
-        gemm_fused(R, H, x, hw, next, Pp, out, DP, bu, s % 2 == 1);
+        gemm_fused(R, H, x, hw, next, Pp, out, DP, bu, back);
       } else {
         if (p.tiles != nullptr) step_tiles(p, d, R, x.a, prev, Pp, gates, ldg);
-        else if (packed) step_gemm(R, Hp, x, hw, gates, ldg, s % 2 == 1);
+        else if (packed) step_gemm(R, Hp, x, hw, gates, ldg, back);
         else step_dot(R, Hp, H, H, Rows{x.a, x.lda, wi, p.C, ahead}, Rows{prev, Pp, wf, P, ahead},
-                      gates, ldg, s % 2 == 1);
+                      gates, ldg, back);
         for (int64_t r = 0; r < R; ++r) {
           if (row_active(p.lengths, n0 + r, t)) {
             forward_units(H, H, bu, Hp, gates + r * ldg, Hp, p.b_hh[d],
@@ -1425,10 +1426,10 @@ struct Columns {
     else if (packed)
       Kn::step_gemm(N, nup, Operand{p.x + t * N * p.C, p.C, wi, p.C},
                     Operand{own_rows(N, prev, Pp, P, rows), own_ld(P), wf, P}, gates, ldg,
-                    t % 2 == 1);
+                    (t % 2 == 1) != p.flip);
     else
       Kn::step_dot(N, nup, nu, H, Rows{p.x + t * N * p.C, p.C, wi + j0 * p.C, p.C, ahead},
-                   Rows{prev, Pp, wf + j0 * P, P, ahead}, gates, ldg, t % 2 == 1);
+                   Rows{prev, Pp, wf + j0 * P, P, ahead}, gates, ldg, (t % 2 == 1) != p.flip);
     for (int64_t n = 0; n < N; ++n) {
       S* out = p.y + (t * N + n) * DP + d * P + j0;
       S* saved = Ws ? p.saved + ((d * p.T + t) * N + n) * Ws + j0 : nullptr;
