@@ -1126,8 +1126,6 @@ struct Kernels {
       using Half = decltype(T::a);
       store_rows(p, stride, v.a, n);
       store_rows(p + int64_t{sizeof(Half) / sizeof(V)} * stride, stride, v.b, n);
-    } else if (n == W) {
-      store(p, v);
     } else {
       store_n(p, v, n);
     }
@@ -1168,7 +1166,7 @@ struct Kernels {
       uv[g] = g >= G - kApart ? load_rows<T>(hw + (g + kApart) * hw_ld, hw_rs) + b : b;
       hwv[g] = load_rows<T>(hw + g * hw_ld, hw_rs);
       bhv[g] = Cell::kHiddenBias && bh != nullptr
-                   ? splat<T>(n == W ? load(bh + g * n) : load_n(bh + g * n, n))
+                   ? splat<T>(load_n(bh + g * n, n))
                    : T{};
     }
     const T hp = Cell::kPrevState ? load_rows<T>(h_prev, hp_rs) : T{};
