@@ -1877,9 +1877,31 @@ inline void tile_sums(S* dst, int64_t ldd, int64_t c, int64_t n, const S* g, int
     }
 }
 
+// Results from u on (to u1) in tiles of U, then of U / 2, U / 4, ... 1 for
+// the rest. One result alone has only NV chains of multiply-adds, each
+// waiting on its last: with AVX-512, dW_hh of an LSTM of hidden 16 (64
+// results of 16 columns, tiles of 24) left 16 results to single tiles,
+// which took longer than the 48 before them.
+template <int U, int NV, typename S, typename Row>
+inline void narrow_tiles(S* dst, int64_t ldd, int64_t c, int64_t n, const S* g, int64_t gu,
+                         int64_t gs, int64_t& u, int64_t u1, int64_t k0, int64_t k1,
+                         const Row& row, bool add) {
+  constexpr int64_t W = Kernels<S, ElmanTanh>::W;
+  const bool full = n == NV * W;
+  for (; u + U <= u1; u += U) {
+    S* d = dst + u * ldd;
+    const S* gu0 = g + u * gu;
+    if (gu == 1 && full) tile_sums<U, NV, true, true>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
+    else if (gu == 1) tile_sums<U, NV, true, false>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
+    else if (full) tile_sums<U, NV, false, true>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
+    else tile_sums<U, NV, false, false>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
+  }
+  if constexpr (U > 1) narrow_tiles<U / 2, NV>(dst, ldd, c, n, g, gu, gs, u, u1, k0, k1, row, add);
+}
+
 // Results [u0, u1) (dst's rows, ldd apart) over all C columns, NV vectors at
-// a time, in tiles of kTileAccumulators / NV results and one result at a
-// time for the last few.
+// a time, in tiles of kTileAccumulators / NV results and smaller ones for
+// the last few (narrow_tiles()).
 template <int NV, typename S, typename Row>
 inline void narrow_sums(S* dst, int64_t ldd, int64_t C, const S* g, int64_t gu, int64_t gs,
                         int64_t u0, int64_t u1, int64_t k0, int64_t k1, const Row& row,
@@ -1888,19 +1910,8 @@ inline void narrow_sums(S* dst, int64_t ldd, int64_t C, const S* g, int64_t gu, 
   constexpr int64_t W = Kernels<S, ElmanTanh>::W;
   for (int64_t c = 0; c < C; c += NV * W) {
     const int64_t n = C - c < NV * W ? C - c : NV * W;
-    const bool full = n == NV * W;
     int64_t u = u0;
-    for (; u + U <= u1; u += U) {
-      S* d = dst + u * ldd;
-      const S* gu0 = g + u * gu;
-      if (gu == 1 && full) tile_sums<U, NV, true, true>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
-      else if (gu == 1) tile_sums<U, NV, true, false>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
-      else if (full) tile_sums<U, NV, false, true>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
-      else tile_sums<U, NV, false, false>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
-    }
-    for (; u < u1; ++u)
-      tile_sums<1, NV, false, false>(dst + u * ldd, ldd, c, n, g + u * gu, gu, gs, k0, k1, row,
-                                     add);
+    narrow_tiles<U, NV>(dst, ldd, c, n, g, gu, gs, u, u1, k0, k1, row, add);
   }
 }
 
