@@ -1877,11 +1877,18 @@ inline void tile_sums(S* dst, int64_t ldd, int64_t c, int64_t n, const S* g, int
     }
 }
 
-// Results from u on (to u1) in tiles of U, then of U / 2, U / 4, ... 1 for
-// the rest. One result alone has only NV chains of multiply-adds, each
-// waiting on its last: with AVX-512, dW_hh of an LSTM of hidden 16 (64
-// results of 16 columns, tiles of 24) left 16 results to single tiles,
-// which took longer than the 48 before them.
+// The largest power of two below U (U > 1).
+constexpr int smaller_tile(int U) {
+  int p = 1;
+  while (p * 2 < U) p *= 2;
+  return p;
+}
+
+// Results from u on (to u1) in tiles of U, then the rest in tiles of the
+// powers of two below U, at most one of each. One result alone has only NV
+// chains of multiply-adds, each waiting on its last: with AVX-512, dW_hh
+// of an LSTM of hidden 16 (64 results of 16 columns, tiles of 24) left 16
+// results to single tiles, which took longer than the 48 before them.
 template <int U, int NV, typename S, typename Row>
 inline void narrow_tiles(S* dst, int64_t ldd, int64_t c, int64_t n, const S* g, int64_t gu,
                          int64_t gs, int64_t& u, int64_t u1, int64_t k0, int64_t k1,
@@ -1896,7 +1903,8 @@ inline void narrow_tiles(S* dst, int64_t ldd, int64_t c, int64_t n, const S* g, 
     else if (full) tile_sums<U, NV, false, true>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
     else tile_sums<U, NV, false, false>(d, ldd, c, n, gu0, gu, gs, k0, k1, row, add);
   }
-  if constexpr (U > 1) narrow_tiles<U / 2, NV>(dst, ldd, c, n, g, gu, gs, u, u1, k0, k1, row, add);
+  if constexpr (U > 1)
+    narrow_tiles<smaller_tile(U), NV>(dst, ldd, c, n, g, gu, gs, u, u1, k0, k1, row, add);
 }
 
 // Results [u0, u1) (dst's rows, ldd apart) over all C columns, NV vectors at
