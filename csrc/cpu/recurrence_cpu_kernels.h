@@ -1891,7 +1891,7 @@ constexpr int smaller_tile(int U) {
 // results to single tiles, which took longer than the 48 before them.
 template <int U, int NV, typename S, typename Row>
 inline void narrow_tiles(S* dst, int64_t ldd, int64_t c, int64_t n, const S* g, int64_t gu,
-                         int64_t gs, int64_t& u, int64_t u1, int64_t k0, int64_t k1,
+                         int64_t gs, int64_t u, int64_t u1, int64_t k0, int64_t k1,
                          const Row& row, bool add) {
   constexpr int64_t W = Kernels<S, ElmanTanh>::W;
   const bool full = n == NV * W;
@@ -1918,8 +1918,7 @@ inline void narrow_sums(S* dst, int64_t ldd, int64_t C, const S* g, int64_t gu, 
   constexpr int64_t W = Kernels<S, ElmanTanh>::W;
   for (int64_t c = 0; c < C; c += NV * W) {
     const int64_t n = C - c < NV * W ? C - c : NV * W;
-    int64_t u = u0;
-    narrow_tiles<U, NV>(dst, ldd, c, n, g, gu, gs, u, u1, k0, k1, row, add);
+    narrow_tiles<U, NV>(dst, ldd, c, n, g, gu, gs, u0, u1, k0, k1, row, add);
   }
 }
 
