@@ -270,6 +270,8 @@ struct Kernels {
   // a broadcast, fill but do not spill the register file (32 with AVX-512, 16
   // below it).
   static constexpr int RB = FASTRNN_VEC_BYTES == 64 ? 8 : 4;
+  // Vector registers: 32 with AVX-512, 16 below it.
+  static constexpr int kRegisters = FASTRNN_VEC_BYTES == 64 ? 32 : 16;
   // A cell whose step is a function of its one gate's pre-activation alone
   // (Elman): the step runs on the GEMM's accumulators in registers.
   static constexpr bool kFusable =
@@ -281,6 +283,19 @@ struct Kernels {
     return v;
   }
   static inline void store(S* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  // v as a register operand: a vector loaded once for several multiply-adds
+  // stays loaded, where the compiler would otherwise fold the load into
+  // each of them and read it again for every one (a block of 2 rows over 8
+  // weight rows: 18 loads for 16 multiply-adds, not 10). Only for blocks
+  // whose accumulators leave room for the vectors: with AVX2's 16
+  // registers a 4 x 4 block's accumulators fill them, and the folded loads
+  // are what keeps them from spilling.
+  static inline V in_register(V v) {
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+  }
   // The first n (1 to W) lanes, the others zero; and their store. A unit's
   // value never depends on where it falls: the lanes past n run through the
   // same vector code as the rest.
@@ -480,7 +495,10 @@ struct Kernels {
       }
       V bv[JV];
 #pragma GCC unroll 16
-      for (int v = 0; v < JV; ++v) bv[v] = load(panel + (v / 2) * ps + (k * PV + v % 2) * W);
+      for (int v = 0; v < JV; ++v) {
+        bv[v] = load(panel + (v / 2) * ps + (k * PV + v % 2) * W);
+        if constexpr (R > 1 && R * JV + JV < kRegisters) bv[v] = in_register(bv[v]);
+      }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const S ar = a[r * lda + k];
@@ -844,7 +862,10 @@ struct Kernels {
       }
       V wv[JR];
 #pragma GCC unroll 8
-      for (int j = 0; j < JR; ++j) wv[j] = load(w + j * f.K + k);
+      for (int j = 0; j < JR; ++j) {
+        wv[j] = load(w + j * f.K + k);
+        if constexpr (R > 1 && R * JR + JR < kRegisters) wv[j] = in_register(wv[j]);
+      }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const V av = load(f.a + r * f.lda + k);
@@ -930,8 +951,9 @@ struct Kernels {
         // GRUCell alike batch 2 103 / 81 and batch 3 135 / 118, RNNCell
         // batch 2 39.1 / 32.3, one step of LSTM 64->256 batch 2 38.2 / 31.8,
         // the seed shape (9 -> 16, batch 2, 5 steps) LSTM 19.9 / 15.8, GRU
-        // 17.1 / 13.7, RNN 11.5 / 10.5. A lone row (batch 1) ran as fast
-        // either way (LSTMCell 256->512 96-98 / 96 us), and two-row blocks
+        // 17.1 / 13.7, RNN 11.5 / 10.5 (before dot_madd kept its weight
+        // vectors in registers; LSTMCell batch 2 now 96-99 us on an EPYC).
+        // A lone row (batch 1) ran as fast either way (LSTMCell 256->512 96-98 / 96 us), and two-row blocks
         // for the rows after the blocks of four (batch 6, 7) no faster than
         // one-row ones: those rows find the weights in L1. Blocks of 8 rows
         // (over 2 or 3 weight rows, so that batch 8 reads the weights in one
