@@ -954,8 +954,9 @@ struct Kernels {
         // 17.1 / 13.7, RNN 11.5 / 10.5 (before dot_madd kept its weight
         // vectors in registers; LSTMCell batch 2 now 96-99 us on an EPYC).
         // A lone row (batch 1) ran as fast either way (LSTMCell 256->512
-        // 96-98 / 96 us), and two-row blocks for the rows after the blocks of four (batch 6, 7) no faster than
-        // one-row ones: those rows find the weights in L1. Blocks of 8 rows
+        // 96-98 / 96 us), and two-row blocks for the rows after the blocks
+        // of four (batch 6, 7) no faster than one-row ones: those rows find
+        // the weights in L1. Blocks of 8 rows
         // (over 2 or 3 weight rows, so that batch 8 reads the weights in one
         // pass) were no faster on the Xeon (one thread, LSTM step_dot(),
         // blocks of 4 / 8x3 / 8x2): 64->128 batch 8 15.0 / 18.2 / 22.9 us,
