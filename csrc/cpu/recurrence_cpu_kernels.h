@@ -1774,11 +1774,11 @@ inline void rank_sums(S* dst, int64_t ldd, int64_t n, const S* g, int64_t gu, in
 
 // The weight gradients of a few rows (WeightGradParams), for units
 // [j0, j1): each unit's rows of dW_ih and dW_hh (rank_sums() over the rows,
-// several units at a time) and its biases' gradients, so that a unit's
-// result does not depend on how the units are split between threads. A
-// call of a few rows is all fixed cost: this writes each gradient once
-// where four ATen GEMMs and sums would each be dispatched, allocate and
-// read the gate gradients.
+// one unit or several at a time) and its biases' gradients, so that a
+// unit's result does not depend on how the units are split between
+// threads. A call of a few rows is all fixed cost: this writes each
+// gradient once where four ATen GEMMs and sums would each be dispatched,
+// allocate and read the gate gradients.
 template <typename S>
 void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   const int64_t R = p.R, N = p.N, C = p.C, P = p.P, GH = p.GH;
@@ -1788,12 +1788,24 @@ void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   const auto x_row = [&](int64_t r) { return x + r * C; };
   const auto h_row = [&](int64_t r) { return r < N ? h0 + r * P : y + (r - N) * P; };
   // Four units at a time where the registers hold their 16 accumulators
-  // (AVX-512), two with AVX2's 16 registers. With one row the sums are
-  // stores of products, and more rows of dW written side by side keep more
-  // stores in flight: writing a 512 x 768 gradient took 25.5 us two units
-  // at a time and 21.8 four (a probe of both, one thread, its lines in L3).
+  // (AVX-512), two with AVX2's 16 registers, so that they share each load
+  // of a row. With one row there is nothing to share and the stores
+  // decide: one unit's row after another, in order, where rows written side
+  // by side left more lines to be fetched first. A probe of both writing a
+  // 512 x 768 gradient (one thread): 17.4 / 18.8 us, one unit / four, its
+  // lines in L3; 25 / 35 us (means) after reading 8 MB. Forward+backward
+  // at batch 1 (256->512, one thread, processes of both builds alternating,
+  // us): LSTMCell 633-728 -> 592-630, GRUCell 443 -> 419-431, RNNCell
+  // 184-189 -> 182-184; with AVX2 LSTMCell 753-830 -> 662-744. At two rows
+  // four units at a time stayed faster.
   constexpr int kUnits = FASTRNN_VEC_BYTES == 64 ? 4 : 2;
   int64_t j = j0;
+  if (R == 1) {
+    for (; j < j1; ++j) {
+      rank_sums<1>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
+      rank_sums<1>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
+    }
+  }
   for (; j + kUnits <= j1; j += kUnits) {
     rank_sums<kUnits>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
     rank_sums<kUnits>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
