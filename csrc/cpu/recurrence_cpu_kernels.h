@@ -266,12 +266,11 @@ struct Kernels {
   using M = VecMath<S>;
   static constexpr int G = Cell::kGates;
   static constexpr int64_t W = FASTRNN_VEC_BYTES / sizeof(S);  // lanes per vector
-  // Rows per register block: RB x 2 accumulators, plus two panel vectors and
-  // a broadcast, fill but do not spill the register file (32 with AVX-512, 16
-  // below it).
-  static constexpr int RB = FASTRNN_VEC_BYTES == 64 ? 8 : 4;
   // Vector registers: 32 with AVX-512, 16 below it.
   static constexpr int kRegisters = FASTRNN_VEC_BYTES == 64 ? 32 : 16;
+  // Rows per register block: RB x 2 accumulators, plus two panel vectors and
+  // a broadcast, fill but do not spill the kRegisters.
+  static constexpr int RB = FASTRNN_VEC_BYTES == 64 ? 8 : 4;
   // A cell whose step is a function of its one gate's pre-activation alone
   // (Elman): the step runs on the GEMM's accumulators in registers.
   static constexpr bool kFusable =
@@ -287,15 +286,18 @@ struct Kernels {
   // stays loaded, where the compiler would otherwise fold the load into
   // each of them and read it again for every one (a block of 2 rows over 8
   // weight rows: 18 loads for 16 multiply-adds, not 10). Only for blocks
-  // whose accumulators leave room for the vectors: with AVX2's 16
-  // registers a 4 x 4 block's accumulators fill them, and the folded loads
-  // are what keeps them from spilling.
+  // whose accumulators leave room for the vectors (keeps_vectors()): with
+  // AVX2's 16 registers a 4 x 4 block's accumulators fill them, and the
+  // folded loads are what keeps them from spilling.
   static inline V in_register(V v) {
 #if defined(__x86_64__) || defined(__i386__)
     __asm__("" : "+v"(v));
 #endif
     return v;
   }
+  // Whether a block of R rows, R x N accumulators, keeps the N vectors it
+  // multiplies every row by in registers (in_register()).
+  static constexpr bool keeps_vectors(int R, int N) { return R > 1 && R * N + N < kRegisters; }
   // The first n (1 to W) lanes, the others zero; and their store. A unit's
   // value never depends on where it falls: the lanes past n run through the
   // same vector code as the rest.
@@ -497,7 +499,7 @@ struct Kernels {
 #pragma GCC unroll 16
       for (int v = 0; v < JV; ++v) {
         bv[v] = load(panel + (v / 2) * ps + (k * PV + v % 2) * W);
-        if constexpr (R > 1 && R * JV + JV < kRegisters) bv[v] = in_register(bv[v]);
+        if constexpr (keeps_vectors(R, JV)) bv[v] = in_register(bv[v]);
       }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
@@ -864,7 +866,7 @@ struct Kernels {
 #pragma GCC unroll 8
       for (int j = 0; j < JR; ++j) {
         wv[j] = load(w + j * f.K + k);
-        if constexpr (R > 1 && R * JR + JR < kRegisters) wv[j] = in_register(wv[j]);
+        if constexpr (keeps_vectors(R, JR)) wv[j] = in_register(wv[j]);
       }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
@@ -1457,9 +1459,9 @@ struct Kernels {
         prev_states(p, d, n, t, h_prev, c_prev);
         const int64_t o = (t * N + n) * DP + d * P;  // row n of step t in y and dy
         backward_units(H, H, proj ? dm + r * Hp : dh + r * Pp, proj ? nullptr : p.dy + o,
-                       proj ? nullptr : p.y + o, Ws ? p.saved + ((d * T + t) * N + n) * Ws : nullptr,
-                       h_prev, c_prev, dc + r * Hp, dgh + r * GH,
-                       dgi ? dgi + r * GH : nullptr, dh_next + r * Pp);
+                       proj ? nullptr : p.y + o,
+                       Ws ? p.saved + ((d * T + t) * N + n) * Ws : nullptr, h_prev, c_prev,
+                       dc + r * Hp, dgh + r * GH, dgi ? dgi + r * GH : nullptr, dh_next + r * Pp);
       }
       // dh_prev = dgh W_hh, added to the part outside W_hh where the cell has
       // one; not after the last step where nothing wants the initial state's.
