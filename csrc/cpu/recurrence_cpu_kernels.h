@@ -269,7 +269,7 @@ struct Kernels {
   // Vector registers: 32 with AVX-512, 16 below it.
   static constexpr int kRegisters = FASTRNN_VEC_BYTES == 64 ? 32 : 16;
   // Rows per register block: RB x 2 accumulators, plus two panel vectors and
-  // a broadcast, fill but do not spill the kRegisters.
+  // a broadcast, fill the kRegisters vector registers without spilling.
   static constexpr int RB = FASTRNN_VEC_BYTES == 64 ? 8 : 4;
   // A cell whose step is a function of its one gate's pre-activation alone
   // (Elman): the step runs on the GEMM's accumulators in registers.
@@ -1791,11 +1791,11 @@ void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   const auto h_row = [&](int64_t r) { return r < N ? h0 + r * P : y + (r - N) * P; };
   // Four units at a time where the registers hold their 16 accumulators
   // (AVX-512), two with AVX2's 16 registers, so that they share each load
-  // of a row. With one row there is nothing to share and the stores
-  // decide: one unit's row after another, in order, where rows written side
-  // by side left more lines to be fetched first. A probe of both writing a
-  // 512 x 768 gradient (one thread): 17.4 / 18.8 us, one unit / four, its
-  // lines in L3; 25 / 35 us (means) after reading 8 MB. Forward+backward
+  // of a row. With one row there is nothing to share, only stores, and
+  // one unit's row after another, in order, wrote faster than four rows
+  // side by side: a probe of both writing a 512 x 768 gradient (one
+  // thread): 17.4 / 18.8 us, one unit / four, its lines in L3; 25 / 35 us
+  // (means) with 8 MB read between the passes. Forward+backward
   // at batch 1 (256->512, one thread, processes of both builds alternating,
   // us): LSTMCell 633-728 -> 592-630, GRUCell 443 -> 419-431, RNNCell
   // 184-189 -> 182-184; with AVX2 LSTMCell 753-830 -> 662-744. At two rows
