@@ -1791,30 +1791,26 @@ void weight_grads(const WeightGradParams<S>& p, int64_t j0, int64_t j1) {
   const auto h_row = [&](int64_t r) { return r < N ? h0 + r * P : y + (r - N) * P; };
   // Four units at a time where the registers hold their 16 accumulators
   // (AVX-512), two with AVX2's 16 registers, so that they share each load
-  // of a row. With one row there is nothing to share, only stores, and
-  // one unit's row after another, in order, wrote faster than four rows
-  // side by side: a probe of both writing a 512 x 768 gradient (one
-  // thread): 17.4 / 18.8 us, one unit / four, its lines in L3; 25 / 35 us
-  // (means) with 8 MB read between the passes. Forward+backward
-  // at batch 1 (256->512, one thread, processes of both builds alternating,
-  // us): LSTMCell 633-728 -> 592-630, GRUCell 443 -> 419-431, RNNCell
-  // 184-189 -> 182-184; with AVX2 LSTMCell 753-830 -> 662-744. At two rows
-  // four units at a time stayed faster.
+  // of a row. With one row there is nothing to share, only stores, and one
+  // unit's row after another, in order (the loop below), wrote faster than
+  // four rows side by side: a probe of both writing a 512 x 768 gradient
+  // (one thread): 17.4 / 18.8 us, one unit / four, its lines in L3; 25 / 35
+  // us (means) with 8 MB read between the passes. Forward+backward at batch
+  // 1 (256->512, one thread, processes of both builds alternating, us):
+  // LSTMCell 633-728 -> 592-630, GRUCell 443 -> 419-431, RNNCell 184-189 ->
+  // 182-184; with AVX2 LSTMCell 753-830 -> 662-744. At two rows four units
+  // at a time stayed faster.
   constexpr int kUnits = FASTRNN_VEC_BYTES == 64 ? 4 : 2;
   int64_t j = j0;
-  if (R == 1) {
-    for (; j < j1; ++j) {
-      rank_sums<1>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
-      rank_sums<1>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
+  if (R > 1) {
+    for (; j + kUnits <= j1; j += kUnits) {
+      rank_sums<kUnits>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
+      rank_sums<kUnits>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
     }
-  }
-  for (; j + kUnits <= j1; j += kUnits) {
-    rank_sums<kUnits>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
-    rank_sums<kUnits>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
-  }
-  for (; j + 2 <= j1; j += 2) {
-    rank_sums<2>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
-    rank_sums<2>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
+    for (; j + 2 <= j1; j += 2) {
+      rank_sums<2>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
+      rank_sums<2>(p.dw_hh + j * P, P, P, p.dgh + j, 1, GH, R, h_row);
+    }
   }
   for (; j < j1; ++j) {
     rank_sums<1>(p.dw_ih + j * C, C, C, p.dgi + j, 1, GH, R, x_row);
