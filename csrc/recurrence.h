@@ -146,12 +146,14 @@ bool set_cpu_isa(const std::string& name);
 // times steps repay it), "always" or "never" (tests and benchmarks).
 void set_cpu_packing(const std::string& name);
 const char* cpu_packing();
-// Whether bfloat16 calls run their steps' products on AMX tiles where they
-// can: "auto" (the default) or "never"; and whether they can here (AMX-BF16
-// and the AVX-512 kernels).
+// Whether bfloat16 calls run their steps' products in bfloat16 where they
+// can: "auto" (the default) or "never"; whether they can here (AMX-BF16 or
+// AVX512-BF16, and the AVX-512 kernels); and on what: "amx", "avx512_bf16"
+// or "none".
 void set_cpu_tiles(const std::string& name);
 const char* cpu_tiles();
 bool cpu_tiles_available();
+const char* cpu_tiles_unit();
 // The float32 multiply-add rate of `threads` threads (one per core), lane
 // multiply-adds a second, with the instruction set the kernels run: the
 // best of `trials` runs of a probe of twelve independent FMA chains taking

@@ -181,15 +181,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "repay it), 'always' or 'never' (tests and benchmarks)");
   m.def("cpu_packing", &fastrnn::cpu_packing, "The CPU time loops' packing: auto, always, never");
   m.def("set_cpu_tiles", &fastrnn::set_cpu_tiles,
-        "Whether bfloat16 calls run their steps' products on AMX tiles where they can: 'auto' "
-        "or 'never'");
+        "Whether bfloat16 calls run their steps' products in bfloat16 (AMX tiles or "
+        "AVX512-BF16) where they can: 'auto' or 'never'");
   m.def("cpu_tiles", &fastrnn::cpu_tiles, "The bfloat16 tiles' setting: auto or never");
   m.def("tile_matmul", &fastrnn::tile_matmul, pybind11::arg("a"), pybind11::arg("w"),
         pybind11::arg("c") = pybind11::none(),
         "a w on the bfloat16 tiles alone (a and w rounded to bfloat16, float32 sums), or c + "
         "that: the backward's carry product, for the tests");
   m.def("cpu_tiles_available", &fastrnn::cpu_tiles_available,
-        "Whether this processor runs bfloat16 products on AMX tiles (with the AVX-512 kernels)");
+        "Whether this processor runs bfloat16 products in bfloat16 (AMX tiles or AVX512-BF16, "
+        "with the AVX-512 kernels)");
+  m.def("cpu_tiles_unit", &fastrnn::cpu_tiles_unit,
+        "What runs bfloat16 products here: amx, avx512_bf16 or none");
   m.def("set_cpu_isa", &fastrnn::set_cpu_isa,
         "Force the CPU kernels' instruction set ('avx512', 'avx2', 'base' or 'auto'); "
         "returns False when this processor lacks it");

@@ -40,8 +40,9 @@ def report():
     if _ops.available():
         lines.append(f"CPU kernels run with: {fastrnn.cpu_isa()} "
                      f"(this processor can run: {', '.join(fastrnn.available_cpu_isas())})")
-        tiles = "yes" if fastrnn.cpu_tiles_available() else "no"
-        lines.append(f"bfloat16 products on AMX tiles: {tiles} (setting: {fastrnn.cpu_tiles()})")
+        unit = {"amx": "on AMX tiles", "avx512_bf16": "with AVX512-BF16"}.get(
+            _ops._C.cpu_tiles_unit(), "no")
+        lines.append(f"bfloat16 products in bfloat16: {unit} (setting: {fastrnn.cpu_tiles()})")
         if _ops.cuda_built():
             name, blocks = fastrnn.cuda_path()
             lines.append(f"CUDA path: {name}" + (f", {blocks} blocks" if blocks else "")

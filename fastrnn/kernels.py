@@ -12,10 +12,11 @@ has. Both can be forced, process-wide, for benchmarks and tests:
         ...                                   # both restored on exit
 
 Where the processor has AMX-BF16 (Intel Xeon from Sapphire Rapids on), the
-CPU kernels run a bfloat16 call's step products on its tiles: x_t and h
-rounded to bfloat16, as torch.nn's bfloat16 layers round them, summed in
-float32; ``set_cpu_tiles("never")`` keeps such calls on the float32
-products of the float32 kernels (h carried unrounded).
+CPU kernels run a bfloat16 call's step products on its tiles, and where it
+has AVX512-BF16 but no AMX (AMD from Zen 4 on, Intel Cooper Lake) with
+VDPBF16PS: x_t and h rounded to bfloat16, as torch.nn's bfloat16 layers
+round them, summed in float32; ``set_cpu_tiles("never")`` keeps such calls
+on the float32 products of the float32 kernels (h carried unrounded).
 
 The CPU time loops pack the weights into panels where a call's rows times
 steps repay it, and read them as stored where they do not (a cell, a call
@@ -136,9 +137,9 @@ CPU_TILES = ("auto", "never")
 
 
 def set_cpu_tiles(name: str) -> None:
-    """Whether bfloat16 calls on the CPU run their steps' products on AMX
-    tiles where the processor has them ('auto', the default) or on the
-    float32 kernels ('never')."""
+    """Whether bfloat16 calls on the CPU run their steps' products in
+    bfloat16 where the processor can (AMX tiles, or AVX512-BF16's
+    VDPBF16PS; 'auto', the default) or on the float32 kernels ('never')."""
     if name not in CPU_TILES:
         raise ValueError(f"Unknown tiles setting '{name}'. Select from {', '.join(map(repr, CPU_TILES))}.")
     _extension().set_cpu_tiles(name)
@@ -150,9 +151,10 @@ def cpu_tiles() -> str:
 
 
 def cpu_tiles_available() -> bool:
-    """Whether this processor runs bfloat16 products on AMX tiles: it has
-    AMX-BF16, the operating system lets this process use the tile state,
-    and the AVX-512 kernels are in use."""
+    """Whether this processor runs bfloat16 products in bfloat16: it has
+    AMX-BF16 and the operating system lets this process use the tile
+    state, or it has AVX512-BF16; and the AVX-512 kernels are in use.
+    ``python -m fastrnn.info`` says which."""
     return bool(_extension().cpu_tiles_available())
 
 

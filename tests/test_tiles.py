@@ -1,11 +1,13 @@
-"""The CPU's bfloat16 step products on AMX tiles: each step's [x_t | h]
-rounded to bfloat16 times [W_ih | W_hh]^T, summed in float32, the cell's
-step in float32. Checked against a step-by-step reference of that same
+"""The CPU's bfloat16 step products (on AMX tiles, or with AVX512-BF16's
+VDPBF16PS where there are none): each step's [x_t | h] rounded to
+bfloat16 times [W_ih | W_hh]^T, summed in float32, the cell's step in
+float32. Checked against a step-by-step reference of that same
 arithmetic in torch (float64 products of the bfloat16 values, float32
 state): at least 97% of the layer's bfloat16 outputs must equal it to the
 bit and none be more than 8 units of bfloat16's spacing away, and the
 float32 products (h not rounded) must differ from the tiles' in more than
-3% of the values. Skipped where the processor has no AMX-BF16."""
+3% of the values. Skipped where the processor has neither AMX-BF16 nor
+AVX512-BF16."""
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ import fastrnn
 from helpers import pair
 
 TILES = pytest.mark.skipif(not (fastrnn.available() and fastrnn.cpu_tiles_available()),
-                           reason="needs AMX-BF16 and the AVX-512 kernels")
+                           reason="needs AMX-BF16 or AVX512-BF16, and the AVX-512 kernels")
 
 CELLS = [("rnn", "tanh"), ("rnn", "relu"), ("lstm", None), ("gru", None)]
 
@@ -200,6 +202,19 @@ def test_tile_matmul_is_the_rounded_product(rows, depth, cols, accumulate):
     if accumulate:
         want = want + c.double()
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5 * depth ** 0.5)
+
+
+@TILES
+@pytest.mark.parametrize("rows", range(1, 27))
+def test_tile_matmul_every_block_of_rows(rows):
+    """Without tiles the rows run in blocks of up to 12, as even as they
+    go: every block size from 1 to 12 (26 rows: 9, 9, 8), over a pair of
+    column tiles and a last one alone, the depth past two tiles."""
+    torch.manual_seed(rows)
+    a, w, c = torch.randn(rows, 70), torch.randn(70, 40), torch.randn(rows, 40)
+    got = fastrnn._ops._C.tile_matmul(a, w, c)
+    want = a.bfloat16().double() @ w.bfloat16().double() + c.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5 * 70 ** 0.5)
 
 
 @TILES

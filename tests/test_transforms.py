@@ -257,8 +257,8 @@ def test_jit_script_takes_the_torch_layer_with_the_same_parameters(cell):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cell,options", CELLS)
 def test_cpu_half_types_within_twice_torch_nn_error(cell, options, dtype, lengths):
-    """float32 arithmetic and state carry on the CPU (bfloat16's products on
-    AMX tiles where the processor has them, h rounded for them as torch.nn
+    """float32 arithmetic and state carry on the CPU (bfloat16's products in
+    bfloat16 where the processor can, h rounded for them as torch.nn
     rounds it), rounding what is stored: within twice torch.nn's own error
     against float64, padded or packed (rows past their lengths). For relu the outputs only: a
     pre-activation within rounding of zero takes either side of the kink in

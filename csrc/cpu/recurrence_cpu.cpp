@@ -1170,6 +1170,8 @@ const char* cpu_tiles() { return tiles_slot().load(std::memory_order_relaxed) !=
 
 bool cpu_tiles_available() { return current_isa() == Isa::avx512 && cpu::tiles_available(); }
 
+const char* cpu_tiles_unit() { return cpu_tiles_available() ? cpu::tile_unit() : "none"; }
+
 const char* cpu_packing() {
   switch (packing_slot().load(std::memory_order_relaxed)) {
     case 1: return "always";
@@ -1192,7 +1194,7 @@ bool set_cpu_isa(const std::string& name) {
 }
 
 at::Tensor tile_matmul(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& c) {
-  TORCH_CHECK(cpu_tiles_available(), "tile_matmul: this processor has no bfloat16 tiles");
+  TORCH_CHECK(cpu_tiles_available(), "tile_matmul: this processor has no bfloat16 products");
   TORCH_CHECK(a.dim() == 2 && w.dim() == 2 && a.size(1) == w.size(0) &&
                   a.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
               "tile_matmul: expected float32 a (R, K) and w (K, J)");

@@ -1,7 +1,8 @@
-// The bfloat16 step products on AMX tiles (recurrence_cpu_tiles.h). Only
-// the functions marked FASTRNN_TILE_TARGET are compiled for AMX and
-// AVX-512, and only tile_step() and tile_gemm() call them, where
-// tiles_available() said yes.
+// The bfloat16 step products (recurrence_cpu_tiles.h): on AMX tiles where
+// the processor has them, else with AVX512-BF16's VDPBF16PS on the same
+// packed weights. Only the functions marked with a target attribute are
+// compiled for AMX, AVX512-BF16 or AVX-512, and only tile_step() and
+// tile_gemm() call them, where tiles_available() said yes.
 #include "cpu/recurrence_cpu_tiles.h"
 
 #include <algorithm>
@@ -18,6 +19,8 @@
 #include <unistd.h>
 #define FASTRNN_TILES 1
 #define FASTRNN_TILE_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+#define FASTRNN_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#define FASTRNN_AVX512_TARGET __attribute__((target("avx512f,avx512bw")))
 #else
 #define FASTRNN_TILES 0
 #endif
@@ -110,7 +113,7 @@ FASTRNN_TILE_TARGET inline void tile_block(const uint16_t* a, int64_t lda, const
 }
 
 // float32 to bfloat16 as to_bf16() rounds, 16 at a time.
-FASTRNN_TILE_TARGET void to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
+FASTRNN_AVX512_TARGET void to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
   const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
   const __m512i abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
   const __m512i quiet = _mm512_set1_epi32(0x40);
@@ -174,11 +177,86 @@ FASTRNN_TILE_TARGET void tile_products(int64_t R, const uint16_t* a, int64_t kp,
   _tile_release();
 }
 
+// The same products without tiles, where the processor has AVX512-BF16
+// but no AMX (AMD from Zen 4 on, Intel Cooper Lake): VDPBF16PS takes a
+// vector of 16 column pairs of b, one row of a tile of the packed
+// weights as it stands, against a's pair (k, k + 1) broadcast, and adds
+// both products to each column's float32 sum, 32 multiply-adds an
+// instruction where an FMA does 16. RB rows by CT column tiles of c
+// (rows ldc apart) from a (rows kp apart), b's column tiles bs apart, np
+// pairs deep; c += the sums from zero where accumulating, as tile_block().
+template <int RB, int CT>
+FASTRNN_DOT_TARGET inline void dot_block(const uint16_t* a, int64_t kp, const uint16_t* b,
+                                         int64_t bs, int64_t np, float* c, int64_t ldc,
+                                         bool accumulate) {
+  __m512 acc[RB][CT];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < CT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < np; ++p) {
+    __m512bh bv[CT];
+    for (int t = 0; t < CT; ++t)
+      bv[t] = (__m512bh)_mm512_loadu_si512(b + t * bs + p * 2 * kTileCols);
+#pragma GCC unroll 16
+    for (int r = 0; r < RB; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * kp + 2 * p, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int t = 0; t < CT; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], av, bv[t]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < CT; ++t) {
+      float* out = c + r * ldc + t * kTileCols;
+      _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), acc[r][t]) : acc[r][t]);
+    }
+}
+
+// Rows in blocks of kDotRows by two column tiles: 24 accumulators and the
+// two tiles' vectors of a pair in AVX-512's 32 registers.
+constexpr int kDotRows = 12;
+
+// dot_block() of n <= kDotRows rows.
+template <int CT, int RB = kDotRows>
+FASTRNN_DOT_TARGET inline void dot_rest(int64_t n, const uint16_t* a, int64_t kp, const uint16_t* b,
+                                        int64_t bs, int64_t np, float* c, int64_t ldc, bool acc) {
+  if (n == RB) return dot_block<RB, CT>(a, kp, b, bs, np, c, ldc, acc);
+  if constexpr (RB > 1) dot_rest<CT, RB - 1>(n, a, kp, b, bs, np, c, ldc, acc);
+}
+
+// tile_products() with VDPBF16PS: the same operands and results, column
+// tiles outermost two at a time, so that their weights are read once a
+// step and then from L1 for every block of rows. The rows in as few blocks
+// as kDotRows allows, as even as they go (64: 11, 11, 11, 11, 10, 10),
+// where a last block of the rest (64: five of 12 and one of 4) has too few
+// sums to hide the instruction's latency behind.
+FASTRNN_DOT_TARGET void dot_products(int64_t R, const uint16_t* a, int64_t kp, const uint16_t* b,
+                                     int64_t jt, float* c, int64_t ldc, bool acc) {
+  const int64_t np = kp / 2, bs = kp * kTileCols;
+  const int64_t blocks = (R + kDotRows - 1) / kDotRows;
+  for (int64_t j = 0; j < jt; j += 2) {
+    const uint16_t* bj = b + j * bs;
+    float* cj = c + j * kTileCols;
+    const bool two = j + 2 <= jt;
+    for (int64_t i = 0, r = 0; i < blocks; ++i) {
+      const int64_t n = R / blocks + (i < R % blocks);
+      if (two) dot_rest<2>(n, a + r * kp, kp, bj, bs, np, cj + r * ldc, ldc, acc);
+      else dot_rest<1>(n, a + r * kp, kp, bj, bs, np, cj + r * ldc, ldc, acc);
+      r += n;
+    }
+  }
+}
+
 bool os_allows_tiles() {
   // Linux gives a process the tile registers' state only once asked for it
   // (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA).
   constexpr long kRequestPermission = 0x1023, kTileData = 18;
   return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+}
+
+bool cpu_has_dot() {
+  // The AVX-512 kernels run the cell's step on the products.
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw");
 }
 
 bool cpu_has_tiles() {
@@ -213,13 +291,29 @@ uint16_t* thread_rows(int64_t n) {
 
 }  // namespace
 
-bool tiles_available() {
+namespace {
+enum class Unit { none, amx, dot };
+
+Unit unit() {
 #if FASTRNN_TILES
-  static const bool available = cpu_has_tiles() && os_allows_tiles();
-  return available;
+  static const Unit u = cpu_has_tiles() && os_allows_tiles() ? Unit::amx
+                        : cpu_has_dot()                       ? Unit::dot
+                                                              : Unit::none;
+  return u;
 #else
-  return false;
+  return Unit::none;
 #endif
+}
+}  // namespace
+
+bool tiles_available() { return unit() != Unit::none; }
+
+const char* tile_unit() {
+  switch (unit()) {
+    case Unit::amx: return "amx";
+    case Unit::dot: return "avx512_bf16";
+    default: return "none";
+  }
 }
 
 int64_t tile_depth(int64_t C, int64_t P) {
@@ -277,14 +371,20 @@ const uint16_t* left_rows(int64_t R, int64_t kp, const float* a, int64_t lda, in
   std::memset(rows + R * kp, 0, sizeof(uint16_t) * (Rp - R) * kp);
   return rows;
 }
+
+// c (R x jt column tiles) = a b, or c += that, on the unit unit() found.
+void products(int64_t R, const uint16_t* a, int64_t kp, const uint16_t* b, int64_t jt, float* c,
+              int64_t ldc, bool accumulate) {
+  if (unit() == Unit::amx) tile_products(R, a, kp, b, jt, c, ldc, accumulate);
+  else dot_products(R, a, kp, b, jt, c, ldc, accumulate);
+}
 }  // namespace
 #endif
 
 void tile_gemm(const TileProducts& t, int64_t d, int64_t R, const float* a, int64_t lda, int64_t K,
                float* c, int64_t ldc, bool accumulate) {
 #if FASTRNN_TILES
-  tile_products(R, left_rows(R, t.kp, a, lda, K), t.kp, t.b[d], t.ldg / kTileCols, c, ldc,
-                accumulate);
+  products(R, left_rows(R, t.kp, a, lda, K), t.kp, t.b[d], t.ldg / kTileCols, c, ldc, accumulate);
 #else
   (void)t, (void)d, (void)R, (void)a, (void)lda, (void)K, (void)c, (void)ldc, (void)accumulate;
 #endif
@@ -293,8 +393,8 @@ void tile_gemm(const TileProducts& t, int64_t d, int64_t R, const float* a, int6
 void tile_step(const TileProducts& t, int64_t d, int64_t R, const float* x, int64_t ldx,
                const float* h, int64_t ldh, float* gates, int64_t ldg) {
 #if FASTRNN_TILES
-  tile_products(R, left_rows(R, t.kp, x, ldx, t.C, h, ldh, t.P), t.kp, t.b[d], ldg / kTileCols,
-                gates, ldg, false);
+  products(R, left_rows(R, t.kp, x, ldx, t.C, h, ldh, t.P), t.kp, t.b[d], ldg / kTileCols, gates,
+           ldg, false);
 #else
   (void)t, (void)d, (void)R, (void)x, (void)ldx, (void)h, (void)ldh, (void)gates, (void)ldg;
 #endif

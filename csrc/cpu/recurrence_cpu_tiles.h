@@ -1,6 +1,7 @@
 // A step's products on the processor's matrix unit in bfloat16 (Intel AMX:
 // tile registers of 16 rows, TDPBF16PS, products of bfloat16 pairs summed
-// in float32), for the layers whose tensors are bfloat16. The rows [x_t |
+// in float32), or where it has none but AVX512-BF16, with VDPBF16PS on the
+// same packed weights, for the layers whose tensors are bfloat16. The rows [x_t |
 // h] of a step, rounded to bfloat16 as torch.nn's bfloat16 layers round
 // their state, meet the weights [W_ih | W_hh]^T packed into tiles once a
 // call; the gates' pre-activations come out in float32, in the layout of
@@ -25,8 +26,11 @@ struct TileProducts {
 namespace cpu {
 
 // Whether this processor has AMX-BF16 and the system lets this process use
-// its tile registers (asked once).
+// its tile registers, or has AVX512-BF16 (asked once).
 bool tiles_available();
+
+// Which of them runs the products: "amx", "avx512_bf16" or "none".
+const char* tile_unit();
 
 // C + P padded to whole tiles.
 int64_t tile_depth(int64_t C, int64_t P);
