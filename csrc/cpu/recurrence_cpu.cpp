@@ -1312,6 +1312,9 @@ bool forward_on_tiles(CellKind cell, const ForwardLoop& f) {
     for (TileProducts& t : tiles) {
       t.C = C;
       t.P = P;
+      const int64_t jp = t.ldg / (G + apart);
+      t.hidden_from = (G - apart) * jp;
+      t.input_from = G * jp;
     }
     // Every slice's column tiles to the threads, a few at a time.
     const int64_t col_tiles = b.size(1) / kp / 16;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <c10/util/Exception.h>
@@ -183,16 +184,17 @@ FASTRNN_TILE_TARGET void tile_products(int64_t R, const uint16_t* a, int64_t kp,
 // weights as it stands, against a's pair (k, k + 1) broadcast, and adds
 // both products to each column's float32 sum, 32 multiply-adds an
 // instruction where an FMA does 16. RB rows by CT column tiles of c
-// (rows ldc apart) from a (rows kp apart), b's column tiles bs apart, np
-// pairs deep; c += the sums from zero where accumulating, as tile_block().
+// (rows ldc apart) from a (rows kp apart), b's column tiles bs apart,
+// pairs p0 to p1; c += the sums from zero where accumulating, as
+// tile_block().
 template <int RB, int CT>
 FASTRNN_DOT_TARGET inline void dot_block(const uint16_t* a, int64_t kp, const uint16_t* b,
-                                         int64_t bs, int64_t np, float* c, int64_t ldc,
+                                         int64_t bs, int64_t p0, int64_t p1, float* c, int64_t ldc,
                                          bool accumulate) {
   __m512 acc[RB][CT];
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < CT; ++t) acc[r][t] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < np; ++p) {
+  for (int64_t p = p0; p < p1; ++p) {
     __m512bh bv[CT];
     for (int t = 0; t < CT; ++t)
       bv[t] = (__m512bh)_mm512_loadu_si512(b + t * bs + p * 2 * kTileCols);
@@ -218,9 +220,10 @@ constexpr int kDotRows = 12;
 // dot_block() of n <= kDotRows rows.
 template <int CT, int RB = kDotRows>
 FASTRNN_DOT_TARGET inline void dot_rest(int64_t n, const uint16_t* a, int64_t kp, const uint16_t* b,
-                                        int64_t bs, int64_t np, float* c, int64_t ldc, bool acc) {
-  if (n == RB) return dot_block<RB, CT>(a, kp, b, bs, np, c, ldc, acc);
-  if constexpr (RB > 1) dot_rest<CT, RB - 1>(n, a, kp, b, bs, np, c, ldc, acc);
+                                        int64_t bs, int64_t p0, int64_t p1, float* c, int64_t ldc,
+                                        bool acc) {
+  if (n == RB) return dot_block<RB, CT>(a, kp, b, bs, p0, p1, c, ldc, acc);
+  if constexpr (RB > 1) dot_rest<CT, RB - 1>(n, a, kp, b, bs, p0, p1, c, ldc, acc);
 }
 
 // tile_products() with VDPBF16PS: the same operands and results, column
@@ -228,20 +231,40 @@ FASTRNN_DOT_TARGET inline void dot_rest(int64_t n, const uint16_t* a, int64_t kp
 // step and then from L1 for every block of rows. The rows in as few blocks
 // as kDotRows allows, as even as they go (64: 11, 11, 11, 11, 10, 10),
 // where a last block of the rest (64: five of 12 and one of 4) has too few
-// sums to hide the instruction's latency behind.
+// sums to hide the instruction's latency behind. The columns of t's
+// blocks that sum one part alone run over that part's pairs only (the
+// pair that holds the last of x and the first of h where C is odd, in
+// both), so the GRU's new gate takes C + P pairs of products where it would
+// take twice that; the rest of the depth is zeros of the weights, whose
+// products add nothing. The column tiles of a pair in two such ranges
+// run one at a time.
 FASTRNN_DOT_TARGET void dot_products(int64_t R, const uint16_t* a, int64_t kp, const uint16_t* b,
-                                     int64_t jt, float* c, int64_t ldc, bool acc) {
+                                     int64_t jt, float* c, int64_t ldc, bool acc,
+                                     const TileProducts& t) {
   const int64_t np = kp / 2, bs = kp * kTileCols;
   const int64_t blocks = (R + kDotRows - 1) / kDotRows;
-  for (int64_t j = 0; j < jt; j += 2) {
-    const uint16_t* bj = b + j * bs;
-    float* cj = c + j * kTileCols;
-    const bool two = j + 2 <= jt;
+  // Column tile j's first pair, and the pair past its last.
+  const auto first = [&](int64_t j) {
+    const int64_t col = j * kTileCols;
+    return col < t.input_from && col >= t.hidden_from ? t.C / 2 : 0;
+  };
+  const auto last = [&](int64_t j) { return j * kTileCols >= t.input_from ? (t.C + 1) / 2 : np; };
+  const auto run = [&](auto ct, int64_t j, int64_t p0, int64_t p1) {
+    constexpr int CT = decltype(ct)::value;
     for (int64_t i = 0, r = 0; i < blocks; ++i) {
       const int64_t n = R / blocks + (i < R % blocks);
-      if (two) dot_rest<2>(n, a + r * kp, kp, bj, bs, np, cj + r * ldc, ldc, acc);
-      else dot_rest<1>(n, a + r * kp, kp, bj, bs, np, cj + r * ldc, ldc, acc);
+      dot_rest<CT>(n, a + r * kp, kp, b + j * bs, bs, p0, p1, c + r * ldc + j * kTileCols, ldc,
+                   acc);
       r += n;
+    }
+  };
+  for (int64_t j = 0; j < jt; j += 2) {
+    const int64_t p0 = first(j), p1 = last(j);
+    if (j + 2 <= jt && first(j + 1) == p0 && last(j + 1) == p1) {
+      run(std::integral_constant<int, 2>{}, j, p0, p1);
+    } else {
+      run(std::integral_constant<int, 1>{}, j, p0, p1);
+      if (j + 1 < jt) run(std::integral_constant<int, 1>{}, j + 1, first(j + 1), last(j + 1));
     }
   }
 }
@@ -372,11 +395,12 @@ const uint16_t* left_rows(int64_t R, int64_t kp, const float* a, int64_t lda, in
   return rows;
 }
 
-// c (R x jt column tiles) = a b, or c += that, on the unit unit() found.
+// c (R x jt column tiles) = a b, or c += that, on the unit unit() found;
+// t: where b's blocks sum one part alone.
 void products(int64_t R, const uint16_t* a, int64_t kp, const uint16_t* b, int64_t jt, float* c,
-              int64_t ldc, bool accumulate) {
+              int64_t ldc, bool accumulate, const TileProducts& t) {
   if (unit() == Unit::amx) tile_products(R, a, kp, b, jt, c, ldc, accumulate);
-  else dot_products(R, a, kp, b, jt, c, ldc, accumulate);
+  else dot_products(R, a, kp, b, jt, c, ldc, accumulate, t);
 }
 }  // namespace
 #endif
@@ -384,7 +408,8 @@ void products(int64_t R, const uint16_t* a, int64_t kp, const uint16_t* b, int64
 void tile_gemm(const TileProducts& t, int64_t d, int64_t R, const float* a, int64_t lda, int64_t K,
                float* c, int64_t ldc, bool accumulate) {
 #if FASTRNN_TILES
-  products(R, left_rows(R, t.kp, a, lda, K), t.kp, t.b[d], t.ldg / kTileCols, c, ldc, accumulate);
+  products(R, left_rows(R, t.kp, a, lda, K), t.kp, t.b[d], t.ldg / kTileCols, c, ldc, accumulate,
+           TileProducts{});
 #else
   (void)t, (void)d, (void)R, (void)a, (void)lda, (void)K, (void)c, (void)ldc, (void)accumulate;
 #endif
@@ -394,7 +419,7 @@ void tile_step(const TileProducts& t, int64_t d, int64_t R, const float* x, int6
                const float* h, int64_t ldh, float* gates, int64_t ldg) {
 #if FASTRNN_TILES
   products(R, left_rows(R, t.kp, x, ldx, t.C, h, ldh, t.P), t.kp, t.b[d], ldg / kTileCols, gates,
-           ldg, false);
+           ldg, false, t);
 #else
   (void)t, (void)d, (void)R, (void)x, (void)ldx, (void)h, (void)ldh, (void)gates, (void)ldg;
 #endif

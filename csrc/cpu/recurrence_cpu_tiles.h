@@ -21,6 +21,11 @@ struct TileProducts {
   int64_t C = 0, P = 0;
   int64_t kp = 0;                             // C + P padded to a tile's 32
   int64_t ldg = 0;                            // the step's gate columns, a multiple of 16
+  // The step's columns from which the blocks sum the hidden part alone
+  // (zeros in the weights' first C rows), and from which the input part
+  // alone (zeros past them), for VDPBF16PS to skip the zeros (tile_pack()'s
+  // `apart` blocks); none by default.
+  int64_t hidden_from = INT64_MAX, input_from = INT64_MAX;
 };
 
 namespace cpu {
