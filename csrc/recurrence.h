@@ -160,7 +160,7 @@ const char* cpu_tiles_unit();
 // about `seconds` each. The benchmark's roofline.
 double cpu_fma_rate(double seconds, int64_t threads, int64_t trials);
 // a w (a and w rounded to bfloat16, float32 sums), or c + that, on the
-// CPU's bfloat16 tiles alone (the kernels' tile_gemm(), for the tests).
+// CPU's bfloat16 products alone (the kernels' tile_gemm(), for the tests).
 at::Tensor tile_matmul(const at::Tensor& a, const at::Tensor& w, const std::optional<at::Tensor>& c);
 
 }  // namespace fastrnn

@@ -186,8 +186,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_tiles", &fastrnn::cpu_tiles, "The bfloat16 tiles' setting: auto or never");
   m.def("tile_matmul", &fastrnn::tile_matmul, pybind11::arg("a"), pybind11::arg("w"),
         pybind11::arg("c") = pybind11::none(),
-        "a w on the bfloat16 tiles alone (a and w rounded to bfloat16, float32 sums), or c + "
-        "that: the backward's carry product, for the tests");
+        "a w on the bfloat16 products alone (AMX tiles or AVX512-BF16; a and w rounded to "
+        "bfloat16, float32 sums), or c + that: the backward's carry product, for the tests");
   m.def("cpu_tiles_available", &fastrnn::cpu_tiles_available,
         "Whether this processor runs bfloat16 products in bfloat16 (AMX tiles or AVX512-BF16, "
         "with the AVX-512 kernels)");

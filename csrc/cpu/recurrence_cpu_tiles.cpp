@@ -209,7 +209,8 @@ FASTRNN_DOT_TARGET inline void dot_block(const uint16_t* a, int64_t kp, const ui
   for (int r = 0; r < RB; ++r)
     for (int t = 0; t < CT; ++t) {
       float* out = c + r * ldc + t * kTileCols;
-      _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), acc[r][t]) : acc[r][t]);
+      const __m512 sum = acc[r][t];
+      _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), sum) : sum);
     }
 }
 
@@ -234,10 +235,10 @@ FASTRNN_DOT_TARGET inline void dot_rest(int64_t n, const uint16_t* a, int64_t kp
 // sums to hide the instruction's latency behind. The columns of t's
 // blocks that sum one part alone run over that part's pairs only (the
 // pair that holds the last of x and the first of h where C is odd, in
-// both), so the GRU's new gate takes C + P pairs of products where it would
-// take twice that; the rest of the depth is zeros of the weights, whose
-// products add nothing. The column tiles of a pair in two such ranges
-// run one at a time.
+// both), so that the two blocks of the GRU's new gate take the depth once
+// between them rather than twice; the rest is zeros of the weights, whose
+// products add nothing to a sum. The column tiles of a pair in two such
+// ranges run one at a time.
 FASTRNN_DOT_TARGET void dot_products(int64_t R, const uint16_t* a, int64_t kp, const uint16_t* b,
                                      int64_t jt, float* c, int64_t ldc, bool acc,
                                      const TileProducts& t) {

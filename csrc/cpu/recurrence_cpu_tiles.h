@@ -1,10 +1,10 @@
 // A step's products on the processor's matrix unit in bfloat16 (Intel AMX:
 // tile registers of 16 rows, TDPBF16PS, products of bfloat16 pairs summed
 // in float32), or where it has none but AVX512-BF16, with VDPBF16PS on the
-// same packed weights, for the layers whose tensors are bfloat16. The rows [x_t |
-// h] of a step, rounded to bfloat16 as torch.nn's bfloat16 layers round
-// their state, meet the weights [W_ih | W_hh]^T packed into tiles once a
-// call; the gates' pre-activations come out in float32, in the layout of
+// same packed weights, for the layers whose tensors are bfloat16. The rows
+// [x_t | h] of a step, rounded to bfloat16 as torch.nn's bfloat16 layers
+// round their state, meet the weights [W_ih | W_hh]^T packed into tiles
+// once a call; the gates' pre-activations come out in float32, in the layout of
 // the kernels' own step products (Kernels::step_gemm), and the cell's step
 // runs on them in float32 as for every other type.
 #pragma once
