@@ -277,19 +277,18 @@ bool os_allows_tiles() {
   return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
 }
 
-bool cpu_has_dot() {
-  // The AVX-512 kernels run the cell's step on the products.
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512bw");
+// The AVX-512 kernels, which run the cell's step on the products.
+bool cpu_has_step() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
+
+bool cpu_has_dot() { return __builtin_cpu_supports("avx512bf16") && cpu_has_step(); }
 
 bool cpu_has_tiles() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
-  // The AVX-512 kernels run the cell's step on the tiles' results.
-  return amx_bf16 && amx_tile && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512bw");
+  return amx_bf16 && amx_tile && cpu_has_step();
 }
 
 // This thread's rows of a product's left side ([x | h], or dgh) in
@@ -313,9 +312,6 @@ uint16_t* thread_rows(int64_t n) {
 
 #endif  // FASTRNN_TILES
 
-}  // namespace
-
-namespace {
 enum class Unit { none, amx, dot };
 
 Unit unit() {
@@ -328,6 +324,7 @@ Unit unit() {
   return Unit::none;
 #endif
 }
+
 }  // namespace
 
 bool tiles_available() { return unit() != Unit::none; }

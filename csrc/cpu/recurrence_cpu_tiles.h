@@ -4,9 +4,9 @@
 // same packed weights, for the layers whose tensors are bfloat16. The rows
 // [x_t | h] of a step, rounded to bfloat16 as torch.nn's bfloat16 layers
 // round their state, meet the weights [W_ih | W_hh]^T packed into tiles
-// once a call; the gates' pre-activations come out in float32, in the layout of
-// the kernels' own step products (Kernels::step_gemm), and the cell's step
-// runs on them in float32 as for every other type.
+// once a call; the gates' pre-activations come out in float32, in the
+// layout of the kernels' own step products (Kernels::step_gemm), and the
+// cell's step runs on them in float32 as for every other type.
 #pragma once
 
 #include <cstdint>
