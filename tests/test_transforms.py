@@ -287,8 +287,18 @@ def test_cpu_autocast_returns_what_torch_nn_returns(cell, options):
     ref, ours = pair(4, 16, cell, num_layers=2, **options)
     x = torch.randn(6, 3, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y_ref, h_ref = ref(x)
         y, h = ours(x)
+        try:
+            y_ref, h_ref = ref(x)
+        except RuntimeError as e:
+            # nn.LSTM runs through oneDNN here, which has no bfloat16 LSTM
+            # for a processor without AVX-512 and says so. Its result where
+            # it has one is that of the layer cast to bfloat16 (every
+            # output in bfloat16), which torch's own kernels give.
+            if cell != "lstm" or "primitive descriptor" not in str(e):
+                raise
+            with torch.autocast("cpu", enabled=False), torch.backends.mkldnn.flags(enabled=False):
+                y_ref, h_ref = copy.deepcopy(ref).bfloat16()(x.bfloat16())
     assert ours.last_path == "fused"
     assert y.dtype == y_ref.dtype
     for a, b in zip(h if isinstance(h, tuple) else (h,), h_ref if isinstance(h_ref, tuple) else (h_ref,)):
