@@ -375,7 +375,8 @@ def test_narrow_products_of_long_calls(cpu_isa, cell, input_size, hidden, bidire
                                        dtype):
     """A call of 585 rows (steps times batch) takes the CPU kernels' narrow
     tiles (recurrence_cpu_kernels.h, narrow_sums) for dW_ih, dW_hh and dx
-    where they beat ATen's GEMMs: inputs of one to nine vectors, units and
+    where they beat ATen's GEMMs (not float32 with the AVX2 kernels, which
+    takes ATen's, tiles cut by shape): inputs of one to nine vectors, units and
     rows that leave partial tiles, sums over two runs of 512 rows or units,
     the states before each step of both directions, with and without
     lengths, and the second direction's term added to dx. As torch.nn's,
