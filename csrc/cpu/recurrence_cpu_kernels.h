@@ -923,10 +923,10 @@ struct Kernels {
   }
 
   // Rows of a block over four weight rows: four with AVX-512's 32
-  // registers; two below, where 4 x 4 accumulators, a row's vector and the
-  // weights' fill more than the 16 there, and each multiply-add loaded its
-  // weight vector again (20 loads for 16 multiply-adds, and spills). Blocks
-  // of 2 keep the four weight vectors in registers: 6 loads for 8. The
+  // registers; two below, where 4 x 4 accumulators leave no room in the 16
+  // for the weight vectors (keeps_vectors()), so that each multiply-add
+  // loads its own (20 loads for 16 multiply-adds). Blocks of 2 keep the
+  // four weight vectors in registers: 6 loads for 8. The
   // same sums (dot_block()'s for any block), so the same bits. Measured on
   // an AMD EPYC of AVX2 alone (Zen 3), the AVX2 kernels, no-grad cells
   // 256->512, one thread, the two alternating block by block in one
