@@ -934,7 +934,7 @@ struct Kernels {
   // 127, batch 16 264 / 196; LSTMCell batch 8 531 / 430, 16 1286 / 1008;
   // GRUCell batch 8 415 / 340; 64->128 batch 8 1.06-1.08x; two threads,
   // batch 8, 1.02-1.09x.
-  static constexpr int kDotBlockRows = kRegisters == 32 ? 4 : 2;
+  static constexpr int kDotBlockRows = keeps_vectors(4, 4) ? 4 : 2;
 
   // The rows' inputs a dot-form GEMM keeps in L2 while the weights pass.
   static constexpr int64_t kDotRowBytes = int64_t{256} << 10;
