@@ -4,7 +4,11 @@ the optional dependencies are optional, and bad options end with exit
 status 2."""
 
 import json
+import platform
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +310,28 @@ def test_no_tf32_turns_tf32_off_for_both_sides(tmp_path):
         assert torch.backends.cuda.matmul.allow_tf32 is False
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+PROBES = Path(__file__).resolve().parent.parent / "bench" / "probes"
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="the probes are C for x86-64, built with gcc")
+@pytest.mark.parametrize("probe, args, printed", [
+    ("stream_loads.c", ["0.05"], "GB/s"),
+    ("dot_mix.c", ["8", "64", "4"], "GFMA/s"),
+])
+@pytest.mark.parametrize("march", ["native", "x86-64"])
+def test_probes_build_and_run_with_this_machines_vectors(tmp_path, probe, args, printed, march):
+    """The README's limits come from bench/probes; each must build with
+    -march=native on whatever this processor has (AVX-512, AVX2 alone) and
+    for plain x86-64, and print its figure. Only that it runs is checked;
+    its rate is the machine's."""
+    exe = tmp_path / probe.replace(".c", "")
+    subprocess.run(["gcc", "-O2", f"-march={march}", "-Wall", "-Werror", str(PROBES / probe),
+                    "-o", str(exe)], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert printed in out and "-bit" in out, out
+    bad = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr

@@ -1,16 +1,32 @@
 // The instruction mix of the CPU kernels' dot form (weights as stored, a
-// cell's step), alone: blocks of 4 weight rows of K floats against 4 rows
-// of x at a time, 16 accumulators of 16 lanes, added into one at each
-// block's end; every weight row once per pass, rows of x from L1. Passes over
-// the same J x K weights repeat, so that weights of up to about 1.5 MB stay
-// in L2. Prints the best pass's multiply-adds a second.
+// cell's step), alone, in the kernels' register block: with AVX-512's 32
+// registers, blocks of 4 weight rows against 4 rows of x at a time (16
+// accumulators of 16 lanes); with AVX2's 16, 4 weight rows against 2 rows
+// (8 accumulators of 8 lanes, the weight vectors kept in registers), as
+// dot_gemm() runs them. Each block's accumulators are added into one at its
+// end; every weight row is read once per pass, rows of x from L1. Passes
+// over the same J x K weights repeat, so that weights that fit in L2 stay
+// there. Prints the best pass's multiply-adds a second.
 //
 //   gcc -O3 -march=native bench/probes/dot_mix.c -o /tmp/dot_mix
 //   /tmp/dot_mix J K R   (e.g. 512 768 8: an RNNCell 256->512 at batch 8)
-#include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
+
+#if defined(__AVX512F__)
+#define VEC_BYTES 64
+#define ROWS 4
+#elif defined(__AVX__)
+#define VEC_BYTES 32
+#define ROWS 2
+#else
+#define VEC_BYTES 16
+#define ROWS 2
+#endif
+#define LANES (VEC_BYTES / 4)
+typedef float vec __attribute__((vector_size(VEC_BYTES)));
 
 static double now(void) {
   struct timespec t;
@@ -18,14 +34,24 @@ static double now(void) {
   return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
+// v as a register operand, as the kernels' in_register(): loaded once for
+// the block's rows, not folded into each multiply-add.
+static inline vec in_register(vec v) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+v"(v));
+#endif
+  return v;
+}
+
 int main(int argc, char** argv) {
   if (argc != 4) {
-    fprintf(stderr, "usage: %s J K R (J, R multiples of 4, K of 16)\n", argv[0]);
+    fprintf(stderr, "usage: %s J K R (J a multiple of 4, R of %d, K of %d)\n", argv[0], ROWS,
+            LANES);
     return 2;
   }
   const int J = atoi(argv[1]), K = atoi(argv[2]), R = atoi(argv[3]);
-  if (J <= 0 || K <= 0 || R <= 0 || J % 4 || R % 4 || K % 16) {
-    fprintf(stderr, "J and R must be multiples of 4, K of 16\n");
+  if (J <= 0 || K <= 0 || R <= 0 || J % 4 || R % ROWS || K % LANES) {
+    fprintf(stderr, "J must be a multiple of 4, R of %d, K of %d\n", ROWS, LANES);
     return 2;
   }
   float* w = aligned_alloc(64, (size_t)J * K * sizeof(float));
@@ -33,41 +59,41 @@ int main(int argc, char** argv) {
   float* out = aligned_alloc(64, (size_t)J * R * sizeof(float));
   for (size_t i = 0; i < (size_t)J * K; ++i) w[i] = 1e-3f * (float)(i % 7);
   for (size_t i = 0; i < (size_t)R * K; ++i) x[i] = 1e-3f * (float)(i % 5);
+  const size_t slots = (size_t)J * R / LANES;
   double best = 1e30;
   for (int rep = 0; rep < 30; ++rep) {
     const double t0 = now();
     for (int j = 0; j < J; j += 4) {
       const float* w0 = w + (size_t)j * K;
-      for (int r0 = 0; r0 < R; r0 += 4) {
-        __m512 acc[16];
-        for (int q = 0; q < 16; ++q) acc[q] = _mm512_setzero_ps();
-        for (int k = 0; k < K; k += 16) {
-          const __m512 a0 = _mm512_load_ps(w0 + k), a1 = _mm512_load_ps(w0 + K + k);
-          const __m512 a2 = _mm512_load_ps(w0 + 2 * K + k), a3 = _mm512_load_ps(w0 + 3 * K + k);
+      for (int r0 = 0; r0 < R; r0 += ROWS) {
+        vec acc[ROWS * 4];
+        memset(acc, 0, sizeof(acc));
+        for (int k = 0; k < K; k += LANES) {
+          vec a[4];
+          for (int q = 0; q < 4; ++q) a[q] = in_register(*(const vec*)(w0 + (size_t)q * K + k));
 #pragma GCC unroll 4
-          for (int r = 0; r < 4; ++r) {
-            const __m512 b = _mm512_load_ps(x + (size_t)(r0 + r) * K + k);
-            acc[r * 4 + 0] = _mm512_fmadd_ps(b, a0, acc[r * 4 + 0]);
-            acc[r * 4 + 1] = _mm512_fmadd_ps(b, a1, acc[r * 4 + 1]);
-            acc[r * 4 + 2] = _mm512_fmadd_ps(b, a2, acc[r * 4 + 2]);
-            acc[r * 4 + 3] = _mm512_fmadd_ps(b, a3, acc[r * 4 + 3]);
+          for (int r = 0; r < ROWS; ++r) {
+            const vec b = *(const vec*)(x + (size_t)(r0 + r) * K + k);
+            for (int q = 0; q < 4; ++q) acc[r * 4 + q] += b * a[q];
           }
         }
-        // Less than the kernels' fold of 16 accumulators into one vector
-        // of 16 sums (15 additions and 30 shuffles): 15 additions, so that
+        // Less than the kernels' fold of the accumulators into one vector
+        // of sums (shuffles as well as additions): additions only, so that
         // the probe bounds the mix from above.
-        for (int q = 8; q > 0; q /= 2)
-          for (int i = 0; i < q; ++i) acc[i] = _mm512_add_ps(acc[i], acc[i + q]);
-        const size_t block = (size_t)(j / 4) * (R / 4) + r0 / 4;
-        _mm512_store_ps(out + block % ((size_t)J * R / 16) * 16, acc[0]);
+        for (int q = ROWS * 2; q > 0; q /= 2)
+          for (int i = 0; i < q; ++i) acc[i] += acc[i + q];
+        const size_t block = (size_t)(j / 4) * (R / ROWS) + r0 / ROWS;
+        memcpy(out + block % slots * LANES, &acc[0], sizeof(vec));
       }
     }
     const double dt = now() - t0;
     if (dt < best) best = dt;
   }
   const double macs = (double)J * K * R;
-  printf("J %d K %d R %d (%.2f MB of weights): %.1f us a pass, %.1f GFMA/s (%g)\n", J, K, R,
-         (double)J * K * sizeof(float) / 1e6, best * 1e6, macs / best / 1e9, out[3]);
+  printf("J %d K %d R %d (%.2f MB of weights; %d x 4 blocks, %d-bit vectors): %.1f us a pass, "
+         "%.1f GFMA/s (%g)\n",
+         J, K, R, (double)J * K * sizeof(float) / 1e6, ROWS, VEC_BYTES * 8, best * 1e6,
+         macs / best / 1e9, out[3]);
   free(w);
   free(x);
   free(out);
