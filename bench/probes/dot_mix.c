@@ -26,7 +26,7 @@
 #define ROWS 2
 #endif
 #define LANES (VEC_BYTES / 4)
-typedef float vec __attribute__((vector_size(VEC_BYTES)));
+typedef float vec __attribute__((vector_size(VEC_BYTES), may_alias));
 
 static double now(void) {
   struct timespec t;
