@@ -1244,13 +1244,21 @@ struct Kernels {
     if constexpr (Cell::kCellState) store_rows(saved + Cell::kSaved * n, saved_rs, cv, n);
   }
 
-  // Vectors a forward_chunk() steps together: four with AVX-512's 32
-  // registers (AVX2's 16 untried), float only (double's tanh and exp are
-  // calls). Measured here (one thread, 64 rows of 64 units, no saved values,
-  // both versions in one test program): an LSTM's step 12.6 us a vector at
-  // a time, 9.9 in fours; a GRU's 8.4 and 6.3; in twos 10% slower than in
-  // fours.
-  static constexpr int kStepVectors = sizeof(S) == 4 && FASTRNN_VEC_BYTES == 64 ? 4 : 1;
+  // Vectors a forward_chunk() steps together: four, float only (double's
+  // tanh and exp are calls). A vector's step is a chain of dependent
+  // operations longer than the processor's window can overlap with the
+  // next one's. Measured with AVX-512 (one thread, 64 rows of 64 units, no
+  // saved values, both versions in one test program): an LSTM's step 12.6
+  // us a vector at a time, 9.9 in fours; a GRU's 8.4 and 6.3; in twos 10%
+  // slower than in fours. With AVX2's 16 registers (an AMD EPYC of AVX2
+  // alone, no-grad layers, input 32, 128 steps, one thread, the two
+  // alternating call by call in one process, medians of the ratio, one at
+  // a time / fours): batch 64, LSTM 64 1.08x, GRU 64 1.09x, LSTM 128
+  // 1.05x, GRU 128 1.06x, LSTM 256 1.04x, GRU 256 1.02x; hidden 8 (rows
+  // in fours, forward_row_chunk()) LSTM 1.24x, GRU 1.34x, RNN 1.47x; LSTM
+  // 1024 batch 8 1.00x; in twos 1.00x-1.03x. The backward in fours there
+  // 1.00x-1.07x.
+  static constexpr int kStepVectors = sizeof(S) == 4 ? 4 : 1;
 
   // Calls step.operator()<kFull, T>(j, n) over the units [0, units) in
   // chunks: four vectors at a time (T = Twin<Twin<V>>) while kVectors >= 4,
