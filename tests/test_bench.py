@@ -335,3 +335,30 @@ def test_probes_build_and_run_with_this_machines_vectors(tmp_path, probe, args, 
     assert printed in out and "-bit" in out, out
     bad = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.parametrize("policy, threads, device, warned", [
+    ("PASSIVE", 2, "cpu", True), ("passive", 4, "cpu", True), ("PASSIVE", 1, "cpu", False),
+    ("ACTIVE", 2, "cpu", False), (None, 2, "cpu", False), ("PASSIVE", 2, "cuda", False)])
+def test_sleeping_openmp_threads_are_named_in_a_warning(policy, threads, device, warned):
+    """OMP_WAIT_POLICY=PASSIVE slows torch.nn's side of a CPU run of several
+    threads far more than fastrnn's: the report says so, and records it."""
+    env = {"omp_wait_policy": policy, "threads": threads, "device": device}
+    warning = bench.wait_policy_warning(env)
+    assert (warning is not None) == warned
+    if warned:
+        assert warning.startswith(f"warning: OMP_WAIT_POLICY={policy}:")
+
+
+def test_the_report_records_and_warns_of_the_wait_policy(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    threads = torch.get_num_threads()
+    out_json = tmp_path / "b.json"
+    try:
+        assert bench.main(TINY + ["--cell", "rnn", "--batch", "1", "--threads", "2",
+                                  "--json", str(out_json), "--plot", ""]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out_json.read_text())
+    assert report["environment"]["omp_wait_policy"] == "PASSIVE"
+    assert "warning: OMP_WAIT_POLICY=PASSIVE:" in capsys.readouterr().out
