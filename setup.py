@@ -14,6 +14,10 @@ visible GPU's, or else 8.0, 9.0 and the newer ones this nvcc knows (10.0,
 FASTRNN_SANITIZE=address (or thread) builds with AddressSanitizer and UBSan
 (or ThreadSanitizer): `make sanitize`, `make tsan`. FASTRNN_LINEINFO=1 keeps
 source lines in the device code (compute-sanitizer, profilers).
+FASTRNN_CPU_ISAS=native leaves out the CPU kernels this processor cannot run
+(on x86-64 without AVX-512, the AVX-512 ones): the sanitizer and compatibility
+builds (`make sanitize`, `make tsan`, `make compat`), which test on this
+machine alone; by default (`all`) every instruction set is built.
 FASTRNN_NO_EXT=1 installs the Python package alone (used by the Makefile, which
 builds the extension in place with `setup.py build_ext --inplace`).
 
@@ -125,8 +129,28 @@ def _default_archs(torch, cuda_home):
     return ";".join(archs)
 
 
+def _has_avx512():
+    """Whether this processor has what the AVX-512 kernels run with (the
+    extension's own test: AVX512F, DQ, VL and BW), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        return True  # no way to tell: keep them
+    return {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= set(flags)
+
+
 def _cpu_isas():
-    return ("avx512", "avx2", "base") if platform.machine() in ("x86_64", "AMD64") else ("base",)
+    """The CPU kernels' instruction sets this build compiles (FASTRNN_CPU_ISAS)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ("base",)
+    choice = os.environ.get("FASTRNN_CPU_ISAS", "all")
+    if choice not in ("all", "native"):
+        sys.exit(f"FASTRNN_CPU_ISAS must be 'all' or 'native', got {choice!r}")
+    if choice == "native" and not _has_avx512():
+        return ("avx2", "base")
+    return ("avx512", "avx2", "base")
 
 
 def _version():
@@ -198,6 +222,8 @@ def extensions():
             sys.exit(f"FASTRNN_SANITIZE must be 'address' or 'thread', got {sanitize!r}")
         cxx = ["-O1", "-g", "-fno-omit-frame-pointer", "-fopenmp", "-Wno-psabi"] + san
         link = link + san
+    if "avx512" not in _cpu_isas() and platform.machine() in ("x86_64", "AMD64"):
+        cxx.append("-DFASTRNN_NO_AVX512")
     include_dirs = [os.path.join(ROOT, "csrc")]
 
     class BuildExt(ce.BuildExtension):

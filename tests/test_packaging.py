@@ -30,6 +30,30 @@ def test_build_info_records_this_torch():
     assert _ops._torch_mismatch(info) is None
 
 
+def test_build_info_names_the_instruction_sets_the_extension_runs():
+    """Each instruction set the extension can switch to is one the build
+    recorded: a build of FASTRNN_CPU_ISAS=native (the sanitizer and
+    compatibility builds) leaves out what this processor cannot run, and
+    then has no kernels of it to switch to."""
+    info = _ops._built_for()
+    current = _ops._C.cpu_isa()
+    try:
+        runs = [isa for isa in ("avx512", "avx2", "base") if _ops._C.set_cpu_isa(isa)]
+    finally:
+        _ops._C.set_cpu_isa(current)
+    assert runs and set(runs) <= set(info.cpu_isas), (runs, info.cpu_isas)
+
+
+def test_unknown_instruction_set_choice_stops_the_build(tmp_path):
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib",
+                          str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, FASTRNN_CPU_ISAS="avx1024", FASTRNN_CUDA="0"))
+    assert out.returncode != 0
+    assert "FASTRNN_CPU_ISAS must be 'all' or 'native', got 'avx1024'" in out.stderr
+    assert not (tmp_path / "tmp").exists()
+
+
 def test_mismatch_message_says_what_and_how():
     # A torch that is not the running one, whichever that is.
     built = types.SimpleNamespace(torch="2.0.0+cu117", torch_cuda="11.7")

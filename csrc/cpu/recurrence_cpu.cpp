@@ -245,9 +245,11 @@ enum class Isa { base = 0, avx2 = 1, avx512 = 2 };
 Isa detect_isa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
+#if FASTRNN_WITH_AVX512
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
     return Isa::avx512;
+#endif
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
 #endif
   return Isa::base;
@@ -291,8 +293,10 @@ struct Table {
 template <typename S, typename Cell>
 Table<S, Cell> kernels(Isa isa) {
   switch (isa) {
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX512
     case Isa::avx512: return FASTRNN_ISA_TABLE(avx512);
+#endif
+#if defined(__x86_64__)
     case Isa::avx2: return FASTRNN_ISA_TABLE(avx2);
 #endif
     default: return FASTRNN_ISA_TABLE(base);
@@ -1035,11 +1039,14 @@ void weight_grads_typed(const WeightGradLoop& a) {
   p.dx = a.dx.defined() ? a.dx.data_ptr<S>() : nullptr;
   auto weight_grads = cpu::base::weight_grads<S>;
   auto input_grad = cpu::base::input_grad<S>;
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX512
   if (current_isa() == Isa::avx512) {
     weight_grads = cpu::avx512::weight_grads<S>;
     input_grad = cpu::avx512::input_grad<S>;
-  } else if (current_isa() == Isa::avx2) {
+  }
+#endif
+#if defined(__x86_64__)
+  if (current_isa() == Isa::avx2) {
     weight_grads = cpu::avx2::weight_grads<S>;
     input_grad = cpu::avx2::input_grad<S>;
   }
@@ -1088,9 +1095,11 @@ struct NarrowKernels {
 
 template <typename S>
 NarrowKernels<S> narrow_kernels() {
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX512
   if (current_isa() == Isa::avx512)
     return {cpu::avx512::narrow_weight_grad<S>, cpu::avx512::narrow_input_grad<S>};
+#endif
+#if defined(__x86_64__)
   if (current_isa() == Isa::avx2)
     return {cpu::avx2::narrow_weight_grad<S>, cpu::avx2::narrow_input_grad<S>};
 #endif
@@ -1219,8 +1228,10 @@ double cpu_fma_rate(double seconds, int64_t threads, int64_t trials) {
   TORCH_CHECK(seconds > 0 && threads >= 1 && trials >= 1,
               "cpu_fma_rate: seconds, threads and trials must be positive");
   int64_t (*probe)(int64_t, float*) = cpu::base::fma_probe_entry;
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX512
   if (current_isa() == Isa::avx512) probe = cpu::avx512::fma_probe_entry;
+#endif
+#if defined(__x86_64__)
   if (current_isa() == Isa::avx2) probe = cpu::avx2::fma_probe_entry;
 #endif
   // Rounds for about `seconds`, from a short calibration.

@@ -9,6 +9,16 @@
 #include "cells.h"
 #include "recurrence_params.h"
 
+// Whether this build has the AVX-512 kernels: every x86-64 build but those
+// built with FASTRNN_NO_AVX512 (setup.py's FASTRNN_CPU_ISAS=native on a
+// processor without AVX-512: the sanitizer and compatibility builds, which
+// would compile code their processor never runs).
+#if defined(__x86_64__) && !defined(FASTRNN_NO_AVX512)
+#define FASTRNN_WITH_AVX512 1
+#else
+#define FASTRNN_WITH_AVX512 0
+#endif
+
 #define FASTRNN_DECLARE_CPU_ISA(isa)                                                          \
   namespace fastrnn {                                                                         \
   namespace cpu {                                                                             \

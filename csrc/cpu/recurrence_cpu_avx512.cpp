@@ -6,7 +6,7 @@
 
 #include "cpu/recurrence_cpu.h"
 
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX512
 #include <immintrin.h>
 
 #pragma GCC push_options
@@ -66,4 +66,4 @@ FASTRNN_CPU_INSTANTIATE(double)
 }  // namespace fastrnn
 
 #pragma GCC pop_options
-#endif  // __x86_64__
+#endif  // FASTRNN_WITH_AVX512
