@@ -143,11 +143,11 @@ def _has_avx512():
 
 def _cpu_isas():
     """The CPU kernels' instruction sets this build compiles (FASTRNN_CPU_ISAS)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return ("base",)
     choice = os.environ.get("FASTRNN_CPU_ISAS", "all")
     if choice not in ("all", "native"):
         sys.exit(f"FASTRNN_CPU_ISAS must be 'all' or 'native', got {choice!r}")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ("base",)
     if choice == "native" and not _has_avx512():
         return ("avx2", "base")
     return ("avx512", "avx2", "base")
