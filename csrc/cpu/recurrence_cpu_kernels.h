@@ -961,19 +961,26 @@ struct Kernels {
     }
   }
 
-  // Rows of a block over four weight rows: four with AVX-512's 32
-  // registers; two below, where 4 x 4 accumulators leave no room in the 16
-  // for the weight vectors (keeps_vectors()), so that each multiply-add
-  // loads its own (20 loads for 16 multiply-adds). Blocks of 2 keep the
-  // four weight vectors in registers: 6 loads for 8. The
-  // same sums (dot_block()'s for any block), so the same bits. Measured on
-  // an AMD EPYC of AVX2 alone (Zen 3), the AVX2 kernels, no-grad cells
-  // 256->512, one thread, the two alternating block by block in one
-  // process, blocks of 4 / 2: RNNCell batch 4 74.5 / 62.9 us, batch 8 146 /
-  // 127, batch 16 264 / 196; LSTMCell batch 8 531 / 430, 16 1286 / 1008;
-  // GRUCell batch 8 415 / 340; 64->128 batch 8 1.06-1.08x; two threads,
-  // batch 8, 1.02-1.09x.
-  static constexpr int kDotBlockRows = keeps_vectors(4, 4) ? 4 : 2;
+  // The dot form's register block from four rows on: 4 rows by kDotCols
+  // weight rows, the weight vectors kept in registers. 4 x 4 with
+  // AVX-512's 32 registers. With AVX2's 16, 4 x 4 leaves no room for the
+  // weight vectors (keeps_vectors()), so that each multiply-add loads its
+  // own (20 loads for 16 multiply-adds); 4 x 3 keeps them, 12 accumulators
+  // and 7 loads for 12 multiply-adds, where 2 x 4 took 6 for 8. Fewer rows
+  // go in blocks of 2 rows by 4 weight rows (dot_gemm()). The sums are
+  // dot_block()'s for any block, so the bits do not change with it.
+  // Measured on an AMD EPYC of AVX2 alone (Zen 3), the AVX2 kernels,
+  // no-grad cells, one thread, two blocks alternating call by call in one
+  // process. 4 x 4 / 2 x 4, 256->512: RNNCell batch 4 74.5 / 62.9 us,
+  // batch 8 146 / 127, batch 16 264 / 196; LSTMCell batch 8 531 / 430, 16
+  // 1286 / 1008; GRUCell batch 8 415 / 340; 64->128 batch 8 1.06-1.08x; two
+  // threads, batch 8, 1.02-1.09x. 2 x 4 / 4 x 3, medians of the ratio:
+  // 256->512 LSTMCell batch 4 1.65x, 5 1.36x, 7 1.18x, 8 1.50x-1.81x, 16
+  // 1.58x; GRUCell batch 8 1.67x, 16 (two threads) 1.77x, 32 1.70x;
+  // RNNCell batch 8 1.59x, 9 1.44x; 64->128 LSTMCell batch 8 1.33x,
+  // GRUCell 1.29x, batch 6 1.15x; LSTMCell 512->1024 batch 8 1.60x; two
+  // threads LSTMCell 256->512 batch 8 1.63x; RNNCell 16->16 batch 8 1.00x.
+  static constexpr int kDotCols = keeps_vectors(4, 4) ? 4 : 3;
 
   // The rows' inputs a dot-form GEMM keeps in L2 while the weights pass.
   static constexpr int64_t kDotRowBytes = int64_t{256} << 10;
@@ -1030,27 +1037,14 @@ struct Kernels {
         S* cb = cc + blk * Jb;
         dot_columns<8, 2>(rc, xc, hc, i, cb, ldc, 0, j8, false);
         if (back) dot_columns<1>(rc, xc, hc, i, cb, ldc, j4, J, true);
-        if constexpr (kDotBlockRows == 2) {
-          // With 16 registers, from 4 rows on: blocks of 4 rows by 3 weight
-          // rows, 12 accumulators and the 3 weight vectors in registers, 7
-          // loads for 12 multiply-adds where 2 x 4 took 6 for 8. The sums
-          // are dot_block()'s, the same bits. Measured on an AMD EPYC of
-          // AVX2 alone (Zen 3), no-grad cells, one thread, the two
-          // alternating block by block in one process, medians of the
-          // ratio, 2 x 4 / 4 x 3: 256->512 LSTMCell batch 4 1.65x, 5 1.36x,
-          // 7 1.18x, 8 1.50x-1.81x, 16 1.58x; GRUCell batch 8 1.67x, 16
-          // (two threads) 1.77x, 32 1.70x; RNNCell batch 8 1.59x, 9 1.44x;
-          // 64->128 LSTMCell batch 8 1.33x, GRUCell 1.29x, batch 6 1.15x;
-          // LSTMCell 512->1024 batch 8 1.60x; two threads LSTMCell 256->512
-          // batch 8 1.63x; RNNCell 16->16 batch 8 1.00x.
-          if (!back && rc >= 4) {
-            const int64_t j3 = j8 + (J - j8) / 3 * 3;
-            dot_columns<3, 4>(rc, xc, hc, i, cb, ldc, j8, j3, false);
-            dot_columns<1>(rc, xc, hc, i, cb, ldc, j3, J, false);
-            continue;
-          }
+        if (rc >= 4 && !back) {
+          // No blocks of eight from four rows on; back is for a lone row.
+          const int64_t jn = J / kDotCols * kDotCols;
+          dot_columns<kDotCols, 4>(rc, xc, hc, i, cb, ldc, 0, jn, false);
+          dot_columns<1>(rc, xc, hc, i, cb, ldc, jn, J, false);
+          continue;
         }
-        dot_columns<4, kDotBlockRows>(rc, xc, hc, i, cb, ldc, j8, j4, back);
+        dot_columns<4, 2>(rc, xc, hc, i, cb, ldc, j8, j4, back);
         if (!back) dot_columns<1>(rc, xc, hc, i, cb, ldc, j4, J, false);
       }
     }
