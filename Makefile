@@ -55,12 +55,13 @@ bench-pytest: build
 	$(PY) -m pytest bench
 
 # The extension built with AddressSanitizer and UBSan into build/sanitize
-# (device code for sm_90 only: it never runs here), and the CPU tests and the
-# CUDA kernels' emulator tests run against it; any report fails the run.
-# FASTRNN_CPU_ISAS=native (here, in tsan and in compat): only the CPU
-# kernels this processor runs, as the tests run nothing else; on an AVX2
-# machine the AVX-512 kernels' file alone took 5.4 minutes of a core to
-# compile under ASan.
+# (device code as PTX for sm_90 alone, FASTRNN_CUDA_PTX_ONLY: it never runs
+# here, here nor in tsan and compat), and the CPU tests and the CUDA
+# kernels' emulator tests run against it; any report fails the run.
+# FASTRNN_CPU_ISAS=native (here and in compat): only the CPU kernels this
+# processor runs, as the tests run nothing else; on an AVX2 machine the
+# AVX-512 kernels' file alone took 5.4 minutes of a core to compile under
+# ASan. tsan runs the emulator's tests alone: the plain CPU kernels (=base).
 # --capture=sys: pytest captures Python's output only, so that a report the
 # sanitizer writes to file descriptor 2 before it ends the process is seen.
 SAN_DIR := build/sanitize
@@ -68,7 +69,7 @@ SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-na
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	PYTHONPATH=$(SAN_DIR)
 sanitize: $(READY)
-	FASTRNN_CPU_ISAS=native FASTRNN_SANITIZE=address TORCH_CUDA_ARCH_LIST=9.0 $(PY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp build/sanitize-tmp
+	FASTRNN_CPU_ISAS=native FASTRNN_SANITIZE=address TORCH_CUDA_ARCH_LIST=9.0 FASTRNN_CUDA_PTX_ONLY=1 $(PY) setup.py -q build_ext --build-lib $(SAN_DIR) --build-temp build/sanitize-tmp
 	$(call copy_py,$(SAN_DIR))
 	$(SAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(SAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
 	$(SAN_ENV) OMP_WAIT_POLICY=PASSIVE $(PY) -P -m pytest -n $(TEST_JOBS) tests -q --capture=sys -p no:cacheprovider -o pythonpath=$(SAN_DIR) \
@@ -91,7 +92,7 @@ TSAN_DIR := build/tsan
 TSAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" TSAN_OPTIONS=halt_on_error=1:exitcode=66 \
 	OMP_NUM_THREADS=1 PYTHONPATH=$(TSAN_DIR)
 tsan: $(READY)
-	FASTRNN_CPU_ISAS=native FASTRNN_SANITIZE=thread TORCH_CUDA_ARCH_LIST=9.0 $(PY) setup.py -q build_ext --build-lib $(TSAN_DIR) --build-temp build/tsan-tmp
+	FASTRNN_CPU_ISAS=base FASTRNN_SANITIZE=thread TORCH_CUDA_ARCH_LIST=9.0 FASTRNN_CUDA_PTX_ONLY=1 $(PY) setup.py -q build_ext --build-lib $(TSAN_DIR) --build-temp build/tsan-tmp
 	$(call copy_py,$(TSAN_DIR))
 	$(TSAN_ENV) $(PY) -P -c "import fastrnn, sys; assert '$(TSAN_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__"
 	$(TSAN_ENV) $(PY) -P -m pytest -n $(TEST_JOBS) tests/test_cuda_emulation.py -q --capture=sys -p no:cacheprovider -o pythonpath=$(TSAN_DIR) \
@@ -118,7 +119,7 @@ $(COMPAT_READY): Makefile
 	touch $@
 
 compat: $(COMPAT_READY)
-	FASTRNN_CPU_ISAS=native TORCH_CUDA_ARCH_LIST=9.0 $(COMPAT_PY) setup.py -q build_ext --build-lib $(COMPAT_DIR) --build-temp build/compat-tmp
+	FASTRNN_CPU_ISAS=native TORCH_CUDA_ARCH_LIST=9.0 FASTRNN_CUDA_PTX_ONLY=1 $(COMPAT_PY) setup.py -q build_ext --build-lib $(COMPAT_DIR) --build-temp build/compat-tmp
 	$(call copy_py,$(COMPAT_DIR))
 	PYTHONPATH=$(COMPAT_DIR) $(COMPAT_PY) -P -c "import fastrnn, torch; \
 		assert '$(COMPAT_DIR)' in fastrnn._ops._C.__file__, fastrnn._ops._C.__file__; \

@@ -46,7 +46,24 @@ def test_unknown_instruction_set_choice_stops_the_build(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, FASTRNN_CPU_ISAS="avx1024", FASTRNN_CUDA="0"))
     assert out.returncode != 0
-    assert "FASTRNN_CPU_ISAS must be 'all' or 'native', got 'avx1024'" in out.stderr
+    assert "FASTRNN_CPU_ISAS must be 'all', 'native' or 'base', got 'avx1024'" in out.stderr
+    assert not (tmp_path / "tmp").exists()
+
+
+@pytest.mark.skipif(not _ops.cuda_built(), reason="a CUDA build's setting")
+@pytest.mark.parametrize("value, message", [
+    ("yes", "FASTRNN_CUDA_PTX_ONLY must be '0' or '1', got 'yes'"),
+    ("1", "FASTRNN_CUDA_PTX_ONLY=1 takes TORCH_CUDA_ARCH_LIST as numbers (such as 9.0), "
+          "got 'sm_90'"),
+])
+def test_bad_ptx_only_choice_stops_the_build(tmp_path, value, message):
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib",
+                          str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, FASTRNN_CUDA_PTX_ONLY=value, FASTRNN_CUDA="1",
+                                  TORCH_CUDA_ARCH_LIST="sm_90"))
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "tmp").exists()
 
 

@@ -9,7 +9,8 @@
 #     command that works, instead of building against another torch;
 #  3. an extension built for another torch (make compat's, torch 2.11) says
 #     so when .venv's torch imports it.
-# CPU-only builds (FASTRNN_CUDA=0): the point is the packaging, not the kernels.
+# CPU-only builds of the kernels this processor runs (FASTRNN_CUDA=0,
+# FASTRNN_CPU_ISAS=native): the point is the packaging, not the kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,7 +32,7 @@ python3 -m venv "$WORK/venv"
 SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 NEW_SITE=$("$WORK/venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 echo "$SITE" > "$NEW_SITE/borrowed-from-dot-venv.pth"   # torch, setuptools, ninja, pybind11
-(cd "$WORK" && FASTRNN_CUDA=0 MAX_JOBS=2 "$WORK/venv/bin/python" -m pip install -q \
+(cd "$WORK" && FASTRNN_CUDA=0 FASTRNN_CPU_ISAS=native MAX_JOBS=2 "$WORK/venv/bin/python" -m pip install -q \
   --disable-pip-version-check --no-build-isolation --no-deps "$SDIST")
 (cd "$WORK" && "$WORK/venv/bin/python" - "$WORK" <<'PYEOF'
 import sys, torch, fastrnn

@@ -250,7 +250,9 @@ Isa detect_isa() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
     return Isa::avx512;
 #endif
+#if FASTRNN_WITH_AVX2
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
 #endif
   return Isa::base;
 }
@@ -296,7 +298,7 @@ Table<S, Cell> kernels(Isa isa) {
 #if FASTRNN_WITH_AVX512
     case Isa::avx512: return FASTRNN_ISA_TABLE(avx512);
 #endif
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX2
     case Isa::avx2: return FASTRNN_ISA_TABLE(avx2);
 #endif
     default: return FASTRNN_ISA_TABLE(base);
@@ -1045,7 +1047,7 @@ void weight_grads_typed(const WeightGradLoop& a) {
     input_grad = cpu::avx512::input_grad<S>;
   }
 #endif
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX2
   if (current_isa() == Isa::avx2) {
     weight_grads = cpu::avx2::weight_grads<S>;
     input_grad = cpu::avx2::input_grad<S>;
@@ -1099,7 +1101,7 @@ NarrowKernels<S> narrow_kernels() {
   if (current_isa() == Isa::avx512)
     return {cpu::avx512::narrow_weight_grad<S>, cpu::avx512::narrow_input_grad<S>};
 #endif
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX2
   if (current_isa() == Isa::avx2)
     return {cpu::avx2::narrow_weight_grad<S>, cpu::avx2::narrow_input_grad<S>};
 #endif
@@ -1231,7 +1233,7 @@ double cpu_fma_rate(double seconds, int64_t threads, int64_t trials) {
 #if FASTRNN_WITH_AVX512
   if (current_isa() == Isa::avx512) probe = cpu::avx512::fma_probe_entry;
 #endif
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX2
   if (current_isa() == Isa::avx2) probe = cpu::avx2::fma_probe_entry;
 #endif
   // Rounds for about `seconds`, from a short calibration.

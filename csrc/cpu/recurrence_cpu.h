@@ -18,6 +18,14 @@
 #else
 #define FASTRNN_WITH_AVX512 0
 #endif
+// And the AVX2 kernels: every x86-64 build but those built with
+// FASTRNN_NO_AVX2 (FASTRNN_CPU_ISAS=base: the ThreadSanitizer build, whose
+// tests run the CUDA emulator alone).
+#if defined(__x86_64__) && !defined(FASTRNN_NO_AVX2)
+#define FASTRNN_WITH_AVX2 1
+#else
+#define FASTRNN_WITH_AVX2 0
+#endif
 
 #define FASTRNN_DECLARE_CPU_ISA(isa)                                                          \
   namespace fastrnn {                                                                         \

@@ -1,12 +1,12 @@
-// The CPU time loops compiled for AVX2 and FMA (x86-64 only). float's tanh
-// and sigmoid are the kernels' own; double's tanh and exp are SLEEF's, which
-// torch's CPU library exports.
+// The CPU time loops compiled for AVX2 and FMA (x86-64, but for builds of
+// FASTRNN_CPU_ISAS=base). float's tanh and sigmoid are the kernels' own;
+// double's tanh and exp are SLEEF's, which torch's CPU library exports.
 #include <cstdint>
 #include <cstring>
 
 #include "cpu/recurrence_cpu.h"
 
-#if defined(__x86_64__)
+#if FASTRNN_WITH_AVX2
 #include <immintrin.h>
 
 #pragma GCC push_options
@@ -59,4 +59,4 @@ FASTRNN_CPU_INSTANTIATE(double)
 }  // namespace fastrnn
 
 #pragma GCC pop_options
-#endif  // __x86_64__
+#endif  // FASTRNN_WITH_AVX2
