@@ -55,9 +55,9 @@ bench-pytest: build
 	$(PY) -m pytest bench
 
 # The extension built with AddressSanitizer and UBSan into build/sanitize
-# (device code as PTX for sm_90 alone, FASTRNN_CUDA_PTX_ONLY: it never runs
-# here, here nor in tsan and compat), and the CPU tests and the CUDA
-# kernels' emulator tests run against it; any report fails the run.
+# (device code as PTX for sm_90 alone, FASTRNN_CUDA_PTX_ONLY, as in tsan
+# and compat: it never runs on these machines), and the CPU tests and the
+# CUDA kernels' emulator tests run against it; any report fails the run.
 # FASTRNN_CPU_ISAS=native (here and in compat): only the CPU kernels this
 # processor runs, as the tests run nothing else; on an AVX2 machine the
 # AVX-512 kernels' file alone took 5.4 minutes of a core to compile under
